@@ -1,0 +1,141 @@
+#include "common/tensor_lists.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace torchopt_ext::common {
+namespace {
+
+bool same_math_type(at::ScalarType a, at::ScalarType b) {
+  auto math = [](at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; };
+  return math(a) == math(b);
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+}  // namespace
+
+void check_hyperparameter(const char* op, const char* name, double value, bool ok, const char* rule) {
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must be ", rule, ", got ", value);
+}
+
+void check_params_and_grads(const char* op, at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK_VALUE(params.size() == grads.size(), op, ": params and grads must have the same length, got ",
+                    params.size(), " and ", grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    const auto& g = grads[i];
+    TORCH_CHECK_VALUE(p.defined() && g.defined(), op, ": params[", i, "] and grads[", i, "] must be defined");
+    TORCH_CHECK_VALUE(!g.is_sparse(), op, ": grads[", i, "] is sparse; this optimizer does not support sparse gradients");
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided && g.layout() == at::kStrided, op, ": params[", i,
+                      "] and grads[", i, "] must be strided (dense) tensors");
+    TORCH_CHECK_VALUE(!p.is_complex() && !g.is_complex(), op, ": params[", i,
+                      "] is complex; complex parameters are not supported");
+    TORCH_CHECK_VALUE(is_supported_float(p.scalar_type()), op, ": params[", i,
+                      "] must be float32, float64, bfloat16 or float16, got ", p.scalar_type());
+    TORCH_CHECK_VALUE(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ", g.scalar_type(),
+                      " but params[", i, "] has dtype ", p.scalar_type());
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
+                      "] has shape ", p.sizes());
+    TORCH_CHECK_VALUE(g.device() == p.device(), op, ": grads[", i, "] is on ", g.device(), " but params[", i,
+                      "] is on ", p.device());
+  }
+}
+
+void check_state_list(const char* op, const char* name, at::TensorList params, at::TensorList state) {
+  TORCH_CHECK_VALUE(state.size() == params.size(), op, ": ", name, " must have one tensor per param (",
+                    params.size(), "), got ", state.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& s = state[i];
+    TORCH_CHECK_VALUE(s.defined() && s.layout() == at::kStrided, op, ": ", name, "[", i,
+                      "] must be a defined dense tensor");
+    TORCH_CHECK_VALUE(s.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", s.sizes(),
+                      " but params[", i, "] has shape ", params[i].sizes());
+    TORCH_CHECK_VALUE(s.device() == params[i].device(), op, ": ", name, "[", i, "] is on ", s.device(),
+                      " but params[", i, "] is on ", params[i].device());
+    TORCH_CHECK_VALUE(is_supported_float(s.scalar_type()) && same_math_type(s.scalar_type(), params[i].scalar_type()),
+                      op, ": ", name, "[", i, "] has dtype ", s.scalar_type(), ", which cannot hold state for a ",
+                      params[i].scalar_type(), " param (fp64 params need fp64 state; fp32/bf16/fp16 params take any of "
+                      "fp32/bf16/fp16 state)");
+  }
+}
+
+void check_steps(const char* op, at::TensorList params, at::TensorList steps) {
+  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": state_steps must have one tensor per param (",
+                    params.size(), "), got ", steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const auto& s = steps[i];
+    TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.is_cpu() &&
+                          (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                      op, ": state_steps[", i, "] must be a one-element float32 or float64 CPU tensor");
+  }
+}
+
+std::vector<double> increment_steps(at::TensorList steps) {
+  std::vector<double> values(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    // Raw writes: an ATen add_ per tensor would cost more than the update of
+    // a small param. The schema declares the mutation.
+    if (steps[i].scalar_type() == at::kFloat) {
+      auto* s = static_cast<float*>(steps[i].data_ptr());
+      *s += 1.0f;
+      values[i] = *s;
+    } else {
+      auto* s = static_cast<double*>(steps[i].data_ptr());
+      *s += 1.0;
+      values[i] = *s;
+    }
+  }
+  return values;
+}
+
+double read_lr(const char* op, const at::Tensor& lr) {
+  TORCH_CHECK_VALUE(lr.defined() && lr.numel() == 1 && at::isFloatingType(lr.scalar_type()), op,
+                    ": lr must be a one-element floating tensor");
+  const double value = lr.item<double>();
+  check_hyperparameter(op, "lr", value, std::isfinite(value) && value >= 0.0, "a finite value >= 0");
+  return value;
+}
+
+AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  AmpArgs amp;
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1, op, ": found_inf must have one element");
+    amp.skip_step = found_inf->item<double>() != 0.0;
+  }
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1, op, ": grad_scale must have one element");
+    amp.grad_scale = grad_scale->item<double>();
+  }
+  return amp;
+}
+
+std::vector<at::Tensor> DenseWorkspace::dense(at::TensorList tensors, bool write_back) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    if (t.is_contiguous()) {
+      out.push_back(t);
+    } else {
+      auto copy = t.contiguous();
+      if (write_back) {
+        write_backs_.emplace_back(t, copy);
+      }
+      out.push_back(std::move(copy));
+    }
+  }
+  return out;
+}
+
+void DenseWorkspace::finish() {
+  for (auto& [original, copy] : write_backs_) {
+    original.copy_(copy);
+  }
+  write_backs_.clear();
+}
+
+}  // namespace torchopt_ext::common

@@ -1,0 +1,57 @@
+// Argument checks and bookkeeping shared by every functional optimizer step:
+// list validation, step counters, AMP (grad_scale / found_inf), and dense
+// stand-ins for tensors whose layout the fused kernels cannot walk directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchopt_ext::common {
+
+// params/grads: same length, same shape/dtype/device, dense, real floating.
+void check_params_and_grads(const char* op, at::TensorList params, at::TensorList grads);
+
+// A per-param state list: same length and shape as params, on the same device,
+// real floating. Reduced-precision storage must share the param's math type
+// (fp64 params keep fp64 state; fp32/bf16/fp16 params keep any of those).
+void check_state_list(const char* op, const char* name, at::TensorList params, at::TensorList state);
+
+// Step counters: one floating 0-d (or one-element) CPU tensor per param.
+void check_steps(const char* op, at::TensorList params, at::TensorList steps);
+
+// Adds one to every step counter and returns the new values.
+std::vector<double> increment_steps(at::TensorList steps);
+
+// The learning rate as a host double (lr may be a 0-d tensor of any floating dtype).
+double read_lr(const char* op, const at::Tensor& lr);
+
+// AMP contract of torch.amp.GradScaler: skip the whole step when found_inf is
+// nonzero; otherwise divide grads by grad_scale and write them back.
+struct AmpArgs {
+  bool skip_step = false;
+  std::optional<double> grad_scale;
+};
+AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+// Replaces tensors that the kernels cannot walk as flat memory with
+// contiguous copies, and copies results back on finish().
+class DenseWorkspace {
+ public:
+  // Returns `tensors` with every non-contiguous one swapped for a copy; when
+  // write_back is set the copy's final contents are copied back on finish().
+  std::vector<at::Tensor> dense(at::TensorList tensors, bool write_back);
+  void finish();
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_backs_;
+};
+
+// Throws "<op>: <name> must be <rule>, got <value>" style errors.
+void check_hyperparameter(const char* op, const char* name, double value, bool ok, const char* rule);
+
+}  // namespace torchopt_ext::common

@@ -1,0 +1,72 @@
+// torchopt_ext::optim::Adam: Adam with coupled (L2) weight decay by default,
+// or decoupled with decoupled_weight_decay(true), as torch.optim.Adam.
+#pragma once
+
+#include <torch/arg.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "torchopt_ext/optim/optimizer_base.h"
+
+namespace torchopt_ext::optim {
+
+struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions> {
+  AdamOptions(double lr = 1e-3);  // NOLINT: implicit, as LibTorch's options
+  TORCH_ARG(double, lr) = 1e-3;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(bool, decoupled_weight_decay) = false;
+  TORCH_ARG(bool, amsgrad) = false;
+  TORCH_ARG(bool, maximize) = false;
+  // Storage dtype of exp_avg / exp_avg_sq (nullopt: the param's dtype). Math is fp32 or wider.
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  // Round bf16 params stochastically after each update (unbiased; others ignore it).
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  TORCH_ARG(int64_t, seed) = 0;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+  // Throws a ValueError-style c10::Error naming the first invalid option.
+  void validate() const;
+  friend bool operator==(const AdamOptions& lhs, const AdamOptions& rhs);
+};
+
+// AdamW's defaults: weight_decay 1e-2, decoupled.
+struct AdamWOptions : public AdamOptions {
+  AdamWOptions(double lr = 1e-3);  // NOLINT
+};
+
+struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamParamState> {
+  TORCH_ARG(at::Tensor, step);  // float32 scalar, as in torch.optim
+  TORCH_ARG(at::Tensor, exp_avg);
+  TORCH_ARG(at::Tensor, exp_avg_sq);
+  TORCH_ARG(at::Tensor, max_exp_avg_sq) = {};
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const AdamParamState& lhs, const AdamParamState& rhs);
+};
+
+class Adam : public OptimizerBase<AdamOptions> {
+ public:
+  explicit Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = {});
+  explicit Adam(std::vector<at::Tensor> params, AdamOptions defaults = {});
+
+  at::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ protected:
+  // AdamW decouples weight decay in every group whatever the group's options say.
+  bool always_decoupled_ = false;
+};
+
+}  // namespace torchopt_ext::optim

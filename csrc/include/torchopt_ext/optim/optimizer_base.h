@@ -1,0 +1,71 @@
+// Pieces every torchopt_ext LibTorch optimizer shares.
+#pragma once
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/serialize/archive.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace torchopt_ext::optim {
+
+// LibTorch's Optimizer::add_param_group (torch >= 2.10) keeps per-group
+// options only for its own optimizer types and silently replaces the options
+// of any other type with the defaults. This base re-applies the caller's
+// options and validates every group; derived classes construct through it and
+// callers may use add_param_group as usual.
+template <typename Options>
+class OptimizerBase : public torch::optim::Optimizer {
+ public:
+  OptimizerBase(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, const Options& defaults)
+      : torch::optim::Optimizer(std::vector<torch::optim::OptimizerParamGroup>{}, std::make_unique<Options>(defaults)) {
+    defaults.validate();
+    for (const auto& group : param_groups) {
+      add_param_group(group);
+    }
+  }
+
+  void add_param_group(const torch::optim::OptimizerParamGroup& group) {
+    torch::optim::Optimizer::add_param_group(group);
+    auto& added = param_groups_.back();
+    if (group.has_options()) {
+      auto* options = dynamic_cast<const Options*>(&group.options());
+      TORCH_CHECK_VALUE(options != nullptr, "add_param_group: the group's options have the wrong type for this optimizer");
+      added.set_options(group.options().clone());
+    }
+    static_cast<Options&>(added.options()).validate();
+  }
+
+ protected:
+  static Options& options_of(torch::optim::OptimizerParamGroup& group) {
+    return static_cast<Options&>(group.options());
+  }
+};
+
+namespace detail {
+
+// An optional dtype is stored as an int (-1: follow the param's dtype).
+inline int64_t encode_dtype(const std::optional<at::ScalarType>& dtype) {
+  return dtype ? static_cast<int64_t>(*dtype) : -1;
+}
+
+inline std::optional<at::ScalarType> decode_dtype(int64_t code) {
+  if (code < 0) {
+    return std::nullopt;
+  }
+  return static_cast<at::ScalarType>(code);
+}
+
+// A zero state tensor shaped like `param`, in `dtype` or the param's dtype.
+at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype);
+
+// The per-param step counter: a float32 scalar, as torch.optim keeps it.
+at::Tensor new_step_counter();
+
+void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype);
+
+}  // namespace detail
+
+}  // namespace torchopt_ext::optim

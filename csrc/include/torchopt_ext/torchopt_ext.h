@@ -1,0 +1,8 @@
+// Umbrella header for LibTorch programs: #include <torchopt_ext/torchopt_ext.h>
+#pragma once
+
+#include "torchopt_ext/functional/adam.h"
+#include "torchopt_ext/functional/sgd.h"
+#include "torchopt_ext/optim/adam.h"
+#include "torchopt_ext/optim/adamw.h"
+#include "torchopt_ext/optim/sgd.h"

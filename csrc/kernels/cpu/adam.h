@@ -1,0 +1,29 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace torchopt_ext::kernels::cpu {
+
+struct AdamHyperparams {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool decoupled_weight_decay;
+  bool amsgrad;
+  bool maximize;
+  bool stochastic_rounding;
+  int64_t seed;
+  std::optional<double> grad_scale;  // grads are divided by it and written back
+};
+
+// Fused Adam/AdamW over one param group. Every tensor is contiguous; steps
+// holds each tensor's already-incremented step count.
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const AdamHyperparams& hp);
+
+}  // namespace torchopt_ext::kernels::cpu

@@ -1,0 +1,156 @@
+#include "torchopt_ext/optim/adam.h"
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <cmath>
+
+#include "torchopt_ext/functional/adam.h"
+
+namespace torchopt_ext::optim {
+
+AdamOptions::AdamOptions(double lr) : lr_(lr) {}
+
+AdamWOptions::AdamWOptions(double lr) : AdamOptions(lr) {
+  weight_decay(1e-2);
+  decoupled_weight_decay(true);
+}
+
+void AdamOptions::validate() const {
+  const auto [beta1, beta2] = betas();
+  TORCH_CHECK_VALUE(std::isfinite(lr()) && lr() >= 0.0, "Adam: lr must be >= 0, got ", lr());
+  TORCH_CHECK_VALUE(eps() >= 0.0, "Adam: eps must be >= 0, got ", eps());
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "Adam: betas[0] must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "Adam: betas[1] must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(weight_decay() >= 0.0, "Adam: weight_decay must be >= 0, got ", weight_decay());
+  detail::check_state_dtype("Adam", state_dtype());
+}
+
+bool operator==(const AdamOptions& lhs, const AdamOptions& rhs) {
+  return lhs.lr() == rhs.lr() && lhs.betas() == rhs.betas() && lhs.eps() == rhs.eps() &&
+         lhs.weight_decay() == rhs.weight_decay() && lhs.decoupled_weight_decay() == rhs.decoupled_weight_decay() &&
+         lhs.amsgrad() == rhs.amsgrad() && lhs.maximize() == rhs.maximize() &&
+         lhs.state_dtype() == rhs.state_dtype() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
+         lhs.seed() == rhs.seed();
+}
+
+void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(decoupled_weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  archive.write("state_dtype", torch::IValue(detail::encode_dtype(state_dtype())));
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+}
+
+void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, decoupled_weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  torch::IValue dtype_code;
+  archive.read("state_dtype", dtype_code);
+  state_dtype(detail::decode_dtype(dtype_code.toInt()));
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, stochastic_rounding);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+}
+
+double AdamOptions::get_lr() const { return lr(); }
+
+void AdamOptions::set_lr(const double lr) { this->lr(lr); }
+
+bool operator==(const AdamParamState& lhs, const AdamParamState& rhs) {
+  auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.defined() == b.defined() && (!a.defined() || at::equal(a, b));
+  };
+  return same(lhs.step(), rhs.step()) && same(lhs.exp_avg(), rhs.exp_avg()) &&
+         same(lhs.exp_avg_sq(), rhs.exp_avg_sq()) && same(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq());
+}
+
+void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_exp_avg_sq);
+}
+
+void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, step);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg_sq);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, max_exp_avg_sq);
+}
+
+Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults)
+    : OptimizerBase<AdamOptions>(param_groups, defaults) {}
+
+Adam::Adam(std::vector<at::Tensor> params, AdamOptions defaults)
+    : Adam(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
+           std::move(defaults)) {}
+
+at::Tensor Adam::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  at::Tensor loss;
+  if (closure) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  for (auto& group : param_groups_) {
+    auto& options = options_of(group);
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+    for (auto& param : group.params()) {
+      if (!param.grad().defined()) {
+        continue;
+      }
+      auto& slot = state_[param.unsafeGetTensorImpl()];
+      if (!slot) {
+        auto fresh = std::make_unique<AdamParamState>();
+        fresh->step(detail::new_step_counter());
+        fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
+        fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
+        if (options.amsgrad()) {
+          fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
+        }
+        slot = std::move(fresh);
+      }
+      auto& state = static_cast<AdamParamState&>(*slot);
+      params.push_back(param);
+      grads.push_back(param.grad());
+      exp_avgs.push_back(state.exp_avg());
+      exp_avg_sqs.push_back(state.exp_avg_sq());
+      if (options.amsgrad()) {
+        TORCH_CHECK_VALUE(state.max_exp_avg_sq().defined(),
+                          "Adam: amsgrad was turned on after the first step; its max_exp_avg_sq state is missing");
+        max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
+      }
+      steps.push_back(state.step());
+    }
+    if (params.empty()) {
+      continue;
+    }
+    const auto [beta1, beta2] = options.betas();
+    functional::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                           at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
+                           options.weight_decay(), always_decoupled_ || options.decoupled_weight_decay(),
+                           options.amsgrad(), options.maximize(), options.stochastic_rounding(), options.seed(),
+                           std::nullopt, std::nullopt);
+  }
+  return loss;
+}
+
+void Adam::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+}
+
+void Adam::load(torch::serialize::InputArchive& archive) {
+  torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+}
+
+}  // namespace torchopt_ext::optim

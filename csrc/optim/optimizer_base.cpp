@@ -1,0 +1,23 @@
+#include "torchopt_ext/optim/optimizer_base.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace torchopt_ext::optim::detail {
+
+void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype) {
+  if (!dtype) {
+    return;
+  }
+  const auto t = *dtype;
+  TORCH_CHECK_VALUE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, name,
+                    ": state_dtype must be float32, float64, bfloat16 or float16, got ", t);
+}
+
+at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype) {
+  return at::zeros_like(param, param.options().dtype(dtype.value_or(param.scalar_type())), at::MemoryFormat::Preserve);
+}
+
+at::Tensor new_step_counter() { return at::zeros({}, at::TensorOptions().dtype(at::kFloat)); }
+
+}  // namespace torchopt_ext::optim::detail

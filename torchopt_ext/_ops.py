@@ -1,0 +1,37 @@
+"""Fake (meta) implementations of the torchopt_ext ops.
+
+The ops mutate their list arguments and return nothing, so under FakeTensor
+(torch.compile, opcheck) there is nothing to compute: these only check that
+the lists line up, so a mismatch fails at trace time with a clear message
+instead of inside the compiled graph.
+"""
+
+import torch
+
+
+def _check_lengths(op: str, params, **lists) -> None:
+    for name, values in lists.items():
+        if values is not None and len(values) not in (0, len(params)):
+            raise ValueError(f"{op}: {name} has {len(values)} tensors but params has {len(params)}")
+
+
+@torch.library.register_fake("torchopt_ext::adam_step_")
+def _adam_step_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, **kwargs
+) -> None:
+    _check_lengths(
+        "adam_step_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        state_steps=state_steps,
+    )
+
+
+@torch.library.register_fake("torchopt_ext::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "sgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps
+    )

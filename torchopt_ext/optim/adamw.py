@@ -1,0 +1,48 @@
+"""AdamW: Adam with decoupled weight decay, as torch.optim.AdamW."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from .adam import Adam
+
+
+class AdamW(Adam):
+    """Drop-in for ``torch.optim.AdamW`` (weight_decay=1e-2, applied as
+    ``p *= 1 - lr * weight_decay`` before the update). Extra arguments as in
+    :class:`torchopt_ext.optim.Adam`."""
+
+    _name = "AdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return True
