@@ -5,9 +5,11 @@ import os
 
 import torch  # noqa: F401  (load libtorch before the native library)
 
-from . import _C  # noqa: F401  (loads libtorchopt_ext: registers torch.ops.torchopt_ext.*)
-from . import _ops  # noqa: F401  (fake implementations for torch.compile)
-from . import optim
+from . import (
+    _C,  # noqa: F401  (loads libtorchopt_ext: registers torch.ops.torchopt_ext.*)
+    _ops,  # noqa: F401  (fake implementations for torch.compile)
+    optim,
+)
 
 __version__ = "0.1.0"
 

@@ -16,9 +16,7 @@ def _check_lengths(op: str, params, **lists) -> None:
 
 
 @torch.library.register_fake("torchopt_ext::adam_step_")
-def _adam_step_fake(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, **kwargs
-) -> None:
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, **kwargs) -> None:
     _check_lengths(
         "adam_step_",
         params,

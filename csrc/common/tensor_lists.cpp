@@ -30,9 +30,10 @@ void check_params_and_grads(const char* op, at::TensorList params, at::TensorLis
     const auto& p = params[i];
     const auto& g = grads[i];
     TORCH_CHECK_VALUE(p.defined() && g.defined(), op, ": params[", i, "] and grads[", i, "] must be defined");
-    TORCH_CHECK_VALUE(!g.is_sparse(), op, ": grads[", i, "] is sparse; this optimizer does not support sparse gradients");
-    TORCH_CHECK_VALUE(p.layout() == at::kStrided && g.layout() == at::kStrided, op, ": params[", i,
-                      "] and grads[", i, "] must be strided (dense) tensors");
+    TORCH_CHECK_VALUE(!g.is_sparse(), op, ": grads[", i,
+                      "] is sparse; this optimizer does not support sparse gradients");
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided && g.layout() == at::kStrided, op, ": params[", i, "] and grads[", i,
+                      "] must be strided (dense) tensors");
     TORCH_CHECK_VALUE(!p.is_complex() && !g.is_complex(), op, ": params[", i,
                       "] is complex; complex parameters are not supported");
     TORCH_CHECK_VALUE(is_supported_float(p.scalar_type()), op, ": params[", i,
@@ -47,26 +48,27 @@ void check_params_and_grads(const char* op, at::TensorList params, at::TensorLis
 }
 
 void check_state_list(const char* op, const char* name, at::TensorList params, at::TensorList state) {
-  TORCH_CHECK_VALUE(state.size() == params.size(), op, ": ", name, " must have one tensor per param (",
-                    params.size(), "), got ", state.size());
+  TORCH_CHECK_VALUE(state.size() == params.size(), op, ": ", name, " must have one tensor per param (", params.size(),
+                    "), got ", state.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& s = state[i];
     TORCH_CHECK_VALUE(s.defined() && s.layout() == at::kStrided, op, ": ", name, "[", i,
                       "] must be a defined dense tensor");
-    TORCH_CHECK_VALUE(s.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", s.sizes(),
-                      " but params[", i, "] has shape ", params[i].sizes());
-    TORCH_CHECK_VALUE(s.device() == params[i].device(), op, ": ", name, "[", i, "] is on ", s.device(),
-                      " but params[", i, "] is on ", params[i].device());
+    TORCH_CHECK_VALUE(s.sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", s.sizes(), " but params[",
+                      i, "] has shape ", params[i].sizes());
+    TORCH_CHECK_VALUE(s.device() == params[i].device(), op, ": ", name, "[", i, "] is on ", s.device(), " but params[",
+                      i, "] is on ", params[i].device());
     TORCH_CHECK_VALUE(is_supported_float(s.scalar_type()) && same_math_type(s.scalar_type(), params[i].scalar_type()),
                       op, ": ", name, "[", i, "] has dtype ", s.scalar_type(), ", which cannot hold state for a ",
-                      params[i].scalar_type(), " param (fp64 params need fp64 state; fp32/bf16/fp16 params take any of "
+                      params[i].scalar_type(),
+                      " param (fp64 params need fp64 state; fp32/bf16/fp16 params take any of "
                       "fp32/bf16/fp16 state)");
   }
 }
 
 void check_steps(const char* op, at::TensorList params, at::TensorList steps) {
-  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": state_steps must have one tensor per param (",
-                    params.size(), "), got ", steps.size());
+  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": state_steps must have one tensor per param (", params.size(),
+                    "), got ", steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
     const auto& s = steps[i];
     TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.is_cpu() &&
@@ -101,7 +103,8 @@ double read_lr(const char* op, const at::Tensor& lr) {
   return value;
 }
 
-AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
   AmpArgs amp;
   if (found_inf.has_value() && found_inf->defined()) {
     TORCH_CHECK_VALUE(found_inf->numel() == 1, op, ": found_inf must have one element");

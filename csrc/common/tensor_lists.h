@@ -36,7 +36,8 @@ struct AmpArgs {
   bool skip_step = false;
   std::optional<double> grad_scale;
 };
-AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf);
 
 // Replaces tensors that the kernels cannot walk as flat memory with
 // contiguous copies, and copies results back on finish().

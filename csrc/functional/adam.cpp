@@ -11,8 +11,8 @@ namespace torchopt_ext::functional {
 
 void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
-                double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-                bool maximize, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "adam_step_";
   using common::check_hyperparameter;

@@ -7,10 +7,10 @@
 
 namespace torchopt_ext::functional {
 
-void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-               at::TensorList state_steps, const at::Tensor& lr, double momentum, double dampening,
-               double weight_decay, bool nesterov, bool maximize, bool stochastic_rounding, int64_t seed,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList state_steps,
+               const at::Tensor& lr, double momentum, double dampening, double weight_decay, bool nesterov,
+               bool maximize, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "sgd_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "momentum", momentum, momentum >= 0.0, ">= 0");
@@ -40,9 +40,9 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   const auto dense_params = workspace.dense(params, true);
   const auto dense_grads = workspace.dense(grads, amp.grad_scale.has_value());
   const auto dense_buffers = workspace.dense(momentum_buffers, true);
-  kernels::cpu::sgd_step(dense_params, dense_grads, dense_buffers, steps,
-                         {lr_value, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed,
-                          amp.grad_scale});
+  kernels::cpu::sgd_step(
+      dense_params, dense_grads, dense_buffers, steps,
+      {lr_value, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, amp.grad_scale});
   workspace.finish();
 }
 

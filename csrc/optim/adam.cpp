@@ -29,9 +29,8 @@ void AdamOptions::validate() const {
 bool operator==(const AdamOptions& lhs, const AdamOptions& rhs) {
   return lhs.lr() == rhs.lr() && lhs.betas() == rhs.betas() && lhs.eps() == rhs.eps() &&
          lhs.weight_decay() == rhs.weight_decay() && lhs.decoupled_weight_decay() == rhs.decoupled_weight_decay() &&
-         lhs.amsgrad() == rhs.amsgrad() && lhs.maximize() == rhs.maximize() &&
-         lhs.state_dtype() == rhs.state_dtype() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
-         lhs.seed() == rhs.seed();
+         lhs.amsgrad() == rhs.amsgrad() && lhs.maximize() == rhs.maximize() && lhs.state_dtype() == rhs.state_dtype() &&
+         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed();
 }
 
 void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {

@@ -110,20 +110,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         return torch.zeros((), dtype=torch.float32)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         super().load_state_dict(state_dict)
-        # torch.optim casts loaded floating state to the param dtype; put
-        # state back in the group's state_dtype and steps back in float32.
+        # Checkpoints from torch.optim lack our extra options: use the defaults.
         for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        # torch.optim casts loaded state to the param dtype, which would round
+        # fp32 state of bf16 params; reload it from the checkpoint instead, in
+        # the group's state_dtype.
+        group_of = {p: group for group in self.param_groups for p in group["params"]}
+        params_by_id = dict(zip(saved_ids, group_of))
+        for pid, saved in state_dict["state"].items():
+            p = params_by_id.get(pid)
+            if p is None:
+                continue
+            state = self.state[p]
+            dtype = group_of[p]["state_dtype"] or p.dtype
+            for key in self._state_keys:
+                value = saved.get(key)
+                if not torch.is_tensor(value):
                     continue
-                dtype = group["state_dtype"] or p.dtype
-                for key in self._state_keys:
-                    if key in state and torch.is_tensor(state[key]):
-                        state[key] = state[key].to(dtype=dtype)
-                if "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").reshape(())
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"load_state_dict: state '{key}' has shape {tuple(value.shape)} but its param has "
+                        f"shape {tuple(p.shape)}; was the checkpoint saved for another model?"
+                    )
+                state[key] = value.to(device=p.device, dtype=dtype)
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").reshape(())
 
     def _run_closure(self, closure: Optional[Callable[[], Any]]) -> Any:
         if closure is None:

@@ -20,11 +20,11 @@ namespace {
 // exactly as torch rounds Python-float arguments of its tensor ops.
 template <typename S>
 struct AdamCoeffs {
-  S beta1_weight;   // 1 - beta1, the lerp weight
+  S beta1_weight;  // 1 - beta1, the lerp weight
   S beta2;
   S one_minus_beta2;
   S weight_decay;
-  S decay_factor;   // 1 - lr * weight_decay (decoupled)
+  S decay_factor;  // 1 - lr * weight_decay (decoupled)
   S bias_correction2_sqrt;
   S eps;
   S neg_step_size;  // -lr / (1 - beta1^t)
@@ -162,9 +162,8 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                 hp.amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
                 steps[i],
                 rounding_stream(hp.seed, static_cast<int64_t>(i), steps[i])};
-    fns[i] = select_kernel("adam_step_", params[i].scalar_type(), exp_avgs[i].scalar_type(), [](auto p, auto s) {
-      return &adam_chunk<decltype(p), decltype(s)>;
-    });
+    fns[i] = select_kernel("adam_step_", params[i].scalar_type(), exp_avgs[i].scalar_type(),
+                           [](auto p, auto s) { return &adam_chunk<decltype(p), decltype(s)>; });
     numels[i] = params[i].numel();
   }
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, begin, end); });

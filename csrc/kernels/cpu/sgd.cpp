@@ -124,13 +124,11 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
   std::vector<SGDChunkFn> fns(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
-    tasks[i] = {params[i].data_ptr(), grads[i].data_ptr(),
-                has_momentum ? momentum_buffers[i].data_ptr() : nullptr, steps[i],
-                rounding_stream(hp.seed, static_cast<int64_t>(i), steps[i])};
+    tasks[i] = {params[i].data_ptr(), grads[i].data_ptr(), has_momentum ? momentum_buffers[i].data_ptr() : nullptr,
+                steps[i], rounding_stream(hp.seed, static_cast<int64_t>(i), steps[i])};
     const auto state_type = has_momentum ? momentum_buffers[i].scalar_type() : params[i].scalar_type();
-    fns[i] = select_kernel("sgd_step_", params[i].scalar_type(), state_type, [](auto p, auto s) {
-      return &sgd_chunk<decltype(p), decltype(s)>;
-    });
+    fns[i] = select_kernel("sgd_step_", params[i].scalar_type(), state_type,
+                           [](auto p, auto s) { return &sgd_chunk<decltype(p), decltype(s)>; });
     numels[i] = params[i].numel();
   }
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, begin, end); });

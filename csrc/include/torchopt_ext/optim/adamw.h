@@ -10,7 +10,8 @@ namespace torchopt_ext::optim {
 
 class AdamW : public Adam {
  public:
-  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = AdamWOptions());
+  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                 AdamOptions defaults = AdamWOptions());
   explicit AdamW(std::vector<at::Tensor> params, AdamOptions defaults = AdamWOptions());
 };
 

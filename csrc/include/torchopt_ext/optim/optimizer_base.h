@@ -32,7 +32,8 @@ class OptimizerBase : public torch::optim::Optimizer {
     auto& added = param_groups_.back();
     if (group.has_options()) {
       auto* options = dynamic_cast<const Options*>(&group.options());
-      TORCH_CHECK_VALUE(options != nullptr, "add_param_group: the group's options have the wrong type for this optimizer");
+      TORCH_CHECK_VALUE(options != nullptr,
+                        "add_param_group: the group's options have the wrong type for this optimizer");
       added.set_options(group.options().clone());
     }
     static_cast<Options&>(added.options()).validate();

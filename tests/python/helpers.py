@@ -1,0 +1,62 @@
+"""Shared harness: run a torchopt_ext optimizer and a reference side by side
+on identical gradients."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+# Shapes that exercise the kernels' corners: 0-d, tiny, one vector lane short
+# of a block, block-sized plus a tail, and a 2-D odd shape.
+SHAPES = [(), (1,), (7,), (1001,), (17, 33), (3, 4, 5)]
+
+
+def make_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.randn(shape, dtype=dtype) for shape in shapes]
+
+
+def random_grad(p: torch.Tensor, non_contiguous: bool) -> torch.Tensor:
+    if non_contiguous and p.dim() > 0:
+        # Every other element of a wider tensor: same values pattern, strided.
+        return torch.randn(*p.shape, 2, dtype=p.dtype)[..., 0]
+    return torch.randn(p.shape, dtype=p.dtype)
+
+
+def run_side_by_side(
+    make_ours: Callable[[list], torch.optim.Optimizer],
+    make_ref: Callable[[list], torch.optim.Optimizer],
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    steps: int = 20,
+    non_contiguous: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Returns (ours, reference) params after `steps` steps on shared grads.
+
+    make_* receive a list of param tensors (they may split it into groups)."""
+    ours = make_params(shapes, dtype)
+    ref = [p.clone() for p in ours]
+    opt_ours = make_ours(ours)
+    opt_ref = make_ref(ref)
+    for _ in range(steps):
+        for p, q in zip(ours, ref):
+            g = random_grad(p, non_contiguous)
+            p.grad = g.clone() if not non_contiguous else g
+            q.grad = g.clone()
+        opt_ours.step()
+        opt_ref.step()
+    return ours, ref
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    # Tight enough that a wrong formula, order of weight decay or bias
+    # correction fails by orders of magnitude; loose enough for the last-ulp
+    # differences between torch's op-by-op rounding and the fused loop.
+    if dtype == torch.float64:
+        return {"rtol": 1e-12, "atol": 1e-12}
+    return {"rtol": 2e-6, "atol": 2e-6}
+
+
+def assert_params_close(ours, ref, dtype):
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **tolerances(dtype))

@@ -1,0 +1,81 @@
+"""torch.library.opcheck on every op, and the op layer called directly."""
+
+import pytest
+import torch
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _adam_args(n, amsgrad, dtype=torch.float32, state_dtype=None):
+    state_dtype = state_dtype or dtype
+    shapes = [(3, 5), (7,), ()][:n]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype) for s in shapes]
+    m = [torch.zeros(s, dtype=state_dtype) for s in shapes]
+    v = [torch.zeros(s, dtype=state_dtype) for s in shapes]
+    vmax = [torch.zeros(s, dtype=state_dtype) for s in shapes] if amsgrad else []
+    steps = [torch.zeros((), dtype=torch.float32) for _ in shapes]
+    args = (params, grads, m, v, vmax, steps, torch.tensor(1e-2, dtype=torch.float64))
+    kwargs = dict(
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        decoupled_weight_decay=True,
+        amsgrad=amsgrad,
+        maximize=False,
+    )
+    return args, kwargs
+
+
+def _sgd_args(momentum):
+    shapes = [(4, 6), (9,)]
+    params = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    buffers = [torch.zeros(s) for s in shapes] if momentum else []
+    steps = [torch.zeros((), dtype=torch.float32) for _ in shapes]
+    args = (params, grads, buffers, steps, torch.tensor(0.1, dtype=torch.float64))
+    kwargs = dict(momentum=momentum, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck_adam_step(amsgrad):
+    args, kwargs = _adam_args(3, amsgrad)
+    torch.library.opcheck(torch.ops.torchopt_ext.adam_step_.default, args, kwargs, test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_adam_step_mixed_precision():
+    args, kwargs = _adam_args(2, False, dtype=torch.bfloat16, state_dtype=torch.float32)
+    kwargs.update(stochastic_rounding=True, seed=3)
+    torch.library.opcheck(torch.ops.torchopt_ext.adam_step_.default, args, kwargs, test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_opcheck_sgd_step(momentum):
+    args, kwargs = _sgd_args(momentum)
+    torch.library.opcheck(torch.ops.torchopt_ext.sgd_step_.default, args, kwargs, test_utils=OPCHECK_UTILS)
+
+
+def test_op_increments_steps_and_mutates_in_place():
+    args, kwargs = _adam_args(2, False)
+    params, _, m, _, _, steps, _ = args
+    before = [p.clone() for p in params]
+    torch.ops.torchopt_ext.adam_step_(*args, **kwargs)
+    assert [s.item() for s in steps] == [1.0, 1.0]
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(x.abs().sum() > 0 for x in m)
+
+
+def test_op_rejects_mismatched_lists():
+    args, kwargs = _adam_args(2, False)
+    args = list(args)
+    args[2] = args[2][:1]  # one exp_avg for two params
+    with pytest.raises(ValueError, match="exp_avgs"):
+        torch.ops.torchopt_ext.adam_step_(*args, **kwargs)
+
+
+def test_op_rejects_state_on_wrong_dtype():
+    args, kwargs = _adam_args(1, False, dtype=torch.float64, state_dtype=torch.float32)
+    with pytest.raises(ValueError, match="exp_avgs"):
+        torch.ops.torchopt_ext.adam_step_(*args, **kwargs)
