@@ -38,7 +38,8 @@ ctest --test-dir build --output-on-failure -j "$MAX_JOBS"
 
 echo "== C++ example built out of tree with find_package(TorchOptExt)"
 prefix="$(python -c 'import torchopt_ext; print(torchopt_ext.cmake_prefix_path)')"
-cmake -S examples/cpp -B build/example-consumer -G Ninja -DCMAKE_BUILD_TYPE=Release \
+launcher=""; command -v ccache >/dev/null && launcher="-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
+cmake -S examples/cpp -B build/example-consumer -G Ninja -DCMAKE_BUILD_TYPE=Release $launcher \
   -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build build/example-consumer
 build/example-consumer/train_mlp 100
