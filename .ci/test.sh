@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# ccache keys on the command line: relative paths let clones share hits.
+export CCACHE_BASEDIR="$PWD"
 
 echo "== dependencies"
 python -m pip install -q --disable-pip-version-check torch==2.13.0 pytest ruff==0.17.6 clang-format==23.1.5 ninja

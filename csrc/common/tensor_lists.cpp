@@ -19,6 +19,25 @@ bool is_supported_float(at::ScalarType t) {
 
 }  // namespace
 
+void check_cpu_kernels_usable(const char* op, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].is_cpu(), op, ": params[", i, "] is on ", params[i].device(),
+                      "; this build of torchopt_ext has kernels for CPU tensors only");
+  }
+#if defined(TORCHOPT_EXT_CPU_CAPABILITY_AVX2)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(supported, op,
+              ": torchopt_ext's CPU kernels were built for AVX2+FMA, which this CPU lacks; rebuild with "
+              "-DTORCHOPT_EXT_CPU_CAPABILITY=DEFAULT");
+#elif defined(TORCHOPT_EXT_CPU_CAPABILITY_AVX512)
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  TORCH_CHECK(supported, op,
+              ": torchopt_ext's CPU kernels were built for AVX512, which this CPU lacks; rebuild with "
+              "-DTORCHOPT_EXT_CPU_CAPABILITY=AVX2 or DEFAULT");
+#endif
+}
+
 void check_hyperparameter(const char* op, const char* name, double value, bool ok, const char* rule) {
   TORCH_CHECK_VALUE(ok, op, ": ", name, " must be ", rule, ", got ", value);
 }

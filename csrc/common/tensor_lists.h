@@ -52,6 +52,11 @@ class DenseWorkspace {
   std::vector<std::pair<at::Tensor, at::Tensor>> write_backs_;
 };
 
+// The params are on the CPU and this CPU runs the instruction set the CPU
+// kernels were built for (TORCHOPT_EXT_CPU_CAPABILITY): a clear error instead
+// of a SIGILL.
+void check_cpu_kernels_usable(const char* op, at::TensorList params);
+
 // Throws "<op>: <name> must be <rule>, got <value>" style errors.
 void check_hyperparameter(const char* op, const char* name, double value, bool ok, const char* rule);
 

@@ -31,12 +31,11 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   common::check_steps(op, params, state_steps);
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].is_cpu(), op, ": params[", i, "] is on ", params[i].device(),
-                      "; this build of torchopt_ext has kernels for CPU tensors only");
     TORCH_CHECK_VALUE(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type() &&
                           (!amsgrad || max_exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type()),
                       op, ": the state tensors of params[", i, "] must share one dtype");
   }
+  common::check_cpu_kernels_usable(op, params);
   const auto amp = common::read_amp(op, grad_scale, found_inf);
   if (amp.skip_step || params.empty()) {
     return;

@@ -27,10 +27,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
     TORCH_CHECK_VALUE(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum=0");
   }
   common::check_steps(op, params, state_steps);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].is_cpu(), op, ": params[", i, "] is on ", params[i].device(),
-                      "; this build of torchopt_ext has kernels for CPU tensors only");
-  }
+  common::check_cpu_kernels_usable(op, params);
   const auto amp = common::read_amp(op, grad_scale, found_inf);
   if (amp.skip_step || params.empty()) {
     return;

@@ -66,11 +66,10 @@ double AdamOptions::get_lr() const { return lr(); }
 void AdamOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool operator==(const AdamParamState& lhs, const AdamParamState& rhs) {
-  auto same = [](const at::Tensor& a, const at::Tensor& b) {
-    return a.defined() == b.defined() && (!a.defined() || at::equal(a, b));
-  };
-  return same(lhs.step(), rhs.step()) && same(lhs.exp_avg(), rhs.exp_avg()) &&
-         same(lhs.exp_avg_sq(), rhs.exp_avg_sq()) && same(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq());
+  using detail::same_state_tensor;
+  return same_state_tensor(lhs.step(), rhs.step()) && same_state_tensor(lhs.exp_avg(), rhs.exp_avg()) &&
+         same_state_tensor(lhs.exp_avg_sq(), rhs.exp_avg_sq()) &&
+         same_state_tensor(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq());
 }
 
 void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -96,11 +95,7 @@ Adam::Adam(std::vector<at::Tensor> params, AdamOptions defaults)
 
 at::Tensor Adam::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
-  at::Tensor loss;
-  if (closure) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  at::Tensor loss = run_closure(closure);
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
@@ -108,8 +103,7 @@ at::Tensor Adam::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
-      auto& slot = state_[param.unsafeGetTensorImpl()];
-      if (!slot) {
+      auto& state = state_of<AdamParamState>(param, [&] {
         auto fresh = std::make_unique<AdamParamState>();
         fresh->step(detail::new_step_counter());
         fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
@@ -117,9 +111,8 @@ at::Tensor Adam::step(LossClosure closure) {
         if (options.amsgrad()) {
           fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
         }
-        slot = std::move(fresh);
-      }
-      auto& state = static_cast<AdamParamState&>(*slot);
+        return fresh;
+      });
       params.push_back(param);
       grads.push_back(param.grad());
       exp_avgs.push_back(state.exp_avg());

@@ -18,6 +18,10 @@ at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarTy
   return at::zeros_like(param, param.options().dtype(dtype.value_or(param.scalar_type())), at::MemoryFormat::Preserve);
 }
 
+bool same_state_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() == b.defined() && (!a.defined() || at::equal(a, b));
+}
+
 at::Tensor new_step_counter() { return at::zeros({}, at::TensorOptions().dtype(at::kFloat)); }
 
 }  // namespace torchopt_ext::optim::detail

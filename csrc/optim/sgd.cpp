@@ -60,10 +60,8 @@ double SGDOptions::get_lr() const { return lr(); }
 void SGDOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool operator==(const SGDParamState& lhs, const SGDParamState& rhs) {
-  auto same = [](const at::Tensor& a, const at::Tensor& b) {
-    return a.defined() == b.defined() && (!a.defined() || at::equal(a, b));
-  };
-  return same(lhs.step(), rhs.step()) && same(lhs.momentum_buffer(), rhs.momentum_buffer());
+  return detail::same_state_tensor(lhs.step(), rhs.step()) &&
+         detail::same_state_tensor(lhs.momentum_buffer(), rhs.momentum_buffer());
 }
 
 void SGDParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -85,11 +83,7 @@ SGD::SGD(std::vector<at::Tensor> params, SGDOptions defaults)
 
 at::Tensor SGD::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
-  at::Tensor loss;
-  if (closure) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  at::Tensor loss = run_closure(closure);
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
     const bool has_momentum = options.momentum() != 0.0;
@@ -98,13 +92,11 @@ at::Tensor SGD::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
-      auto& slot = state_[param.unsafeGetTensorImpl()];
-      if (!slot) {
+      auto& state = state_of<SGDParamState>(param, [] {
         auto fresh = std::make_unique<SGDParamState>();
         fresh->step(detail::new_step_counter());
-        slot = std::move(fresh);
-      }
-      auto& state = static_cast<SGDParamState&>(*slot);
+        return fresh;
+      });
       if (has_momentum && !state.momentum_buffer().defined()) {
         // Created when momentum is first used; the kernel fills it with the
         // gradient on the first momentum step.

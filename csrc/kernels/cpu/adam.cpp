@@ -108,10 +108,7 @@ void adam_chunk(const AdamTask& task, const AdamHyperparams& hp, int64_t begin, 
     S* v = exp_avg_sq.data();
     S* vmax = hp.amsgrad ? max_sq->data() : nullptr;
     if (hp.grad_scale) {
-      for (int64_t i = 0; i < n; ++i) {
-        g[i] = g[i] / grad_scale;
-      }
-      grad.store();
+      unscale_grad_block(grad, grad_scale, n);
     }
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {

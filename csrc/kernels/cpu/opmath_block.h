@@ -92,6 +92,17 @@ class OpmathBlock {
   int64_t n_;
 };
 
+// GradScaler contract: grads are divided by the loss scale and the unscaled
+// values written back to the grad tensor.
+template <typename T>
+inline void unscale_grad_block(const OpmathBlock<T>& grad, typename OpmathBlock<T>::opmath_t scale, int64_t n) {
+  auto* g = grad.data();
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = g[i] / scale;
+  }
+  grad.store();
+}
+
 // Per-tensor random stream for stochastic rounding: the user's seed, the
 // tensor's position in its group and the step count, hashed together.
 inline uint64_t rounding_stream(int64_t seed, int64_t tensor_index, double step) {

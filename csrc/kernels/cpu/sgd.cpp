@@ -82,10 +82,7 @@ void sgd_chunk(const SGDTask& task, const SGDHyperparams& hp, int64_t begin, int
     S* g = grad.data();
     S* m = has_momentum ? buffer->data() : nullptr;
     if (hp.grad_scale) {
-      for (int64_t i = 0; i < n; ++i) {
-        g[i] = g[i] / grad_scale;
-      }
-      grad.store();
+      unscale_grad_block(grad, grad_scale, n);
     }
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {

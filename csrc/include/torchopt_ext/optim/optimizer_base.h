@@ -43,6 +43,25 @@ class OptimizerBase : public torch::optim::Optimizer {
   static Options& options_of(torch::optim::OptimizerParamGroup& group) {
     return static_cast<Options&>(group.options());
   }
+
+  // Runs the closure (if any) with autograd on, as torch::optim optimizers do.
+  static at::Tensor run_closure(const LossClosure& closure) {
+    if (!closure) {
+      return {};
+    }
+    at::AutoGradMode enable_grad(true);
+    return closure();
+  }
+
+  // The param's state, created by `init()` on first use.
+  template <typename ParamState, typename Init>
+  ParamState& state_of(const at::Tensor& param, const Init& init) {
+    auto& slot = state_[param.unsafeGetTensorImpl()];
+    if (!slot) {
+      slot = init();
+    }
+    return static_cast<ParamState&>(*slot);
+  }
 };
 
 namespace detail {
@@ -66,6 +85,9 @@ at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarTy
 at::Tensor new_step_counter();
 
 void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype);
+
+// Equality for optional state tensors: both undefined, or equal values.
+bool same_state_tensor(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace detail
 
