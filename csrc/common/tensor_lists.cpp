@@ -160,4 +160,62 @@ void DenseWorkspace::finish() {
   write_backs_.clear();
 }
 
+template <size_t N>
+std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::TensorList params, at::TensorList grads,
+                                                       const std::array<StateList, N>& state,
+                                                       at::TensorList state_steps, const at::Tensor& lr,
+                                                       const std::optional<at::Tensor>& grad_scale,
+                                                       const std::optional<at::Tensor>& found_inf) {
+  const double lr_value = read_lr(op, lr);
+  check_params_and_grads(op, params, grads);
+  const StateList* first_used = nullptr;
+  for (const auto& list : state) {
+    if (list.used) {
+      check_state_list(op, list.name, params, list.tensors);
+      if (first_used == nullptr) {
+        first_used = &list;
+      } else {
+        for (size_t i = 0; i < params.size(); ++i) {
+          TORCH_CHECK_VALUE(list.tensors[i].scalar_type() == first_used->tensors[i].scalar_type(), op, ": ", list.name,
+                            "[", i, "] has dtype ", list.tensors[i].scalar_type(), " but ", first_used->name, "[", i,
+                            "] has dtype ", first_used->tensors[i].scalar_type(),
+                            "; the state of one param shares one dtype");
+        }
+      }
+    } else {
+      TORCH_CHECK_VALUE(list.tensors.empty(), op, ": ", list.name, " must be empty with these options");
+    }
+  }
+  check_steps(op, params, state_steps);
+  check_cpu_kernels_usable(op, params);
+  auto amp = read_amp(op, grad_scale, found_inf);
+  if (amp.skip_step || params.empty()) {
+    return std::nullopt;
+  }
+  std::optional<DenseGroup<N>> group(std::in_place);
+  group->lr = lr_value;
+  group->amp = amp;
+  group->steps = increment_steps(state_steps);
+  group->params = group->workspace.dense(params, true);
+  group->grads = group->workspace.dense(grads, amp.grad_scale.has_value());
+  for (size_t k = 0; k < N; ++k) {
+    group->state[k] = group->workspace.dense(state[k].tensors, true);
+  }
+  return group;
+}
+
+// The state-list counts the ops use.
+template std::optional<DenseGroup<1>> prepare_elementwise_group<1>(const char*, at::TensorList, at::TensorList,
+                                                                   const std::array<StateList, 1>&, at::TensorList,
+                                                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                   const std::optional<at::Tensor>&);
+template std::optional<DenseGroup<2>> prepare_elementwise_group<2>(const char*, at::TensorList, at::TensorList,
+                                                                   const std::array<StateList, 2>&, at::TensorList,
+                                                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                   const std::optional<at::Tensor>&);
+template std::optional<DenseGroup<3>> prepare_elementwise_group<3>(const char*, at::TensorList, at::TensorList,
+                                                                   const std::array<StateList, 3>&, at::TensorList,
+                                                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                   const std::optional<at::Tensor>&);
+
 }  // namespace torchopt_ext::common

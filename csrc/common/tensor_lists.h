@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <utility>
@@ -56,6 +57,48 @@ class DenseWorkspace {
 // kernels were built for (TORCHOPT_EXT_CPU_CAPABILITY): a clear error instead
 // of a SIGILL.
 void check_cpu_kernels_usable(const char* op, at::TensorList params);
+
+// One state list of an element-wise op: `used` says whether the algorithm
+// needs it with the current options (then one tensor per param), otherwise
+// it must be empty.
+struct StateList {
+  const char* name;
+  at::TensorList tensors;
+  bool used = true;
+};
+
+// A param group checked and ready for a fused CPU kernel: dense tensors,
+// incremented steps, the host lr and the AMP arguments. Call finish() after
+// the kernel to copy results back into non-contiguous originals.
+template <size_t N>
+struct DenseGroup {
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> grads;
+  std::array<std::vector<at::Tensor>, N> state;
+  std::vector<double> steps;
+  double lr = 0.0;
+  AmpArgs amp;
+  DenseWorkspace workspace;
+
+  std::array<at::TensorList, N> state_lists() const {
+    std::array<at::TensorList, N> lists;
+    for (size_t k = 0; k < N; ++k) {
+      lists[k] = state[k];
+    }
+    return lists;
+  }
+  void finish() { workspace.finish(); }
+};
+
+// Validates lists, lr, steps and the device; returns nullopt when there is
+// nothing to do (no params, or found_inf says skip: then nothing is touched).
+// Otherwise increments the steps and returns the dense group.
+template <size_t N>
+std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::TensorList params, at::TensorList grads,
+                                                       const std::array<StateList, N>& state,
+                                                       at::TensorList state_steps, const at::Tensor& lr,
+                                                       const std::optional<at::Tensor>& grad_scale,
+                                                       const std::optional<at::Tensor>& found_inf);
 
 // Throws "<op>: <name> must be <rule>, got <value>" style errors.
 void check_hyperparameter(const char* op, const char* name, double value, bool ok, const char* rule);

@@ -19,28 +19,16 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
                     ": nesterov requires momentum > 0 and dampening = 0, got momentum=", momentum,
                     ", dampening=", dampening);
-  const double lr_value = common::read_lr(op, lr);
-  common::check_params_and_grads(op, params, grads);
-  if (momentum != 0.0) {
-    common::check_state_list(op, "momentum_buffers", params, momentum_buffers);
-  } else {
-    TORCH_CHECK_VALUE(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum=0");
-  }
-  common::check_steps(op, params, state_steps);
-  common::check_cpu_kernels_usable(op, params);
-  const auto amp = common::read_amp(op, grad_scale, found_inf);
-  if (amp.skip_step || params.empty()) {
+  auto group = common::prepare_elementwise_group<1>(op, params, grads,
+                                                    {{{"momentum_buffers", momentum_buffers, momentum != 0.0}}},
+                                                    state_steps, lr, grad_scale, found_inf);
+  if (!group) {
     return;
   }
-  const auto steps = common::increment_steps(state_steps);
-  common::DenseWorkspace workspace;
-  const auto dense_params = workspace.dense(params, true);
-  const auto dense_grads = workspace.dense(grads, amp.grad_scale.has_value());
-  const auto dense_buffers = workspace.dense(momentum_buffers, true);
-  kernels::cpu::sgd_step(
-      dense_params, dense_grads, dense_buffers, steps,
-      {lr_value, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed, amp.grad_scale});
-  workspace.finish();
+  kernels::cpu::sgd_step(group->params, group->grads, group->state[0], group->steps,
+                         {group->lr, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed,
+                          group->amp.grad_scale});
+  group->finish();
 }
 
 }  // namespace torchopt_ext::functional
