@@ -85,14 +85,14 @@ void check_state_list(const char* op, const char* name, at::TensorList params, a
   }
 }
 
-void check_steps(const char* op, at::TensorList params, at::TensorList steps) {
-  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": state_steps must have one tensor per param (", params.size(),
-                    "), got ", steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const auto& s = steps[i];
+void check_scalar_list(const char* op, const char* name, at::TensorList params, at::TensorList scalars) {
+  TORCH_CHECK_VALUE(scalars.size() == params.size(), op, ": ", name, " must have one tensor per param (", params.size(),
+                    "), got ", scalars.size());
+  for (size_t i = 0; i < scalars.size(); ++i) {
+    const auto& s = scalars[i];
     TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.is_cpu() &&
                           (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                      op, ": state_steps[", i, "] must be a one-element float32 or float64 CPU tensor");
+                      op, ": ", name, "[", i, "] must be a one-element float32 or float64 CPU tensor");
   }
 }
 
@@ -186,7 +186,7 @@ std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::Tenso
       TORCH_CHECK_VALUE(list.tensors.empty(), op, ": ", list.name, " must be empty with these options");
     }
   }
-  check_steps(op, params, state_steps);
+  check_scalar_list(op, "state_steps", params, state_steps);
   check_cpu_kernels_usable(op, params);
   auto amp = read_amp(op, grad_scale, found_inf);
   if (amp.skip_step || params.empty()) {

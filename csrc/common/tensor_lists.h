@@ -22,8 +22,9 @@ void check_params_and_grads(const char* op, at::TensorList params, at::TensorLis
 // (fp64 params keep fp64 state; fp32/bf16/fp16 params keep any of those).
 void check_state_list(const char* op, const char* name, at::TensorList params, at::TensorList state);
 
-// Step counters: one floating 0-d (or one-element) CPU tensor per param.
-void check_steps(const char* op, at::TensorList params, at::TensorList steps);
+// Per-param host scalars (step counters, NAdam's mu_product): one float32 or
+// float64 one-element CPU tensor per param.
+void check_scalar_list(const char* op, const char* name, at::TensorList params, at::TensorList scalars);
 
 // Adds one to every step counter and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);

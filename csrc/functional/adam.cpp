@@ -25,8 +25,8 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   const auto& s = group->state;
   kernels::cpu::adam_step(group->params, group->grads, s[0], s[1], s[2], group->steps,
-                          {group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                           stochastic_rounding, seed, group->amp.grad_scale});
+                          {group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize},
+                          {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

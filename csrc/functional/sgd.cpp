@@ -26,8 +26,8 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
     return;
   }
   kernels::cpu::sgd_step(group->params, group->grads, group->state[0], group->steps,
-                         {group->lr, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding, seed,
-                          group->amp.grad_scale});
+                         {group->lr, momentum, dampening, weight_decay, nesterov, maximize},
+                         {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

@@ -60,3 +60,16 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
 def assert_params_close(ours, ref, dtype):
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **tolerances(dtype))
+
+
+# Every torchopt_ext optimizer with a small config that exercises its state;
+# shared by the generic tests (state_dict, compile, AMP, errors, opcheck).
+ALL_OPTIMIZERS = {
+    "SGD": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.01),
+    "AdamW": dict(lr=1e-2, weight_decay=0.1),
+    "NAdamW": dict(lr=1e-2, weight_decay=0.1),
+    "RAdam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "QHAdamW": dict(lr=1e-2, nus=(0.7, 1.0), weight_decay=0.1),
+    "Lion": dict(lr=1e-3, weight_decay=0.1),
+}

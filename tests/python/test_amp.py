@@ -3,14 +3,15 @@ the grads in the kernel (and writes them back)."""
 
 import pytest
 import torch
+from helpers import ALL_OPTIMIZERS
 
 import torchopt_ext.optim as tox
 
 
-@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
 def test_found_inf_skips_step_and_state(name):
     p = torch.randn(6)
-    opt = getattr(tox, name)([p], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    opt = getattr(tox, name)([p], **ALL_OPTIMIZERS[name])
     p.grad = torch.randn(6)
     opt.step()
     params_before = p.clone()
@@ -24,13 +25,12 @@ def test_found_inf_skips_step_and_state(name):
         assert torch.equal(v, state_before[k]), k
 
 
-@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
 def test_grad_scale_unscales_in_kernel(name):
-    p_scaled, p_plain = torch.randn(6, dtype=torch.float64), None
+    p_scaled = torch.randn(6, dtype=torch.float64)
     p_plain = p_scaled.clone()
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    scaled = getattr(tox, name)([p_scaled], lr=0.1, **kwargs)
-    plain = getattr(tox, name)([p_plain], lr=0.1, **kwargs)
+    scaled = getattr(tox, name)([p_scaled], **ALL_OPTIMIZERS[name])
+    plain = getattr(tox, name)([p_plain], **ALL_OPTIMIZERS[name])
     for _ in range(3):
         g = torch.randn(6, dtype=torch.float64)
         p_scaled.grad = g * 1024.0

@@ -3,6 +3,7 @@ and matches eager."""
 
 import pytest
 import torch
+from helpers import ALL_OPTIMIZERS
 
 import torchopt_ext.optim as tox
 
@@ -20,15 +21,11 @@ def _run(make_opt, compiled, steps=4):
     return params, opt
 
 
-@pytest.mark.parametrize(
-    "make_opt",
-    [
-        lambda ps: tox.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
-        lambda ps: tox.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
-    ],
-    ids=["AdamW", "SGD"],
-)
-def test_compiled_step_matches_eager(make_opt):
+@pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
+def test_compiled_step_matches_eager(name):
+    def make_opt(ps):
+        return getattr(tox, name)(ps, **ALL_OPTIMIZERS[name])
+
     torch._dynamo.reset()
     eager, _ = _run(make_opt, compiled=False)
     compiled, opt = _run(make_opt, compiled=True)

@@ -92,3 +92,30 @@ def test_nan_gradients_propagate_without_crashing():
     p.grad = torch.tensor([float("nan"), 1.0, float("inf"), 1.0])
     opt.step()
     assert torch.isnan(p[0]) and torch.isfinite(p[1]) and torch.isfinite(p[3])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("NAdamW", dict(momentum_decay=-1.0), "momentum_decay"),
+        ("NAdamW", dict(betas=(0.9, 1.0)), "betas\\[1\\]"),
+        ("RAdam", dict(eps=-1.0), "eps"),
+        ("QHAdamW", dict(nus=(1.5, 1.0)), "nus\\[0\\]"),
+        ("QHAdamW", dict(nus=(1.0,)), "nus"),
+        ("Lion", dict(betas=(1.5, 0.99)), "betas\\[0\\]"),
+        ("Lion", dict(weight_decay=-0.1), "weight_decay"),
+        ("Lion", dict(lr=-1e-4), "lr"),
+    ],
+)
+def test_elementwise_family_rejects_bad_hyperparameters(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(tox, name)(_param(), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["NAdamW", "RAdam", "QHAdamW", "Lion"])
+def test_elementwise_family_rejects_sparse_gradients(name):
+    p = torch.zeros(5)
+    opt = getattr(tox, name)([p])
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([1.0, 2.0]), (5,))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from helpers import ALL_OPTIMIZERS
+
+import torchopt_ext.optim as tox
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -79,3 +82,31 @@ def test_op_rejects_state_on_wrong_dtype():
     args, kwargs = _adam_args(1, False, dtype=torch.float64, state_dtype=torch.float32)
     with pytest.raises(ValueError, match="exp_avgs"):
         torch.ops.torchopt_ext.adam_step_(*args, **kwargs)
+
+
+def _op_call_of(opt):
+    """The op call an optimizer's step makes for its first group."""
+    group = opt.param_groups[0]
+    params, grads, steps = [], [], []
+    lists = [[] for _ in opt._state_keys]
+    opt._init_group(group, params, grads, steps, *lists)
+    args = (params, grads, *lists, steps, torch.tensor(group["lr"], dtype=torch.float64))
+    kwargs = dict(opt._op_kwargs(group), stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
+    return getattr(torch.ops.torchopt_ext, opt._op).default, args, kwargs
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
+def test_opcheck_every_optimizer_op(name):
+    params = [torch.randn(4, 3), torch.randn(5), torch.randn(())]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = getattr(tox, name)(params, **ALL_OPTIMIZERS[name])
+    opt.step()  # state past its first step
+    op, args, kwargs = _op_call_of(opt)
+    torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS)
+
+
+def test_every_registered_op_is_covered():
+    registered = {name for name in dir(torch.ops.torchopt_ext) if name.endswith("_step_")}
+    covered = {getattr(tox, name)._op for name in ALL_OPTIMIZERS}
+    assert registered == covered

@@ -5,14 +5,9 @@ import io
 
 import pytest
 import torch
+from helpers import ALL_OPTIMIZERS as CONFIGS
 
 import torchopt_ext.optim as tox
-
-CONFIGS = {
-    "SGD": dict(lr=0.05, momentum=0.9, dampening=0.1),
-    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.01),
-    "AdamW": dict(lr=1e-2, weight_decay=0.1),
-}
 
 
 def _grads(params, steps):
@@ -59,15 +54,26 @@ def test_state_dict_has_torch_compatible_keys():
     assert state["step"].dtype == torch.float32
 
 
-def test_resume_from_torch_adamw_state_dict():
-    # torch.optim.AdamW's state keys and step format are ours too, so a torch
+@pytest.mark.parametrize(
+    "ours_cls, ref_cls",
+    [
+        (tox.AdamW, torch.optim.AdamW),
+        (tox.NAdamW, lambda ps, lr: torch.optim.NAdam(ps, lr, weight_decay=0.01, decoupled_weight_decay=True)),
+        (tox.RAdam, torch.optim.RAdam),
+    ],
+    ids=["AdamW", "NAdamW", "RAdam"],
+)
+def test_resume_from_torch_optim_state_dict(ours_cls, ref_cls):
+    # torch.optim's state keys and step format are ours too, so a torch
     # checkpoint resumes under torchopt_ext with the same trajectory.
     params_ref = [torch.randn(6, 2, dtype=torch.float64)]
     params_ours = [p.clone() for p in params_ref]
     grads = _grads(params_ref, 8)
-    ref = torch.optim.AdamW(params_ref, lr=1e-2, foreach=False)
+    ref = ref_cls(params_ref, lr=1e-2)
+    for group in ref.param_groups:
+        group["foreach"] = False
     _apply(ref, params_ref, grads[:4])
-    ours = tox.AdamW(params_ours, lr=1e-2)
+    ours = ours_cls(params_ours, lr=1e-2)
     ours.load_state_dict(copy.deepcopy(ref.state_dict()))
     with torch.no_grad():
         params_ours[0].copy_(params_ref[0])

@@ -42,12 +42,31 @@ def check_state_dtype(state_dtype: Optional[torch.dtype]) -> None:
         raise ValueError(f"Invalid state_dtype: must be one of {_STATE_DTYPES} or None, got {state_dtype}")
 
 
-def draw_seed(seed: Optional[int]) -> int:
-    """The stochastic-rounding seed: the given one, else one drawn from torch's
-    default generator (so torch.manual_seed makes runs repeatable)."""
+def draw_seed(seed: Optional[int], stochastic_rounding: bool) -> int:
+    """The stochastic-rounding seed: the given one, else (when rounding is on)
+    one drawn from torch's default generator, so torch.manual_seed makes runs
+    repeatable."""
     if seed is not None:
         return int(seed)
+    if not stochastic_rounding:
+        return 0
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def check_betas(betas: Any, high_inclusive: bool = False) -> None:
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected two values, got {betas}")
+    check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0, high_inclusive)
+    check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0, high_inclusive)
+
+
+def check_adam_like(group: dict[str, Any]) -> None:
+    """lr, eps, betas, weight_decay and state_dtype of the Adam family."""
+    check_lr(group["lr"])
+    check_non_negative("epsilon value (eps)", group["eps"])
+    check_betas(group["betas"])
+    check_non_negative("weight_decay value", group["weight_decay"])
+    check_state_dtype(group["state_dtype"])
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -60,54 +79,102 @@ def local(t: torch.Tensor) -> torch.Tensor:
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of torchopt_ext's torch.optim drop-ins.
 
-    Subclasses define ``_state_keys`` (the floating state tensors besides
-    ``step``), ``_init_group`` and ``step``. GradScaler hands the scale and the
-    inf flag to the kernel instead of unscaling and syncing on the host.
+    A subclass names its op (``_op``), its per-param state (``_state_keys``, in
+    the op's argument order) and its hyperparameters (``_op_kwargs``); this
+    class keeps the torch.optim bookkeeping: lazily created state in
+    ``_init_group`` (which torch.compile runs eagerly), one op call per param
+    group, closures, GradScaler's ``grad_scale``/``found_inf`` (passed to the
+    kernel instead of unscaling on the host) and state_dict loading.
+
+    Every op takes ``(params, grads, *state lists, state_steps, lr, **kwargs)``.
     """
 
     _step_supports_amp_scaling = True
+    _op: str = ""
     _state_keys: tuple[str, ...] = ()
+    # State entries that are one-element tensors rather than param-shaped.
+    _scalar_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._check_group(defaults)
         super().__init__(params, defaults)
+
+    # -- hooks for subclasses -------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validates a param group's options (also run for add_param_group)."""
+
+    # Subclasses define `_op_kwargs(group) -> dict`: the op's keyword
+    # hyperparameters for a group.
+
+    def _uses_state(self, group: dict[str, Any], key: str) -> bool:
+        """Whether state `key` is needed with this group's options."""
+        return True
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        if key in self._scalar_state_keys:
+            raise KeyError(f"{type(self).__name__} does not say how to create its scalar state {key!r}")
+        dtype = group["state_dtype"] or p.dtype
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    # -- torch.optim plumbing -------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
-    @staticmethod
-    def _lr_tensor(lr: Union[float, torch.Tensor]) -> torch.Tensor:
-        if isinstance(lr, torch.Tensor):
-            return lr
-        # float64 keeps a Python float lr exact, as torch.optim uses it.
-        return torch.tensor(lr, dtype=torch.float64)
+    def _init_group(self, group, params, grads, state_steps, *state_lists):
+        name = type(self).__name__
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{name} does not support complex parameters")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            for key, out in zip(self._state_keys, state_lists):
+                if not self._uses_state(group, key):
+                    continue
+                if key not in state:
+                    state[key] = self._new_state(p, group, key)
+                out.append(local(state[key]))
+            params.append(local(p))
+            grads.append(local(p.grad))
+            state_steps.append(state["step"])
 
-    def _amp_kwargs(self) -> dict[str, Optional[torch.Tensor]]:
-        return {
-            "grad_scale": getattr(self, "grad_scale", None),
-            "found_inf": getattr(self, "found_inf", None),
-        }
-
-    @staticmethod
-    def _grad_of(p: torch.Tensor, name: str) -> torch.Tensor:
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients")
-        if torch.is_complex(p):
-            raise RuntimeError(f"{name} does not support complex parameters")
-        return grad
-
-    @staticmethod
-    def _new_state_tensor(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        dtype = group["state_dtype"] or p.dtype
-        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-
-    @staticmethod
-    def _new_step() -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float32)
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        op = getattr(torch.ops.torchopt_ext, self._op)
+        for group in self.param_groups:
+            params, grads, state_steps = [], [], []
+            state_lists = [[] for _ in self._state_keys]
+            self._init_group(group, params, grads, state_steps, *state_lists)
+            if not params:
+                continue
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor):
+                # float64 keeps a Python float lr exact, as torch.optim uses it.
+                lr = torch.tensor(lr, dtype=torch.float64)
+            op(
+                params,
+                grads,
+                *state_lists,
+                state_steps,
+                lr,
+                stochastic_rounding=group["stochastic_rounding"],
+                seed=group["seed"],
+                **self._op_kwargs(group),
+                **amp,
+            )
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -131,6 +198,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = saved.get(key)
                 if not torch.is_tensor(value):
                     continue
+                if key in self._scalar_state_keys:
+                    state[key] = value.detach().to(device="cpu").reshape(())
+                    continue
                 if value.shape != p.shape:
                     raise ValueError(
                         f"load_state_dict: state '{key}' has shape {tuple(value.shape)} but its param has "
@@ -139,9 +209,3 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[key] = value.to(device=p.device, dtype=dtype)
             if "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").reshape(())
-
-    def _run_closure(self, closure: Optional[Callable[[], Any]]) -> Any:
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()

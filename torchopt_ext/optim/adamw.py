@@ -14,8 +14,6 @@ class AdamW(Adam):
     ``p *= 1 - lr * weight_decay`` before the update). Extra arguments as in
     :class:`torchopt_ext.optim.Adam`."""
 
-    _name = "AdamW"
-
     def __init__(
         self,
         params: Iterable[Any],

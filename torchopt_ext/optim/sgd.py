@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import (
-    FusedOptimizer,
-    check_lr,
-    check_non_negative,
-    check_range,
-    check_state_dtype,
-    draw_seed,
-    local,
-)
+from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, check_state_dtype, draw_seed
 
 
 class SGD(FusedOptimizer):
@@ -26,6 +18,7 @@ class SGD(FusedOptimizer):
     :class:`torchopt_ext.optim.Adam`.
     """
 
+    _op = "sgd_step_"
     _state_keys = ("momentum_buffer",)
 
     def __init__(
@@ -51,9 +44,8 @@ class SGD(FusedOptimizer):
             maximize=maximize,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
-            seed=draw_seed(seed) if stochastic_rounding else (seed or 0),
+            seed=draw_seed(seed, stochastic_rounding),
         )
-        self._check_group(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -65,47 +57,20 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_state_dtype(group["state_dtype"])
 
-    def _init_group(self, group, params, grads, momentum_buffers, state_steps):
-        has_momentum = group["momentum"] != 0
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = self._grad_of(p, "SGD")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = self._new_step()
-            if has_momentum and "momentum_buffer" not in state:
-                # The kernel copies the gradient in on the buffer's first step.
-                state["momentum_buffer"] = self._new_state_tensor(p, group)
-                state["step"] = self._new_step()
-            params.append(local(p))
-            grads.append(local(grad))
-            if has_momentum:
-                momentum_buffers.append(local(state["momentum_buffer"]))
-            state_steps.append(state["step"])
+    def _uses_state(self, group: dict[str, Any], key: str) -> bool:
+        return group["momentum"] != 0
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_kwargs()
-        for group in self.param_groups:
-            params, grads, momentum_buffers, state_steps = [], [], [], []
-            self._init_group(group, params, grads, momentum_buffers, state_steps)
-            if not params:
-                continue
-            torch.ops.torchopt_ext.sgd_step_(
-                params,
-                grads,
-                momentum_buffers,
-                state_steps,
-                self._lr_tensor(group["lr"]),
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                stochastic_rounding=group["stochastic_rounding"],
-                seed=group["seed"],
-                **amp,
-            )
-        return loss
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        # The kernel copies the gradient into the buffer on its first step,
+        # counted from when the buffer exists.
+        self.state[p]["step"].zero_()
+        return super()._new_state(p, group, key)
+
+    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )

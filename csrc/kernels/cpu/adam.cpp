@@ -80,13 +80,14 @@ struct AdamAlgo {
 }  // namespace
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const AdamHyperparams& hp) {
+               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const AdamHyperparams& hp,
+               const ElementwiseOptions& options) {
   std::vector<AdamAlgo::TensorScalars> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
     scalars[i].step = steps[i];
   }
   elementwise_step<AdamAlgo>("adam_step_", params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, scalars, steps, hp,
-                             {hp.stochastic_rounding, hp.seed, hp.grad_scale});
+                             options);
 }
 
 }  // namespace torchopt_ext::kernels::cpu

@@ -2,8 +2,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
 #include <vector>
+
+#include "kernels/cpu/elementwise_options.h"
 
 namespace torchopt_ext::kernels::cpu {
 
@@ -16,14 +17,12 @@ struct AdamHyperparams {
   bool decoupled_weight_decay;
   bool amsgrad;
   bool maximize;
-  bool stochastic_rounding;
-  int64_t seed;
-  std::optional<double> grad_scale;  // grads are divided by it and written back
 };
 
 // Fused Adam/AdamW over one param group. Every tensor is contiguous; steps
 // holds each tensor's already-incremented step count.
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const AdamHyperparams& hp);
+               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const AdamHyperparams& hp,
+               const ElementwiseOptions& options);
 
 }  // namespace torchopt_ext::kernels::cpu

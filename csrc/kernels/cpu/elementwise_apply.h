@@ -25,17 +25,12 @@
 #include <optional>
 #include <vector>
 
+#include "kernels/cpu/elementwise_options.h"
 #include "kernels/cpu/multi_tensor_apply.h"
 #include "kernels/cpu/opmath_block.h"
 #include "kernels/cpu/vec_math.h"
 
 namespace torchopt_ext::kernels::cpu {
-
-struct ElementwiseOptions {
-  bool stochastic_rounding = false;
-  int64_t seed = 0;
-  std::optional<double> grad_scale;  // grads are divided by it and written back
-};
 
 template <typename Algo>
 struct ElementwiseTask {

@@ -60,13 +60,12 @@ struct SGDAlgo {
 }  // namespace
 
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              const std::vector<double>& steps, const SGDHyperparams& hp) {
+              const std::vector<double>& steps, const SGDHyperparams& hp, const ElementwiseOptions& options) {
   std::vector<SGDAlgo::TensorScalars> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
     scalars[i].step = steps[i];
   }
-  elementwise_step<SGDAlgo>("sgd_step_", params, grads, {momentum_buffers}, scalars, steps, hp,
-                            {hp.stochastic_rounding, hp.seed, hp.grad_scale});
+  elementwise_step<SGDAlgo>("sgd_step_", params, grads, {momentum_buffers}, scalars, steps, hp, options);
 }
 
 }  // namespace torchopt_ext::kernels::cpu

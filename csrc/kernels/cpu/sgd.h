@@ -2,8 +2,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
 #include <vector>
+
+#include "kernels/cpu/elementwise_options.h"
 
 namespace torchopt_ext::kernels::cpu {
 
@@ -14,15 +15,12 @@ struct SGDHyperparams {
   double weight_decay;
   bool nesterov;
   bool maximize;
-  bool stochastic_rounding;
-  int64_t seed;
-  std::optional<double> grad_scale;  // grads are divided by it and written back
 };
 
 // Fused SGD over one param group. Every tensor is contiguous; momentum_buffers
 // is empty when momentum == 0; steps holds already-incremented step counts
 // (step 1 initialises the momentum buffer to the gradient, as torch does).
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              const std::vector<double>& steps, const SGDHyperparams& hp);
+              const std::vector<double>& steps, const SGDHyperparams& hp, const ElementwiseOptions& options);
 
 }  // namespace torchopt_ext::kernels::cpu

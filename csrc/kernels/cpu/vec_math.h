@@ -29,6 +29,18 @@ inline V vneg(const V& x) {
   }
 }
 
+// torch.sign on real values: -1, 0 or 1, and 0 for NaN.
+template <typename V>
+inline V vsign(const V& x) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return x > V(0) ? V(1) : (x < V(0) ? V(-1) : V(0));
+  } else {
+    const V zero(0);
+    const V one(1);
+    return (one & (x > zero)) - (one & (x < zero));
+  }
+}
+
 // NaN-propagating maximum (torch.maximum semantics).
 template <typename V>
 inline V vmaximum(const V& a, const V& b) {

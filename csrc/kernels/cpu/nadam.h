@@ -1,0 +1,29 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "kernels/cpu/elementwise_options.h"
+
+namespace torchopt_ext::kernels::cpu {
+
+struct NAdamHyperparams {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  double momentum_decay;
+  bool decoupled_weight_decay;
+  bool maximize;
+};
+
+// Fused NAdam / NAdamW (classic.md §4) over one param group of contiguous
+// tensors. Also advances each tensor's mu_product (a one-element tensor,
+// float32 like torch.optim.NAdam's unless it is float64).
+void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList mu_products, const std::vector<double>& steps, const NAdamHyperparams& hp,
+                const ElementwiseOptions& options);
+
+}  // namespace torchopt_ext::kernels::cpu
