@@ -41,9 +41,7 @@ void AdamOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(decoupled_weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
-  archive.write("state_dtype", torch::IValue(detail::encode_dtype(state_dtype())));
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  detail::write_storage_options(archive, *this);
 }
 
 void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -54,11 +52,7 @@ void AdamOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, decoupled_weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
-  torch::IValue dtype_code;
-  archive.read("state_dtype", dtype_code);
-  state_dtype(detail::decode_dtype(dtype_code.toInt()));
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, stochastic_rounding);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  detail::read_storage_options(archive, *this);
 }
 
 double AdamOptions::get_lr() const { return lr(); }
@@ -86,6 +80,18 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, max_exp_avg_sq);
 }
 
+std::unique_ptr<AdamParamState> detail::new_adam_state(const at::Tensor& param,
+                                                       const std::optional<at::ScalarType>& dtype, bool amsgrad) {
+  auto fresh = std::make_unique<AdamParamState>();
+  fresh->step(new_step_counter());
+  fresh->exp_avg(zeros_state(param, dtype));
+  fresh->exp_avg_sq(zeros_state(param, dtype));
+  if (amsgrad) {
+    fresh->max_exp_avg_sq(zeros_state(param, dtype));
+  }
+  return fresh;
+}
+
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults)
     : OptimizerBase<AdamOptions>(param_groups, defaults) {}
 
@@ -103,16 +109,8 @@ at::Tensor Adam::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
-      auto& state = state_of<AdamParamState>(param, [&] {
-        auto fresh = std::make_unique<AdamParamState>();
-        fresh->step(detail::new_step_counter());
-        fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
-        fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
-        if (options.amsgrad()) {
-          fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
-        }
-        return fresh;
-      });
+      auto& state = state_of<AdamParamState>(
+          param, [&] { return detail::new_adam_state(param, options.state_dtype(), options.amsgrad()); });
       params.push_back(param);
       grads.push_back(param.grad());
       exp_avgs.push_back(state.exp_avg());

@@ -36,9 +36,7 @@ void SGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
-  archive.write("state_dtype", torch::IValue(detail::encode_dtype(state_dtype())));
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  detail::write_storage_options(archive, *this);
 }
 
 void SGDOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -48,11 +46,7 @@ void SGDOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
-  torch::IValue dtype_code;
-  archive.read("state_dtype", dtype_code);
-  state_dtype(detail::decode_dtype(dtype_code.toInt()));
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, stochastic_rounding);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  detail::read_storage_options(archive, *this);
 }
 
 double SGDOptions::get_lr() const { return lr(); }

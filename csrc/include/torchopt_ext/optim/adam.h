@@ -55,6 +55,13 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
   friend bool operator==(const AdamParamState& lhs, const AdamParamState& rhs);
 };
 
+namespace detail {
+// Fresh Adam-style state (step, exp_avg, exp_avg_sq and, with amsgrad,
+// max_exp_avg_sq) in the given storage dtype; also used by RAdam and QHAdamW.
+std::unique_ptr<AdamParamState> new_adam_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype,
+                                               bool amsgrad);
+}  // namespace detail
+
 class Adam : public OptimizerBase<AdamOptions> {
  public:
   explicit Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = {});

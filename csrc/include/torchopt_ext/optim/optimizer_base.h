@@ -86,6 +86,26 @@ at::Tensor new_step_counter();
 
 void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype);
 
+// The options every torchopt_ext optimizer has besides its math:
+// state_dtype, stochastic_rounding and seed.
+template <typename Options>
+void write_storage_options(torch::serialize::OutputArchive& archive, const Options& options) {
+  archive.write("state_dtype", torch::IValue(encode_dtype(options.state_dtype())));
+  archive.write("stochastic_rounding", torch::IValue(options.stochastic_rounding()));
+  archive.write("seed", torch::IValue(options.seed()));
+}
+
+template <typename Options>
+void read_storage_options(torch::serialize::InputArchive& archive, Options& options) {
+  torch::IValue value;
+  archive.read("state_dtype", value);
+  options.state_dtype(decode_dtype(value.toInt()));
+  archive.read("stochastic_rounding", value);
+  options.stochastic_rounding(value.toBool());
+  archive.read("seed", value);
+  options.seed(value.toInt());
+}
+
 // Equality for optional state tensors: both undefined, or equal values.
 bool same_state_tensor(const at::Tensor& a, const at::Tensor& b);
 
