@@ -1,0 +1,268 @@
+// LibTorch front ends of Lion, NAdamW, RAdam and QHAdamW: the class drives the
+// shared functional step exactly (its math is checked against public oracles
+// in tests/python), and checkpoints, param groups, schedulers and option
+// checks behave like LibTorch's own optimizers.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <torchopt_ext/torchopt_ext.h>
+
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace optim = torchopt_ext::optim;
+namespace functional = torchopt_ext::functional;
+
+std::vector<torch::Tensor> make_params(torch::Dtype dtype = torch::kFloat64) {
+  torch::manual_seed(0);
+  return {torch::randn({17, 33}, dtype), torch::randn({1001}, dtype), torch::randn({}, dtype)};
+}
+
+std::vector<std::vector<torch::Tensor>> make_grads(const std::vector<torch::Tensor>& params, int steps) {
+  torch::manual_seed(1);
+  std::vector<std::vector<torch::Tensor>> grads(steps);
+  for (auto& step : grads) {
+    for (const auto& p : params) {
+      step.push_back(torch::randn_like(p));
+    }
+  }
+  return grads;
+}
+
+void run(torch::optim::Optimizer& opt, std::vector<torch::Tensor>& params,
+         const std::vector<std::vector<torch::Tensor>>& grads) {
+  for (const auto& step : grads) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].mutable_grad() = step[i].clone();
+    }
+    opt.step();
+  }
+}
+
+std::vector<torch::Tensor> clone_all(const std::vector<torch::Tensor>& ts) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : ts) {
+    out.push_back(t.clone());
+  }
+  return out;
+}
+
+void expect_bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a[i], b[i])) << "tensor " << i << " differs";
+  }
+}
+
+std::vector<torch::Tensor> zeros_like_all(const std::vector<torch::Tensor>& ts) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : ts) {
+    out.push_back(torch::zeros_like(t));
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> step_counters(size_t n) {
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(torch::zeros({}, torch::kFloat32));
+  }
+  return out;
+}
+
+torch::Tensor lr_tensor(double lr) { return torch::scalar_tensor(lr, torch::kFloat64); }
+
+// --- the class drives the functional step, bitwise -------------------------
+
+TEST(ElementwiseFamily, LionClassMatchesFunctional) {
+  auto params = make_params();
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::Lion opt(params, optim::LionOptions(1e-3).betas({0.95, 0.98}).weight_decay(0.1));
+  run(opt, params, grads);
+  auto exp_avgs = zeros_like_all(direct);
+  auto steps = step_counters(direct.size());
+  for (const auto& g : grads) {
+    functional::lion_step_(direct, clone_all(g), exp_avgs, steps, lr_tensor(1e-3), 0.95, 0.98, 0.1, false, false, 0,
+                           std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, direct);
+}
+
+TEST(ElementwiseFamily, LionDecoupledWeightDecayDividesByInitialLr) {
+  auto params = make_params();
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 5);
+  optim::Lion opt(params, optim::LionOptions(1e-3).weight_decay(1e-2).decoupled_weight_decay(true));
+  run(opt, params, grads);
+  auto exp_avgs = zeros_like_all(direct);
+  auto steps = step_counters(direct.size());
+  for (const auto& g : grads) {
+    functional::lion_step_(direct, clone_all(g), exp_avgs, steps, lr_tensor(1e-3), 0.9, 0.99, 1e-2 / 1e-3, false, false,
+                           0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, direct);
+}
+
+TEST(ElementwiseFamily, NAdamWClassMatchesFunctional) {
+  auto params = make_params();
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::NAdamW opt(params, optim::NAdamWOptions(1e-2).weight_decay(0.1).momentum_decay(1e-2));
+  run(opt, params, grads);
+  auto exp_avgs = zeros_like_all(direct);
+  auto exp_avg_sqs = zeros_like_all(direct);
+  std::vector<torch::Tensor> mu_products;
+  for (size_t i = 0; i < direct.size(); ++i) {
+    mu_products.push_back(torch::ones({}, torch::kFloat32));
+  }
+  auto steps = step_counters(direct.size());
+  for (const auto& g : grads) {
+    functional::nadam_step_(direct, clone_all(g), exp_avgs, exp_avg_sqs, mu_products, steps, lr_tensor(1e-2), 0.9,
+                            0.999, 1e-8, 0.1, 1e-2, true, false, false, 0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, direct);
+  auto& state = static_cast<optim::NAdamWParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+  EXPECT_TRUE(torch::equal(state.mu_product(), mu_products[0]));
+  EXPECT_LT(state.mu_product().item<double>(), 1.0);
+}
+
+TEST(ElementwiseFamily, RAdamClassMatchesFunctional) {
+  auto params = make_params();
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::RAdam opt(params, optim::RAdamOptions(1e-2).weight_decay(0.1).decoupled_weight_decay(true));
+  run(opt, params, grads);
+  auto exp_avgs = zeros_like_all(direct);
+  auto exp_avg_sqs = zeros_like_all(direct);
+  auto steps = step_counters(direct.size());
+  for (const auto& g : grads) {
+    functional::radam_step_(direct, clone_all(g), exp_avgs, exp_avg_sqs, steps, lr_tensor(1e-2), 0.9, 0.999, 1e-8, 0.1,
+                            true, false, false, 0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, direct);
+}
+
+TEST(ElementwiseFamily, QHAdamWClassMatchesFunctional) {
+  auto params = make_params();
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::QHAdamW opt(params, optim::QHAdamWOptions(1e-2).nus({0.7, 1.0}).betas({0.995, 0.999}).weight_decay(0.1));
+  run(opt, params, grads);
+  auto exp_avgs = zeros_like_all(direct);
+  auto exp_avg_sqs = zeros_like_all(direct);
+  auto steps = step_counters(direct.size());
+  for (const auto& g : grads) {
+    functional::qhadam_step_(direct, clone_all(g), exp_avgs, exp_avg_sqs, steps, lr_tensor(1e-2), 0.995, 0.999, 0.7,
+                             1.0, 1e-8, 0.1, true, false, false, 0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, direct);
+}
+
+TEST(ElementwiseFamily, QHAdamWWithUnitNusIsAdamW) {
+  auto params = make_params();
+  auto reference = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::QHAdamW qh(params, optim::QHAdamWOptions(1e-2).weight_decay(0.1));
+  torch::optim::AdamW adamw(reference, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  run(qh, params, grads);
+  run(adamw, reference, grads);
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(params[i], reference[i], 1e-10, 1e-10)) << "tensor " << i;
+  }
+}
+
+// --- checkpoints, groups, schedulers, options ------------------------------
+
+template <typename Optimizer, typename Options>
+void check_save_load_continues_bitwise(const Options& options) {
+  auto params = make_params(torch::kFloat32);
+  const auto grads = make_grads(params, 12);
+  const std::vector<std::vector<torch::Tensor>> first(grads.begin(), grads.begin() + 6);
+  const std::vector<std::vector<torch::Tensor>> second(grads.begin() + 6, grads.end());
+  Optimizer opt(params, options);
+  run(opt, params, first);
+  auto resumed_params = clone_all(params);
+  std::stringstream buffer;
+  torch::save(opt, buffer);
+  run(opt, params, second);
+  Optimizer resumed(resumed_params, options);
+  torch::load(resumed, buffer);
+  run(resumed, resumed_params, second);
+  expect_bitwise_equal(params, resumed_params);
+}
+
+TEST(ElementwiseFamily, SaveLoadContinuesBitwise) {
+  check_save_load_continues_bitwise<optim::Lion>(optim::LionOptions(1e-3).weight_decay(0.1));
+  check_save_load_continues_bitwise<optim::NAdamW>(optim::NAdamWOptions(1e-2));
+  check_save_load_continues_bitwise<optim::RAdam>(optim::RAdamOptions(1e-2).weight_decay(0.1));
+  check_save_load_continues_bitwise<optim::QHAdamW>(optim::QHAdamWOptions(1e-2).nus({0.7, 0.9}));
+}
+
+TEST(ElementwiseFamily, PerGroupOptionsSurviveAddParamGroup) {
+  auto params = make_params();
+  optim::NAdamW opt({params[0]}, optim::NAdamWOptions(1e-2));
+  opt.add_param_group(torch::optim::OptimizerParamGroup(
+      {params[1]}, std::make_unique<optim::NAdamWOptions>(optim::NAdamWOptions(5e-3).momentum_decay(0.02))));
+  const auto& second = static_cast<const optim::NAdamWOptions&>(opt.param_groups()[1].options());
+  EXPECT_EQ(second.lr(), 5e-3);
+  EXPECT_EQ(second.momentum_decay(), 0.02);
+  const auto& first = static_cast<const optim::NAdamWOptions&>(opt.param_groups()[0].options());
+  EXPECT_EQ(first.momentum_decay(), 4e-3);
+}
+
+TEST(ElementwiseFamily, StepLRDrivesTheLearningRate) {
+  auto params = make_params();
+  auto reference_params = clone_all(params);
+  optim::Lion opt(params, optim::LionOptions(1e-3));
+  torch::optim::SGD reference(reference_params, torch::optim::SGDOptions(1e-3));
+  torch::optim::StepLR scheduler(opt, /*step_size=*/2, /*gamma=*/0.5);
+  torch::optim::StepLR reference_scheduler(reference, /*step_size=*/2, /*gamma=*/0.5);
+  const auto grads = make_grads(params, 6);
+  for (const auto& g : grads) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].mutable_grad() = g[i].clone();
+      reference_params[i].mutable_grad() = g[i].clone();
+    }
+    opt.step();
+    reference.step();
+    scheduler.step();
+    reference_scheduler.step();
+    // The schedule LibTorch applies to its own optimizers reaches ours too.
+    EXPECT_DOUBLE_EQ(opt.param_groups()[0].options().get_lr(), reference.param_groups()[0].options().get_lr());
+  }
+  EXPECT_LT(opt.param_groups()[0].options().get_lr(), 1e-3);
+}
+
+void expect_value_error_naming(const std::function<void()>& make, const std::string& name) {
+  try {
+    make();
+    ADD_FAILURE() << "expected an error naming " << name;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+  }
+}
+
+TEST(ElementwiseFamily, BadOptionsNameTheArgument) {
+  auto params = make_params();
+  expect_value_error_naming([&] { optim::Lion(params, optim::LionOptions(-1.0)); }, "lr");
+  expect_value_error_naming([&] { optim::Lion(params, optim::LionOptions().betas({1.5, 0.9})); }, "betas[0]");
+  expect_value_error_naming([&] { optim::NAdamW(params, optim::NAdamWOptions().momentum_decay(-1)); },
+                            "momentum_decay");
+  expect_value_error_naming([&] { optim::NAdamW(params, optim::NAdamWOptions().betas({0.9, 1.0})); }, "betas[1]");
+  expect_value_error_naming([&] { optim::RAdam(params, optim::RAdamOptions().eps(-1)); }, "eps");
+  expect_value_error_naming([&] { optim::QHAdamW(params, optim::QHAdamWOptions().nus({0.5, 2.0})); }, "nus[1]");
+  expect_value_error_naming([&] { optim::QHAdamW(params, optim::QHAdamWOptions().weight_decay(-1)); }, "weight_decay");
+}
+
+TEST(ElementwiseFamily, SparseGradientIsRejected) {
+  auto p = torch::zeros({5});
+  optim::RAdam opt({p});
+  p.mutable_grad() = torch::sparse_coo_tensor(torch::tensor({{1, 3}}), torch::tensor({1.0f, 2.0f}), {5});
+  expect_value_error_naming([&] { opt.step(); }, "sparse");
+}
+
+}  // namespace
