@@ -427,9 +427,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     markdown = render_markdown(summary, info, args, command)
     stem = "adamw-quick" if args.quick else "adamw"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    raw = [
-        {**{k: v for k, v in cfg.items() if k != "sizes"}, "runs": runs[i]} for i, cfg in enumerate(configs)
-    ]
+    raw = [{**{k: v for k, v in cfg.items() if k != "sizes"}, "runs": runs[i]} for i, cfg in enumerate(configs)]
     payload = {
         "command": command,
         "machine": info,

@@ -30,6 +30,4 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 
 @torch.library.register_fake("torchopt_ext::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
-    _check_lengths(
-        "sgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps
-    )
+    _check_lengths("sgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)

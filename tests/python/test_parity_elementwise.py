@@ -28,9 +28,7 @@ def test_nadamw_matches_torch_nadam(config, dtype):
     wd = config.pop("weight_decay", 0.0)
     ours, ref = run_side_by_side(
         lambda ps: tox.NAdamW(ps, weight_decay=wd, decoupled_weight_decay=decoupled, **config),
-        lambda ps: torch.optim.NAdam(
-            ps, weight_decay=wd, decoupled_weight_decay=decoupled, foreach=False, **config
-        ),
+        lambda ps: torch.optim.NAdam(ps, weight_decay=wd, decoupled_weight_decay=decoupled, foreach=False, **config),
         SHAPES,
         dtype,
     )

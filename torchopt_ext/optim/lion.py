@@ -53,9 +53,7 @@ class Lion(FusedOptimizer):
         check_betas(group["betas"], high_inclusive=True)
         check_non_negative("weight_decay value", group["weight_decay"])
         if group["decoupled_weight_decay"] and not group["decay_reference_lr"] > 0:
-            raise ValueError(
-                "Invalid lr: decoupled_weight_decay divides by the initial lr, which must be > 0"
-            )
+            raise ValueError("Invalid lr: decoupled_weight_decay divides by the initial lr, which must be > 0")
         check_state_dtype(group["state_dtype"])
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:

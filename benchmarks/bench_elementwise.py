@@ -1,0 +1,165 @@
+"""Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
+and Lion against what users run today (torch.optim's foreach and single-tensor paths, qhoptim,
+lion-pytorch), plus SGD and AdamW against torch.optim for reference.
+
+Not a test. Workloads are the foundation benchmark's ``mixed-200`` (200 fp32 tensors of mixed,
+odd sizes, ~20M parameters) and a single 16M-parameter tensor. Every optimizer runs in this one
+process, interleaved round-robin over ``--repeats`` rounds; a round times ``--steps`` steps after
+``--warmup`` (state allocation is never timed) and the figure is the best round's median step.
+
+    python benchmarks/bench_elementwise.py            # full run, writes results/elementwise.{json,md}
+    python benchmarks/bench_elementwise.py --quick    # smoke run on small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import torchopt_ext
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def mixed_sizes(total: int, count: int, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(count, generator=gen) ** 3 + 0.01
+    sizes = (weights / weights.sum() * total).long().clamp(min=1) | 1  # odd sizes
+    return sizes.tolist()
+
+
+def make_params(sizes: list[int]) -> list[torch.Tensor]:
+    params = []
+    for n in sizes:
+        p = torch.randn(n)
+        p.grad = torch.randn(n)
+        params.append(p)
+    return params
+
+
+def baselines() -> dict[str, list[tuple[str, Callable]]]:
+    """Per algorithm: (label, factory) pairs, torchopt_ext first."""
+    tox = torchopt_ext.optim
+    table: dict[str, list[tuple[str, Callable]]] = {
+        "SGD": [
+            ("torchopt_ext", lambda ps: tox.SGD(ps, lr=1e-3, momentum=0.9)),
+            ("torch foreach", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)),
+            ("torch fused", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True)),
+        ],
+        "AdamW": [
+            ("torchopt_ext", lambda ps: tox.AdamW(ps)),
+            ("torch foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+            ("torch fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+        ],
+        "NAdamW": [
+            ("torchopt_ext", lambda ps: tox.NAdamW(ps)),
+            ("torch foreach", lambda ps: torch.optim.NAdam(ps, weight_decay=1e-2, decoupled_weight_decay=True)),
+            (
+                "torch single-tensor",
+                lambda ps: torch.optim.NAdam(ps, weight_decay=1e-2, decoupled_weight_decay=True, foreach=False),
+            ),
+        ],
+        "RAdam": [
+            ("torchopt_ext", lambda ps: tox.RAdam(ps)),
+            ("torch foreach", lambda ps: torch.optim.RAdam(ps, foreach=True)),
+            ("torch single-tensor", lambda ps: torch.optim.RAdam(ps, foreach=False)),
+        ],
+    }
+    try:
+        import qhoptim.pyt as qhoptim
+
+        table["QHAdamW"] = [
+            ("torchopt_ext", lambda ps: tox.QHAdamW(ps, nus=(0.7, 1.0))),
+            ("qhoptim", lambda ps: qhoptim.QHAdamW(ps, nus=(0.7, 1.0))),
+        ]
+    except ImportError:
+        print("qhoptim not installed: QHAdamW has no baseline row (pip install qhoptim)")
+    try:
+        import lion_pytorch
+
+        table["Lion"] = [
+            ("torchopt_ext", lambda ps: tox.Lion(ps)),
+            ("lion-pytorch", lambda ps: lion_pytorch.Lion(ps)),
+        ]
+    except ImportError:
+        print("lion-pytorch not installed: Lion has no baseline row (pip install lion-pytorch)")
+    return table
+
+
+def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 3, 1
+    scale = 1 / 64 if args.quick else 1
+    workloads = {
+        "mixed-200": mixed_sizes(int(20_000_000 * scale), 200),
+        "one-16M": [int(16 * 2**20 * scale) | 1],
+    }
+    warnings.simplefilter("ignore")  # qhoptim's deprecated add_ overloads
+    rows = []
+    for workload, sizes in workloads.items():
+        for algo, entries in baselines().items():
+            best: dict[str, float] = {}
+            for _ in range(args.repeats):
+                for label, factory in entries:
+                    params = make_params(sizes)
+                    median = time_steps(factory(params), args.warmup, args.steps)
+                    best[label] = min(best.get(label, float("inf")), median)
+                    del params
+            ours = best["torchopt_ext"]
+            for label, seconds in best.items():
+                rows.append(
+                    {
+                        "workload": workload,
+                        "params": sum(sizes),
+                        "algorithm": algo,
+                        "implementation": label,
+                        "ms_per_step": seconds * 1e3,
+                        "torchopt_ext_time_ratio": ours / seconds,
+                    }
+                )
+    header = (
+        f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}`  \n"
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats} round(s) of the median of {args.steps} steps.  \n"
+        "Last column: torchopt_ext's step time divided by this row's (below 1: torchopt_ext is faster).\n\n"
+        "| workload | algorithm | implementation | ms/step | torchopt_ext time / this |\n|---|---|---|--:|--:|\n"
+    )
+    table = header + "".join(
+        f"| {r['workload']} ({r['params'] / 1e6:.1f}M) | {r['algorithm']} | {r['implementation']} | "
+        f"{r['ms_per_step']:.2f} | {r['torchopt_ext_time_ratio']:.2f} |\n"
+        for r in rows
+    )
+    print(table)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (RESULTS_DIR / f"elementwise{suffix}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS_DIR / f"elementwise{suffix}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
