@@ -31,3 +31,51 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 @torch.library.register_fake("torchopt_ext::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
     _check_lengths("sgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+
+
+@torch.library.register_fake("torchopt_ext::lion_step_")
+def _lion_step_fake(params, grads, exp_avgs, state_steps, lr, **kwargs) -> None:
+    _check_lengths("lion_step_", params, grads=grads, exp_avgs=exp_avgs, state_steps=state_steps)
+
+
+@torch.library.register_fake("torchopt_ext::nadam_step_")
+def _nadam_step_fake(params, grads, exp_avgs, exp_avg_sqs, mu_products, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "nadam_step_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        mu_products=mu_products,
+        state_steps=state_steps,
+    )
+
+
+@torch.library.register_fake("torchopt_ext::radam_step_")
+def _radam_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "radam_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )
+
+
+@torch.library.register_fake("torchopt_ext::qhadam_step_")
+def _qhadam_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "qhadam_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )
+
+
+@torch.library.register_fake("torchopt_ext::mars_step_")
+def _mars_step_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, state_steps, lr, **kwargs
+) -> None:
+    _check_lengths(
+        "mars_step_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        last_grads=last_grads,
+        state_steps=state_steps,
+    )

@@ -218,4 +218,9 @@ template std::optional<DenseGroup<3>> prepare_elementwise_group<3>(const char*, 
                                                                    const at::Tensor&, const std::optional<at::Tensor>&,
                                                                    const std::optional<at::Tensor>&);
 
+template std::optional<DenseGroup<4>> prepare_elementwise_group<4>(const char*, at::TensorList, at::TensorList,
+                                                                   const std::array<StateList, 4>&, at::TensorList,
+                                                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                   const std::optional<at::Tensor>&);
+
 }  // namespace torchopt_ext::common

@@ -198,3 +198,49 @@ TEST(ElementwiseFamily, SparseGradientIsRejected) {
 }
 
 }  // namespace
+
+namespace {
+
+namespace optim = torchopt_ext::optim;
+namespace functional = torchopt_ext::functional;
+using namespace torchopt_ext::testing;
+
+TEST(MARS, ClassDrivesTheMatrixAndAdamWBranches) {
+  auto params = make_params(torch::kFloat64);  // (17, 33) takes the MARS step, the rest AdamW
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::MARS opt(params, optim::MARSOptions(1e-2).weight_decay(0.1).lr_1d(5e-3).amsgrad(true));
+  run(opt, params, grads);
+
+  std::vector<torch::Tensor> matrix = {direct[0]};
+  std::vector<torch::Tensor> others = {direct[1], direct[2]};
+  auto m = zeros_like_all(matrix), v = zeros_like_all(matrix), vmax = zeros_like_all(matrix);
+  auto last = zeros_like_all(matrix);
+  auto m1 = zeros_like_all(others), v1 = zeros_like_all(others);
+  auto steps = step_counters(1), steps_1d = step_counters(2);
+  for (const auto& g : grads) {
+    functional::mars_step_(matrix, {g[0].clone()}, m, v, vmax, last, steps, lr_tensor(1e-2), 0.95, 0.99, 1e-8, 0.1,
+                           0.025, "mars-adamw", true, false, false, 0, std::nullopt, std::nullopt);
+    functional::adam_step_(others, {g[1].clone(), g[2].clone()}, m1, v1, {}, steps_1d, lr_tensor(1e-2 * (5e-3 / 1e-2)),
+                           0.9, 0.95, 1e-8, 0.1, true, false, false, false, 0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, {matrix[0], others[0], others[1]});
+  const auto& state = static_cast<const optim::MARSParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+  EXPECT_TRUE(torch::equal(state.last_grad(), grads.back()[0]));
+}
+
+TEST(MARS, SaveLoadContinuesBitwise) {
+  check_save_load_continues_bitwise<optim::MARS>(optim::MARSOptions(1e-2).weight_decay(0.1));
+  check_save_load_continues_bitwise<optim::MARS>(optim::MARSOptions(1e-3).mars_type("mars-lion").optimize_1d(true));
+}
+
+TEST(MARS, BadOptionsNameTheArgument) {
+  auto params = make_params(torch::kFloat32);
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().mars_type("mars-shampoo")); }, "mars_type");
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().gamma(-1)); }, "gamma");
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().betas_1d({0.9, 1.0})); }, "betas_1d[1]");
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().mars_type("mars-lion").amsgrad(true)); },
+                      "amsgrad");
+}
+
+}  // namespace

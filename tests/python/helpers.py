@@ -72,4 +72,5 @@ ALL_OPTIMIZERS = {
     "RAdam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
     "QHAdamW": dict(lr=1e-2, nus=(0.7, 1.0), weight_decay=0.1),
     "Lion": dict(lr=1e-3, weight_decay=0.1),
+    "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
 }

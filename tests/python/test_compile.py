@@ -34,7 +34,7 @@ def test_compiled_step_matches_eager(name):
     assert all(s["step"].item() == 4 for s in opt.state.values())
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 def test_compiled_step_with_tensor_lr_and_scheduler_does_not_recompile():
     torch._dynamo.reset()
     params = [torch.randn(6, 3)]

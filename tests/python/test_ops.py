@@ -1,5 +1,7 @@
 """torch.library.opcheck on every op, and the op layer called directly."""
 
+import inspect
+
 import pytest
 import torch
 from helpers import ALL_OPTIMIZERS
@@ -88,9 +90,16 @@ def _op_call_of(opt):
     """The op call an optimizer's step makes for its first group."""
     group = opt.param_groups[0]
     params, grads, steps = [], [], []
-    lists = [[] for _ in opt._state_keys]
+    # _init_group(group, params, grads, state_steps, *lists): the first lists are
+    # the op's state lists (MARS adds lists for its AdamW branch after them).
+    signature = inspect.signature(opt._init_group).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature):
+        lists = [[] for _ in opt._state_keys]
+    else:
+        lists = [[] for _ in range(len(signature) - 4)]
     opt._init_group(group, params, grads, steps, *lists)
-    args = (params, grads, *lists, steps, torch.tensor(group["lr"], dtype=torch.float64))
+    state_lists = lists[: len(opt._state_keys)]
+    args = (params, grads, *state_lists, steps, torch.tensor(group["lr"], dtype=torch.float64))
     kwargs = dict(opt._op_kwargs(group), stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
     return getattr(torch.ops.torchopt_ext, opt._op).default, args, kwargs
 

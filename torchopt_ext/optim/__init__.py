@@ -3,9 +3,10 @@
 from .adam import Adam
 from .adamw import AdamW
 from .lion import Lion
+from .mars import MARS
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS"]

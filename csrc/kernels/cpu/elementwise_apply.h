@@ -15,6 +15,16 @@
 // group: chunks spread over threads, reduced-precision storage widened in
 // L1-sized blocks, Vectorized lanes then a scalar tail, GradScaler unscaling
 // and optional stochastic rounding of bf16 params.
+//
+// An algorithm that needs a per-tensor norm first (MARS's clipped gradient
+// correction) also defines
+//
+//     static constexpr bool kNeedsNorm = true;
+//     template <typename S> static S norm_term(const Coeffs<S>&, S grad, const std::array<S, kNumState>& state);
+//
+// and a `norm` member in TensorScalars: a first pass sums norm_term^2 over the
+// tensor (in double, in a fixed chunk order, so the result does not depend on
+// the thread count) and stores the L2 norm there before `update` runs.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -22,7 +32,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/elementwise_options.h"
@@ -31,6 +43,11 @@
 #include "kernels/cpu/vec_math.h"
 
 namespace torchopt_ext::kernels::cpu {
+
+template <typename Algo, typename = void>
+struct NeedsNorm : std::false_type {};
+template <typename Algo>
+struct NeedsNorm<Algo, std::void_t<decltype(Algo::kNeedsNorm)>> : std::bool_constant<Algo::kNeedsNorm> {};
 
 template <typename Algo>
 struct ElementwiseTask {
@@ -110,6 +127,33 @@ void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::H
   }
 }
 
+// First pass of a norm-needing Algo: sum of norm_term^2 over [begin, end).
+// Reads only (grads are unscaled here in registers, not written back).
+template <typename Algo, typename P, typename St>
+double norm_sq_chunk(const ElementwiseTask<Algo>& task, const typename Algo::Hyper& hp,
+                     const ElementwiseOptions& options, int64_t begin, int64_t end) {
+  constexpr int N = Algo::kNumState;
+  using S = at::opmath_type<P>;
+  const auto c = Algo::template coeffs<S>(hp, task.scalars);
+  const S grad_scale = static_cast<S>(options.grad_scale.value_or(1.0));
+  double total = 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    S grad = static_cast<S>(static_cast<const P*>(task.grad)[i]);
+    if (options.grad_scale) {
+      grad = grad / grad_scale;
+    }
+    std::array<S, N> state{};
+    for (int k = 0; k < N; ++k) {
+      if (task.state[k] != nullptr) {
+        state[k] = static_cast<S>(static_cast<const St*>(task.state[k])[i]);
+      }
+    }
+    const double term = static_cast<double>(Algo::template norm_term<S>(c, grad, state));
+    total += term * term;
+  }
+  return total;
+}
+
 // Runs Algo over one param group. Tensors are contiguous; `state[k]` is
 // either empty (state k unused) or has one tensor per param, all state of a
 // param sharing one dtype; scalars[i] are tensor i's per-step values.
@@ -124,6 +168,7 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
   std::vector<ElementwiseTask<Algo>> tasks(n);
   std::vector<ChunkFn> fns(n);
   std::vector<int64_t> numels(n);
+  std::vector<at::ScalarType> state_types(n);
   for (size_t i = 0; i < n; ++i) {
     auto& task = tasks[i];
     task.param = params[i].data_ptr();
@@ -135,11 +180,36 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
         state_type = state[k][i].scalar_type();
       }
     }
+    state_types[i] = state_type;
     task.scalars = scalars[i];
     task.rounding_stream = rounding_stream(options.seed, static_cast<int64_t>(i), steps[i]);
     fns[i] = select_kernel(op, params[i].scalar_type(), state_type,
                            [](auto p, auto s) { return &elementwise_chunk<Algo, decltype(p), decltype(s)>; });
     numels[i] = params[i].numel();
+  }
+  if constexpr (NeedsNorm<Algo>::value) {
+    using NormFn = double (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&, const ElementwiseOptions&,
+                              int64_t, int64_t);
+    std::vector<NormFn> norm_fns(n);
+    for (size_t i = 0; i < n; ++i) {
+      norm_fns[i] = select_kernel(op, params[i].scalar_type(), state_types[i],
+                                  [](auto p, auto s) { return &norm_sq_chunk<Algo, decltype(p), decltype(s)>; });
+    }
+    const auto chunks = split_into_chunks(numels);
+    std::vector<double> partial(chunks.size(), 0.0);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const auto& chunk = chunks[c];
+        partial[c] = norm_fns[chunk.tensor](tasks[chunk.tensor], hp, options, chunk.begin, chunk.end);
+      }
+    });
+    std::vector<double> sums(n, 0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      sums[chunks[c].tensor] += partial[c];
+    }
+    for (size_t i = 0; i < n; ++i) {
+      tasks[i].scalars.norm = std::sqrt(sums[i]);
+    }
   }
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, options, begin, end); });
 }

@@ -1,0 +1,23 @@
+// MARS step (approximate mode) over the matrix tensors of a param group
+// (classic.md §13). The single implementation behind torchopt_ext::optim::MARS
+// and torch.ops.torchopt_ext.mars_step_. Non-matrix tensors take MARS's AdamW
+// branch, which is adam_step_ with lr_1d, betas_1d and weight_decay_1d.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace torchopt_ext::functional {
+
+// mars_type "mars-adamw" (exp_avg_sqs used) or "mars-lion" (exp_avg_sqs and
+// max_exp_avg_sqs empty). last_grads hold the previous step's gradients
+// (zeros before the first step, so step 1 sees c = (1 + gamma b1/(1-b1)) g).
+// AMP arguments as in adam_step_.
+void mars_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList last_grads, at::TensorList state_steps,
+                const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, double gamma,
+                c10::string_view mars_type, bool amsgrad, bool maximize, bool stochastic_rounding, int64_t seed,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+}  // namespace torchopt_ext::functional

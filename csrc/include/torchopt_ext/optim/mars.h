@@ -1,0 +1,71 @@
+// torchopt_ext::optim::MARS (approximate mode; mars-adamw and mars-lion),
+// options named as the official implementation's. 2-D params (all with
+// optimize_1d) take the MARS step, the others AdamW with the *_1d options.
+#pragma once
+
+#include <torch/arg.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "torchopt_ext/optim/optimizer_base.h"
+
+namespace torchopt_ext::optim {
+
+struct MARSOptions : public torch::optim::OptimizerCloneableOptions<MARSOptions> {
+  MARSOptions(double lr = 3e-3);  // NOLINT: implicit, as LibTorch's options
+  TORCH_ARG(double, lr) = 3e-3;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.95, 0.99);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(bool, amsgrad) = false;
+  TORCH_ARG(double, gamma) = 0.025;
+  TORCH_ARG(std::string, mars_type) = "mars-adamw";  // or "mars-lion"
+  TORCH_ARG(bool, optimize_1d) = false;
+  TORCH_ARG(double, lr_1d) = 3e-3;
+  TORCH_ARG(betas_t, betas_1d) = std::make_tuple(0.9, 0.95);
+  TORCH_ARG(double, weight_decay_1d) = 0.1;
+  TORCH_ARG(bool, maximize) = false;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  TORCH_ARG(int64_t, seed) = 0;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+  void validate() const;
+  friend bool operator==(const MARSOptions& lhs, const MARSOptions& rhs);
+};
+
+struct MARSParamState : public torch::optim::OptimizerCloneableParamState<MARSParamState> {
+  TORCH_ARG(at::Tensor, step);
+  TORCH_ARG(at::Tensor, exp_avg);
+  TORCH_ARG(at::Tensor, exp_avg_sq) = {};      // mars-adamw and the AdamW branch
+  TORCH_ARG(at::Tensor, max_exp_avg_sq) = {};  // amsgrad
+  TORCH_ARG(at::Tensor, last_grad) = {};       // the MARS branch
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const MARSParamState& lhs, const MARSParamState& rhs);
+};
+
+class MARS : public OptimizerBase<MARSOptions> {
+ public:
+  explicit MARS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MARSOptions defaults = {});
+  explicit MARS(std::vector<at::Tensor> params, MARSOptions defaults = {});
+
+  at::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  double lr_1d_factor_;  // lr_1d / lr at construction: a schedule scales both branches alike
+};
+
+}  // namespace torchopt_ext::optim

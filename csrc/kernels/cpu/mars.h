@@ -1,0 +1,32 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "kernels/cpu/elementwise_options.h"
+
+namespace torchopt_ext::kernels::cpu {
+
+struct MARSHyperparams {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  double gamma;
+  bool lion;  // mars-lion: sign of the momentum instead of the Adam ratio
+  bool amsgrad;
+  bool maximize;
+};
+
+// Fused MARS (Yuan et al. 2024; classic.md §13), approximate mode, for the
+// matrix branch: the variance-reduced gradient c = g + gamma b1/(1-b1) (g - g_prev)
+// is clipped to unit L2 norm per tensor (a first pass computes the norm), then
+// drives an AdamW- or Lion-style step; last_grads are replaced by the grads.
+// exp_avg_sqs (and max_exp_avg_sqs) are empty for mars-lion (and without amsgrad).
+void mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
+               const MARSHyperparams& hp, const ElementwiseOptions& options);
+
+}  // namespace torchopt_ext::kernels::cpu
