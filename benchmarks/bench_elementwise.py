@@ -1,6 +1,7 @@
 """Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
-and Lion against what users run today (torch.optim's foreach and single-tensor paths, qhoptim,
-lion-pytorch), plus SGD and AdamW against torch.optim for reference.
+Lion and MARS against what users run today (torch.optim's foreach and single-tensor paths,
+qhoptim, lion-pytorch, pytorch-optimizer), plus SGD and AdamW against torch.optim for reference.
+The baselines are optional imports: ``pip install qhoptim lion-pytorch pytorch-optimizer``.
 
 Not a test. Workloads are the foundation benchmark's ``mixed-200`` (200 fp32 tensors of mixed,
 odd sizes, ~20M parameters) and a single 16M-parameter tensor. Every optimizer runs in this one
@@ -91,6 +92,17 @@ def baselines() -> dict[str, list[tuple[str, Callable]]]:
         ]
     except ImportError:
         print("lion-pytorch not installed: Lion has no baseline row (pip install lion-pytorch)")
+    try:
+        import pytorch_optimizer
+
+        # Shapes as in the foundation benchmark are 1-D, so benchmark the
+        # MARS branch itself: optimize_1d=True in both.
+        table["MARS"] = [
+            ("torchopt_ext", lambda ps: tox.MARS(ps, optimize_1d=True)),
+            ("pytorch_optimizer", lambda ps: pytorch_optimizer.MARS(ps, optimize_1d=True)),
+        ]
+    except ImportError:
+        print("pytorch-optimizer not installed: MARS has no baseline row (pip install pytorch-optimizer)")
     return table
 
 
