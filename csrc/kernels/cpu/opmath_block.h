@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -54,7 +56,15 @@ class OpmathBlock {
       (void)buffer;
     } else {
       data_ = buffer;
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+      if constexpr (kReducedFloat) {
+        for (; i + RVec::size() <= n; i += RVec::size()) {
+          auto [low, high] = at::vec::convert_to_float<T>(RVec::loadu(storage + i));
+          low.store(buffer + i);
+          high.store(buffer + i + FVec::size());
+        }
+      }
+      for (; i < n; ++i) {
         buffer[i] = static_cast<opmath_t>(storage[i]);
       }
     }
@@ -65,7 +75,14 @@ class OpmathBlock {
   // Round-to-nearest store (a no-op when aliasing).
   void store() const {
     if constexpr (!std::is_same_v<T, opmath_t>) {
-      for (int64_t i = 0; i < n_; ++i) {
+      int64_t i = 0;
+      if constexpr (kReducedFloat) {
+        for (; i + RVec::size() <= n_; i += RVec::size()) {
+          at::vec::convert_from_float<T>(FVec::loadu(data_ + i), FVec::loadu(data_ + i + FVec::size()))
+              .store(storage_ + i);
+        }
+      }
+      for (; i < n_; ++i) {
         storage_[i] = static_cast<T>(data_[i]);
       }
     }
@@ -87,6 +104,12 @@ class OpmathBlock {
   }
 
  private:
+  // bf16/fp16 widen and narrow a full vector at a time (one Vectorized<T>
+  // holds two Vectorized<float> worth of lanes).
+  static constexpr bool kReducedFloat = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  using FVec = at::vec::Vectorized<float>;
+  using RVec = at::vec::Vectorized<T>;
+
   T* storage_;
   opmath_t* data_;
   int64_t n_;
