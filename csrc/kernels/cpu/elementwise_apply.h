@@ -34,12 +34,13 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/elementwise_options.h"
 #include "kernels/cpu/multi_tensor_apply.h"
-#include "kernels/cpu/opmath_block.h"
+#include "kernels/cpu/stochastic_rounding.h"
 #include "kernels/cpu/vec_math.h"
 
 namespace torchopt_ext::kernels::cpu {
@@ -58,70 +59,110 @@ struct ElementwiseTask {
   uint64_t rounding_stream;
 };
 
+// Two math-type vectors' worth of elements straight from storage of type T:
+// fp32/fp64 load as they are, bf16/fp16 widen one Vectorized<T> into two
+// Vectorized<float> (no staging buffer: the loop stays memory-bound).
+template <typename T>
+struct LaneIO {
+  using S = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<S>;
+  static constexpr int64_t kWidth = 2 * Vec::size();
+  static constexpr bool kReduced = !std::is_same_v<T, S>;
+
+  static void load(const T* src, Vec& low, Vec& high) {
+    if constexpr (kReduced) {
+      std::tie(low, high) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src));
+    } else {
+      low = Vec::loadu(src);
+      high = Vec::loadu(src + Vec::size());
+    }
+  }
+
+  static void store(T* dst, const Vec& low, const Vec& high) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<T>(low, high).store(dst);
+    } else {
+      low.store(dst);
+      high.store(dst + Vec::size());
+    }
+  }
+};
+
 template <typename Algo, typename P, typename St>
 void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::Hyper& hp,
                        const ElementwiseOptions& options, int64_t begin, int64_t end) {
   constexpr int N = Algo::kNumState;
   using S = at::opmath_type<P>;
   using Vec = at::vec::Vectorized<S>;
+  using ParamIO = LaneIO<P>;
+  using StateIO = LaneIO<St>;
+  static_assert(ParamIO::kWidth == StateIO::kWidth, "param and state storage must share the math type");
+  constexpr int64_t kWidth = ParamIO::kWidth;
   const auto c = Algo::template coeffs<S>(hp, task.scalars);
   const S grad_scale = static_cast<S>(options.grad_scale.value_or(1.0));
+  P* param = static_cast<P*>(task.param);
+  P* grad = static_cast<P*>(task.grad);
+  std::array<St*, N> state{};
+  for (int k = 0; k < N; ++k) {
+    state[k] = static_cast<St*>(task.state[k]);
+  }
 
-  alignas(64) S param_buf[kBlockNumel];
-  alignas(64) S grad_buf[kBlockNumel];
-  alignas(64) S state_buf[N > 0 ? N : 1][kBlockNumel];
-  for (int64_t b = begin; b < end; b += kBlockNumel) {
-    const int64_t n = std::min(kBlockNumel, end - b);
-    OpmathBlock<P> param(static_cast<P*>(task.param) + b, param_buf, n);
-    OpmathBlock<P> grad(static_cast<P*>(task.grad) + b, grad_buf, n);
-    std::array<std::optional<OpmathBlock<St>>, N> state;
-    std::array<S*, N> s{};
-    for (int k = 0; k < N; ++k) {
-      if (task.state[k] != nullptr) {
-        state[k].emplace(static_cast<St*>(task.state[k]) + b, state_buf[k], n);
-        s[k] = state[k]->data();
-      }
-    }
+  // Vector body: kWidth elements per iteration, two math-type vectors each.
+  int64_t i = begin;
+  for (; i + kWidth <= end; i += kWidth) {
+    Vec p[2], g[2];
+    std::array<Vec, N> s[2];
+    ParamIO::load(param + i, p[0], p[1]);
+    ParamIO::load(grad + i, g[0], g[1]);
     if (options.grad_scale) {
-      unscale_grad_block(grad, grad_scale, n);
+      g[0] = g[0] / Vec(grad_scale);
+      g[1] = g[1] / Vec(grad_scale);
+      ParamIO::store(grad + i, g[0], g[1]);  // GradScaler: write the unscaled grads back
     }
-    S* p = param.data();
-    const S* g = grad.data();
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec pv = Vec::loadu(p + i);
-      std::array<Vec, N> sv;
-      for (int k = 0; k < N; ++k) {
-        sv[k] = s[k] ? Vec::loadu(s[k] + i) : Vec(S(0));
-      }
-      Algo::update(c, pv, Vec::loadu(g + i), sv);
-      pv.store(p + i);
-      for (int k = 0; k < N; ++k) {
-        if (s[k]) {
-          sv[k].store(s[k] + i);
-        }
+    for (int k = 0; k < N; ++k) {
+      if (state[k]) {
+        StateIO::load(state[k] + i, s[0][k], s[1][k]);
+      } else {
+        s[0][k] = s[1][k] = Vec(S(0));
       }
     }
-    for (; i < n; ++i) {
-      std::array<S, N> sv;
-      for (int k = 0; k < N; ++k) {
-        sv[k] = s[k] ? s[k][i] : S(0);
-      }
-      Algo::update(c, p[i], g[i], sv);
-      for (int k = 0; k < N; ++k) {
-        if (s[k]) {
-          s[k][i] = sv[k];
-        }
-      }
-    }
-    if (options.stochastic_rounding) {
-      param.store_stochastic(task.rounding_stream, b);
+    Algo::update(c, p[0], g[0], s[0]);
+    Algo::update(c, p[1], g[1], s[1]);
+    if (options.stochastic_rounding && ParamIO::kReduced) {
+      alignas(64) S values[kWidth];
+      p[0].store(values);
+      p[1].store(values + Vec::size());
+      store_stochastic(param + i, values, kWidth, task.rounding_stream, i);
     } else {
-      param.store();
+      ParamIO::store(param + i, p[0], p[1]);
     }
-    for (auto& block : state) {
-      if (block) {
-        block->store();
+    for (int k = 0; k < N; ++k) {
+      if (state[k]) {
+        StateIO::store(state[k] + i, s[0][k], s[1][k]);
+      }
+    }
+  }
+  // Scalar tail.
+  for (; i < end; ++i) {
+    S p = static_cast<S>(param[i]);
+    S g = static_cast<S>(grad[i]);
+    if (options.grad_scale) {
+      g = g / grad_scale;
+      grad[i] = static_cast<P>(g);
+    }
+    std::array<S, N> s;
+    for (int k = 0; k < N; ++k) {
+      s[k] = state[k] ? static_cast<S>(state[k][i]) : S(0);
+    }
+    Algo::update(c, p, g, s);
+    if (options.stochastic_rounding && ParamIO::kReduced) {
+      store_stochastic(param + i, &p, 1, task.rounding_stream, i);
+    } else {
+      param[i] = static_cast<P>(p);
+    }
+    for (int k = 0; k < N; ++k) {
+      if (state[k]) {
+        state[k][i] = static_cast<St>(s[k]);
       }
     }
   }
