@@ -1,5 +1,5 @@
 """Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
-Lion and MARS against what users run today (torch.optim's foreach and single-tensor paths,
+Lion, MARS and LAMB against what users run today (torch.optim's foreach and single-tensor paths,
 qhoptim, lion-pytorch, pytorch-optimizer), plus SGD and AdamW against torch.optim for reference.
 The baselines are optional imports: ``pip install qhoptim lion-pytorch pytorch-optimizer``.
 
@@ -100,6 +100,12 @@ def baselines() -> dict[str, list[tuple[str, Callable]]]:
         table["MARS"] = [
             ("torchopt_ext", lambda ps: tox.MARS(ps, optimize_1d=True)),
             ("pytorch_optimizer", lambda ps: pytorch_optimizer.MARS(ps, optimize_1d=True)),
+        ]
+        # timm's Lamb (the usual reference) needs torchvision; pytorch-optimizer's Lamb
+        # is the pure-PyTorch alternative people install.
+        table["LAMB"] = [
+            ("torchopt_ext", lambda ps: tox.LAMB(ps)),
+            ("pytorch_optimizer", lambda ps: pytorch_optimizer.Lamb(ps, weight_decay=0.01, max_grad_norm=1.0)),
         ]
     except ImportError:
         print("pytorch-optimizer not installed: MARS has no baseline row (pip install pytorch-optimizer)")

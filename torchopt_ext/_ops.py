@@ -79,3 +79,10 @@ def _mars_step_fake(
         last_grads=last_grads,
         state_steps=state_steps,
     )
+
+
+@torch.library.register_fake("torchopt_ext::lamb_step_")
+def _lamb_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "lamb_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )

@@ -244,3 +244,46 @@ TEST(MARS, BadOptionsNameTheArgument) {
 }
 
 }  // namespace
+
+namespace {
+
+namespace optim = torchopt_ext::optim;
+namespace functional = torchopt_ext::functional;
+using namespace torchopt_ext::testing;
+
+TEST(LAMB, ClassClipsGloballyAndDrivesTheFunctionalStep) {
+  auto params = make_params(torch::kFloat64);
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  // Two groups: the clip divisor must still come from all grads.
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params[0]});
+  groups.emplace_back(std::vector<torch::Tensor>{params[1], params[2]},
+                      std::make_unique<optim::LAMBOptions>(optim::LAMBOptions(5e-3).weight_decay(0.1)));
+  optim::LAMB opt(groups, optim::LAMBOptions(1e-2).max_grad_norm(0.5));
+  run(opt, params, grads);
+
+  std::vector<torch::Tensor> first = {direct[0]}, second = {direct[1], direct[2]};
+  auto m1 = zeros_like_all(first), v1 = zeros_like_all(first), m2 = zeros_like_all(second), v2 = zeros_like_all(second);
+  auto s1 = step_counters(1), s2 = step_counters(2);
+  for (const auto& g : grads) {
+    const auto divisor = functional::lamb_grad_divisor(g, 0.5);
+    functional::lamb_step_(first, {g[0].clone()}, m1, v1, s1, lr_tensor(1e-2), 0.9, 0.999, 1e-6, 0.01, true, true,
+                           false, false, false, false, divisor, false, 0, std::nullopt, std::nullopt);
+    functional::lamb_step_(second, {g[1].clone(), g[2].clone()}, m2, v2, s2, lr_tensor(5e-3), 0.9, 0.999, 1e-6, 0.1,
+                           true, true, false, false, false, false, divisor, false, 0, std::nullopt, std::nullopt);
+  }
+  expect_bitwise_equal(params, {first[0], second[0], second[1]});
+  const auto divisor = functional::lamb_grad_divisor(grads.back(), 0.5).item<double>();
+  EXPECT_GT(divisor, 1.0);  // the clip was active in this test
+}
+
+TEST(LAMB, SaveLoadContinuesBitwiseAndOptionsAreChecked) {
+  check_save_load_continues_bitwise<optim::LAMB>(optim::LAMBOptions(1e-2).trust_clip(true));
+  check_save_load_continues_bitwise<optim::LAMB>(optim::LAMBOptions(1e-2).max_grad_norm(std::nullopt));
+  auto params = make_params(torch::kFloat32);
+  expect_error_naming([&] { optim::LAMB(params, optim::LAMBOptions().max_grad_norm(0.0)); }, "max_grad_norm");
+  expect_error_naming([&] { optim::LAMB(params, optim::LAMBOptions().eps(-1)); }, "eps");
+}
+
+}  // namespace

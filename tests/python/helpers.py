@@ -73,4 +73,5 @@ ALL_OPTIMIZERS = {
     "QHAdamW": dict(lr=1e-2, nus=(0.7, 1.0), weight_decay=0.1),
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
+    "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
 }

@@ -30,7 +30,12 @@ def test_compiled_step_matches_eager(name):
     eager, _ = _run(make_opt, compiled=False)
     compiled, opt = _run(make_opt, compiled=True)
     for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
+        if name == "LAMB":
+            # LAMB's global grad norm is traced ATen math, which Inductor
+            # reduces in another order: equal to rounding, not bitwise.
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
     assert all(s["step"].item() == 4 for s in opt.state.values())
 
 

@@ -2,6 +2,7 @@
 
 from .adam import Adam
 from .adamw import AdamW
+from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
 from .nadamw import NAdamW
@@ -9,4 +10,4 @@ from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB"]

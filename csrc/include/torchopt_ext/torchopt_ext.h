@@ -2,6 +2,7 @@
 #pragma once
 
 #include "torchopt_ext/functional/adam.h"
+#include "torchopt_ext/functional/lamb.h"
 #include "torchopt_ext/functional/lion.h"
 #include "torchopt_ext/functional/mars.h"
 #include "torchopt_ext/functional/nadam.h"
@@ -10,6 +11,7 @@
 #include "torchopt_ext/functional/sgd.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
+#include "torchopt_ext/optim/lamb.h"
 #include "torchopt_ext/optim/lion.h"
 #include "torchopt_ext/optim/mars.h"
 #include "torchopt_ext/optim/nadamw.h"

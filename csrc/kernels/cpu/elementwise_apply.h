@@ -16,15 +16,17 @@
 // L1-sized blocks, Vectorized lanes then a scalar tail, GradScaler unscaling
 // and optional stochastic rounding of bf16 params.
 //
-// An algorithm that needs a per-tensor norm first (MARS's clipped gradient
-// correction) also defines
+// An algorithm that needs per-tensor L2 norms first (MARS's clipped gradient
+// correction, LAMB's trust ratio) also defines
 //
-//     static constexpr bool kNeedsNorm = true;
-//     template <typename S> static S norm_term(const Coeffs<S>&, S grad, const std::array<S, kNumState>& state);
+//     static constexpr int kNumNorms = K;
+//     template <typename S>
+//     static std::array<S, K> norm_terms(const Coeffs<S>&, S param, S grad, const std::array<S, kNumState>& state);
 //
-// and a `norm` member in TensorScalars: a first pass sums norm_term^2 over the
-// tensor (in double, in a fixed chunk order, so the result does not depend on
-// the thread count) and stores the L2 norm there before `update` runs.
+// and `std::array<double, K> norms` in TensorScalars: a read-only first pass
+// sums each term squared over the tensor (in double, in a fixed chunk order, so
+// the result does not depend on the thread count), stores the norms there and
+// recomputes the coefficients before `update` runs.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -46,9 +48,9 @@
 namespace torchopt_ext::kernels::cpu {
 
 template <typename Algo, typename = void>
-struct NeedsNorm : std::false_type {};
+struct NumNorms : std::integral_constant<int, 0> {};
 template <typename Algo>
-struct NeedsNorm<Algo, std::void_t<decltype(Algo::kNeedsNorm)>> : std::bool_constant<Algo::kNeedsNorm> {};
+struct NumNorms<Algo, std::void_t<decltype(Algo::kNumNorms)>> : std::integral_constant<int, Algo::kNumNorms> {};
 
 template <typename Algo>
 struct ElementwiseTask {
@@ -168,17 +170,20 @@ void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::H
   }
 }
 
-// First pass of a norm-needing Algo: sum of norm_term^2 over [begin, end).
-// Reads only (grads are unscaled here in registers, not written back).
+// First pass of a norm-needing Algo: per-norm sums of squared terms over
+// [begin, end). Reads only (grads are unscaled in registers, not written back).
 template <typename Algo, typename P, typename St>
-double norm_sq_chunk(const ElementwiseTask<Algo>& task, const typename Algo::Hyper& hp,
-                     const ElementwiseOptions& options, int64_t begin, int64_t end) {
+std::array<double, NumNorms<Algo>::value> norm_sq_chunk(const ElementwiseTask<Algo>& task,
+                                                        const typename Algo::Hyper& hp,
+                                                        const ElementwiseOptions& options, int64_t begin, int64_t end) {
   constexpr int N = Algo::kNumState;
+  constexpr int K = NumNorms<Algo>::value;
   using S = at::opmath_type<P>;
   const auto c = Algo::template coeffs<S>(hp, task.scalars);
   const S grad_scale = static_cast<S>(options.grad_scale.value_or(1.0));
-  double total = 0.0;
+  std::array<double, K> totals{};
   for (int64_t i = begin; i < end; ++i) {
+    const S param = static_cast<S>(static_cast<const P*>(task.param)[i]);
     S grad = static_cast<S>(static_cast<const P*>(task.grad)[i]);
     if (options.grad_scale) {
       grad = grad / grad_scale;
@@ -189,10 +194,13 @@ double norm_sq_chunk(const ElementwiseTask<Algo>& task, const typename Algo::Hyp
         state[k] = static_cast<S>(static_cast<const St*>(task.state[k])[i]);
       }
     }
-    const double term = static_cast<double>(Algo::template norm_term<S>(c, grad, state));
-    total += term * term;
+    const auto terms = Algo::template norm_terms<S>(c, param, grad, state);
+    for (int k = 0; k < K; ++k) {
+      const double term = static_cast<double>(terms[k]);
+      totals[k] += term * term;
+    }
   }
-  return total;
+  return totals;
 }
 
 // Runs Algo over one param group. Tensors are contiguous; `state[k]` is
@@ -228,28 +236,33 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
                            [](auto p, auto s) { return &elementwise_chunk<Algo, decltype(p), decltype(s)>; });
     numels[i] = params[i].numel();
   }
-  if constexpr (NeedsNorm<Algo>::value) {
-    using NormFn = double (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&, const ElementwiseOptions&,
-                              int64_t, int64_t);
+  if constexpr (NumNorms<Algo>::value > 0) {
+    constexpr int K = NumNorms<Algo>::value;
+    using NormFn = std::array<double, K> (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&,
+                                             const ElementwiseOptions&, int64_t, int64_t);
     std::vector<NormFn> norm_fns(n);
     for (size_t i = 0; i < n; ++i) {
       norm_fns[i] = select_kernel(op, params[i].scalar_type(), state_types[i],
                                   [](auto p, auto s) { return &norm_sq_chunk<Algo, decltype(p), decltype(s)>; });
     }
     const auto chunks = split_into_chunks(numels);
-    std::vector<double> partial(chunks.size(), 0.0);
+    std::vector<std::array<double, K>> partial(chunks.size());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
         const auto& chunk = chunks[c];
         partial[c] = norm_fns[chunk.tensor](tasks[chunk.tensor], hp, options, chunk.begin, chunk.end);
       }
     });
-    std::vector<double> sums(n, 0.0);
+    std::vector<std::array<double, K>> sums(n, std::array<double, K>{});
     for (size_t c = 0; c < chunks.size(); ++c) {
-      sums[chunks[c].tensor] += partial[c];
+      for (int k = 0; k < K; ++k) {
+        sums[chunks[c].tensor][k] += partial[c][k];
+      }
     }
     for (size_t i = 0; i < n; ++i) {
-      tasks[i].scalars.norm = std::sqrt(sums[i]);
+      for (int k = 0; k < K; ++k) {
+        tasks[i].scalars.norms[k] = std::sqrt(sums[i][k]);
+      }
     }
   }
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, options, begin, end); });

@@ -12,11 +12,11 @@ namespace {
 
 struct MARSAlgo {
   static constexpr int kNumState = 4;  // exp_avg, exp_avg_sq, max_exp_avg_sq, last_grad
-  static constexpr bool kNeedsNorm = true;
+  static constexpr int kNumNorms = 1;  // ||c||
   using Hyper = MARSHyperparams;
   struct TensorScalars {
     double step;
-    double norm;  // ||c||, filled in by the norm pass
+    std::array<double, kNumNorms> norms;  // ||c||, filled in by the norm pass
   };
 
   template <typename S>
@@ -50,8 +50,8 @@ struct MARSAlgo {
             static_cast<S>(hp.eps),
             static_cast<S>(hp.weight_decay),
             static_cast<S>(-hp.lr),
-            static_cast<S>(t.norm),
-            t.norm > 1.0,
+            static_cast<S>(t.norms[0]),
+            t.norms[0] > 1.0,
             hp.lion,
             hp.amsgrad,
             hp.maximize};
@@ -64,8 +64,9 @@ struct MARSAlgo {
   }
 
   template <typename S>
-  static S norm_term(const Coeffs<S>& c, S grad, const std::array<S, kNumState>& state) {
-    return corrected_grad(c, c.maximize ? -grad : grad, state[3]);
+  static std::array<S, kNumNorms> norm_terms(const Coeffs<S>& c, S /*param*/, S grad,
+                                             const std::array<S, kNumState>& state) {
+    return {corrected_grad(c, c.maximize ? -grad : grad, state[3])};
   }
 
   template <typename V, typename S>
@@ -104,7 +105,7 @@ void mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const MARSHyperparams& hp, const ElementwiseOptions& options) {
   std::vector<MARSAlgo::TensorScalars> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    scalars[i].step = steps[i];
+    scalars[i] = {steps[i], {0.0}};
   }
   elementwise_step<MARSAlgo>("mars_step_", params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads}, scalars,
                              steps, hp, options);
