@@ -44,8 +44,14 @@ at::Tensor lamb_grad_divisor(at::TensorList grads, double max_grad_norm) {
   if (grads.empty()) {
     return at::ones({}, at::kDouble);
   }
-  // Accumulated in float64 so bf16/fp32 grads of any count clip alike.
-  const auto norms = at::_foreach_norm(grads, 2, at::kDouble);
+  // Per-tensor norms in fp32 (fp64 for fp64 grads; an fp32->fp64 upcast inside
+  // _foreach_norm costs a full copy), combined in fp64.
+  std::vector<at::Tensor> norms;
+  for (const auto& grad : grads) {
+    const bool native = grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble;
+    const auto norm = native ? at::linalg_vector_norm(grad, 2) : at::linalg_vector_norm(grad, 2, {}, false, at::kFloat);
+    norms.push_back(norm.to(at::kDouble));
+  }
   const auto global = at::linalg_vector_norm(at::stack(norms), 2);
   return at::clamp_min(global / max_grad_norm, 1.0);
 }

@@ -23,8 +23,15 @@ using Tensors = std::vector<torch::Tensor>;
 
 constexpr int kSteps = 25;
 
+// Measured over 25 steps on 17x33, 1001 and 0-d params (all cases): params
+// differ by <= 4.8e-7 abs / 1.6e-5 rel in fp32 (1-2 ulps, relative only where
+// a param is near 0) and <= 4.5e-16 abs in fp64. exp_avg is kept as a lerp
+// (torch.optim's order) while LibTorch uses mul_ + add_: <= 2.0e-7 abs in fp32
+// on values of magnitude ~1, and near 0 the EMA cancels, so the states get an
+// absolute floor of 3e-7 (fp32).
 double rtol_for(torch::Dtype dtype) { return dtype == torch::kFloat64 ? 1e-12 : 1e-6; }
 double atol_for(torch::Dtype dtype) { return dtype == torch::kFloat64 ? 1e-12 : 1e-7; }
+double state_atol_for(torch::Dtype dtype) { return dtype == torch::kFloat64 ? 1e-12 : 3e-7; }
 
 // exp_avg, exp_avg_sq, max_exp_avg_sq (undefined without amsgrad) of one param.
 using StateOf = std::function<Tensors(const torch::optim::Optimizer&, const torch::Tensor&)>;
@@ -121,7 +128,7 @@ TEST_P(AdamParity, MatchesLibTorch) {
       }
     }
     if (!mine.empty()) {
-      expect_close_within(mine, libtorch, rtol_for(dtype), atol_for(dtype), c.name + " " + names[k]);
+      expect_close_within(mine, libtorch, rtol_for(dtype), state_atol_for(dtype), c.name + " " + names[k]);
     }
   }
 }
@@ -314,7 +321,9 @@ TEST(AdamMixedPrecision, Bf16ParamsKeepFp32StateAndTrackFp32Run) {
     EXPECT_EQ(state.max_exp_avg_sq().scalar_type(), torch::kFloat32);
     EXPECT_EQ(state.step().item<float>(), 20.0f);
   }
+  // Both runs moved well past the tolerance, so closeness is informative.
   EXPECT_GT((reference[1] - start[1]).abs().max().item<double>(), 0.1);
+  EXPECT_GT((low[1].to(torch::kFloat32) - start[1]).abs().max().item<double>(), 0.1);
   expect_close_within(low, reference, 0.0, 1e-2, "AdamW bf16 vs fp32");
 }
 

@@ -174,6 +174,30 @@ TEST(ParamGroups, InvalidGroupOptionsAreRejected) {
       "weight_decay");
 }
 
+// A rejected group must not stay behind: otherwise the optimizer keeps a
+// group with the invalid options and every later step() throws.
+// DISABLED: fails today, OptimizerBase::add_param_group appends the group
+// before validating it (see the report to the lead); enable once fixed.
+TEST(ParamGroups, DISABLED_RejectedGroupIsNotAdded) {
+  auto params = make_params(torch::kFloat32);
+  optim::SGD sgd({params[0]}, optim::SGDOptions(0.1));
+  EXPECT_THROW(sgd.add_param_group(torch::optim::OptimizerParamGroup(
+                   {params[1]}, std::make_unique<optim::SGDOptions>(optim::SGDOptions(-1.0)))),
+               c10::Error);
+  EXPECT_THROW(sgd.add_param_group(torch::optim::OptimizerParamGroup(
+                   {params[2]}, std::make_unique<optim::AdamOptions>(optim::AdamOptions(0.1)))),
+               c10::Error);
+  EXPECT_EQ(sgd.param_groups().size(), 1u);
+  for (auto& p : params) {
+    p.mutable_grad() = torch::ones_like(p);
+  }
+  const auto before = clone_all(params);
+  EXPECT_NO_THROW(sgd.step());
+  EXPECT_FALSE(torch::equal(params[0], before[0]));
+  EXPECT_TRUE(torch::equal(params[1], before[1]));
+  EXPECT_TRUE(torch::equal(params[2], before[2]));
+}
+
 TEST(ParamGroups, SaveLoadRestoresEachGroupsOptions) {
   auto params = make_params(torch::kFloat32);
   const auto grads = make_grads(params, 12);

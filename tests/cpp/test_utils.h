@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <sstream>
@@ -161,6 +162,7 @@ void check_checkpoint_round_trip(const Options& options, const Options& fresh_de
   } else {
     torch::save(opt, path);
     torch::load(resumed, path);
+    std::remove(path.c_str());
   }
   ASSERT_EQ(resumed.param_groups().size(), 1u);
   EXPECT_TRUE(static_cast<const Options&>(resumed.param_groups()[0].options()) == options)

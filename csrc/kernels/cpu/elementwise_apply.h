@@ -20,12 +20,12 @@
 // correction, LAMB's trust ratio) also defines
 //
 //     static constexpr int kNumNorms = K;
-//     template <typename S>
-//     static std::array<S, K> norm_terms(const Coeffs<S>&, S param, S grad, const std::array<S, kNumState>& state);
+//     template <typename V, typename S>
+//     static std::array<V, K> norm_terms(const Coeffs<S>&, V param, V grad, const std::array<V, kNumState>& state);
 //
 // and `std::array<double, K> norms` in TensorScalars: a read-only first pass
-// sums each term squared over the tensor (in double, in a fixed chunk order, so
-// the result does not depend on the thread count), stores the norms there and
+// sums each term squared over the tensor (runs of lanes, then double, in a
+// fixed chunk order, so the result does not depend on the thread count), stores the norms there and
 // recomputes the coefficients before `update` runs.
 #pragma once
 
@@ -172,32 +172,79 @@ void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::H
 
 // First pass of a norm-needing Algo: per-norm sums of squared terms over
 // [begin, end). Reads only (grads are unscaled in registers, not written back).
+// Lanes accumulate in the math type over short runs that are then added in
+// double, in a fixed order: vector speed, and the same sums on every run.
 template <typename Algo, typename P, typename St>
 std::array<double, NumNorms<Algo>::value> norm_sq_chunk(const ElementwiseTask<Algo>& task,
                                                         const typename Algo::Hyper& hp,
                                                         const ElementwiseOptions& options, int64_t begin, int64_t end) {
   constexpr int N = Algo::kNumState;
   constexpr int K = NumNorms<Algo>::value;
+  constexpr int64_t kRun = 1024;  // elements per math-type partial sum
   using S = at::opmath_type<P>;
+  using Vec = at::vec::Vectorized<S>;
+  using ParamIO = LaneIO<P>;
+  using StateIO = LaneIO<St>;
+  constexpr int64_t kWidth = ParamIO::kWidth;
   const auto c = Algo::template coeffs<S>(hp, task.scalars);
   const S grad_scale = static_cast<S>(options.grad_scale.value_or(1.0));
+  const P* param = static_cast<const P*>(task.param);
+  const P* grad = static_cast<const P*>(task.grad);
+  std::array<const St*, N> state{};
+  for (int k = 0; k < N; ++k) {
+    state[k] = static_cast<const St*>(task.state[k]);
+  }
   std::array<double, K> totals{};
-  for (int64_t i = begin; i < end; ++i) {
-    const S param = static_cast<S>(static_cast<const P*>(task.param)[i]);
-    S grad = static_cast<S>(static_cast<const P*>(task.grad)[i]);
-    if (options.grad_scale) {
-      grad = grad / grad_scale;
-    }
-    std::array<S, N> state{};
-    for (int k = 0; k < N; ++k) {
-      if (task.state[k] != nullptr) {
-        state[k] = static_cast<S>(static_cast<const St*>(task.state[k])[i]);
+  int64_t i = begin;
+  while (i + kWidth <= end) {
+    std::array<Vec, K> acc;
+    acc.fill(Vec(S(0)));
+    const int64_t run_end = std::min(end, i + kRun);
+    for (; i + kWidth <= run_end; i += kWidth) {
+      Vec p[2], g[2];
+      std::array<Vec, N> s[2];
+      ParamIO::load(param + i, p[0], p[1]);
+      ParamIO::load(grad + i, g[0], g[1]);
+      if (options.grad_scale) {
+        g[0] = g[0] / Vec(grad_scale);
+        g[1] = g[1] / Vec(grad_scale);
+      }
+      for (int k = 0; k < N; ++k) {
+        if (state[k]) {
+          StateIO::load(state[k] + i, s[0][k], s[1][k]);
+        } else {
+          s[0][k] = s[1][k] = Vec(S(0));
+        }
+      }
+      for (int half = 0; half < 2; ++half) {
+        const auto terms = Algo::norm_terms(c, p[half], g[half], s[half]);
+        for (int k = 0; k < K; ++k) {
+          acc[k] = acc[k] + terms[k] * terms[k];
+        }
       }
     }
-    const auto terms = Algo::template norm_terms<S>(c, param, grad, state);
     for (int k = 0; k < K; ++k) {
-      const double term = static_cast<double>(terms[k]);
-      totals[k] += term * term;
+      alignas(64) S lanes[Vec::size()];
+      acc[k].store(lanes);
+      for (int64_t l = 0; l < Vec::size(); ++l) {
+        totals[k] += static_cast<double>(lanes[l]);
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    S g = static_cast<S>(grad[i]);
+    if (options.grad_scale) {
+      g = g / grad_scale;
+    }
+    std::array<S, N> s{};
+    for (int k = 0; k < N; ++k) {
+      if (state[k]) {
+        s[k] = static_cast<S>(state[k][i]);
+      }
+    }
+    const auto terms = Algo::norm_terms(c, static_cast<S>(param[i]), g, s);
+    for (int k = 0; k < K; ++k) {
+      totals[k] += static_cast<double>(terms[k]) * static_cast<double>(terms[k]);
     }
   }
   return totals;

@@ -93,12 +93,12 @@ struct LAMBAlgo {
     }
   }
 
-  template <typename S>
-  static std::array<S, kNumNorms> norm_terms(const Coeffs<S>& c, S param, S grad,
-                                             const std::array<S, kNumState>& state) {
-    S exp_avg = state[0];
-    S exp_avg_sq = state[1];
-    S r;
+  template <typename V, typename S>
+  static std::array<V, kNumNorms> norm_terms(const Coeffs<S>& c, V param, V grad,
+                                             const std::array<V, kNumState>& state) {
+    V exp_avg = state[0];
+    V exp_avg_sq = state[1];
+    V r;
     direction(c, param, grad, exp_avg, exp_avg_sq, r);
     return {param, r};
   }

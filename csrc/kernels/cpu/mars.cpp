@@ -63,10 +63,10 @@ struct MARSAlgo {
     return grad + V(c.correction) * (grad - last_grad);
   }
 
-  template <typename S>
-  static std::array<S, kNumNorms> norm_terms(const Coeffs<S>& c, S /*param*/, S grad,
-                                             const std::array<S, kNumState>& state) {
-    return {corrected_grad(c, c.maximize ? -grad : grad, state[3])};
+  template <typename V, typename S>
+  static std::array<V, kNumNorms> norm_terms(const Coeffs<S>& c, V /*param*/, V grad,
+                                             const std::array<V, kNumState>& state) {
+    return {corrected_grad(c, c.maximize ? vneg(grad) : grad, state[3])};
   }
 
   template <typename V, typename S>
