@@ -421,4 +421,17 @@ TEST(AdamFunctional, GradScaleUnscalesGradsInPlaceAndMatchesUnscaledRun) {
   EXPECT_EQ(scaled_state.steps[1].item<float>(), 5.0f);
 }
 
+TEST(AdamW, DefaultsMatchLibTorch) {
+  const optim::AdamWOptions adamw;
+  const torch::optim::AdamWOptions theirs;
+  EXPECT_EQ(adamw.lr(), theirs.lr());
+  EXPECT_EQ(adamw.betas(), theirs.betas());
+  EXPECT_EQ(adamw.eps(), theirs.eps());
+  EXPECT_EQ(adamw.weight_decay(), theirs.weight_decay());
+  EXPECT_TRUE(adamw.decoupled_weight_decay());
+  const optim::AdamOptions adam;
+  EXPECT_EQ(adam.weight_decay(), torch::optim::AdamOptions().weight_decay());
+  EXPECT_FALSE(adam.decoupled_weight_decay());
+}
+
 }  // namespace

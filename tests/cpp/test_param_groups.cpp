@@ -176,9 +176,7 @@ TEST(ParamGroups, InvalidGroupOptionsAreRejected) {
 
 // A rejected group must not stay behind: otherwise the optimizer keeps a
 // group with the invalid options and every later step() throws.
-// DISABLED: fails today, OptimizerBase::add_param_group appends the group
-// before validating it (see the report to the lead); enable once fixed.
-TEST(ParamGroups, DISABLED_RejectedGroupIsNotAdded) {
+TEST(ParamGroups, RejectedGroupIsNotAdded) {
   auto params = make_params(torch::kFloat32);
   optim::SGD sgd({params[0]}, optim::SGDOptions(0.1));
   EXPECT_THROW(sgd.add_param_group(torch::optim::OptimizerParamGroup(

@@ -28,15 +28,17 @@ class OptimizerBase : public torch::optim::Optimizer {
   }
 
   void add_param_group(const torch::optim::OptimizerParamGroup& group) {
-    torch::optim::Optimizer::add_param_group(group);
-    auto& added = param_groups_.back();
+    // Check before adding: a rejected group must not stay behind.
     if (group.has_options()) {
       auto* options = dynamic_cast<const Options*>(&group.options());
       TORCH_CHECK_VALUE(options != nullptr,
                         "add_param_group: the group's options have the wrong type for this optimizer");
-      added.set_options(group.options().clone());
+      options->validate();
     }
-    static_cast<Options&>(added.options()).validate();
+    torch::optim::Optimizer::add_param_group(group);
+    if (group.has_options()) {
+      param_groups_.back().set_options(group.options().clone());
+    }
   }
 
  protected:
