@@ -1,6 +1,7 @@
 """state_dict / load_state_dict round trips continue bitwise."""
 
 import copy
+import functools
 import io
 
 import pytest
@@ -58,7 +59,7 @@ def test_state_dict_has_torch_compatible_keys():
     "ours_cls, ref_cls",
     [
         (tox.AdamW, torch.optim.AdamW),
-        (tox.NAdamW, lambda ps, lr: torch.optim.NAdam(ps, lr, weight_decay=0.01, decoupled_weight_decay=1)),
+        (tox.NAdamW, functools.partial(torch.optim.NAdam, weight_decay=0.01, decoupled_weight_decay=True)),
         (tox.RAdam, torch.optim.RAdam),
     ],
     ids=["AdamW", "NAdamW", "RAdam"],
