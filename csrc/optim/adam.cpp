@@ -93,7 +93,7 @@ std::unique_ptr<AdamParamState> detail::new_adam_state(const at::Tensor& param,
 }
 
 Adam::Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults)
-    : OptimizerBase<AdamOptions>(param_groups, defaults) {}
+    : AdamFamilyOptimizer<AdamOptions>(param_groups, defaults) {}
 
 Adam::Adam(std::vector<at::Tensor> params, AdamOptions defaults)
     : Adam(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
@@ -104,30 +104,13 @@ at::Tensor Adam::step(LossClosure closure) {
   at::Tensor loss = run_closure(closure);
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
-    for (auto& param : group.params()) {
-      if (!param.grad().defined()) {
-        continue;
-      }
-      auto& state = state_of<AdamParamState>(
-          param, [&] { return detail::new_adam_state(param, options.state_dtype(), options.amsgrad()); });
-      params.push_back(param);
-      grads.push_back(param.grad());
-      exp_avgs.push_back(state.exp_avg());
-      exp_avg_sqs.push_back(state.exp_avg_sq());
-      if (options.amsgrad()) {
-        TORCH_CHECK_VALUE(state.max_exp_avg_sq().defined(),
-                          "Adam: amsgrad was turned on after the first step; its max_exp_avg_sq state is missing");
-        max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
-      }
-      steps.push_back(state.step());
-    }
-    if (params.empty()) {
+    auto lists = adam_lists(group, options.amsgrad());
+    if (lists.params.empty()) {
       continue;
     }
     const auto [beta1, beta2] = options.betas();
-    functional::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                           at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
+    functional::adam_step_(lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.max_exp_avg_sqs,
+                           lists.steps, at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
                            options.weight_decay(), always_decoupled_ || options.decoupled_weight_decay(),
                            options.amsgrad(), options.maximize(), options.stochastic_rounding(), options.seed(),
                            std::nullopt, std::nullopt);

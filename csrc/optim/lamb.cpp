@@ -68,7 +68,7 @@ double LAMBOptions::get_lr() const { return lr(); }
 void LAMBOptions::set_lr(const double lr) { this->lr(lr); }
 
 LAMB::LAMB(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, LAMBOptions defaults)
-    : OptimizerBase<LAMBOptions>(param_groups, defaults) {}
+    : AdamFamilyOptimizer<LAMBOptions>(param_groups, defaults) {}
 
 LAMB::LAMB(std::vector<at::Tensor> params, LAMBOptions defaults)
     : LAMB(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
@@ -92,28 +92,16 @@ at::Tensor LAMB::step(LossClosure closure) {
   }
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
-    for (auto& param : group.params()) {
-      if (!param.grad().defined()) {
-        continue;
-      }
-      auto& state = state_of<AdamParamState>(
-          param, [&] { return detail::new_adam_state(param, options.state_dtype(), /*amsgrad=*/false); });
-      params.push_back(param);
-      grads.push_back(param.grad());
-      exp_avgs.push_back(state.exp_avg());
-      exp_avg_sqs.push_back(state.exp_avg_sq());
-      steps.push_back(state.step());
-    }
-    if (params.empty()) {
+    auto lists = adam_lists(group, /*amsgrad=*/false);
+    if (lists.params.empty()) {
       continue;
     }
     const auto [beta1, beta2] = options.betas();
-    functional::lamb_step_(params, grads, exp_avgs, exp_avg_sqs, steps, at::scalar_tensor(options.lr(), at::kDouble),
-                           beta1, beta2, options.eps(), options.weight_decay(), options.bias_correction(),
-                           options.grad_averaging(), options.trust_clip(), options.always_adapt(),
-                           options.decoupled_decay(), options.maximize(), grad_divisor, options.stochastic_rounding(),
-                           options.seed(), std::nullopt, std::nullopt);
+    functional::lamb_step_(lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
+                           at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
+                           options.weight_decay(), options.bias_correction(), options.grad_averaging(),
+                           options.trust_clip(), options.always_adapt(), options.decoupled_decay(), options.maximize(),
+                           grad_divisor, options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
   }
   return loss;
 }

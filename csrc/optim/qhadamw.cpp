@@ -56,7 +56,7 @@ double QHAdamWOptions::get_lr() const { return lr(); }
 void QHAdamWOptions::set_lr(const double lr) { this->lr(lr); }
 
 QHAdamW::QHAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, QHAdamWOptions defaults)
-    : OptimizerBase<QHAdamWOptions>(param_groups, defaults) {}
+    : AdamFamilyOptimizer<QHAdamWOptions>(param_groups, defaults) {}
 
 QHAdamW::QHAdamW(std::vector<at::Tensor> params, QHAdamWOptions defaults)
     : QHAdamW(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
@@ -67,26 +67,15 @@ at::Tensor QHAdamW::step(LossClosure closure) {
   at::Tensor loss = run_closure(closure);
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
-    for (auto& param : group.params()) {
-      if (!param.grad().defined()) {
-        continue;
-      }
-      auto& state = state_of<AdamParamState>(
-          param, [&] { return detail::new_adam_state(param, options.state_dtype(), /*amsgrad=*/false); });
-      params.push_back(param);
-      grads.push_back(param.grad());
-      exp_avgs.push_back(state.exp_avg());
-      exp_avg_sqs.push_back(state.exp_avg_sq());
-      steps.push_back(state.step());
-    }
-    if (params.empty()) {
+    auto lists = adam_lists(group, /*amsgrad=*/false);
+    if (lists.params.empty()) {
       continue;
     }
     const auto [beta1, beta2] = options.betas();
     const auto [nu1, nu2] = options.nus();
-    functional::qhadam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, at::scalar_tensor(options.lr(), at::kDouble),
-                             beta1, beta2, nu1, nu2, options.eps(), options.weight_decay(),
+    functional::qhadam_step_(lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
+                             at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, nu1, nu2, options.eps(),
+                             options.weight_decay(),
                              /*decoupled_weight_decay=*/true, options.maximize(), options.stochastic_rounding(),
                              options.seed(), std::nullopt, std::nullopt);
   }

@@ -60,9 +60,47 @@ namespace detail {
 // max_exp_avg_sq) in the given storage dtype; also used by RAdam and QHAdamW.
 std::unique_ptr<AdamParamState> new_adam_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype,
                                                bool amsgrad);
+
+// One param group's Adam-style lists: the params that have grads, their
+// grads and their state, in the order the functional steps take them.
+struct AdamGroupLists {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+};
 }  // namespace detail
 
-class Adam : public OptimizerBase<AdamOptions> {
+// Base of the optimizers that keep AdamParamState (Adam, AdamW, RAdam,
+// QHAdamW, LAMB): collects a group's lists, creating state on first use.
+template <typename Options>
+class AdamFamilyOptimizer : public OptimizerBase<Options> {
+ public:
+  using OptimizerBase<Options>::OptimizerBase;
+
+ protected:
+  detail::AdamGroupLists adam_lists(torch::optim::OptimizerParamGroup& group, bool amsgrad) {
+    const auto& options = this->options_of(group);
+    detail::AdamGroupLists lists;
+    for (auto& param : group.params()) {
+      if (!param.grad().defined()) {
+        continue;
+      }
+      auto& state = this->template state_of<AdamParamState>(
+          param, [&] { return detail::new_adam_state(param, options.state_dtype(), amsgrad); });
+      lists.params.push_back(param);
+      lists.grads.push_back(param.grad());
+      lists.exp_avgs.push_back(state.exp_avg());
+      lists.exp_avg_sqs.push_back(state.exp_avg_sq());
+      if (amsgrad) {
+        TORCH_CHECK_VALUE(state.max_exp_avg_sq().defined(),
+                          "amsgrad was turned on after the first step; its max_exp_avg_sq state is missing");
+        lists.max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
+      }
+      lists.steps.push_back(state.step());
+    }
+    return lists;
+  }
+};
+
+class Adam : public AdamFamilyOptimizer<AdamOptions> {
  public:
   explicit Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = {});
   explicit Adam(std::vector<at::Tensor> params, AdamOptions defaults = {});

@@ -40,7 +40,7 @@ struct LAMBOptions : public torch::optim::OptimizerCloneableOptions<LAMBOptions>
   friend bool operator==(const LAMBOptions& lhs, const LAMBOptions& rhs);
 };
 
-class LAMB : public OptimizerBase<LAMBOptions> {
+class LAMB : public AdamFamilyOptimizer<LAMBOptions> {
  public:
   explicit LAMB(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, LAMBOptions defaults = {});
   explicit LAMB(std::vector<at::Tensor> params, LAMBOptions defaults = {});

@@ -35,7 +35,7 @@ struct QHAdamWOptions : public torch::optim::OptimizerCloneableOptions<QHAdamWOp
   friend bool operator==(const QHAdamWOptions& lhs, const QHAdamWOptions& rhs);
 };
 
-class QHAdamW : public OptimizerBase<QHAdamWOptions> {
+class QHAdamW : public AdamFamilyOptimizer<QHAdamWOptions> {
  public:
   explicit QHAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, QHAdamWOptions defaults = {});
   explicit QHAdamW(std::vector<at::Tensor> params, QHAdamWOptions defaults = {});

@@ -34,7 +34,7 @@ struct RAdamOptions : public torch::optim::OptimizerCloneableOptions<RAdamOption
   friend bool operator==(const RAdamOptions& lhs, const RAdamOptions& rhs);
 };
 
-class RAdam : public OptimizerBase<RAdamOptions> {
+class RAdam : public AdamFamilyOptimizer<RAdamOptions> {
  public:
   explicit RAdam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, RAdamOptions defaults = {});
   explicit RAdam(std::vector<at::Tensor> params, RAdamOptions defaults = {});
