@@ -9,6 +9,7 @@ from . import (
     _C,  # noqa: F401  (loads libtorchopt_ext: registers torch.ops.torchopt_ext.*)
     _ops,  # noqa: F401  (fake implementations for torch.compile)
     optim,
+    schedules,
 )
 
 __version__ = "0.1.0"
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 #: ``torch.utils.cmake_prefix_path``).
 cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
 
-__all__ = ["optim", "cmake_prefix_path", "__version__"]
+__all__ = ["optim", "schedules", "cmake_prefix_path", "__version__"]

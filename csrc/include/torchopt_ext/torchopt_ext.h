@@ -18,3 +18,4 @@
 #include "torchopt_ext/optim/qhadamw.h"
 #include "torchopt_ext/optim/radam.h"
 #include "torchopt_ext/optim/sgd.h"
+#include "torchopt_ext/schedules/wsd.h"

@@ -1,0 +1,5 @@
+"""Learning-rate schedules whose math lives in C++ (shared with LibTorch)."""
+
+from .wsd import WSD
+
+__all__ = ["WSD"]
