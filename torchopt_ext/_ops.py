@@ -86,3 +86,15 @@ def _lamb_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwa
     _check_lengths(
         "lamb_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
     )
+
+
+@torch.library.register_fake("torchopt_ext::muon_step_")
+def _muon_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
+    _check_lengths("muon_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+
+
+@torch.library.register_fake("torchopt_ext::newton_schulz")
+def _newton_schulz_fake(input, *, dtype=None, **kwargs):
+    if input.dim() < 2:
+        raise ValueError(f"newton_schulz: input must have at least 2 dims, got {input.dim()}")
+    return input.new_empty(input.shape, dtype=dtype or input.dtype)

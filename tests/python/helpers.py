@@ -74,4 +74,5 @@ ALL_OPTIMIZERS = {
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
     "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    "Muon": dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2),
 }

@@ -5,9 +5,10 @@ from .adamw import AdamW
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
+from .muon import Muon
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "Muon"]

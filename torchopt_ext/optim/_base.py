@@ -94,6 +94,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _state_keys: tuple[str, ...] = ()
     # State entries that are one-element tensors rather than param-shaped.
     _scalar_state_keys: tuple[str, ...] = ()
+    # Param-shaped state of a fallback branch (e.g. Muon's AdamW for
+    # non-matrix params), not passed to `_op` but restored like `_state_keys`.
+    _fallback_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
@@ -194,7 +197,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             dtype = group_of[p]["state_dtype"] or p.dtype
-            for key in self._state_keys:
+            for key in self._state_keys + self._fallback_state_keys:
                 value = saved.get(key)
                 if not torch.is_tensor(value):
                     continue

@@ -1,10 +1,12 @@
 // Umbrella header for LibTorch programs: #include <torchopt_ext/torchopt_ext.h>
 #pragma once
 
+#include "torchopt_ext/common/newton_schulz.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/lamb.h"
 #include "torchopt_ext/functional/lion.h"
 #include "torchopt_ext/functional/mars.h"
+#include "torchopt_ext/functional/muon.h"
 #include "torchopt_ext/functional/nadam.h"
 #include "torchopt_ext/functional/qhadam.h"
 #include "torchopt_ext/functional/radam.h"
@@ -14,6 +16,7 @@
 #include "torchopt_ext/optim/lamb.h"
 #include "torchopt_ext/optim/lion.h"
 #include "torchopt_ext/optim/mars.h"
+#include "torchopt_ext/optim/muon.h"
 #include "torchopt_ext/optim/nadamw.h"
 #include "torchopt_ext/optim/qhadamw.h"
 #include "torchopt_ext/optim/radam.h"

@@ -1,0 +1,159 @@
+"""Muon and its Newton-Schulz core, measured side by side in one run.
+
+Not a test. Two tables:
+
+1. Newton-Schulz throughput: FLOP/s of ``torch.ops.torchopt_ext.newton_schulz``
+   (5 quintic iterations) on 1024x1024 and 1024x4096 matrices, as a fraction of
+   this machine's matmul rate measured in the same run and dtype (the
+   iteration is matmul-bound: per iteration 4 m^2 n + 2 m^3 FLOPs for an
+   m x n input with m <= n).
+2. Optimizer step: ``torchopt_ext.optim.Muon`` vs ``torch.optim.Muon`` on a set
+   of transformer-like matrices, with the state bytes per parameter.
+
+    python benchmarks/bench_muon.py            # ~2 min on 2 cores
+    python benchmarks/bench_muon.py --quick    # smoke run on small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import torchopt_ext
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COEFFS = [3.4445, -4.775, 2.0315]
+
+
+def best_median(fn: Callable[[], object], warmup: int, steps: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        best = min(best, statistics.median(times))
+    return best
+
+
+def ns_rows(sizes, dtypes, args) -> list[dict]:
+    rows = []
+    for m, n in sizes:
+        for dtype in dtypes:
+            x = torch.randn(m, n)
+            ns_flops = 5 * (4 * m * m * n + 2 * m**3)
+
+            def orthogonalize(x=x, dtype=dtype):
+                return torch.ops.torchopt_ext.newton_schulz(x, coefficients=COEFFS, steps=5, dtype=dtype)
+
+            ns_time = best_median(
+                orthogonalize,
+                args.warmup,
+                args.steps,
+                args.repeats,
+            )
+            a, b = torch.randn(m, n, dtype=dtype), torch.randn(n, m, dtype=dtype)
+            mm_time = best_median(lambda a=a, b=b: torch.mm(a, b), args.warmup, args.steps, args.repeats)
+            mm_flops = 2 * m * n * m
+            rows.append(
+                {
+                    "shape": f"{m}x{n}",
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "ns_gflops": ns_flops / ns_time / 1e9,
+                    "matmul_gflops": mm_flops / mm_time / 1e9,
+                    "fraction_of_matmul": (ns_flops / ns_time) / (mm_flops / mm_time),
+                }
+            )
+    return rows
+
+
+def step_rows(shapes, args) -> list[dict]:
+    def make(shapes_):
+        torch.manual_seed(0)
+        params = [torch.randn(s) for s in shapes_]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        return params
+
+    impls = {
+        "torchopt_ext.optim.Muon": lambda ps: torchopt_ext.optim.Muon(ps, lr=0.02),
+        "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
+    }
+    best = {}
+    state_bytes = {}
+    for _ in range(args.repeats):
+        for label, factory in impls.items():
+            params = make(shapes)
+            opt = factory(params)
+            best[label] = min(best.get(label, float("inf")), best_median(opt.step, args.warmup, args.steps, 1))
+            state_bytes[label] = sum(
+                t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+            )
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    ours = best["torchopt_ext.optim.Muon"]
+    return [
+        {
+            "implementation": label,
+            "ms_per_step": seconds * 1e3,
+            "torchopt_ext_time_ratio": ours / seconds,
+            "state_bytes_per_param": state_bytes[label] / n_params,
+        }
+        for label, seconds in best.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 2, 1, 1
+    ns_sizes = [(256, 256), (256, 1024)] if args.quick else [(1024, 1024), (1024, 4096)]
+    dtypes = [torch.float32, torch.bfloat16]
+    width = 128 if args.quick else 512
+    # Four transformer blocks: attention (4 x d^2) and MLP (d x 4d, 4d x d).
+    step_shapes = [(width, width)] * 16 + [(4 * width, width), (width, 4 * width)] * 4
+    ns = ns_rows(ns_sizes, dtypes, args)
+    steps = step_rows(step_shapes, args)
+    stamp = (
+        f"Command: `python benchmarks/bench_muon.py{' --quick' if args.quick else ''}`  \n"
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats} round(s) of the median of {args.steps} calls.\n\n"
+    )
+    table = stamp + "| Newton-Schulz (5 it.) | dtype | GFLOP/s | matmul GFLOP/s | fraction of matmul |\n"
+    table += "|---|---|--:|--:|--:|\n"
+    table += "".join(
+        f"| {r['shape']} | {r['dtype']} | {r['ns_gflops']:.1f} | {r['matmul_gflops']:.1f} | "
+        f"{r['fraction_of_matmul']:.2f} |\n"
+        for r in ns
+    )
+    n_params = sum(torch.Size(s).numel() for s in step_shapes)
+    table += f"\nMuon step, {len(step_shapes)} matrices ({n_params / 1e6:.1f}M params, width {width}):\n\n"
+    table += "| implementation | ms/step | torchopt_ext time / this | state bytes / param |\n|---|--:|--:|--:|\n"
+    table += "".join(
+        f"| {r['implementation']} | {r['ms_per_step']:.1f} | {r['torchopt_ext_time_ratio']:.2f} | "
+        f"{r['state_bytes_per_param']:.1f} |\n"
+        for r in steps
+    )
+    print(table)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (RESULTS_DIR / f"muon{suffix}.json").write_text(json.dumps({"newton_schulz": ns, "step": steps}, indent=1))
+    (RESULTS_DIR / f"muon{suffix}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+#include "torchopt_ext/functional/muon.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/muon.h"
+#include "kernels/cpu/stochastic_rounding.h"
+#include "torchopt_ext/common/newton_schulz.h"
+
+namespace torchopt_ext::functional {
+
+double muon_lr_scale(c10::string_view adjust_lr_fn, int64_t rows, int64_t cols) {
+  const auto r = static_cast<double>(rows);
+  const auto c = static_cast<double>(cols);
+  if (adjust_lr_fn == "original") {
+    return std::sqrt(std::max(1.0, r / c));
+  }
+  if (adjust_lr_fn == "match_rms_adamw") {
+    return 0.2 * std::sqrt(std::max(r, c));
+  }
+  TORCH_CHECK_VALUE(false, "muon_step_: adjust_lr_fn must be 'original' or 'match_rms_adamw', got '", adjust_lr_fn,
+                    "'");
+}
+
+void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                at::TensorList state_steps, const at::Tensor& lr, double weight_decay, double momentum, bool nesterov,
+                at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps, c10::string_view adjust_lr_fn,
+                c10::string_view ns_normalization, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "muon_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "momentum", momentum, momentum >= 0.0 && momentum < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  muon_lr_scale(adjust_lr_fn, 1, 1);  // validates the name
+  common::NewtonSchulzOptions ns;
+  ns.coefficients = common::ns_coefficients_from_flat(ns_coefficients.vec(), "ns_coefficients");
+  ns.steps = ns_steps;
+  ns.eps = eps;
+  ns.normalization = common::parse_ns_normalization(std::string(ns_normalization), "ns_normalization");
+  ns.dtype = ns_dtype;
+  common::check_newton_schulz_options(op, ns);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
+                      " dims; Muon orthogonalizes matrices (route other tensors to the AdamW fallback)");
+  }
+  auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
+                                                    state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  const size_t n = group->params.size();
+
+  // Momentum (EMA, as torch.optim.Muon) and the Nesterov look-ahead, in the
+  // buffer's dtype (fp32 buffers give fp32 math for bf16 params).
+  std::vector<at::Tensor> updates(n);
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor& grad = group->grads[i];
+    if (group->amp.grad_scale) {
+      grad.div_(*group->amp.grad_scale);
+    }
+    at::Tensor& buffer = group->state[0][i];
+    at::Tensor g = grad.to(buffer.scalar_type());
+    if (maximize) {
+      g = g.neg();
+    }
+    buffer.lerp_(g, 1.0 - momentum);
+    updates[i] = nesterov ? g.lerp(buffer, momentum) : buffer;
+  }
+
+  // Orthogonalize each matrix (a param with more dims as (shape[0], rest)).
+  std::vector<at::Tensor> orthogonal(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t rows = group->params[i].size(0);
+    orthogonal[i] = common::newton_schulz(updates[i].reshape({rows, -1}), ns);
+  }
+
+  // Decoupled decay with the unscaled lr, then the scaled step.
+  const double decay = 1.0 - group->lr * weight_decay;
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor& param = group->params[i];
+    const int64_t rows = param.size(0);
+    const double alpha = -group->lr * muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
+    const at::Tensor update = orthogonal[i].reshape(param.sizes());
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(param, update, decay, alpha, stochastic_rounding, stream);
+    } else {
+      param.mul_(decay);
+      param.add_(update, alpha);
+    }
+  }
+  group->finish();
+}
+
+}  // namespace torchopt_ext::functional

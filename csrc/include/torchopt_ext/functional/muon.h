@@ -1,0 +1,29 @@
+// Muon step over the matrix params of a group (classic.md §11): momentum,
+// Newton-Schulz orthogonalization, shape-dependent lr scale, decoupled weight decay. The single implementation
+// behind torchopt_ext::optim::Muon and torch.ops.torchopt_ext.muon_step_.
+// Params with more than two dims are treated as (shape[0], rest) matrices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace torchopt_ext::functional {
+
+// ns_coefficients: (a, b, c) triples, one per iteration (the last repeats).
+// adjust_lr_fn: "original" (sqrt(max(1, rows/cols))) or "match_rms_adamw"
+// (0.2 sqrt(max(rows, cols))). ns_dtype: dtype of the iteration (nullopt: the
+// param's). AMP arguments as in adam_step_.
+void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                at::TensorList state_steps, const at::Tensor& lr, double weight_decay, double momentum, bool nesterov,
+                at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps, c10::string_view adjust_lr_fn,
+                c10::string_view ns_normalization, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf);
+
+// The lr multiplier of a (rows, cols) matrix for adjust_lr_fn.
+double muon_lr_scale(c10::string_view adjust_lr_fn, int64_t rows, int64_t cols);
+
+}  // namespace torchopt_ext::functional

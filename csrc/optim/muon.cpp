@@ -1,0 +1,232 @@
+#include "torchopt_ext/optim/muon.h"
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <cmath>
+
+#include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/functional/adam.h"
+#include "torchopt_ext/functional/muon.h"
+
+namespace torchopt_ext::optim {
+
+MuonOptions::MuonOptions(double lr) : lr_(lr) {}
+
+void MuonOptions::validate() const {
+  TORCH_CHECK_VALUE(std::isfinite(lr()) && lr() >= 0.0, "Muon: lr must be >= 0, got ", lr());
+  TORCH_CHECK_VALUE(weight_decay() >= 0.0, "Muon: weight_decay must be >= 0, got ", weight_decay());
+  TORCH_CHECK_VALUE(momentum() >= 0.0 && momentum() < 1.0, "Muon: momentum must be in [0, 1), got ", momentum());
+  common::ns_coefficients_from_flat(ns_coefficients(), "ns_coefficients");
+  TORCH_CHECK_VALUE(eps() >= 0.0, "Muon: eps must be >= 0, got ", eps());
+  TORCH_CHECK_VALUE(ns_steps() >= 1 && ns_steps() < 100, "Muon: ns_steps must be in [1, 100), got ", ns_steps());
+  TORCH_CHECK_VALUE(adjust_lr_fn() == "original" || adjust_lr_fn() == "match_rms_adamw",
+                    "Muon: adjust_lr_fn must be 'original' or 'match_rms_adamw', got '", adjust_lr_fn(), "'");
+  common::parse_ns_normalization(ns_normalization(), "ns_normalization");
+  if (ns_dtype()) {
+    TORCH_CHECK_VALUE(at::isFloatingType(*ns_dtype()), "Muon: ns_dtype must be a floating dtype, got ", *ns_dtype());
+  }
+  if (adam_lr()) {
+    TORCH_CHECK_VALUE(*adam_lr() >= 0.0, "Muon: adam_lr must be >= 0, got ", *adam_lr());
+  }
+  const auto [beta1, beta2] = adam_betas();
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "Muon: adam_betas[0] must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "Muon: adam_betas[1] must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(adam_eps() >= 0.0, "Muon: adam_eps must be >= 0, got ", adam_eps());
+  if (adam_weight_decay()) {
+    TORCH_CHECK_VALUE(*adam_weight_decay() >= 0.0, "Muon: adam_weight_decay must be >= 0, got ", *adam_weight_decay());
+  }
+  detail::check_state_dtype("Muon", state_dtype());
+}
+
+bool operator==(const MuonOptions& lhs, const MuonOptions& rhs) {
+  return lhs.lr() == rhs.lr() && lhs.weight_decay() == rhs.weight_decay() && lhs.momentum() == rhs.momentum() &&
+         lhs.nesterov() == rhs.nesterov() && lhs.ns_coefficients() == rhs.ns_coefficients() && lhs.eps() == rhs.eps() &&
+         lhs.ns_steps() == rhs.ns_steps() && lhs.adjust_lr_fn() == rhs.adjust_lr_fn() &&
+         lhs.ns_normalization() == rhs.ns_normalization() && lhs.ns_dtype() == rhs.ns_dtype() &&
+         lhs.use_muon() == rhs.use_muon() && lhs.adam_lr() == rhs.adam_lr() && lhs.initial_lr() == rhs.initial_lr() &&
+         lhs.adam_betas() == rhs.adam_betas() && lhs.adam_eps() == rhs.adam_eps() &&
+         lhs.adam_weight_decay() == rhs.adam_weight_decay() && lhs.maximize() == rhs.maximize() &&
+         lhs.state_dtype() == rhs.state_dtype() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
+         lhs.seed() == rhs.seed();
+}
+
+namespace {
+
+// Optional non-negative doubles are archived with -1 for "not set".
+double encode_optional(const std::optional<double>& value) { return value ? *value : -1.0; }
+std::optional<double> decode_optional(double value) {
+  return value < 0.0 ? std::nullopt : std::optional<double>(value);
+}
+
+}  // namespace
+
+void MuonOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_coefficients);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_steps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adjust_lr_fn);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_normalization);
+  archive.write("ns_dtype", torch::IValue(detail::encode_dtype(ns_dtype())));
+  archive.write("use_muon", torch::IValue(static_cast<int64_t>(use_muon() ? (*use_muon() ? 1 : 0) : -1)));
+  archive.write("adam_lr", torch::IValue(encode_optional(adam_lr())));
+  archive.write("initial_lr", torch::IValue(encode_optional(initial_lr())));
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_betas);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_eps);
+  archive.write("adam_weight_decay", torch::IValue(encode_optional(adam_weight_decay())));
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  detail::write_storage_options(archive, *this);
+}
+
+void MuonOptions::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, ns_coefficients);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, ns_steps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, adjust_lr_fn);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, ns_normalization);
+  torch::IValue value;
+  archive.read("ns_dtype", value);
+  ns_dtype(detail::decode_dtype(value.toInt()));
+  archive.read("use_muon", value);
+  const int64_t route = value.toInt();
+  use_muon(route < 0 ? std::nullopt : std::optional<bool>(route == 1));
+  archive.read("adam_lr", value);
+  adam_lr(decode_optional(value.toDouble()));
+  archive.read("initial_lr", value);
+  initial_lr(decode_optional(value.toDouble()));
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, adam_betas);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adam_eps);
+  archive.read("adam_weight_decay", value);
+  adam_weight_decay(decode_optional(value.toDouble()));
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  detail::read_storage_options(archive, *this);
+}
+
+double MuonOptions::get_lr() const { return lr(); }
+
+void MuonOptions::set_lr(const double lr) { this->lr(lr); }
+
+bool operator==(const MuonParamState& lhs, const MuonParamState& rhs) {
+  using detail::same_state_tensor;
+  return same_state_tensor(lhs.step(), rhs.step()) && same_state_tensor(lhs.momentum_buffer(), rhs.momentum_buffer()) &&
+         same_state_tensor(lhs.exp_avg(), rhs.exp_avg()) && same_state_tensor(lhs.exp_avg_sq(), rhs.exp_avg_sq());
+}
+
+void MuonParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+}
+
+void MuonParamState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, step);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, momentum_buffer);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg_sq);
+}
+
+Muon::Muon(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MuonOptions defaults)
+    : OptimizerBase<MuonOptions>(param_groups, defaults) {
+  for (auto& group : param_groups_) {
+    if (!options_of(group).initial_lr()) {
+      options_of(group).initial_lr(options_of(group).lr());
+    }
+    for (const auto& param : group.params()) {
+      TORCH_CHECK_VALUE(!(options_of(group).use_muon().value_or(false) && param.dim() < 2),
+                        "Muon: use_muon=true needs matrices, got a param of shape ", param.sizes());
+    }
+  }
+}
+
+Muon::Muon(std::vector<at::Tensor> params, MuonOptions defaults)
+    : Muon(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
+           std::move(defaults)) {}
+
+double Muon::adam_branch_lr(const MuonOptions& options) {
+  if (!options.adam_lr()) {
+    return options.lr();
+  }
+  const double initial = options.initial_lr().value_or(options.lr());
+  return initial > 0.0 ? options.lr() * (*options.adam_lr() / initial) : 0.0;
+}
+
+bool Muon::routes_to_muon(const MuonOptions& options, const at::Tensor& param) {
+  return options.use_muon() ? *options.use_muon() : param.dim() == 2;
+}
+
+at::Tensor Muon::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  at::Tensor loss = run_closure(closure);
+  for (auto& group : param_groups_) {
+    auto& options = options_of(group);
+    if (!options.initial_lr()) {  // a group added after construction
+      options.initial_lr(options.lr());
+    }
+    std::vector<at::Tensor> params, grads, buffers, steps;
+    std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
+    for (auto& param : group.params()) {
+      if (!param.grad().defined()) {
+        continue;
+      }
+      const bool matrix = routes_to_muon(options, param);
+      auto& state = state_of<MuonParamState>(param, [&] {
+        auto fresh = std::make_unique<MuonParamState>();
+        fresh->step(detail::new_step_counter());
+        if (matrix) {
+          fresh->momentum_buffer(detail::zeros_state(param, options.state_dtype()));
+        } else {
+          fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
+          fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
+        }
+        return fresh;
+      });
+      if (matrix) {
+        params.push_back(param);
+        grads.push_back(param.grad());
+        buffers.push_back(state.momentum_buffer());
+        steps.push_back(state.step());
+      } else {
+        params_adam.push_back(param);
+        grads_adam.push_back(param.grad());
+        exp_avgs.push_back(state.exp_avg());
+        exp_avg_sqs.push_back(state.exp_avg_sq());
+        steps_adam.push_back(state.step());
+      }
+    }
+    if (!params.empty()) {
+      functional::muon_step_(params, grads, buffers, steps, at::scalar_tensor(options.lr(), at::kDouble),
+                             options.weight_decay(), options.momentum(), options.nesterov(), options.ns_coefficients(),
+                             options.ns_steps(), options.eps(), options.adjust_lr_fn(), options.ns_normalization(),
+                             options.ns_dtype(), options.maximize(), options.stochastic_rounding(), options.seed(),
+                             std::nullopt, std::nullopt);
+    }
+    if (!params_adam.empty()) {
+      const auto [beta1, beta2] = options.adam_betas();
+      functional::adam_step_(params_adam, grads_adam, exp_avgs, exp_avg_sqs, {}, steps_adam,
+                             at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2, options.adam_eps(),
+                             options.adam_weight_decay().value_or(options.weight_decay()),
+                             /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
+                             options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+    }
+  }
+  return loss;
+}
+
+void Muon::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<MuonParamState, MuonOptions>(archive, *this);
+}
+
+void Muon::load(torch::serialize::InputArchive& archive) {
+  torch::optim::serialize<MuonParamState, MuonOptions>(archive, *this);
+}
+
+}  // namespace torchopt_ext::optim

@@ -1,0 +1,251 @@
+"""Muon (Jordan et al. 2024): momentum orthogonalized by Newton-Schulz, with
+an AdamW fallback for the params that are not matrices."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+from ._base import (
+    FusedOptimizer,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_state_dtype,
+    draw_seed,
+    local,
+)
+
+_ADJUST_LR_FNS = ("original", "match_rms_adamw")
+_NORMALIZATIONS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def _flatten_coefficients(coefficients: Any) -> list[float]:
+    """One (a, b, c) triple or a table of them, as the op's flat list."""
+    flat_triple = len(coefficients) > 0 and not isinstance(coefficients[0], Sequence)
+    rows = [coefficients] if flat_triple else coefficients
+    flat = []
+    for row in rows:
+        if not isinstance(row, Sequence) or len(row) != 3:
+            raise ValueError(f"Invalid ns_coefficients: expected (a, b, c) triples, got {coefficients!r}")
+        flat.extend(float(x) for x in row)
+    if not flat or not all(math.isfinite(x) for x in flat):
+        raise ValueError(f"Invalid ns_coefficients: expected finite (a, b, c) triples, got {coefficients!r}")
+    return flat
+
+
+class Muon(FusedOptimizer):
+    """Drop-in for ``torch.optim.Muon`` (same names and defaults) that also takes
+    the params Muon does not orthogonalize.
+
+    Matrix params: ``B = lerp(B, g, 1 - momentum)``; ``U = lerp(g, B, momentum)``
+    (Nesterov) or ``B``; ``O = NS(U)`` (``ns_steps`` quintic Newton-Schulz
+    iterations with ``ns_coefficients``, in ``ns_dtype``, bf16 by default as in
+    torch); ``p *= 1 - lr * weight_decay``; ``p -= lr * s * O`` with
+    ``s = sqrt(max(1, rows/cols))`` (``adjust_lr_fn=None``/``"original"``) or
+    ``0.2 * sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonlight).
+
+    Routing: by default 2-D params take Muon and every other param (0-D, 1-D,
+    >= 3-D) takes AdamW with ``adam_lr`` (default: ``lr``; it follows lr
+    schedules in proportion), ``adam_betas``, ``adam_eps`` and
+    ``adam_weight_decay`` (default: ``weight_decay``). A param group's
+    ``use_muon`` overrides this: ``False`` sends a group (embeddings, heads) to
+    AdamW; ``True`` sends >= 3-D params (conv kernels) to Muon as
+    ``(shape[0], rest)`` matrices.
+
+    Extras: ``ns_coefficients`` may be a table of triples (one per iteration,
+    the last repeated); ``ns_normalization`` ``"frobenius"`` (torch's
+    ``X / max(||X||_F, eps)``), ``"spectral"``, ``"aol"`` or ``"schatten"``;
+    ``ns_dtype=torch.float32`` for an fp32 iteration; ``maximize``;
+    ``state_dtype`` (momentum storage), ``stochastic_rounding``/``seed`` for
+    bf16 params, as in :class:`torchopt_ext.optim.AdamW`. State keys follow
+    torch: ``momentum_buffer`` (plus ``step``), and ``exp_avg``/``exp_avg_sq``
+    for AdamW-routed params.
+    """
+
+    _op = "muon_step_"
+    _state_keys = ("momentum_buffer",)
+    _fallback_state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, torch.Tensor] = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Any = (3.4445, -4.775, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: Optional[str] = None,
+        *,
+        ns_normalization: str = "frobenius",
+        ns_dtype: Optional[torch.dtype] = torch.bfloat16,
+        adam_lr: Optional[float] = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        adam_weight_decay: Optional[float] = None,
+        maximize: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        if adam_lr is not None:
+            check_non_negative("adam_lr value", adam_lr)
+        lr_value = float(lr)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_normalization=ns_normalization,
+            ns_dtype=ns_dtype,
+            use_muon=None,
+            adam_lr_ratio=1.0 if adam_lr is None else (adam_lr / lr_value if lr_value > 0 else 0.0),
+            adam_betas=tuple(adam_betas),
+            adam_eps=adam_eps,
+            adam_weight_decay=adam_weight_decay,
+            maximize=maximize,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=draw_seed(seed, stochastic_rounding),
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_non_negative("weight_decay value", group["weight_decay"])
+        check_range("momentum value", group["momentum"], 0.0, 1.0)
+        _flatten_coefficients(group["ns_coefficients"])
+        check_non_negative("epsilon value (eps)", group["eps"])
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+            raise ValueError(f"Invalid ns_steps: must be an int in [1, 100), got {steps!r}")
+        if group["adjust_lr_fn"] is not None and group["adjust_lr_fn"] not in _ADJUST_LR_FNS:
+            raise ValueError(
+                f"Invalid adjust_lr_fn: must be None or one of {_ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
+            )
+        if str(group["ns_normalization"]).lower() not in _NORMALIZATIONS:
+            raise ValueError(
+                f"Invalid ns_normalization: must be one of {_NORMALIZATIONS}, got {group['ns_normalization']!r}"
+            )
+        if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
+            raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
+        if group["use_muon"] not in (None, True, False):
+            raise ValueError(f"Invalid use_muon: must be None, True or False, got {group['use_muon']!r}")
+        check_betas(group["adam_betas"])
+        check_non_negative("adam_eps value", group["adam_eps"])
+        if group["adam_weight_decay"] is not None:
+            check_non_negative("adam_weight_decay value", group["adam_weight_decay"])
+        check_state_dtype(group["state_dtype"])
+        for p in group.get("params", ()):
+            if group["use_muon"] and p.dim() < 2:
+                raise ValueError(f"Invalid use_muon=True: a param of shape {tuple(p.shape)} is not a matrix")
+
+    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        if group["use_muon"] is None:
+            return p.dim() == 2
+        return group["use_muon"]
+
+    def _init_group(
+        self,
+        group,
+        params,
+        grads,
+        state_steps,
+        momentum_buffers,
+        params_adam,
+        grads_adam,
+        steps_adam,
+        exp_avgs,
+        exp_avg_sqs,
+    ):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            if self._is_matrix(group, p):
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = self._new_state(p, group, "momentum_buffer")
+                momentum_buffers.append(local(state["momentum_buffer"]))
+                params.append(local(p))
+                grads.append(local(p.grad))
+                state_steps.append(state["step"])
+            else:
+                for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
+                    if key not in state:
+                        state[key] = self._new_state(p, group, key)
+                    out.append(local(state[key]))
+                params_adam.append(local(p))
+                grads_adam.append(local(p.grad))
+                steps_adam.append(state["step"])
+
+    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_coefficients=_flatten_coefficients(group["ns_coefficients"]),
+            ns_steps=group["ns_steps"],
+            eps=group["eps"],
+            adjust_lr_fn=group["adjust_lr_fn"] or "original",
+            ns_normalization=str(group["ns_normalization"]).lower(),
+            ns_dtype=group["ns_dtype"],
+            maximize=group["maximize"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        for group in self.param_groups:
+            lists = [[] for _ in range(9)]
+            self._init_group(group, *lists)
+            params, grads, state_steps, momentum_buffers = lists[:4]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[4:]
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.tensor(lr, dtype=torch.float64)
+            rounding = dict(stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
+            if params:
+                torch.ops.torchopt_ext.muon_step_(
+                    params, grads, momentum_buffers, state_steps, lr, **self._op_kwargs(group), **rounding, **amp
+                )
+            if params_adam:
+                beta1, beta2 = group["adam_betas"]
+                weight_decay = group["adam_weight_decay"]
+                torch.ops.torchopt_ext.adam_step_(
+                    params_adam,
+                    grads_adam,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps_adam,
+                    lr * group["adam_lr_ratio"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["adam_eps"],
+                    weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
+                    decoupled_weight_decay=True,
+                    amsgrad=False,
+                    maximize=group["maximize"],
+                    **rounding,
+                    **amp,
+                )
+        return loss
