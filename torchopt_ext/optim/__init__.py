@@ -8,6 +8,7 @@ from .mars import MARS
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
+from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD", "ScheduleFree"]

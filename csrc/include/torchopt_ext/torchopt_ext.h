@@ -8,6 +8,7 @@
 #include "torchopt_ext/functional/nadam.h"
 #include "torchopt_ext/functional/qhadam.h"
 #include "torchopt_ext/functional/radam.h"
+#include "torchopt_ext/functional/schedulefree.h"
 #include "torchopt_ext/functional/sgd.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
