@@ -74,4 +74,6 @@ ALL_OPTIMIZERS = {
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
     "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    "ScheduleFreeAdamW": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, r=0.5),
+    "ScheduleFreeSGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=2),
 }

@@ -11,4 +11,17 @@ from .radam import RAdam
 from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD", "ScheduleFree"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "NAdamW",
+    "RAdam",
+    "QHAdamW",
+    "Lion",
+    "MARS",
+    "LAMB",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "ScheduleFree",
+]

@@ -275,7 +275,9 @@ class ScheduleFree(torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if not isinstance(weighting_mode, str) or weighting_mode.lower() not in _WEIGHTING_MODES:
-            raise ValueError(f"Invalid weighting_mode: must be one of {_WEIGHTING_MODES} (any case), got {weighting_mode!r}")
+            raise ValueError(
+                f"Invalid weighting_mode: must be one of {_WEIGHTING_MODES} (any case), got {weighting_mode!r}"
+            )
         if not 0.0 < b1 <= 1.0:
             raise ValueError(f"Invalid b1: must be in (0, 1], got {b1}")
         if not 0.0 < b1_max <= 1.0:
@@ -424,7 +426,12 @@ class ScheduleFree(torch.optim.Optimizer):
         each param's ``z`` by its index in the groups, the mode and the options."""
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         zs = {index[p]: s["z"] for p, s in self.state.items() if "z" in s and p in index}
-        return {"base": self.base_optimizer.state_dict(), "z": zs, "train_mode": self.train_mode, "options": dict(self.defaults)}
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "z": zs,
+            "train_mode": self.train_mode,
+            "options": dict(self.defaults),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict["base"])
