@@ -112,9 +112,8 @@ void schedulefree_adamw_step_(at::TensorList params, at::TensorList grads, at::T
   check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
   common::check_scalar_list(op, "weight_sums", params, weight_sums);
   common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
-  auto group = common::prepare_elementwise_group<2>(op, params, grads,
-                                                    {{{"zs", zs}, {"exp_avg_sqs", exp_avg_sqs}}}, state_steps, lr,
-                                                    grad_scale, found_inf);
+  auto group = common::prepare_elementwise_group<2>(op, params, grads, {{{"zs", zs}, {"exp_avg_sqs", exp_avg_sqs}}},
+                                                    state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
@@ -127,17 +126,17 @@ void schedulefree_adamw_step_(at::TensorList params, at::TensorList grads, at::T
 }
 
 void schedulefree_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList weight_sums,
-                            at::TensorList lr_maxes, at::TensorList state_steps, const at::Tensor& lr,
-                            double momentum, double weight_decay, int64_t warmup_steps, double r,
-                            double weight_lr_power, bool stochastic_rounding, int64_t seed,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                            at::TensorList lr_maxes, at::TensorList state_steps, const at::Tensor& lr, double momentum,
+                            double weight_decay, int64_t warmup_steps, double r, double weight_lr_power,
+                            bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "schedulefree_sgd_step_";
   check_hyperparameter(op, "momentum", momentum, momentum > 0.0 && momentum < 1.0, "in (0, 1)");
   check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
   common::check_scalar_list(op, "weight_sums", params, weight_sums);
   common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
-  auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"zs", zs}}}, state_steps, lr, grad_scale,
-                                                    found_inf);
+  auto group =
+      common::prepare_elementwise_group<1>(op, params, grads, {{{"zs", zs}}}, state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
@@ -156,7 +155,8 @@ void schedulefree_set_mode_(at::TensorList params, at::TensorList zs, double bet
     return;
   }
   const double weight = to_eval ? 1.0 - 1.0 / beta : 1.0 - beta;
-  with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) { kernels::cpu::schedulefree_lerp_to_z(p, z, weight); });
+  with_dense_pairs(params, zs,
+                   [&](at::TensorList p, at::TensorList z) { kernels::cpu::schedulefree_lerp_to_z(p, z, weight); });
 }
 
 void schedulefree_wrapper_pre_(at::TensorList params, at::TensorList zs, const at::Tensor& sf_state,
@@ -172,8 +172,9 @@ void schedulefree_wrapper_pre_(at::TensorList params, at::TensorList zs, const a
     return;
   }
   const double decay = lr_value * weight_decay_at_y + lr_value * lr_value * adamc_weight_decay;
-  with_dense_pairs(params, zs,
-                   [&](at::TensorList p, at::TensorList z) { kernels::cpu::schedulefree_wrapper_pre(p, z, beta, decay); });
+  with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
+    kernels::cpu::schedulefree_wrapper_pre(p, z, beta, decay);
+  });
 }
 
 void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const at::Tensor& sf_state,

@@ -18,4 +18,5 @@
 #include "torchopt_ext/optim/nadamw.h"
 #include "torchopt_ext/optim/qhadamw.h"
 #include "torchopt_ext/optim/radam.h"
+#include "torchopt_ext/optim/schedulefree.h"
 #include "torchopt_ext/optim/sgd.h"

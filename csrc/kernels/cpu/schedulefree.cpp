@@ -202,8 +202,8 @@ struct WrapperPost {
 void schedulefree_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList exp_avg_sqs,
                              const std::vector<ScheduleFreeScalars>& scalars, const std::vector<double>& steps,
                              const ScheduleFreeAdamWHyperparams& hp, const ElementwiseOptions& options) {
-  elementwise_step<ScheduleFreeAdamWAlgo>("schedulefree_adamw_step_", params, grads, {zs, exp_avg_sqs}, scalars,
-                                          steps, hp, options);
+  elementwise_step<ScheduleFreeAdamWAlgo>("schedulefree_adamw_step_", params, grads, {zs, exp_avg_sqs}, scalars, steps,
+                                          hp, options);
 }
 
 void schedulefree_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList zs,

@@ -11,8 +11,8 @@ namespace torchopt_ext::kernels::cpu {
 // Per-tensor scalars of a Schedule-Free step, computed on the host from the
 // tensor's step, weight_sum and lr_max (rollfast.md §4.2, SF's weighting).
 struct ScheduleFreeScalars {
-  double lr = 0.0;      // lr after warm-up
-  double ckp1 = 0.0;    // c_{k+1}: weight of the new z in the average x
+  double lr = 0.0;                // lr after warm-up
+  double ckp1 = 0.0;              // c_{k+1}: weight of the new z in the average x
   double bias_correction2 = 1.0;  // AdamW only
 };
 

@@ -32,10 +32,10 @@ void schedulefree_adamw_step_(at::TensorList params, at::TensorList grads, at::T
 // Fused Schedule-Free SGD (SGDScheduleFree): as above with d = g + wd y and
 // momentum in place of beta1.
 void schedulefree_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList weight_sums,
-                            at::TensorList lr_maxes, at::TensorList state_steps, const at::Tensor& lr,
-                            double momentum, double weight_decay, int64_t warmup_steps, double r,
-                            double weight_lr_power, bool stochastic_rounding, int64_t seed,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                            at::TensorList lr_maxes, at::TensorList state_steps, const at::Tensor& lr, double momentum,
+                            double weight_decay, int64_t warmup_steps, double r, double weight_lr_power,
+                            bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf);
 
 // Train/eval switch: to_eval maps y to x = (y - (1-beta) z) / beta, otherwise
 // x to y = (1-beta) z + beta x (both as torch.lerp towards z).
