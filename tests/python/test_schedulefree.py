@@ -5,6 +5,7 @@ train/eval switching, checkpoints in both modes and the AdamC first step."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -444,3 +445,40 @@ def test_eval_train_round_trip_restores_y():
     assert not torch.allclose(ps[0], y)
     opt.train()
     torch.testing.assert_close(ps[0], y, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize(
+    "ours_cls, ref_cls, kwargs",
+    [
+        (tox.ScheduleFreeAdamW, schedulefree.AdamWScheduleFree, dict(lr=1e-2, warmup_steps=4, weight_decay=0.1)),
+        (tox.ScheduleFreeSGD, schedulefree.SGDScheduleFree, dict(lr=0.05, r=0.5)),
+    ],
+)
+def test_loads_a_schedulefree_package_checkpoint(ours_cls, ref_cls, kwargs, mode):
+    dtype = torch.float64
+    ps = make_params([(5, 3), (4,)], dtype)
+    ref = ref_cls(ps, **kwargs)
+    ref.train()
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(12)]
+    for g in grads[:6]:
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+        ref.step()
+    if mode == "eval":
+        ref.eval()
+    saved = copy.deepcopy(ref.state_dict())  # state_dict() shares the live state tensors
+    qs = [p.detach().clone() for p in ps]
+    ours = ours_cls(qs, **kwargs)
+    ours.load_state_dict(saved)
+    assert all(group["train_mode"] == (mode == "train") for group in ours.param_groups)
+    ref.train()
+    ours.train()
+    for g in grads[6:]:
+        for p, q, gi in zip(ps, qs, g):
+            p.grad = gi.clone()
+            q.grad = gi.clone()
+        ref.step()
+        ours.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)

@@ -53,6 +53,24 @@ class _ScheduleFreeFused(FusedOptimizer):
             return torch.full((), -1.0, dtype=torch.float64)
         return super()._new_state(p, group, key)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also loads the schedulefree package's checkpoints, whose step count
+        and weighting scalars are per group (``k``, ``weight_sum``, ``lr_max``)
+        rather than per param."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if "k" not in group:
+                continue
+            k, weight_sum, lr_max = group.pop("k"), group.pop("weight_sum", 0.0), group.pop("lr_max", -1.0)
+            for key in ("scheduled_lr", "foreach"):
+                group.pop(key, None)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "z" in state and "step" not in state:
+                    state["step"] = torch.tensor(float(k), dtype=torch.float32)
+                    state["weight_sum"] = torch.tensor(float(weight_sum), dtype=torch.float64)
+                    state["lr_max"] = torch.tensor(float(lr_max), dtype=torch.float64)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         for group in self.param_groups:
