@@ -482,3 +482,16 @@ def test_loads_a_schedulefree_package_checkpoint(ours_cls, ref_cls, kwargs, mode
         ours.step()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [tox.ScheduleFreeAdamW, tox.ScheduleFreeSGD])
+def test_nan_gradient_poisons_only_its_element(cls):
+    # As every torchopt_ext optimizer: NaN/Inf grads are applied as they are.
+    p = torch.randn(40)
+    opt = cls([p], lr=0.01)
+    g = torch.randn(40)
+    g[3] = float("nan")
+    p.grad = g
+    opt.step()
+    assert torch.isnan(p[3]) and torch.isnan(opt.state[p]["z"][3])
+    assert torch.isfinite(torch.cat([p[:3], p[4:]])).all()
