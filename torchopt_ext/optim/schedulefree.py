@@ -39,8 +39,8 @@ class _ScheduleFreeFused(FusedOptimizer):
 
     _scalar_state_keys = ("weight_sum", "lr_max")
 
-    def _beta(self, group: dict[str, Any]) -> float:
-        raise NotImplementedError
+    # Subclasses define `_beta(group) -> float`: the b1 / momentum that mixes
+    # x and z into y (used by the train/eval switch).
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "z":
