@@ -267,7 +267,11 @@ class ScheduleFree(torch.optim.Optimizer):
     optimizer no weight decay of its own when using them.
 
     Memory: one extra param-sized buffer per param (``z``, in ``state_dtype``
-    or the param's dtype); the base optimizer's state is unchanged. ``param_groups``
+    or the param's dtype); the base optimizer's state is unchanged. The base
+    optimizer steps z in the param itself, so with bf16/fp16 params z is
+    rounded to the param dtype once per step whatever ``state_dtype`` is
+    (the package's wrapper does the same); the fused optimizers do not have
+    this limit. ``param_groups``
     are the base optimizer's, so LR schedulers may be attached to either.
     :meth:`eval` / :meth:`train` switch the params between x and y; the mode
     and the per-group scalars (k, weight sum, lr_max, current b1) are in
