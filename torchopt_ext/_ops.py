@@ -98,3 +98,47 @@ def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:
         raise ValueError(f"newton_schulz: input must have at least 2 dims, got {input.dim()}")
     return input.new_empty(input.shape, dtype=dtype or input.dtype)
+
+
+@torch.library.register_fake("torchopt_ext::schedulefree_adamw_step_")
+def _schedulefree_adamw_step_fake(
+    params, grads, zs, exp_avg_sqs, weight_sums, lr_maxes, state_steps, lr, **kwargs
+) -> None:
+    _check_lengths(
+        "schedulefree_adamw_step_",
+        params,
+        grads=grads,
+        zs=zs,
+        exp_avg_sqs=exp_avg_sqs,
+        weight_sums=weight_sums,
+        lr_maxes=lr_maxes,
+        state_steps=state_steps,
+    )
+
+
+@torch.library.register_fake("torchopt_ext::schedulefree_sgd_step_")
+def _schedulefree_sgd_step_fake(params, grads, zs, weight_sums, lr_maxes, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "schedulefree_sgd_step_",
+        params,
+        grads=grads,
+        zs=zs,
+        weight_sums=weight_sums,
+        lr_maxes=lr_maxes,
+        state_steps=state_steps,
+    )
+
+
+@torch.library.register_fake("torchopt_ext::schedulefree_set_mode_")
+def _schedulefree_set_mode_fake(params, zs, **kwargs) -> None:
+    _check_lengths("schedulefree_set_mode_", params, zs=zs)
+
+
+@torch.library.register_fake("torchopt_ext::schedulefree_wrapper_pre_")
+def _schedulefree_wrapper_pre_fake(params, zs, sf_state, lr, **kwargs) -> None:
+    _check_lengths("schedulefree_wrapper_pre_", params, zs=zs)
+
+
+@torch.library.register_fake("torchopt_ext::schedulefree_wrapper_post_")
+def _schedulefree_wrapper_post_fake(params, zs, sf_state, lr, **kwargs) -> None:
+    _check_lengths("schedulefree_wrapper_post_", params, zs=zs)

@@ -105,6 +105,10 @@ def test_nan_gradients_propagate_without_crashing():
         ("Lion", dict(betas=(1.5, 0.99)), "betas\\[0\\]"),
         ("Lion", dict(weight_decay=-0.1), "weight_decay"),
         ("Lion", dict(lr=-1e-4), "lr"),
+        ("ScheduleFreeAdamW", dict(betas=(1.0, 0.999)), "betas\\[0\\]"),
+        ("ScheduleFreeAdamW", dict(weight_decay=-0.1), "weight_decay"),
+        ("ScheduleFreeSGD", dict(momentum=0.0), "momentum"),
+        ("ScheduleFreeSGD", dict(warmup_steps=1.5), "warmup_steps"),
     ],
 )
 def test_elementwise_family_rejects_bad_hyperparameters(name, kwargs, message):
@@ -112,7 +116,7 @@ def test_elementwise_family_rejects_bad_hyperparameters(name, kwargs, message):
         getattr(tox, name)(_param(), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["NAdamW", "RAdam", "QHAdamW", "Lion"])
+@pytest.mark.parametrize("name", ["NAdamW", "RAdam", "QHAdamW", "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"])
 def test_elementwise_family_rejects_sparse_gradients(name):
     p = torch.zeros(5)
     opt = getattr(tox, name)([p])

@@ -9,6 +9,21 @@ from .muon import Muon
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
+from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "Muon"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "NAdamW",
+    "RAdam",
+    "QHAdamW",
+    "Lion",
+    "MARS",
+    "LAMB",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "ScheduleFree",
+]

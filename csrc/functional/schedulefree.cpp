@@ -1,0 +1,236 @@
+#include "torchopt_ext/functional/schedulefree.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/schedulefree.h"
+
+namespace torchopt_ext::functional {
+namespace {
+
+using common::check_hyperparameter;
+
+double read_scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? static_cast<double>(*static_cast<const float*>(t.data_ptr()))
+                                       : *static_cast<const double*>(t.data_ptr());
+}
+
+// Raw write: the schema declares the mutation, and an ATen fill_ per tensor
+// would cost more than the update of a small param.
+void write_scalar(const at::Tensor& t, double value) {
+  if (t.scalar_type() == at::kFloat) {
+    *static_cast<float*>(t.data_ptr()) = static_cast<float>(value);
+  } else {
+    *static_cast<double*>(t.data_ptr()) = value;
+  }
+}
+
+void check_common(const char* op, double weight_decay, int64_t warmup_steps, double r, double weight_lr_power) {
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  check_hyperparameter(op, "warmup_steps", static_cast<double>(warmup_steps), warmup_steps >= 0, ">= 0");
+  check_hyperparameter(op, "r", r, std::isfinite(r), "finite");
+  check_hyperparameter(op, "weight_lr_power", weight_lr_power, std::isfinite(weight_lr_power), "finite");
+}
+
+// The schedulefree package's per-step scalars, in its order of operations
+// (Python floats are doubles), for every tensor from its own counters.
+std::vector<kernels::cpu::ScheduleFreeScalars> step_scalars(const std::vector<double>& steps, double lr,
+                                                            at::TensorList weight_sums, at::TensorList lr_maxes,
+                                                            int64_t warmup_steps, double r, double weight_lr_power,
+                                                            double beta2) {
+  std::vector<kernels::cpu::ScheduleFreeScalars> scalars(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const double k = steps[i] - 1.0;  // steps were already incremented
+    const double sched = k < static_cast<double>(warmup_steps) ? (k + 1.0) / static_cast<double>(warmup_steps) : 1.0;
+    const double scheduled_lr = lr * sched;
+    const double lr_max = std::max(scheduled_lr, read_scalar(lr_maxes[i]));
+    const double weight = std::pow(k + 1.0, r) * std::pow(lr_max, weight_lr_power);
+    const double weight_sum = read_scalar(weight_sums[i]) + weight;
+    write_scalar(lr_maxes[i], lr_max);
+    write_scalar(weight_sums[i], weight_sum);
+    scalars[i].lr = scheduled_lr;
+    scalars[i].ckp1 = weight_sum != 0.0 ? weight / weight_sum : 0.0;
+    scalars[i].bias_correction2 = 1.0 - std::pow(beta2, k + 1.0);
+  }
+  return scalars;
+}
+
+double read_state(const char* op, const at::Tensor& sf_state, std::array<double, 4>& out) {
+  TORCH_CHECK_VALUE(sf_state.defined() && sf_state.is_cpu() && sf_state.scalar_type() == at::kDouble &&
+                        sf_state.numel() == 4 && sf_state.is_contiguous(),
+                    op, ": sf_state must be a contiguous float64 CPU tensor of 4 values [k, weight_sum, lr_max, beta]");
+  const auto* data = static_cast<const double*>(sf_state.data_ptr());
+  std::copy(data, data + 4, out.begin());
+  return std::max(out[3], 1e-8);  // rollfast's floor on the beta it divides by
+}
+
+// (params, zs) of a wrapper/mode pass: same length, shapes, device; dense copies.
+void check_pairs(const char* op, at::TensorList params, at::TensorList zs) {
+  common::check_state_list(op, "zs", params, zs);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].is_floating_point() && !params[i].is_complex(), op, ": params[", i,
+                      "] must be a real floating tensor");
+  }
+  common::check_cpu_kernels_usable(op, params);
+}
+
+template <typename Fn>
+void with_dense_pairs(at::TensorList params, at::TensorList zs, const Fn& fn) {
+  common::DenseWorkspace workspace;
+  const auto dense_params = workspace.dense(params, true);
+  const auto dense_zs = workspace.dense(zs, true);
+  fn(dense_params, dense_zs);
+  workspace.finish();
+}
+
+}  // namespace
+
+std::string schedulefree_weighting_mode(c10::string_view mode) {
+  std::string lower(mode.data(), mode.size());
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  TORCH_CHECK_VALUE(lower == "theoretical" || lower == "practical" || lower == "schedulet" || lower == "power",
+                    "ScheduleFree: weighting_mode must be one of 'theoretical', 'practical', 'schedulet', 'power' ",
+                    "(any case), got '", std::string(mode.data(), mode.size()), "'");
+  return lower;
+}
+
+void schedulefree_adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList zs,
+                              at::TensorList exp_avg_sqs, at::TensorList weight_sums, at::TensorList lr_maxes,
+                              at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2, double eps,
+                              double weight_decay, int64_t warmup_steps, double r, double weight_lr_power,
+                              bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "schedulefree_adamw_step_";
+  check_hyperparameter(op, "beta1", beta1, beta1 > 0.0 && beta1 < 1.0, "in (0, 1)");
+  check_hyperparameter(op, "beta2", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
+  check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
+  common::check_scalar_list(op, "weight_sums", params, weight_sums);
+  common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
+  auto group = common::prepare_elementwise_group<2>(op, params, grads, {{{"zs", zs}, {"exp_avg_sqs", exp_avg_sqs}}},
+                                                    state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  const auto scalars =
+      step_scalars(group->steps, group->lr, weight_sums, lr_maxes, warmup_steps, r, weight_lr_power, beta2);
+  kernels::cpu::schedulefree_adamw_step(group->params, group->grads, group->state[0], group->state[1], scalars,
+                                        group->steps, {beta1, beta2, eps, weight_decay},
+                                        {stochastic_rounding, seed, group->amp.grad_scale});
+  group->finish();
+}
+
+void schedulefree_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList weight_sums,
+                            at::TensorList lr_maxes, at::TensorList state_steps, const at::Tensor& lr, double momentum,
+                            double weight_decay, int64_t warmup_steps, double r, double weight_lr_power,
+                            bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "schedulefree_sgd_step_";
+  check_hyperparameter(op, "momentum", momentum, momentum > 0.0 && momentum < 1.0, "in (0, 1)");
+  check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
+  common::check_scalar_list(op, "weight_sums", params, weight_sums);
+  common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
+  auto group =
+      common::prepare_elementwise_group<1>(op, params, grads, {{{"zs", zs}}}, state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  const auto scalars =
+      step_scalars(group->steps, group->lr, weight_sums, lr_maxes, warmup_steps, r, weight_lr_power, 0.0);
+  kernels::cpu::schedulefree_sgd_step(group->params, group->grads, group->state[0], scalars, group->steps,
+                                      {momentum, weight_decay}, {stochastic_rounding, seed, group->amp.grad_scale});
+  group->finish();
+}
+
+void schedulefree_set_mode_(at::TensorList params, at::TensorList zs, double beta, bool to_eval) {
+  constexpr const char* op = "schedulefree_set_mode_";
+  check_hyperparameter(op, "beta", beta, beta > 0.0 && beta <= 1.0, "in (0, 1]");
+  check_pairs(op, params, zs);
+  if (params.empty()) {
+    return;
+  }
+  const double weight = to_eval ? 1.0 - 1.0 / beta : 1.0 - beta;
+  with_dense_pairs(params, zs,
+                   [&](at::TensorList p, at::TensorList z) { kernels::cpu::schedulefree_lerp_to_z(p, z, weight); });
+}
+
+void schedulefree_wrapper_pre_(at::TensorList params, at::TensorList zs, const at::Tensor& sf_state,
+                               const at::Tensor& lr, double weight_decay_at_y, double adamc_weight_decay) {
+  constexpr const char* op = "schedulefree_wrapper_pre_";
+  check_hyperparameter(op, "weight_decay_at_y", weight_decay_at_y, weight_decay_at_y >= 0.0, ">= 0");
+  check_hyperparameter(op, "adamc_weight_decay", adamc_weight_decay, adamc_weight_decay >= 0.0, ">= 0");
+  const double lr_value = common::read_lr(op, lr);
+  std::array<double, 4> state{};
+  const double beta = read_state(op, sf_state, state);
+  check_pairs(op, params, zs);
+  if (params.empty()) {
+    return;
+  }
+  const double decay = lr_value * weight_decay_at_y + lr_value * lr_value * adamc_weight_decay;
+  with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
+    kernels::cpu::schedulefree_wrapper_pre(p, z, beta, decay);
+  });
+}
+
+void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const at::Tensor& sf_state,
+                                const at::Tensor& lr, c10::string_view weighting_mode, double b1, double r,
+                                double weight_lr_power, bool use_lr_max, int64_t c_warmup, int64_t b1_anneal_steps,
+                                double b1_max) {
+  constexpr const char* op = "schedulefree_wrapper_post_";
+  const std::string mode = schedulefree_weighting_mode(weighting_mode);
+  check_hyperparameter(op, "b1", b1, b1 > 0.0 && b1 <= 1.0, "in (0, 1]");
+  check_hyperparameter(op, "b1_max", b1_max, b1_max > 0.0 && b1_max <= 1.0, "in (0, 1]");
+  check_hyperparameter(op, "r", r, std::isfinite(r), "finite");
+  check_hyperparameter(op, "weight_lr_power", weight_lr_power, std::isfinite(weight_lr_power), "finite");
+  check_hyperparameter(op, "c_warmup", static_cast<double>(c_warmup), c_warmup >= 0, ">= 0");
+  check_hyperparameter(op, "b1_anneal_steps", static_cast<double>(b1_anneal_steps), b1_anneal_steps >= 0, ">= 0");
+  if (b1_anneal_steps > 0) {
+    check_hyperparameter(op, "b1", b1, b1 < 1.0, "< 1 when b1_anneal_steps > 0");
+    check_hyperparameter(op, "b1_max", b1_max, b1_max < 1.0, "< 1 when b1_anneal_steps > 0");
+  }
+  const double gamma = common::read_lr(op, lr);
+  std::array<double, 4> state{};
+  read_state(op, sf_state, state);
+  check_pairs(op, params, zs);
+  const double k = state[0];
+  double weight_sum = state[1];
+  const double lr_max = std::max(state[2], gamma);
+  const double g = (use_lr_max || mode == "power") ? lr_max : gamma;
+  double w = 1.0;
+  if (mode == "schedulet") {
+    w = g;
+  } else if (mode == "practical" || mode == "power") {
+    w = std::pow(g, weight_lr_power);
+  }
+  w *= std::pow(k + 1.0, r);
+  double c = 1.0;
+  if (k >= static_cast<double>(c_warmup)) {
+    weight_sum += w;
+    c = weight_sum > 0.0 ? w / std::max(weight_sum, 1e-30) : 0.0;
+  }
+  double beta_next = b1;
+  if (b1_anneal_steps > 0) {
+    // 1 - beta moves log-linearly from 1 - b1 to 1 - b1_max over the anneal steps.
+    const double frac = std::min((k + 1.0) / static_cast<double>(b1_anneal_steps), 1.0);
+    beta_next = 1.0 - std::exp((1.0 - frac) * std::log1p(-b1) + frac * std::log1p(-b1_max));
+  }
+  if (!params.empty()) {
+    with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
+      kernels::cpu::schedulefree_wrapper_post(p, z, c, beta_next);
+    });
+  }
+  auto* out = static_cast<double*>(sf_state.data_ptr());
+  out[0] = k + 1.0;
+  out[1] = weight_sum;
+  out[2] = lr_max;
+  out[3] = beta_next;
+}
+
+}  // namespace torchopt_ext::functional

@@ -1,0 +1,167 @@
+// Schedule-Free optimizers (Defazio et al. 2024; rollfast.md §4):
+// ScheduleFreeAdamW / ScheduleFreeSGD (fused, options named as the
+// schedulefree package's AdamWScheduleFree / SGDScheduleFree) and the
+// ScheduleFree wrapper around any torch::optim::Optimizer.
+//
+// The params hold y (where gradients are taken) while training and the
+// averaged point x after eval(); call train() before stepping again (step()
+// throws in eval mode). Optimizers start in train mode.
+#pragma once
+
+#include <torch/arg.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "torchopt_ext/optim/optimizer_base.h"
+
+namespace torchopt_ext::optim {
+
+struct ScheduleFreeAdamWOptions : public torch::optim::OptimizerCloneableOptions<ScheduleFreeAdamWOptions> {
+  ScheduleFreeAdamWOptions(double lr = 0.0025);  // NOLINT: implicit, as LibTorch's options
+  TORCH_ARG(double, lr) = 0.0025;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(int64_t, warmup_steps) = 0;
+  TORCH_ARG(double, r) = 0;
+  TORCH_ARG(double, weight_lr_power) = 2.0;
+  // Whether the params hold y (true) or x; kept per group and saved.
+  TORCH_ARG(bool, train_mode) = true;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  TORCH_ARG(int64_t, seed) = 0;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+  void validate() const;
+  friend bool operator==(const ScheduleFreeAdamWOptions& lhs, const ScheduleFreeAdamWOptions& rhs);
+};
+
+struct ScheduleFreeSGDOptions : public torch::optim::OptimizerCloneableOptions<ScheduleFreeSGDOptions> {
+  ScheduleFreeSGDOptions(double lr = 1.0);  // NOLINT: implicit, as LibTorch's options
+  TORCH_ARG(double, lr) = 1.0;
+  TORCH_ARG(double, momentum) = 0.9;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(int64_t, warmup_steps) = 0;
+  TORCH_ARG(double, r) = 0;
+  TORCH_ARG(double, weight_lr_power) = 2.0;
+  TORCH_ARG(bool, train_mode) = true;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  TORCH_ARG(int64_t, seed) = 0;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+  void validate() const;
+  friend bool operator==(const ScheduleFreeSGDOptions& lhs, const ScheduleFreeSGDOptions& rhs);
+};
+
+// Per-param state of both fused optimizers: z (param-shaped), exp_avg_sq
+// (AdamW only), and float64 scalars step, weight_sum (from 0), lr_max (from -1).
+struct ScheduleFreeParamState : public torch::optim::OptimizerCloneableParamState<ScheduleFreeParamState> {
+  TORCH_ARG(at::Tensor, step);
+  TORCH_ARG(at::Tensor, z);
+  TORCH_ARG(at::Tensor, exp_avg_sq);
+  TORCH_ARG(at::Tensor, weight_sum);
+  TORCH_ARG(at::Tensor, lr_max);
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const ScheduleFreeParamState& lhs, const ScheduleFreeParamState& rhs);
+};
+
+class ScheduleFreeAdamW : public OptimizerBase<ScheduleFreeAdamWOptions> {
+ public:
+  explicit ScheduleFreeAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                             ScheduleFreeAdamWOptions defaults = {});
+  explicit ScheduleFreeAdamW(std::vector<at::Tensor> params, ScheduleFreeAdamWOptions defaults = {});
+
+  at::Tensor step(LossClosure closure = nullptr) override;
+  // Params of every group to x (eval) or back to y (train); no-op if already there.
+  void eval();
+  void train();
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+};
+
+class ScheduleFreeSGD : public OptimizerBase<ScheduleFreeSGDOptions> {
+ public:
+  explicit ScheduleFreeSGD(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                           ScheduleFreeSGDOptions defaults = {});
+  explicit ScheduleFreeSGD(std::vector<at::Tensor> params, ScheduleFreeSGDOptions defaults = {});
+
+  at::Tensor step(LossClosure closure = nullptr) override;
+  void eval();
+  void train();
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+};
+
+// Options of the generic wrapper (see torchopt_ext.optim.ScheduleFree for the math).
+struct ScheduleFreeOptions {
+  TORCH_ARG(double, b1) = 0.9;
+  // "theoretical", "practical", "schedulet" or "power", any case.
+  TORCH_ARG(std::string, weighting_mode) = "practical";
+  TORCH_ARG(double, r) = 0.0;
+  TORCH_ARG(double, weight_lr_power) = 2.0;
+  // Weight with the running max of the lr (the schedulefree package's wrapper) instead of the current lr.
+  TORCH_ARG(bool, use_lr_max) = false;
+  TORCH_ARG(int64_t, c_warmup) = 0;
+  TORCH_ARG(int64_t, b1_anneal_steps) = 0;
+  TORCH_ARG(double, b1_max) = 0.965;
+  TORCH_ARG(double, weight_decay_at_y) = 0.0;
+  TORCH_ARG(double, adamc_weight_decay) = 0.0;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+
+ public:
+  void validate() const;
+};
+
+// Schedule-Free around any torch::optim::Optimizer: the base optimizer steps
+// z, the wrapper keeps z (one param-sized buffer per param) and the per-group
+// scalars [k, weight sum, lr_max, b1 in use]. LR schedulers attach to the base
+// optimizer (the wrapper reads each base group's lr every step).
+class ScheduleFree {
+ public:
+  explicit ScheduleFree(std::shared_ptr<torch::optim::Optimizer> base, ScheduleFreeOptions options = {});
+
+  at::Tensor step(torch::optim::Optimizer::LossClosure closure = nullptr);
+  void zero_grad(bool set_to_none = true);
+  void eval();
+  void train();
+  bool train_mode() const { return train_mode_; }
+  torch::optim::Optimizer& base() { return *base_; }
+  const ScheduleFreeOptions& options() const { return options_; }
+  // The group's [k, weight_sum, lr_max, b1] (float64, created on first use).
+  const at::Tensor& sf_state(size_t group);
+
+  // Saves the base optimizer under "base", z by flat param index, the group
+  // scalars and the mode.
+  void save(torch::serialize::OutputArchive& archive) const;
+  void load(torch::serialize::InputArchive& archive);
+
+ private:
+  void set_mode(bool train);
+
+  std::shared_ptr<torch::optim::Optimizer> base_;
+  ScheduleFreeOptions options_;
+  std::string mode_;  // canonical weighting_mode
+  bool train_mode_ = true;
+  std::unordered_map<c10::TensorImpl*, at::Tensor> z_;
+  std::vector<at::Tensor> sf_state_;
+};
+
+}  // namespace torchopt_ext::optim
