@@ -86,3 +86,13 @@ def _lamb_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwa
     _check_lengths(
         "lamb_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
     )
+
+
+@torch.library.register_fake("torchopt_ext::sophia_step_")
+def _sophia_step_fake(params, grads, exp_avgs, hessians, state_steps, lr, **kwargs) -> None:
+    _check_lengths("sophia_step_", params, grads=grads, exp_avgs=exp_avgs, hessians=hessians, state_steps=state_steps)
+
+
+@torch.library.register_fake("torchopt_ext::sophia_update_hessian_")
+def _sophia_update_hessian_fake(hessians, estimates, **kwargs) -> None:
+    _check_lengths("sophia_update_hessian_", hessians, estimates=estimates)

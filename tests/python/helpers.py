@@ -74,4 +74,7 @@ ALL_OPTIMIZERS = {
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
     "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    # h stays 0 in the generic tests (they never call update_hessian): sign steps.
+    "SophiaH": dict(lr=1e-2, weight_decay=0.1, seed=3),
+    "SophiaG": dict(lr=1e-2, weight_decay=0.1, seed=3),
 }

@@ -9,5 +9,6 @@ from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import SGD
+from .sophia import SophiaG, SophiaH
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "SophiaH", "SophiaG"]

@@ -9,6 +9,8 @@
 #include "torchopt_ext/functional/qhadam.h"
 #include "torchopt_ext/functional/radam.h"
 #include "torchopt_ext/functional/sgd.h"
+#include "torchopt_ext/functional/sophia.h"
+#include "torchopt_ext/hessian.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
 #include "torchopt_ext/optim/lamb.h"
@@ -18,3 +20,4 @@
 #include "torchopt_ext/optim/qhadamw.h"
 #include "torchopt_ext/optim/radam.h"
 #include "torchopt_ext/optim/sgd.h"
+#include "torchopt_ext/optim/sophia.h"
