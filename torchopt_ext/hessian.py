@@ -3,8 +3,8 @@
 Both return one estimate per param, aligned with ``params``: float32 for
 bfloat16/float16 params, else in the param's dtype; zeros for params the
 output does not depend on. The C++ twins live in ``torchopt_ext::hessian``
-(``csrc/include/torchopt_ext/hessian.h``) and draw the same random numbers
-from a generator in the same state.
+(``csrc/include/torchopt_ext/hessian.h``); they call the same ATen samplers
+in the same order.
 """
 
 from __future__ import annotations

@@ -11,9 +11,6 @@ from reference import sophia as ref
 import torchopt_ext.hessian as hz
 import torchopt_ext.optim as tox
 
-sophia_opt = pytest.importorskip("sophia_opt")  # pip sophia-opt==0.2.2 (the official SophiaG), in .ci/test.sh
-
-
 # -- update math -------------------------------------------------------------------
 
 
@@ -25,6 +22,7 @@ def _square_roots(params, scale):
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_sophia_g_matches_official_with_injected_hessians(dtype, maximize, weight_decay):
+    sophia_opt = pytest.importorskip("sophia_opt", reason="sophia-opt==0.2.2 is a test dependency (see .ci/test.sh)")
     # Official SophiaG with bs=1 is our step with gamma = rho and eps_mode "add".
     # Its update_hessian() blends p.grad**2, so each refresh feeds it s and us s*s.
     period, steps = 3, 24
@@ -128,6 +126,17 @@ def test_bf16_params_use_fp32_math_and_round_once():
         assert torch.equal(p16, p32.to(torch.bfloat16))
     assert b.state[p16]["hessian"].dtype == torch.float32
     assert torch.equal(b.state[p16]["exp_avg"], a.state[p32]["exp_avg"])
+
+
+def test_nan_gradient_propagates_like_torch_optim():
+    # Documented behaviour (docs/design.md): non-finite grads are applied as-is.
+    p = torch.ones(4)
+    opt = tox.SophiaG([p], lr=0.1)
+    opt.update_hessian(hessian=[torch.ones(4)])
+    p.grad = torch.tensor([float("nan"), 1.0, float("inf"), -1.0])
+    opt.step()
+    assert torch.isnan(p[0]) and torch.isfinite(p[1]) and torch.isfinite(p[3])
+    assert torch.isnan(opt.state[p]["exp_avg"][0]) and torch.isinf(opt.state[p]["exp_avg"][2])
 
 
 # -- estimators ----------------------------------------------------------------------

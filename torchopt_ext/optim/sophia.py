@@ -132,6 +132,8 @@ class _Sophia(FusedOptimizer):
         pairs = [(g, p) for g in due for p in g["params"] if p.requires_grad]
         with torch.enable_grad():
             output = closure()
+        if not pairs:  # no param of a due group requires grad: nothing to estimate
+            return output
         estimates = self._estimate(output, [p for _, p in pairs])
         self._apply_estimates([(g, p, e) for (g, p), e in zip(pairs, estimates)])
         return output
@@ -180,7 +182,8 @@ class SophiaH(_Sophia):
     ``seed`` seeds (None: drawn from torch's default generator). The closure
     may compute the training loss, whose ``.backward()`` the caller then runs
     separately (the estimator uses ``autograd.grad`` and does not touch
-    ``.grad``).
+    ``.grad``). One estimate covers every due group, so ``n_samples`` and
+    ``distribution`` are read from the first param group.
 
     Defaults follow optax's / levanter's Sophia-H (gamma=0.01, eps=1e-12,
     clip at 1, eps_mode "max") with the package's weight_decay=0.1
