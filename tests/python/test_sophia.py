@@ -335,7 +335,9 @@ def test_compiled_step_with_a_hessian_matches_eager():
         opt = tox.SophiaG(params, lr=0.01, rho=1.0, seed=0)
         opt.update_hessian(hessian=[torch.rand_like(p) for p in params])
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for _ in range(3):
+        for t in range(4):
+            if t == 2:  # a refresh between compiled steps is seen by the next one
+                opt.update_hessian(hessian=[torch.rand_like(p) * 4 for p in params])
             for p in params:
                 p.grad = torch.randn_like(p)
             step()
