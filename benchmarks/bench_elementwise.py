@@ -1,7 +1,8 @@
 """Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
-Lion, MARS and LAMB against what users run today (torch.optim's foreach and single-tensor paths,
-qhoptim, lion-pytorch, pytorch-optimizer), plus SGD and AdamW against torch.optim for reference.
-The baselines are optional imports: ``pip install qhoptim lion-pytorch pytorch-optimizer``.
+Lion, MARS, LAMB, SophiaG and SophiaH against what users run today (torch.optim's foreach and
+single-tensor paths, qhoptim, lion-pytorch, pytorch-optimizer, sophia-opt), plus SGD and AdamW
+against torch.optim for reference. The baselines are optional imports:
+``pip install qhoptim lion-pytorch pytorch-optimizer sophia-opt``.
 
 Not a test. Workloads are the foundation benchmark's ``mixed-200`` (200 fp32 tensors of mixed,
 odd sizes, ~20M parameters) and a single 16M-parameter tensor. Every optimizer runs in this one
@@ -109,6 +110,28 @@ def baselines() -> dict[str, list[tuple[str, Callable]]]:
         ]
     except ImportError:
         print("pytorch-optimizer not installed: MARS has no baseline row (pip install pytorch-optimizer)")
+    try:
+        import sophia_opt
+
+        # The step only (h = 0 here; the refresh is a separate call in both).
+        table["SophiaG"] = [
+            ("torchopt_ext", lambda ps: tox.SophiaG(ps, seed=0)),
+            ("sophia-opt (official)", lambda ps: sophia_opt.SophiaG(ps)),
+        ]
+    except ImportError:
+        print("sophia-opt not installed: SophiaG has no baseline row (pip install sophia-opt)")
+    try:
+        import pytorch_optimizer
+
+        # Its step refreshes the Hessian itself on step 1, k+1, ...: with params that do not
+        # require grad that refresh finds nothing to do, so the rows time the update alone
+        # (the refresh step is in the untimed warmup).
+        table["SophiaH"] = [
+            ("torchopt_ext", lambda ps: tox.SophiaH(ps, seed=0)),
+            ("pytorch_optimizer", lambda ps: pytorch_optimizer.SophiaH(ps, update_period=10**9)),
+        ]
+    except ImportError:
+        pass
     return table
 
 
@@ -129,6 +152,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 round")
+    parser.add_argument("--only", nargs="+", metavar="ALGO", help="time only these algorithms (e.g. SophiaG)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 3, 1
@@ -141,6 +165,8 @@ def main() -> None:
     rows = []
     for workload, sizes in workloads.items():
         for algo, entries in baselines().items():
+            if args.only and algo not in args.only:
+                continue
             best: dict[str, float] = {}
             for _ in range(args.repeats):
                 for label, factory in entries:
@@ -161,7 +187,8 @@ def main() -> None:
                     }
                 )
     header = (
-        f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}`  \n"
+        f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}"
+        f"{' --only ' + ' '.join(args.only) if args.only else ''}`  \n"
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats} round(s) of the median of {args.steps} steps.  \n"
         "Last column: torchopt_ext's step time divided by this row's (below 1: torchopt_ext is faster).\n\n"
@@ -174,7 +201,7 @@ def main() -> None:
     )
     print(table)
     RESULTS_DIR.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(args.only) if args.only else "")
     (RESULTS_DIR / f"elementwise{suffix}.json").write_text(json.dumps(rows, indent=1))
     (RESULTS_DIR / f"elementwise{suffix}.md").write_text(table)
 

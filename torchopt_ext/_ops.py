@@ -142,3 +142,13 @@ def _schedulefree_wrapper_pre_fake(params, zs, sf_state, lr, **kwargs) -> None:
 @torch.library.register_fake("torchopt_ext::schedulefree_wrapper_post_")
 def _schedulefree_wrapper_post_fake(params, zs, sf_state, lr, **kwargs) -> None:
     _check_lengths("schedulefree_wrapper_post_", params, zs=zs)
+
+
+@torch.library.register_fake("torchopt_ext::sophia_step_")
+def _sophia_step_fake(params, grads, exp_avgs, hessians, state_steps, lr, **kwargs) -> None:
+    _check_lengths("sophia_step_", params, grads=grads, exp_avgs=exp_avgs, hessians=hessians, state_steps=state_steps)
+
+
+@torch.library.register_fake("torchopt_ext::sophia_update_hessian_")
+def _sophia_update_hessian_fake(hessians, estimates, **kwargs) -> None:
+    _check_lengths("sophia_update_hessian_", hessians, estimates=estimates)

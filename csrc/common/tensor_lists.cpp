@@ -199,7 +199,7 @@ std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::Tenso
   group->params = group->workspace.dense(params, true);
   group->grads = group->workspace.dense(grads, amp.grad_scale.has_value());
   for (size_t k = 0; k < N; ++k) {
-    group->state[k] = group->workspace.dense(state[k].tensors, true);
+    group->state[k] = group->workspace.dense(state[k].tensors, !state[k].read_only);
   }
   return group;
 }

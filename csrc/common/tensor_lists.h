@@ -66,6 +66,7 @@ struct StateList {
   const char* name;
   at::TensorList tensors;
   bool used = true;
+  bool read_only = false;  // the kernel never writes it (no copy-back for strided ones)
 };
 
 // A param group checked and ready for a fused CPU kernel: dense tensors,

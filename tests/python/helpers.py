@@ -77,4 +77,7 @@ ALL_OPTIMIZERS = {
     "Muon": dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2),
     "ScheduleFreeAdamW": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, r=0.5),
     "ScheduleFreeSGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=2),
+    # h stays 0 in the generic tests (they never call update_hessian): sign steps.
+    "SophiaH": dict(lr=1e-2, weight_decay=0.1, seed=3),
+    "SophiaG": dict(lr=1e-2, weight_decay=0.1, seed=3),
 }

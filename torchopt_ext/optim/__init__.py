@@ -11,6 +11,7 @@ from .qhadamw import QHAdamW
 from .radam import RAdam
 from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
+from .sophia import SophiaG, SophiaH
 
 __all__ = [
     "SGD",
@@ -26,4 +27,6 @@ __all__ = [
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "ScheduleFree",
+    "SophiaH",
+    "SophiaG",
 ]

@@ -27,6 +27,10 @@
 // sums each term squared over the tensor (runs of lanes, then double, in a
 // fixed chunk order, so the result does not depend on the thread count), stores the norms there and
 // recomputes the coefficients before `update` runs.
+//
+// An algorithm that only reads some state (Sophia's Hessian estimate) sets
+// bit k of `static constexpr unsigned kReadOnlyState` for state k: it is
+// loaded but never stored back.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -51,6 +55,17 @@ template <typename Algo, typename = void>
 struct NumNorms : std::integral_constant<int, 0> {};
 template <typename Algo>
 struct NumNorms<Algo, std::void_t<decltype(Algo::kNumNorms)>> : std::integral_constant<int, Algo::kNumNorms> {};
+
+template <typename Algo, typename = void>
+struct ReadOnlyState : std::integral_constant<unsigned, 0u> {};
+template <typename Algo>
+struct ReadOnlyState<Algo, std::void_t<decltype(Algo::kReadOnlyState)>>
+    : std::integral_constant<unsigned, Algo::kReadOnlyState> {};
+
+template <typename Algo>
+constexpr bool stores_state(int k) {
+  return ((ReadOnlyState<Algo>::value >> k) & 1u) == 0u;
+}
 
 template <typename Algo>
 struct ElementwiseTask {
@@ -139,7 +154,7 @@ void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::H
       ParamIO::store(param + i, p[0], p[1]);
     }
     for (int k = 0; k < N; ++k) {
-      if (state[k]) {
+      if (state[k] && stores_state<Algo>(k)) {
         StateIO::store(state[k] + i, s[0][k], s[1][k]);
       }
     }
@@ -163,7 +178,7 @@ void elementwise_chunk(const ElementwiseTask<Algo>& task, const typename Algo::H
       param[i] = static_cast<P>(p);
     }
     for (int k = 0; k < N; ++k) {
-      if (state[k]) {
+      if (state[k] && stores_state<Algo>(k)) {
         state[k][i] = static_cast<St>(s[k]);
       }
     }
