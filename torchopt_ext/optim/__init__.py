@@ -1,5 +1,6 @@
 """torch.optim drop-ins backed by the fused torchopt_ext kernels."""
 
+from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
 from .lamb import LAMB
@@ -10,4 +11,4 @@ from .qhadamw import QHAdamW
 from .radam import RAdam
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdamW", "RAdam", "QHAdamW", "Lion", "MARS", "LAMB", "Adafactor"]
