@@ -74,4 +74,6 @@ ALL_OPTIMIZERS = {
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
     "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    # beta1 set so the optional exp_avg state is exercised too.
+    "Adafactor": dict(lr=1e-2, weight_decay=0.1, beta1=0.9),
 }
