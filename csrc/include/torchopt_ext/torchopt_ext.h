@@ -1,6 +1,7 @@
 // Umbrella header for LibTorch programs: #include <torchopt_ext/torchopt_ext.h>
 #pragma once
 
+#include "torchopt_ext/functional/adafactor.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/lamb.h"
 #include "torchopt_ext/functional/lion.h"
@@ -9,6 +10,7 @@
 #include "torchopt_ext/functional/qhadam.h"
 #include "torchopt_ext/functional/radam.h"
 #include "torchopt_ext/functional/sgd.h"
+#include "torchopt_ext/optim/adafactor.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
 #include "torchopt_ext/optim/lamb.h"
