@@ -1,12 +1,16 @@
 """Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
-Lion, MARS and LAMB against what users run today (torch.optim's foreach and single-tensor paths,
-qhoptim, lion-pytorch, pytorch-optimizer), plus SGD and AdamW against torch.optim for reference.
-The baselines are optional imports: ``pip install qhoptim lion-pytorch pytorch-optimizer``.
+Lion, MARS, LAMB and Adafactor against what users run today (torch.optim's foreach and
+single-tensor paths, qhoptim, lion-pytorch, pytorch-optimizer, transformers' Adafactor when it is
+importable), plus SGD and AdamW against torch.optim for reference. The baselines are optional
+imports: ``pip install qhoptim lion-pytorch pytorch-optimizer``.
 
 Not a test. Workloads are the foundation benchmark's ``mixed-200`` (200 fp32 tensors of mixed,
 odd sizes, ~20M parameters) and a single 16M-parameter tensor. Every optimizer runs in this one
 process, interleaved round-robin over ``--repeats`` rounds; a round times ``--steps`` steps after
 ``--warmup`` (state allocation is never timed) and the figure is the best round's median step.
+Adafactor factors matrices, so it runs on its own ``matrices-mixed`` workload (transformer-like
+weight matrices plus bias vectors, ~20M parameters); a line per implementation gives its state
+bytes per parameter.
 
     python benchmarks/bench_elementwise.py            # full run, writes results/elementwise.{json,md}
     python benchmarks/bench_elementwise.py --quick    # smoke run on small sizes
@@ -44,6 +48,51 @@ def make_params(sizes: list[int]) -> list[torch.Tensor]:
         p.grad = torch.randn(n)
         params.append(p)
     return params
+
+
+def matrix_shapes(scale: float) -> list[tuple[int, ...]]:
+    """Transformer-like blocks: 4 attention and 2 MLP matrices per layer, with biases."""
+    width = max(16, int(768 * scale**0.5))
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(4):
+        shapes += [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+        shapes += [(width,)] * 5 + [(4 * width,)]
+    return shapes
+
+
+def make_shaped_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape)
+        p.grad = torch.randn(shape)
+        params.append(p)
+    return params
+
+
+def adafactor_baselines() -> list[tuple[str, Callable]]:
+    tox = torchopt_ext.optim
+    entries = [
+        ("torchopt_ext", lambda ps: tox.Adafactor(ps)),
+        ("torch foreach", lambda ps: torch.optim.Adafactor(ps, foreach=True)),
+        ("torch single-tensor", lambda ps: torch.optim.Adafactor(ps, foreach=False)),
+    ]
+    try:
+        import transformers.optimization
+
+        # The same schedule: relative step with the 1e-2 cap, parameter scaling.
+        entries.append(("transformers", lambda ps: transformers.optimization.Adafactor(ps, lr=None)))
+    except ImportError:
+        print("transformers not importable: Adafactor has no transformers row")
+    return entries
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
+    total = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                total += value.numel() * value.element_size()
+    return total / sum(p.numel() for p in params)
 
 
 def baselines() -> dict[str, list[tuple[str, Callable]]]:
@@ -129,6 +178,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 round")
+    parser.add_argument("--only", default="", help="comma-separated algorithms to run (default: all)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 3, 1
@@ -137,10 +187,13 @@ def main() -> None:
         "mixed-200": mixed_sizes(int(20_000_000 * scale), 200),
         "one-16M": [int(16 * 2**20 * scale) | 1],
     }
+    only = {name for name in args.only.split(",") if name}
     warnings.simplefilter("ignore")  # qhoptim's deprecated add_ overloads
     rows = []
     for workload, sizes in workloads.items():
         for algo, entries in baselines().items():
+            if only and algo not in only:
+                continue
             best: dict[str, float] = {}
             for _ in range(args.repeats):
                 for label, factory in entries:
@@ -160,8 +213,35 @@ def main() -> None:
                         "torchopt_ext_time_ratio": ours / seconds,
                     }
                 )
+    # Adafactor on matrices (its factored path), with the state footprint.
+    entries = adafactor_baselines() if not only or "Adafactor" in only else []
+    shapes = matrix_shapes(scale)
+    n_params = sum(torch.Size(shape).numel() for shape in shapes)
+    best: dict[str, float] = {}
+    state_bytes: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for label, factory in entries:
+            params = make_shaped_params(shapes)
+            opt = factory(params)
+            median = time_steps(opt, args.warmup, args.steps)
+            best[label] = min(best.get(label, float("inf")), median)
+            state_bytes[label] = state_bytes_per_param(opt, params)
+            del params, opt
+    for label, seconds in best.items():
+        rows.append(
+            {
+                "workload": "matrices-mixed",
+                "params": n_params,
+                "algorithm": "Adafactor",
+                "implementation": label,
+                "ms_per_step": seconds * 1e3,
+                "torchopt_ext_time_ratio": best["torchopt_ext"] / seconds,
+                "state_bytes_per_param": state_bytes[label],
+            }
+        )
     header = (
-        f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}`  \n"
+        f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}"
+        f"{' --only ' + args.only if only else ''}`  \n"
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats} round(s) of the median of {args.steps} steps.  \n"
         "Last column: torchopt_ext's step time divided by this row's (below 1: torchopt_ext is faster).\n\n"
@@ -172,9 +252,16 @@ def main() -> None:
         f"{r['ms_per_step']:.2f} | {r['torchopt_ext_time_ratio']:.2f} |\n"
         for r in rows
     )
+    table += (
+        "\nAdafactor state (param-shaped or factored tensors, not the step counters), bytes per param: "
+        + ", ".join(
+            f"{r['implementation']} {r['state_bytes_per_param']:.3f}" for r in rows if "state_bytes_per_param" in r
+        )
+        + "\n"
+    )
     print(table)
     RESULTS_DIR.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(sorted(only)) if only else "")
     (RESULTS_DIR / f"elementwise{suffix}.json").write_text(json.dumps(rows, indent=1))
     (RESULTS_DIR / f"elementwise{suffix}.md").write_text(table)
 

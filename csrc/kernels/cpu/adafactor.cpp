@@ -58,6 +58,7 @@ struct TensorWork {
   // Per-step scratch, filled by the passes.
   std::vector<double> row_sums;  // factored: sum over each row of g^2
   std::vector<double> scratch;   // math-type buffers: row_var, col_var (as used), col partials, row means
+  std::vector<char> fast;        // per matrix: the factored update splits per row and column
   double eps1 = 0.0;
   double alpha = 0.0;
   double update_scale = 0.0;  // alpha / max(1, RMS(U) / d)
@@ -131,6 +132,7 @@ struct Kernel {
           t.batches * t.rows + t.batches * t.cols + static_cast<int64_t>(t.items.size()) * t.cols + t.batches;
       t.scratch.assign((count * static_cast<int64_t>(sizeof(S)) + 7) / 8, 0.0);
       t.row_sums.assign(t.batches * t.rows, 0.0);
+      t.fast.assign(t.batches, 0);
     }
   }
 
@@ -279,7 +281,20 @@ struct Kernel {
         cols[k] = static_cast<S>(col_var[k]);
       }
       // torch: row_var.mean(dim=-2).clamp_(min=eps1), NaN kept.
-      means[b] = vmaximum(static_cast<S>(row_var_sum / double(R)), static_cast<S>(t.eps1));
+      const S m = vmaximum(static_cast<S>(row_var_sum / double(R)), static_cast<S>(t.eps1));
+      means[b] = m;
+      // A finite positive mean (always, unless the grads held NaN/Inf or
+      // eps1 = 0) lets the update split rsqrt(r c / m) per row and column;
+      // otherwise the exact per-element form keeps torch's NaN/Inf results.
+      t.fast[b] = std::isfinite(m) && m > S(0);
+      if (t.fast[b]) {
+        for (int64_t r = 0; r < R; ++r) {
+          rows[b * R + r] = vrsqrt(rows[b * R + r] / m);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          cols[b * C + c] = vrsqrt(cols[b * C + c]);
+        }
+      }
     }
   }
 
@@ -294,11 +309,11 @@ struct Kernel {
     t.update_scale = t.alpha / std::max(1.0, norm / (std::sqrt(double(t.numel)) * ctx.hp.d));
   }
 
-  // U = g * rsqrt(max(v, eps1^2)) for one run: v from the factors or the
+  // U = k * g with k = rsqrt(max(v, eps1^2)): v from the factors or the
   // unfactored EMA. Pass 2 sums U^2, pass 3 applies alpha/clip * U.
   template <typename V>
-  static V direction(const V& g, const V& v, S eps1_sq) {
-    return vrsqrt(vmaximum(v, V(eps1_sq))) * g;
+  static V inverse_root(const V& v, S eps1_sq) {
+    return vrsqrt(vmaximum(v, V(eps1_sq)));
   }
 
   template <typename V>
@@ -331,17 +346,17 @@ struct Kernel {
     const bool stochastic = ctx.options.stochastic_rounding && ParamIO::kReduced;
     double update_sq = 0.0;
 
-    // One contiguous span [begin, end) whose variance comes from `variance_at`.
-    auto span = [&](int64_t begin, int64_t end, auto&& variance_vec, auto&& variance_scalar) {
+    // One contiguous span [begin, end); scale_vec / scale_scalar give k.
+    auto span = [&](int64_t begin, int64_t end, auto&& scale_vec, auto&& scale_scalar) {
       int64_t i = begin;
       while (i + kWidth <= end) {
         Vec acc(S(0));
         const int64_t run_end = std::min(end, i + kRun);
         for (; i + kWidth <= run_end; i += kWidth) {
-          Vec g[2], v[2];
+          Vec g[2], k[2];
           ParamIO::load(grad + i, g[0], g[1]);
-          variance_vec(i, g, v);
-          Vec u[2] = {direction(g[0], v[0], eps1_sq), direction(g[1], v[1], eps1_sq)};
+          scale_vec(i, g, k);
+          Vec u[2] = {k[0] * g[0], k[1] * g[1]};
           if (!write) {
             acc = acc + u[0] * u[0] + u[1] * u[1];
             continue;
@@ -370,7 +385,7 @@ struct Kernel {
       }
       for (; i < end; ++i) {
         const S g = static_cast<S>(grad[i]);
-        const S u = direction(g, variance_scalar(i, g), eps1_sq);
+        const S u = scale_scalar(i, g) * g;
         if (!write) {
           update_sq += static_cast<double>(u) * static_cast<double>(u);
           continue;
@@ -389,7 +404,27 @@ struct Kernel {
       }
     };
 
-    if (t.factored) {
+    if (t.factored && t.fast[item.batch]) {
+      // rsqrt(max(r c / m, eps1^2)) = min(rsqrt(r / m) rsqrt(c), 1 / eps1): the
+      // stats pass left rsqrt(r / m) and rsqrt(c) in the copies, so no
+      // per-element division or square root (a few ulps from torch's order).
+      const int64_t C = t.cols;
+      const S* cols = col_copy(t) + item.batch * C;
+      const S cap = vrsqrt(eps1_sq);
+      for (int64_t r = item.begin; r < item.end; ++r) {
+        const int64_t row = item.batch * t.rows + r;
+        const int64_t off = row * C;
+        const Vec a(row_copy(t)[row]);
+        span(
+            off, off + C,
+            [&](int64_t i, const Vec(&)[2], Vec(&k)[2]) {
+              const S* c = cols + (i - off);
+              k[0] = at::vec::minimum(a * Vec::loadu(c), Vec(cap));
+              k[1] = at::vec::minimum(a * Vec::loadu(c + Vec::size()), Vec(cap));
+            },
+            [&](int64_t i, S) { return std::min(row_copy(t)[row] * cols[i - off], cap); });
+      }
+    } else if (t.factored) {
       const int64_t C = t.cols;
       const S* cols = col_copy(t) + item.batch * C;
       const Vec mean(row_means(t)[item.batch]);
@@ -400,12 +435,12 @@ struct Kernel {
         // torch: (row_var @ col_var) / clamped mean, then the eps1^2 clamp.
         span(
             off, off + C,
-            [&](int64_t i, const Vec(&)[2], Vec(&v)[2]) {
+            [&](int64_t i, const Vec(&)[2], Vec(&k)[2]) {
               const S* c = cols + (i - off);
-              v[0] = Vec(row_value) * Vec::loadu(c) / mean;
-              v[1] = Vec(row_value) * Vec::loadu(c + Vec::size()) / mean;
+              k[0] = inverse_root(Vec(row_value) * Vec::loadu(c) / mean, eps1_sq);
+              k[1] = inverse_root(Vec(row_value) * Vec::loadu(c + Vec::size()) / mean, eps1_sq);
             },
-            [&](int64_t i, S) { return row_value * cols[i - off] / row_means(t)[item.batch]; });
+            [&](int64_t i, S) { return inverse_root(row_value * cols[i - off] / row_means(t)[item.batch], eps1_sq); });
       }
     } else {
       St* variance = static_cast<St*>(t.variance);
@@ -413,7 +448,8 @@ struct Kernel {
       // Pass 2 writes the new EMA; both passes use the stored (rounded) value.
       span(
           item.begin, item.end,
-          [&](int64_t i, const Vec(&g)[2], Vec(&v)[2]) {
+          [&](int64_t i, const Vec(&g)[2], Vec(&k)[2]) {
+            Vec v[2];
             StateIO::load(variance + i, v[0], v[1]);
             if (!write) {
               v[0] = vlerp(v[0], g[0] * g[0], weight);
@@ -421,12 +457,14 @@ struct Kernel {
               StateIO::store(variance + i, v[0], v[1]);
               StateIO::load(variance + i, v[0], v[1]);
             }
+            k[0] = inverse_root(v[0], eps1_sq);
+            k[1] = inverse_root(v[1], eps1_sq);
           },
           [&](int64_t i, S g) {
             if (!write) {
               variance[i] = static_cast<St>(vlerp(static_cast<S>(variance[i]), g * g, weight));
             }
-            return static_cast<S>(variance[i]);
+            return inverse_root(static_cast<S>(variance[i]), eps1_sq);
           });
     }
     item.update_sq = update_sq;
