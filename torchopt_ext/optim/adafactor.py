@@ -6,7 +6,15 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, check_state_dtype, draw_seed, local
+from ._base import (
+    DTensor,
+    FusedOptimizer,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_state_dtype,
+    draw_seed,
+)
 
 
 class Adafactor(FusedOptimizer):
@@ -34,7 +42,8 @@ class Adafactor(FusedOptimizer):
     (R, C) param keeps R + C state elements. ``foreach`` is accepted and
     ignored (one fused op call per param group). ``state_dtype``,
     ``stochastic_rounding`` and ``seed`` as in :class:`torchopt_ext.optim.Adam`;
-    math is fp32 for bf16/fp16 params.
+    math is fp32 for bf16/fp16 params. DTensor params are rejected for now
+    (RMS and the factored means need whole-tensor reductions).
 
     Differences from ``transformers.optimization.Adafactor`` (HF): HF adds
     ``eps1`` (1e-30) to ``G^2`` before averaging and divides by the plain mean
@@ -138,6 +147,10 @@ class Adafactor(FusedOptimizer):
                 raise RuntimeError("Adafactor does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError("Adafactor does not support complex parameters")
+            if DTensor is not None and isinstance(p, DTensor):
+                # RMS(theta), RMS(U) and the row/col means span the whole
+                # tensor: a local shard would give wrong values.
+                raise NotImplementedError("Adafactor does not support DTensor params yet (whole-tensor reductions)")
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -148,14 +161,14 @@ class Adafactor(FusedOptimizer):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
             if p.dim() >= 2:
-                row_vars.append(local(state["row_var"]))
-                col_vars.append(local(state["col_var"]))
+                row_vars.append(state["row_var"])
+                col_vars.append(state["col_var"])
             else:
-                variances.append(local(state["variance"]))
+                variances.append(state["variance"])
             if group["beta1"] is not None:
-                exp_avgs.append(local(state["exp_avg"]))
-            params.append(local(p))
-            grads.append(local(p.grad))
+                exp_avgs.append(state["exp_avg"])
+            params.append(p)
+            grads.append(p.grad)
             state_steps.append(state["step"])
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
