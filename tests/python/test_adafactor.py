@@ -325,3 +325,77 @@ def test_sparse_gradients_are_rejected():
     p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([1.0, 2.0]), (5,))
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def test_grad_scale_unscales_factored_grads_in_kernel():
+    shapes = [(9, 70), (2, 3, 40), (33,)]
+    scaled = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    plain = [p.clone() for p in scaled]
+    opt_scaled = tox.Adafactor(scaled, beta1=0.9)
+    opt_plain = tox.Adafactor(plain, beta1=0.9)
+    for _ in range(4):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for p, q, g in zip(scaled, plain, grads):
+            p.grad, q.grad = g * 512.0, g.clone()
+        opt_scaled.grad_scale = torch.tensor(512.0)
+        opt_scaled.found_inf = torch.tensor(0.0)
+        opt_scaled.step()
+        opt_plain.step()
+        for p, g in zip(scaled, grads):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    for p, q in zip(scaled, plain):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_state_runs_close_to_fp32():
+    # Default state dtype follows the param: bf16 factors, fp32 math.
+    ref = [torch.randn(40, 24).to(torch.bfloat16).float(), torch.randn(50).to(torch.bfloat16).float()]
+    low = [p.to(torch.bfloat16) for p in ref]
+    opt_low = tox.Adafactor(low, eps=(1e-30, 1e-3))
+    opt_ref = tox.Adafactor(ref, eps=(1e-30, 1e-3))
+    for _ in range(10):
+        for a, b in zip(low, ref):
+            g = torch.randn(a.shape).to(torch.bfloat16)
+            a.grad, b.grad = g, g.float()
+        opt_low.step()
+        opt_ref.step()
+    assert opt_low.state[low[0]]["row_var"].dtype == torch.bfloat16
+    for a, b in zip(low, ref):
+        assert (a.float() - b).abs().max() <= 8 * 2**-7 * b.abs().max()
+
+
+def _sr_run(seed, stochastic=True):
+    torch.manual_seed(0)
+    p = torch.randn(64, 96).to(torch.bfloat16)
+    opt = tox.Adafactor([p], state_dtype=torch.float32, stochastic_rounding=stochastic, seed=seed)
+    for _ in range(5):
+        p.grad = torch.randn(64, 96).to(torch.bfloat16)
+        opt.step()
+    return p
+
+
+def test_stochastic_rounding_is_deterministic_given_seed():
+    assert torch.equal(_sr_run(7), _sr_run(7))
+    assert not torch.equal(_sr_run(7), _sr_run(8))
+    assert not torch.equal(_sr_run(7), _sr_run(7, stochastic=False))
+
+
+def test_opcheck_mixed_precision_without_beta1():
+    shapes = [(6, 5), (2, 3, 4), (7,), ()]
+    params = [torch.randn(s, dtype=torch.bfloat16) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = tox.Adafactor(params, state_dtype=torch.float32, weight_decay=0.1, stochastic_rounding=True, seed=1)
+    opt.step()
+    group = opt.param_groups[0]
+    ps, gs, steps, rows, cols, vars_, avgs = [], [], [], [], [], [], []
+    opt._init_group(group, ps, gs, steps, rows, cols, vars_, avgs)
+    assert len(rows) == 2 and len(vars_) == 2 and avgs == []
+    args = (ps, gs, rows, cols, vars_, avgs, steps, torch.tensor(group["lr"], dtype=torch.float64))
+    kwargs = dict(opt._op_kwargs(group), stochastic_rounding=True, seed=1)
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.adafactor_step_.default,
+        args,
+        kwargs,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
