@@ -1,8 +1,9 @@
 // Fused CPU Adafactor in torch.optim.Adafactor's operation order (classic.md §8).
 //
-// Work items are row blocks of one matrix of a factored param (at most
-// kMaxBlockRows rows, about kChunkNumel elements) or kChunkNumel-element
-// chunks of an unfactored one; their shapes depend only on the param shapes,
+// Work items are row blocks of one matrix of a factored param (about
+// kChunkNumel elements, at most kMaxBlocks per matrix so the per-block column
+// sums stay small next to the matrix) or kChunkNumel-element chunks of an
+// unfactored one; their shapes depend only on the param shapes,
 // and every cross-item sum is added in item order, so the results do not
 // depend on the thread count.
 #include "kernels/cpu/adafactor.h"
@@ -24,8 +25,9 @@
 namespace torchopt_ext::kernels::cpu {
 namespace {
 
-constexpr int64_t kRun = 1024;          // elements per math-type partial sum
-constexpr int64_t kMaxBlockRows = 256;  // rows per item: bounds the fp32 column sums
+constexpr int64_t kRun = 1024;      // elements per math-type partial sum
+constexpr int64_t kMaxBlocks = 32;  // row blocks per matrix: column partials <= 32 * cols doubles
+constexpr int64_t kFlushRows = 64;  // rows summed in the math type before adding into double
 
 // Item passes run over every item in parallel; tensor passes once per tensor.
 enum class Pass { kAllocate, kNormsAndSums, kStats, kUpdateRms, kClip, kUpdate };
@@ -56,9 +58,10 @@ struct TensorWork {
   uint64_t rounding_stream;
   std::vector<Item*> items;  // this tensor's items, in order
   // Per-step scratch, filled by the passes.
-  std::vector<double> row_sums;  // factored: sum over each row of g^2
-  std::vector<double> scratch;   // math-type buffers: row_var, col_var (as used), col partials, row means
-  std::vector<char> fast;        // per matrix: the factored update splits per row and column
+  std::vector<double> row_sums;      // factored: sum over each row of g^2
+  std::vector<double> scratch;       // math-type buffers: row_var, col_var (as used), row means
+  std::vector<double> col_partials;  // per item: its rows' column sums of g^2
+  std::vector<char> fast;            // per matrix: the factored update splits per row and column
   double eps1 = 0.0;
   double alpha = 0.0;
   double update_scale = 0.0;  // alpha / max(1, RMS(U) / d)
@@ -99,11 +102,10 @@ struct Kernel {
   static_assert(ParamIO::kWidth == StateIO::kWidth, "param and state storage must share the math type");
 
   // Scratch layout (math type): row_var copy (B*R), col_var copy (B*C),
-  // column partials (slots*C), clamped row means (B).
+  // clamped row means (B).
   static S* row_copy(TensorWork& t) { return reinterpret_cast<S*>(t.scratch.data()); }
   static S* col_copy(TensorWork& t) { return row_copy(t) + t.batches * t.rows; }
-  static S* partials(TensorWork& t) { return col_copy(t) + t.batches * t.cols; }
-  static S* row_means(TensorWork& t) { return partials(t) + static_cast<int64_t>(t.items.size()) * t.cols; }
+  static S* row_means(TensorWork& t) { return col_copy(t) + t.batches * t.cols; }
 
   static void run(Pass pass, const Context& ctx, TensorWork& t, Item* item) {
     switch (pass) {
@@ -128,9 +130,9 @@ struct Kernel {
 
   static void allocate(TensorWork& t) {
     if (t.factored) {
-      const int64_t count =
-          t.batches * t.rows + t.batches * t.cols + static_cast<int64_t>(t.items.size()) * t.cols + t.batches;
+      const int64_t count = t.batches * t.rows + t.batches * t.cols + t.batches;
       t.scratch.assign((count * static_cast<int64_t>(sizeof(S)) + 7) / 8, 0.0);
+      t.col_partials.assign(static_cast<int64_t>(t.items.size()) * t.cols, 0.0);
       t.row_sums.assign(t.batches * t.rows, 0.0);
       t.fast.assign(t.batches, 0);
     }
@@ -162,7 +164,10 @@ struct Kernel {
     P* param = static_cast<P*>(t.param);
     P* grad = static_cast<P*>(t.grad);
     const int64_t C = t.cols;
-    S* colp = partials(t) + item.slot * C;
+    // Column sums run in the math type for kFlushRows rows, then go into
+    // this item's double partials: vector speed, bounded rounding.
+    std::vector<S> colp(C, S(0));
+    double* partial = t.col_partials.data() + item.slot * C;
     double theta_sq = 0.0;
     for (int64_t r = item.begin; r < item.end; ++r) {
       const int64_t row = item.batch * t.rows + r;
@@ -179,7 +184,7 @@ struct Kernel {
             const Vec gg = g[h] * g[h];
             acc_p = acc_p + p[h] * p[h];
             acc_g = acc_g + gg;
-            S* cp = colp + c + h * Vec::size();
+            S* cp = colp.data() + c + h * Vec::size();
             (Vec::loadu(cp) + gg).store(cp);
           }
         }
@@ -195,6 +200,12 @@ struct Kernel {
         colp[c] += gg;
       }
       t.row_sums[row] = row_sq;
+      if ((r - item.begin + 1) % kFlushRows == 0 || r + 1 == item.end) {
+        for (int64_t k = 0; k < C; ++k) {
+          partial[k] += static_cast<double>(colp[k]);
+          colp[k] = S(0);
+        }
+      }
     }
     item.theta_sq = theta_sq;
   }
@@ -269,9 +280,9 @@ struct Kernel {
         if (item->batch != b) {
           continue;
         }
-        const S* colp = partials(t) + item->slot * C;
+        const double* partial = t.col_partials.data() + item->slot * C;
         for (int64_t c = 0; c < C; ++c) {
-          col_sums[c] += static_cast<double>(colp[c]);
+          col_sums[c] += partial[c];
         }
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -519,7 +530,9 @@ void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList 
       continue;  // nothing to update; the step still counts
     }
     if (t.factored) {
-      const int64_t block = std::clamp<int64_t>(kChunkNumel / t.cols, 1, kMaxBlockRows);
+      const int64_t by_size = (kChunkNumel + t.cols - 1) / t.cols;
+      const int64_t by_count = (t.rows + kMaxBlocks - 1) / kMaxBlocks;
+      const int64_t block = std::clamp<int64_t>(std::max(by_size, by_count), 1, t.rows);
       int64_t slot = 0;
       for (int64_t b = 0; b < t.batches; ++b) {
         for (int64_t r = 0; r < t.rows; r += block) {
