@@ -399,3 +399,21 @@ def test_opcheck_mixed_precision_without_beta1():
         kwargs,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+
+
+def test_large_fp32_matrices_track_the_float64_reference():
+    # Wide and tall matrices split into several row blocks (column sums
+    # flushed to double every 64 rows): fp32 stays within a few ulps of fp64.
+    shapes = [(20, 70000), (70000, 20), (3, 200, 300)]
+    ours = [torch.randn(s) for s in shapes]
+    ref = [p.double() for p in ours]
+    opt = tox.Adafactor(ours, weight_decay=0.01)
+    ref_opt = AdafactorReference(ref, weight_decay=0.01)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g, g.double()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.double(), q, rtol=2e-6, atol=2e-6)
