@@ -1,13 +1,16 @@
 """Side-by-side step timer for the element-wise family: torchopt_ext's NAdamW, RAdam, QHAdamW
-Lion, MARS, LAMB, SophiaG and SophiaH against what users run today (torch.optim's foreach and
-single-tensor paths, qhoptim, lion-pytorch, pytorch-optimizer, sophia-opt), plus SGD and AdamW
-against torch.optim for reference. The baselines are optional imports:
-``pip install qhoptim lion-pytorch pytorch-optimizer sophia-opt``.
+Lion, MARS, LAMB, Adafactor, SophiaG and SophiaH against what users run today (torch.optim's
+foreach and single-tensor paths, qhoptim, lion-pytorch, pytorch-optimizer, sophia-opt, transformers'
+Adafactor when it is importable), plus SGD and AdamW against torch.optim for reference. The baselines
+are optional imports: ``pip install qhoptim lion-pytorch pytorch-optimizer sophia-opt``.
 
 Not a test. Workloads are the foundation benchmark's ``mixed-200`` (200 fp32 tensors of mixed,
 odd sizes, ~20M parameters) and a single 16M-parameter tensor. Every optimizer runs in this one
 process, interleaved round-robin over ``--repeats`` rounds; a round times ``--steps`` steps after
 ``--warmup`` (state allocation is never timed) and the figure is the best round's median step.
+Adafactor factors matrices, so it runs on its own ``matrices-mixed`` workload (transformer-like
+weight matrices plus bias vectors, ~20M parameters); a line per implementation gives its state
+bytes per parameter.
 
     python benchmarks/bench_elementwise.py            # full run, writes results/elementwise.{json,md}
     python benchmarks/bench_elementwise.py --quick    # smoke run on small sizes
@@ -45,6 +48,51 @@ def make_params(sizes: list[int]) -> list[torch.Tensor]:
         p.grad = torch.randn(n)
         params.append(p)
     return params
+
+
+def matrix_shapes(scale: float) -> list[tuple[int, ...]]:
+    """Transformer-like blocks: 4 attention and 2 MLP matrices per layer, with biases."""
+    width = max(16, int(768 * scale**0.5))
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(4):
+        shapes += [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+        shapes += [(width,)] * 5 + [(4 * width,)]
+    return shapes
+
+
+def make_shaped_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape)
+        p.grad = torch.randn(shape)
+        params.append(p)
+    return params
+
+
+def adafactor_baselines() -> list[tuple[str, Callable]]:
+    tox = torchopt_ext.optim
+    entries = [
+        ("torchopt_ext", lambda ps: tox.Adafactor(ps)),
+        ("torch foreach", lambda ps: torch.optim.Adafactor(ps, foreach=True)),
+        ("torch single-tensor", lambda ps: torch.optim.Adafactor(ps, foreach=False)),
+    ]
+    try:
+        import transformers.optimization
+
+        # The same schedule: relative step with the 1e-2 cap, parameter scaling.
+        entries.append(("transformers", lambda ps: transformers.optimization.Adafactor(ps, lr=None)))
+    except ImportError:
+        print("transformers not importable: Adafactor has no transformers row")
+    return entries
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
+    total = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                total += value.numel() * value.element_size()
+    return total / sum(p.numel() for p in params)
 
 
 def baselines() -> dict[str, list[tuple[str, Callable]]]:
@@ -161,11 +209,12 @@ def main() -> None:
         "mixed-200": mixed_sizes(int(20_000_000 * scale), 200),
         "one-16M": [int(16 * 2**20 * scale) | 1],
     }
+    only = set(args.only or [])
     warnings.simplefilter("ignore")  # qhoptim's deprecated add_ overloads
     rows = []
     for workload, sizes in workloads.items():
         for algo, entries in baselines().items():
-            if args.only and algo not in args.only:
+            if only and algo not in only:
                 continue
             best: dict[str, float] = {}
             for _ in range(args.repeats):
@@ -186,6 +235,32 @@ def main() -> None:
                         "torchopt_ext_time_ratio": ours / seconds,
                     }
                 )
+    # Adafactor on matrices (its factored path), with the state footprint.
+    entries = adafactor_baselines() if not only or "Adafactor" in only else []
+    shapes = matrix_shapes(scale)
+    n_params = sum(torch.Size(shape).numel() for shape in shapes)
+    best: dict[str, float] = {}
+    state_bytes: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for label, factory in entries:
+            params = make_shaped_params(shapes)
+            opt = factory(params)
+            median = time_steps(opt, args.warmup, args.steps)
+            best[label] = min(best.get(label, float("inf")), median)
+            state_bytes[label] = state_bytes_per_param(opt, params)
+            del params, opt
+    for label, seconds in best.items():
+        rows.append(
+            {
+                "workload": "matrices-mixed",
+                "params": n_params,
+                "algorithm": "Adafactor",
+                "implementation": label,
+                "ms_per_step": seconds * 1e3,
+                "torchopt_ext_time_ratio": best["torchopt_ext"] / seconds,
+                "state_bytes_per_param": state_bytes[label],
+            }
+        )
     header = (
         f"Command: `python benchmarks/bench_elementwise.py{' --quick' if args.quick else ''}"
         f"{' --only ' + ' '.join(args.only) if args.only else ''}`  \n"
@@ -198,6 +273,13 @@ def main() -> None:
         f"| {r['workload']} ({r['params'] / 1e6:.1f}M) | {r['algorithm']} | {r['implementation']} | "
         f"{r['ms_per_step']:.2f} | {r['torchopt_ext_time_ratio']:.2f} |\n"
         for r in rows
+    )
+    table += (
+        "\nAdafactor state (param-shaped or factored tensors, not the step counters), bytes per param: "
+        + ", ".join(
+            f"{r['implementation']} {r['state_bytes_per_param']:.3f}" for r in rows if "state_bytes_per_param" in r
+        )
+        + "\n"
     )
     print(table)
     RESULTS_DIR.mkdir(exist_ok=True)

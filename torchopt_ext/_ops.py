@@ -152,3 +152,19 @@ def _sophia_step_fake(params, grads, exp_avgs, hessians, state_steps, lr, **kwar
 @torch.library.register_fake("torchopt_ext::sophia_update_hessian_")
 def _sophia_update_hessian_fake(hessians, estimates, **kwargs) -> None:
     _check_lengths("sophia_update_hessian_", hessians, estimates=estimates)
+
+
+@torch.library.register_fake("torchopt_ext::adafactor_step_")
+def _adafactor_step_fake(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, lr, **kwargs) -> None:
+    _check_lengths("adafactor_step_", params, grads=grads, exp_avgs=exp_avgs, state_steps=state_steps)
+    # Factored state only for params with dim >= 2, full variances for the rest.
+    factored = sum(1 for p in params if p.dim() >= 2)
+    if len(row_vars) != factored or len(col_vars) != factored:
+        raise ValueError(
+            f"adafactor_step_: row_vars and col_vars have {len(row_vars)} and {len(col_vars)} tensors but "
+            f"{factored} params have dim >= 2"
+        )
+    if len(variances) != len(params) - factored:
+        raise ValueError(
+            f"adafactor_step_: variances has {len(variances)} tensors but {len(params) - factored} params have dim < 2"
+        )

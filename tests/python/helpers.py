@@ -80,4 +80,6 @@ ALL_OPTIMIZERS = {
     # h stays 0 in the generic tests (they never call update_hessian): sign steps.
     "SophiaH": dict(lr=1e-2, weight_decay=0.1, seed=3),
     "SophiaG": dict(lr=1e-2, weight_decay=0.1, seed=3),
+    # beta1 set so the optional exp_avg state is exercised too.
+    "Adafactor": dict(lr=1e-2, weight_decay=0.1, beta1=0.9),
 }

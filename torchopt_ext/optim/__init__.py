@@ -1,5 +1,6 @@
 """torch.optim drop-ins backed by the fused torchopt_ext kernels."""
 
+from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
 from .lamb import LAMB
@@ -23,6 +24,7 @@ __all__ = [
     "Lion",
     "MARS",
     "LAMB",
+    "Adafactor",
     "Muon",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",

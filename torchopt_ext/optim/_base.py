@@ -114,6 +114,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether state `key` is needed with this group's options."""
         return True
 
+    def _state_shape(self, p: torch.Tensor, key: str) -> Optional[tuple[int, ...]]:
+        """The shape of state `key` of param `p` (None: `p` keeps no such state)."""
+        return tuple(p.shape)
+
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key in self._scalar_state_keys:
             raise KeyError(f"{type(self).__name__} does not say how to create its scalar state {key!r}")
@@ -204,10 +208,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key in self._scalar_state_keys:
                     state[key] = value.detach().to(device="cpu").reshape(())
                     continue
-                if value.shape != p.shape:
+                expected = self._state_shape(p, key)
+                if tuple(value.shape) != expected:
                     raise ValueError(
-                        f"load_state_dict: state '{key}' has shape {tuple(value.shape)} but its param has "
-                        f"shape {tuple(p.shape)}; was the checkpoint saved for another model?"
+                        f"load_state_dict: state '{key}' has shape {tuple(value.shape)} but its param "
+                        f"(shape {tuple(p.shape)}) needs {expected}; was the checkpoint saved for another model?"
                     )
                 state[key] = value.to(device=p.device, dtype=dtype)
             if "step" in state:

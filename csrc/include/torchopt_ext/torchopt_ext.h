@@ -2,6 +2,7 @@
 #pragma once
 
 #include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/functional/adafactor.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/lamb.h"
 #include "torchopt_ext/functional/lion.h"
@@ -14,6 +15,7 @@
 #include "torchopt_ext/functional/sgd.h"
 #include "torchopt_ext/functional/sophia.h"
 #include "torchopt_ext/hessian.h"
+#include "torchopt_ext/optim/adafactor.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
 #include "torchopt_ext/optim/lamb.h"

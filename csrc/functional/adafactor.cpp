@@ -1,0 +1,114 @@
+#include "torchopt_ext/functional/adafactor.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/adafactor.h"
+
+namespace torchopt_ext::functional {
+namespace {
+
+bool is_state_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// One factored/unfactored state tensor: expected shape, device, a dtype that
+// can hold the param's state.
+void check_state(const char* op, const char* name, size_t index, const at::Tensor& state, const at::Tensor& param,
+                 at::IntArrayRef shape, size_t param_index) {
+  TORCH_CHECK_VALUE(state.defined() && state.layout() == at::kStrided, op, ": ", name, "[", index,
+                    "] must be a defined dense tensor");
+  TORCH_CHECK_VALUE(state.sizes() == shape, op, ": ", name, "[", index, "] has shape ", state.sizes(), " but params[",
+                    param_index, "] (shape ", param.sizes(), ") needs ", shape);
+  TORCH_CHECK_VALUE(state.device() == param.device(), op, ": ", name, "[", index, "] is on ", state.device(),
+                    " but params[", param_index, "] is on ", param.device());
+  const bool param_fp64 = param.scalar_type() == at::kDouble;
+  TORCH_CHECK_VALUE(is_state_float(state.scalar_type()) && (state.scalar_type() == at::kDouble) == param_fp64, op, ": ",
+                    name, "[", index, "] has dtype ", state.scalar_type(), ", which cannot hold state for a ",
+                    param.scalar_type(),
+                    " param (fp64 params need fp64 state; fp32/bf16/fp16 params take any of fp32/bf16/fp16 state)");
+}
+
+}  // namespace
+
+void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
+                     at::TensorList variances, at::TensorList exp_avgs, at::TensorList state_steps,
+                     const at::Tensor& lr, double beta2_decay, std::optional<double> eps1, double eps2, double d,
+                     double weight_decay, std::optional<double> beta1, bool relative_step, bool scale_parameter,
+                     bool warmup_init, bool maximize, bool stochastic_rounding, int64_t seed,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "adafactor_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "beta2_decay", beta2_decay, beta2_decay <= 0.0, "<= 0");
+  if (eps1) {
+    check_hyperparameter(op, "eps[0] (eps1)", *eps1, *eps1 >= 0.0, ">= 0 or None");
+  }
+  check_hyperparameter(op, "eps[1] (eps2)", eps2, eps2 >= 0.0, ">= 0");
+  check_hyperparameter(op, "d", d, d >= 1.0, ">= 1");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  if (beta1) {
+    check_hyperparameter(op, "beta1", *beta1, *beta1 >= 0.0 && *beta1 < 1.0, "in [0, 1) or None");
+  }
+  TORCH_CHECK_VALUE(!warmup_init || relative_step, op, ": warmup_init=True requires relative_step=True");
+
+  // The factored/unfactored lists before prepare_elementwise_group, which
+  // increments the steps: a rejected call must leave everything untouched.
+  common::check_params_and_grads(op, params, grads);
+  size_t factored = 0;
+  size_t flat = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    if (p.dim() >= 2) {
+      TORCH_CHECK_VALUE(factored < row_vars.size() && factored < col_vars.size(), op,
+                        ": row_vars and col_vars need one tensor per param with dim >= 2 (params[", i, "] has none)");
+      std::vector<int64_t> row_shape = p.sizes().vec();
+      row_shape.back() = 1;
+      std::vector<int64_t> col_shape = p.sizes().vec();
+      col_shape[col_shape.size() - 2] = 1;
+      check_state(op, "row_vars", factored, row_vars[factored], p, row_shape, i);
+      check_state(op, "col_vars", factored, col_vars[factored], p, col_shape, i);
+      TORCH_CHECK_VALUE(row_vars[factored].scalar_type() == col_vars[factored].scalar_type(), op, ": row_vars[",
+                        factored, "] and col_vars[", factored, "] must share one dtype");
+      if (beta1 && i < exp_avgs.size()) {
+        TORCH_CHECK_VALUE(exp_avgs[i].scalar_type() == row_vars[factored].scalar_type(), op, ": exp_avgs[", i,
+                          "] must have the dtype of row_vars[", factored, "]; the state of one param shares one dtype");
+      }
+      ++factored;
+    } else {
+      TORCH_CHECK_VALUE(flat < variances.size(), op, ": variances needs one tensor per param with dim < 2 (params[", i,
+                        "] has none)");
+      check_state(op, "variances", flat, variances[flat], p, p.sizes(), i);
+      if (beta1 && i < exp_avgs.size()) {
+        TORCH_CHECK_VALUE(exp_avgs[i].scalar_type() == variances[flat].scalar_type(), op, ": exp_avgs[", i,
+                          "] must have the dtype of variances[", flat, "]; the state of one param shares one dtype");
+      }
+      ++flat;
+    }
+  }
+  TORCH_CHECK_VALUE(factored == row_vars.size() && factored == col_vars.size(), op, ": row_vars and col_vars have ",
+                    row_vars.size(), " and ", col_vars.size(), " tensors but ", factored,
+                    " params have dim >= 2 (only those are factored)");
+  TORCH_CHECK_VALUE(flat == variances.size(), op, ": variances has ", variances.size(), " tensors but ", flat,
+                    " params have dim < 2 (only those keep a full variance)");
+
+  auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"exp_avgs", exp_avgs, beta1.has_value()}}},
+                                                    state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  common::DenseWorkspace factors;
+  const auto rows = factors.dense(row_vars, true);
+  const auto cols = factors.dense(col_vars, true);
+  const auto vars = factors.dense(variances, true);
+  kernels::cpu::adafactor_step(group->params, group->grads, rows, cols, vars, group->state[0], group->steps,
+                               {group->lr, beta2_decay, eps1, eps2, d, weight_decay, beta1, relative_step,
+                                scale_parameter, warmup_init, maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
+  factors.finish();
+  group->finish();
+}
+
+}  // namespace torchopt_ext::functional
