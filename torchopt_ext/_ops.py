@@ -89,8 +89,15 @@ def _lamb_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwa
 
 
 @torch.library.register_fake("torchopt_ext::muon_step_")
-def _muon_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
-    _check_lengths("muon_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+def _muon_step_fake(params, grads, momentum_buffers, magma_scores, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "muon_step_",
+        params,
+        grads=grads,
+        momentum_buffers=momentum_buffers,
+        magma_scores=magma_scores,
+        state_steps=state_steps,
+    )
 
 
 @torch.library.register_fake("torchopt_ext::newton_schulz")

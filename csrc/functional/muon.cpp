@@ -9,6 +9,7 @@
 #include "common/tensor_lists.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
+#include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
 
 namespace torchopt_ext::functional {
@@ -27,9 +28,10 @@ double muon_lr_scale(c10::string_view adjust_lr_fn, int64_t rows, int64_t cols) 
 }
 
 void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                at::TensorList state_steps, const at::Tensor& lr, double weight_decay, double momentum, bool nesterov,
-                at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps, c10::string_view adjust_lr_fn,
-                c10::string_view ns_normalization, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double weight_decay,
+                double momentum, bool nesterov, at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps,
+                c10::string_view adjust_lr_fn, c10::string_view ns_normalization,
+                std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "muon_step_";
@@ -44,6 +46,13 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   ns.normalization = common::parse_ns_normalization(std::string(ns_normalization), "ns_normalization");
   ns.dtype = ns_dtype;
   common::check_newton_schulz_options(op, ns);
+  const common::MagmaOptions magma{magma_p, magma_tau, seed};
+  common::check_magma_options(op, magma);
+  if (use_magma) {
+    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+  } else {
+    TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
                       " dims; Muon orthogonalizes matrices (route other tensors to the AdamW fallback)");
@@ -79,12 +88,21 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     orthogonal[i] = common::newton_schulz(updates[i].reshape({rows, -1}), ns);
   }
 
-  // Decoupled decay with the unscaled lr, then the scaled step.
-  const double decay = 1.0 - group->lr * weight_decay;
+  // Decoupled decay with the unscaled lr, then the scaled step; Magma scales
+  // both (decay folded into the masked update).
   for (size_t i = 0; i < n; ++i) {
     at::Tensor& param = group->params[i];
+    double multiplier = 1.0;
+    if (use_magma) {
+      at::Tensor score = magma_scores[i];
+      const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
+      // Host read of a CPU scalar: no device sync (the functional is CPU-only).
+      multiplier = common::magma_multiplier(group->grads[i], group->state[0][i], score, keep, magma_tau).item<double>();
+    }
     const int64_t rows = param.size(0);
-    const double alpha = -group->lr * muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
+    const double decay = 1.0 - group->lr * multiplier * weight_decay;
+    const double alpha =
+        -group->lr * multiplier * muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
     const at::Tensor update = orthogonal[i].reshape(param.sizes());
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);

@@ -25,10 +25,12 @@ at::Tensor newton_schulz_op(const at::Tensor& input, at::ArrayRef<double> coeffi
 
 TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
   m.def(
-      "muon_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] state_steps, "
+      "muon_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] magma_scores, "
+      "Tensor(e!)[] state_steps, "
       "Tensor lr, *, float weight_decay, float momentum, bool nesterov, float[] ns_coefficients, int ns_steps, "
       "float eps, str adjust_lr_fn, str ns_normalization='frobenius', ScalarType? ns_dtype=None, bool maximize=False, "
-      "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool use_magma=False, float magma_p=0.5, float magma_tau=2.0, bool stochastic_rounding=False, int seed=0, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "newton_schulz(Tensor input, *, float[] coefficients=[3.4445, -4.775, 2.0315], int steps=5, "
       "str normalization='frobenius', float eps=1e-7, bool eps_clamp=True, ScalarType? dtype=None) -> Tensor");

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/muon.h"
@@ -36,6 +37,7 @@ void MuonOptions::validate() const {
   if (adam_weight_decay()) {
     TORCH_CHECK_VALUE(*adam_weight_decay() >= 0.0, "Muon: adam_weight_decay must be >= 0, got ", *adam_weight_decay());
   }
+  common::check_magma_options("Muon", {magma_p(), magma_tau(), seed()});
   detail::check_state_dtype("Muon", state_dtype());
 }
 
@@ -47,6 +49,7 @@ bool operator==(const MuonOptions& lhs, const MuonOptions& rhs) {
          lhs.use_muon() == rhs.use_muon() && lhs.adam_lr() == rhs.adam_lr() && lhs.initial_lr() == rhs.initial_lr() &&
          lhs.adam_betas() == rhs.adam_betas() && lhs.adam_eps() == rhs.adam_eps() &&
          lhs.adam_weight_decay() == rhs.adam_weight_decay() && lhs.maximize() == rhs.maximize() &&
+         lhs.use_magma() == rhs.use_magma() && lhs.magma_p() == rhs.magma_p() && lhs.magma_tau() == rhs.magma_tau() &&
          lhs.state_dtype() == rhs.state_dtype() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
          lhs.seed() == rhs.seed();
 }
@@ -79,6 +82,9 @@ void MuonOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_eps);
   archive.write("adam_weight_decay", torch::IValue(encode_optional(adam_weight_decay())));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(use_magma);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(magma_p);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(magma_tau);
   detail::write_storage_options(archive, *this);
 }
 
@@ -107,6 +113,9 @@ void MuonOptions::serialize(torch::serialize::InputArchive& archive) {
   archive.read("adam_weight_decay", value);
   adam_weight_decay(decode_optional(value.toDouble()));
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, use_magma);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, magma_p);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, magma_tau);
   detail::read_storage_options(archive, *this);
 }
 
@@ -117,12 +126,14 @@ void MuonOptions::set_lr(const double lr) { this->lr(lr); }
 bool operator==(const MuonParamState& lhs, const MuonParamState& rhs) {
   using detail::same_state_tensor;
   return same_state_tensor(lhs.step(), rhs.step()) && same_state_tensor(lhs.momentum_buffer(), rhs.momentum_buffer()) &&
-         same_state_tensor(lhs.exp_avg(), rhs.exp_avg()) && same_state_tensor(lhs.exp_avg_sq(), rhs.exp_avg_sq());
+         same_state_tensor(lhs.magma_score(), rhs.magma_score()) && same_state_tensor(lhs.exp_avg(), rhs.exp_avg()) &&
+         same_state_tensor(lhs.exp_avg_sq(), rhs.exp_avg_sq());
 }
 
 void MuonParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(magma_score);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
 }
@@ -130,6 +141,7 @@ void MuonParamState::serialize(torch::serialize::OutputArchive& archive) const {
 void MuonParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, step);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, momentum_buffer);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, magma_score);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg_sq);
 }
@@ -171,7 +183,7 @@ at::Tensor Muon::step(LossClosure closure) {
     if (!options.initial_lr()) {  // a group added after construction
       options.initial_lr(options.lr());
     }
-    std::vector<at::Tensor> params, grads, buffers, steps;
+    std::vector<at::Tensor> params, grads, buffers, scores, steps;
     std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
     for (auto& param : group.params()) {
       if (!param.grad().defined()) {
@@ -193,6 +205,12 @@ at::Tensor Muon::step(LossClosure closure) {
         params.push_back(param);
         grads.push_back(param.grad());
         buffers.push_back(state.momentum_buffer());
+        if (options.use_magma()) {
+          if (!state.magma_score().defined()) {  // also when Magma is turned on later
+            state.magma_score(at::full({}, 0.5, at::kFloat));
+          }
+          scores.push_back(state.magma_score());
+        }
         steps.push_back(state.step());
       } else {
         params_adam.push_back(param);
@@ -203,11 +221,12 @@ at::Tensor Muon::step(LossClosure closure) {
       }
     }
     if (!params.empty()) {
-      functional::muon_step_(params, grads, buffers, steps, at::scalar_tensor(options.lr(), at::kDouble),
+      functional::muon_step_(params, grads, buffers, scores, steps, at::scalar_tensor(options.lr(), at::kDouble),
                              options.weight_decay(), options.momentum(), options.nesterov(), options.ns_coefficients(),
                              options.ns_steps(), options.eps(), options.adjust_lr_fn(), options.ns_normalization(),
-                             options.ns_dtype(), options.maximize(), options.stochastic_rounding(), options.seed(),
-                             std::nullopt, std::nullopt);
+                             options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(),
+                             options.magma_tau(), options.stochastic_rounding(), options.seed(), std::nullopt,
+                             std::nullopt);
     }
     if (!params_adam.empty()) {
       const auto [beta1, beta2] = options.adam_betas();

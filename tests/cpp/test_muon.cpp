@@ -155,6 +155,26 @@ TEST(Muon, CheckpointRoundTrip) {
                                                                                       params, 4, 4);
 }
 
+TEST(Muon, MagmaCheckpointRoundTrip) {
+  std::vector<torch::Tensor> params{torch::randn({6, 5}), torch::randn({5, 9}), torch::randn({4})};
+  check_checkpoint_round_trip<optim::Muon, optim::MuonOptions, optim::MuonParamState>(
+      optim::MuonOptions(0.01).use_magma(true).magma_p(0.7).seed(3).initial_lr(0.01), optim::MuonOptions(0.5), params,
+      4, 6);
+}
+
+TEST(Muon, MagmaNeverKeepFreezesTheMatrix) {
+  auto matrix = torch::randn({6, 5});
+  const auto start = matrix.clone();
+  optim::Muon opt({matrix}, optim::MuonOptions(0.1).weight_decay(0.5).use_magma(true).magma_p(0.0));
+  for (int i = 0; i < 4; ++i) {
+    matrix.mutable_grad() = torch::randn({6, 5});
+    opt.step();
+  }
+  EXPECT_TRUE(torch::equal(matrix, start));
+  const auto& state = static_cast<const optim::MuonParamState&>(*opt.state().at(matrix.unsafeGetTensorImpl()));
+  EXPECT_NE(state.magma_score().item<float>(), 0.5f);
+}
+
 TEST(Muon, StepLRDrivesBothBranches) {
   torch::manual_seed(4);
   std::vector<torch::Tensor> params{torch::randn({4, 4}), torch::randn({4})};

@@ -263,6 +263,7 @@ def test_use_muon_true_rejects_vectors_and_op_rejects_vectors():
             [p],
             [g],
             [torch.zeros(5)],
+            [],
             [torch.zeros(())],
             torch.tensor(0.1, dtype=torch.float64),
             weight_decay=0.0,
@@ -283,3 +284,109 @@ def test_opcheck_newton_schulz():
         dict(coefficients=list(STANDARD), steps=3, dtype=torch.float32),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+
+
+# -- Magma ---------------------------------------------------------------------
+
+
+def reference_muon_magma(params, grads_per_step, lr, wd, mu, tau, keep):
+    """Float64 Muon + Magma written from rollfast.md §5: decay folded into the
+    masked update, score smoothed with 0.9 / 0.1, keep(t, i) supplies z."""
+    params = [p.clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    scores = [torch.tensor(0.5) for _ in params]  # float32 state, as rollfast keeps it
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            buffers[i] = mu * buffers[i] + (1 - mu) * g
+            update = (1 - mu) * g + mu * buffers[i]
+            o = reference_newton_schulz(update, [STANDARD], 5)
+            cos = torch.clamp((g * buffers[i]).sum() / torch.clamp(g.norm() * buffers[i].norm(), min=1e-12), -1, 1)
+            scores[i] = scores[i].mul(0.9).add(torch.sigmoid(cos / tau).float(), alpha=0.1)
+            z = 1.0 if keep(t, i) else 0.0
+            scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+            params[i] = p - lr * z * scores[i].item() * (scale * o + wd * p)
+    return params, [x.item() for x in scores]
+
+
+def _magma_run(shapes, steps, data_seed=0, **kwargs):
+    torch.manual_seed(data_seed)
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    start = [p.clone() for p in params]
+    opt = tox.Muon(params, ns_dtype=None, use_magma=True, **kwargs)
+    moved = []
+    for gs in grads:
+        before = [p.clone() for p in params]
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        moved.append([not torch.equal(p, b) for p, b in zip(params, before)])
+    return start, grads, params, opt, moved
+
+
+def test_magma_always_keep_matches_float64_reference():
+    shapes = [(12, 7), (7, 12), (9, 9)]
+    start, grads, params, opt, _ = _magma_run(shapes, 20, lr=0.02, weight_decay=0.1, magma_p=1.0, magma_tau=2.0)
+    expected, scores = reference_muon_magma(start, grads, 0.02, 0.1, 0.95, 2.0, keep=lambda t, i: True)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+    for p, s in zip(params, scores):
+        assert opt.state[p]["magma_score"].item() == pytest.approx(s, rel=1e-6)  # fp32 score
+
+
+def test_magma_never_keep_freezes_params_including_decay():
+    start, _, params, opt, _ = _magma_run([(6, 5)], 5, lr=0.1, weight_decay=0.5, magma_p=0.0)
+    assert torch.equal(params[0], start[0])
+    assert opt.state[params[0]]["momentum_buffer"].abs().sum() > 0  # momentum still accumulates
+    assert opt.state[params[0]]["magma_score"].item() != 0.5
+
+
+def test_magma_mask_rate_and_attenuation():
+    # 30 tensors x 20 steps = 600 draws: the keep rate is p within ~3 sigma
+    # (0.02), and with independent gradients the multiplier z * s averages about
+    # p * sigmoid(cos / tau) ~ 0.25-0.3 (rollfast's "~0.25x attenuation").
+    shapes = [(4, 6)] * 30
+    _, _, params, opt, moved = _magma_run(shapes, 20, data_seed=1, seed=7, lr=1e-3, weight_decay=0.0)
+    draws = [m for step in moved for m in step]
+    rate = sum(draws) / len(draws)
+    assert 0.44 < rate < 0.56
+    scores = [opt.state[p]["magma_score"].item() for p in params]
+    attenuation = rate * sum(scores) / len(scores)
+    assert 0.2 < attenuation < 0.33
+
+
+def test_magma_draws_repeat_with_the_seed():
+    shapes = [(4, 6)] * 8
+    _, _, a, _, moved_a = _magma_run(shapes, 6, lr=1e-2, seed=11)
+    _, _, b, _, moved_b = _magma_run(shapes, 6, lr=1e-2, seed=11)
+    _, _, _, _, moved_c = _magma_run(shapes, 6, lr=1e-2, seed=12)
+    assert moved_a == moved_b and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert moved_a != moved_c
+
+
+def test_magma_state_round_trip_continues_bitwise():
+    torch.manual_seed(3)
+    params = [torch.randn(6, 4), torch.randn(4)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(8)]
+    opt = tox.Muon(params, lr=0.02, use_magma=True, seed=5)
+    for gs in grads[:4]:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_params = [p.detach().clone() for p in params]
+    resumed = tox.Muon(resumed_params, lr=0.02, use_magma=True, seed=5)
+    resumed.load_state_dict(saved)
+    for gs in grads[4:]:
+        for p, q, g in zip(params, resumed_params, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed_params))
+    assert set(opt.state[params[0]]) == {"step", "momentum_buffer", "magma_score"}
+
+
+@pytest.mark.parametrize("kwargs, argument", [(dict(magma_p=1.5), "magma_p"), (dict(magma_tau=0.0), "magma_tau")])
+def test_magma_bad_options(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        tox.Muon([torch.randn(3, 3)], use_magma=True, **kwargs)

@@ -15,11 +15,15 @@ namespace torchopt_ext::functional {
 // ns_coefficients: (a, b, c) triples, one per iteration (the last repeats).
 // adjust_lr_fn: "original" (sqrt(max(1, rows/cols))) or "match_rms_adamw"
 // (0.2 sqrt(max(rows, cols))). ns_dtype: dtype of the iteration (nullopt: the
-// param's). AMP arguments as in adam_step_.
+// param's). With use_magma, magma_scores holds one 0-d float32 score per param
+// (0.5 at first) and each param's update, weight decay included, is scaled by
+// Magma's z * s (common/magma.h; draws seeded by `seed`); otherwise it is
+// empty. AMP arguments as in adam_step_.
 void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                at::TensorList state_steps, const at::Tensor& lr, double weight_decay, double momentum, bool nesterov,
-                at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps, c10::string_view adjust_lr_fn,
-                c10::string_view ns_normalization, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double weight_decay,
+                double momentum, bool nesterov, at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps,
+                c10::string_view adjust_lr_fn, c10::string_view ns_normalization,
+                std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf);
 

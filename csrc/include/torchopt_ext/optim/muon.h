@@ -40,6 +40,10 @@ struct MuonOptions : public torch::optim::OptimizerCloneableOptions<MuonOptions>
   TORCH_ARG(double, adam_eps) = 1e-8;
   TORCH_ARG(std::optional<double>, adam_weight_decay) = std::nullopt;  // nullopt: weight_decay
   TORCH_ARG(bool, maximize) = false;
+  // Magma masking of the Muon updates (rollfast.md §5; draws seeded by `seed`).
+  TORCH_ARG(bool, use_magma) = false;
+  TORCH_ARG(double, magma_p) = 0.5;
+  TORCH_ARG(double, magma_tau) = 2.0;
   TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
   TORCH_ARG(bool, stochastic_rounding) = false;
   TORCH_ARG(int64_t, seed) = 0;
@@ -56,6 +60,7 @@ struct MuonOptions : public torch::optim::OptimizerCloneableOptions<MuonOptions>
 struct MuonParamState : public torch::optim::OptimizerCloneableParamState<MuonParamState> {
   TORCH_ARG(at::Tensor, step);
   TORCH_ARG(at::Tensor, momentum_buffer) = {};  // Muon-routed params
+  TORCH_ARG(at::Tensor, magma_score) = {};      // Muon-routed params with use_magma
   TORCH_ARG(at::Tensor, exp_avg) = {};          // AdamW-routed params
   TORCH_ARG(at::Tensor, exp_avg_sq) = {};
 

@@ -1,0 +1,49 @@
+#include "torchopt_ext/common/magma.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace torchopt_ext::common {
+
+namespace {
+
+// SplitMix64 finaliser (as the stochastic-rounding stream; a different salt
+// keeps the two streams independent).
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+constexpr uint64_t kMagmaSalt = 0x4D41474D415F5A00ULL;  // "MAGMA_Z"
+
+}  // namespace
+
+void check_magma_options(const char* op, const MagmaOptions& options) {
+  TORCH_CHECK_VALUE(options.p >= 0.0 && options.p <= 1.0, op, ": magma_p must be in [0, 1], got ", options.p);
+  TORCH_CHECK_VALUE(std::isfinite(options.tau) && options.tau > 0.0, op, ": magma_tau must be > 0, got ", options.tau);
+}
+
+bool magma_keep(const MagmaOptions& options, int64_t tensor_index, double step) {
+  const uint64_t bits = mix(mix(static_cast<uint64_t>(options.seed) ^ kMagmaSalt) ^
+                            mix(static_cast<uint64_t>(tensor_index) << 32) ^ static_cast<uint64_t>(step));
+  const double uniform = static_cast<double>(bits >> 11) * 0x1.0p-53;  // [0, 1)
+  return uniform < options.p;
+}
+
+at::Tensor magma_multiplier(const at::Tensor& grad, const at::Tensor& moment, at::Tensor& score, bool keep,
+                            double tau) {
+  const auto math = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad.to(math).reshape(-1);
+  const at::Tensor m = moment.to(math).reshape(-1);
+  const at::Tensor denom = (g.norm() * m.norm()).clamp_min(1e-12);
+  const at::Tensor cosine = at::nan_to_num(at::dot(g, m) / denom).clamp(-1.0, 1.0);
+  const at::Tensor smoothed = at::sigmoid(cosine / tau).to(at::kFloat);
+  score.mul_(0.9).add_(smoothed, 0.1);
+  return keep ? score.clone() : at::zeros_like(score);
+}
+
+}  // namespace torchopt_ext::common
