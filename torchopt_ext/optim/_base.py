@@ -76,6 +76,52 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def lr_tensor(group: dict[str, Any]) -> torch.Tensor:
+    """A group's lr as the ops take it: a tensor lr as is (a scheduler can
+    change it without recompiling), a float as float64 so it stays exact, as
+    torch.optim uses it."""
+    lr = group["lr"]
+    return lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
+
+
+def adamw_fallback_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    lr: torch.Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    **extra: Any,
+) -> None:
+    """The AdamW branch of the matrix optimizers (MARS's 1-D branch, Muon's
+    fallback): ``adam_step_`` with decoupled decay and no amsgrad. ``extra``
+    carries the rounding and AMP keyword arguments."""
+    if not params:
+        return
+    torch.ops.torchopt_ext.adam_step_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        state_steps,
+        lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        maximize=maximize,
+        **extra,
+    )
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of torchopt_ext's torch.optim drop-ins.
 
@@ -152,13 +198,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads.append(local(p.grad))
             state_steps.append(state["step"])
 
+    def _run_closure(self, closure: Optional[Callable[[], Any]]) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _amp_args(self) -> dict[str, Optional[torch.Tensor]]:
+        """GradScaler's ``grad_scale`` / ``found_inf`` (set on the optimizer by
+        torch.amp.GradScaler.step), passed to the ops."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    @staticmethod
+    def _rounding_args(group: dict[str, Any]) -> dict[str, Any]:
+        return {"stochastic_rounding": group["stochastic_rounding"], "seed": group["seed"]}
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
         op = getattr(torch.ops.torchopt_ext, self._op)
         for group in self.param_groups:
             params, grads, state_steps = [], [], []
@@ -166,18 +224,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._init_group(group, params, grads, state_steps, *state_lists)
             if not params:
                 continue
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor):
-                # float64 keeps a Python float lr exact, as torch.optim uses it.
-                lr = torch.tensor(lr, dtype=torch.float64)
             op(
                 params,
                 grads,
                 *state_lists,
                 state_steps,
-                lr,
-                stochastic_rounding=group["stochastic_rounding"],
-                seed=group["seed"],
+                lr_tensor(group),
+                **self._rounding_args(group),
                 **self._op_kwargs(group),
                 **amp,
             )

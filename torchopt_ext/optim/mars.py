@@ -9,12 +9,14 @@ import torch
 
 from ._base import (
     FusedOptimizer,
+    adamw_fallback_step,
     check_betas,
     check_lr,
     check_non_negative,
     check_state_dtype,
     draw_seed,
     local,
+    lr_tensor,
 )
 
 _MARS_TYPES = ("mars-adamw", "mars-lion")
@@ -173,20 +175,15 @@ class MARS(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
         for group in self.param_groups:
             lists = [[] for _ in range(12)]
             self._init_group(group, *lists)
             params, grads, state_steps, exp_avgs, exp_avg_sqs, max_sqs, last_grads = lists[:7]
             params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d = lists[7:]
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor):
-                lr = torch.tensor(lr, dtype=torch.float64)
-            rounding = dict(stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
+            lr = lr_tensor(group)
+            rounding = self._rounding_args(group)
             if params:
                 torch.ops.torchopt_ext.mars_step_(
                     params,
@@ -201,24 +198,18 @@ class MARS(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
-            if params_1d:
-                beta1_1d, beta2_1d = group["betas_1d"]
-                torch.ops.torchopt_ext.adam_step_(
-                    params_1d,
-                    grads_1d,
-                    exp_avgs_1d,
-                    exp_avg_sqs_1d,
-                    [],
-                    steps_1d,
-                    lr * group["lr_1d_factor"],
-                    beta1=beta1_1d,
-                    beta2=beta2_1d,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay_1d"],
-                    decoupled_weight_decay=True,
-                    amsgrad=False,
-                    maximize=group["maximize"],
-                    **rounding,
-                    **amp,
-                )
+            adamw_fallback_step(
+                params_1d,
+                grads_1d,
+                exp_avgs_1d,
+                exp_avg_sqs_1d,
+                steps_1d,
+                lr * group["lr_1d_factor"],
+                betas=group["betas_1d"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay_1d"],
+                maximize=group["maximize"],
+                **rounding,
+                **amp,
+            )
         return loss

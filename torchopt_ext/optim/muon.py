@@ -10,6 +10,7 @@ import torch
 
 from ._base import (
     FusedOptimizer,
+    adamw_fallback_step,
     check_betas,
     check_lr,
     check_non_negative,
@@ -17,6 +18,7 @@ from ._base import (
     check_state_dtype,
     draw_seed,
     local,
+    lr_tensor,
 )
 
 _ADJUST_LR_FNS = ("original", "match_rms_adamw")
@@ -235,20 +237,15 @@ class Muon(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
         for group in self.param_groups:
             lists = [[] for _ in range(10)]
             self._init_group(group, *lists)
             params, grads, state_steps, momentum_buffers, magma_scores = lists[:5]
             params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor):
-                lr = torch.tensor(lr, dtype=torch.float64)
-            rounding = dict(stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
+            lr = lr_tensor(group)
+            rounding = self._rounding_args(group)
             if params:
                 torch.ops.torchopt_ext.muon_step_(
                     params,
@@ -261,25 +258,19 @@ class Muon(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
-            if params_adam:
-                beta1, beta2 = group["adam_betas"]
-                weight_decay = group["adam_weight_decay"]
-                torch.ops.torchopt_ext.adam_step_(
-                    params_adam,
-                    grads_adam,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    [],
-                    steps_adam,
-                    lr * group["adam_lr_ratio"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["adam_eps"],
-                    weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
-                    decoupled_weight_decay=True,
-                    amsgrad=False,
-                    maximize=group["maximize"],
-                    **rounding,
-                    **amp,
-                )
+            weight_decay = group["adam_weight_decay"]
+            adamw_fallback_step(
+                params_adam,
+                grads_adam,
+                exp_avgs,
+                exp_avg_sqs,
+                steps_adam,
+                lr * group["adam_lr_ratio"],
+                betas=group["adam_betas"],
+                eps=group["adam_eps"],
+                weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
+                maximize=group["maximize"],
+                **rounding,
+                **amp,
+            )
         return loss
