@@ -63,47 +63,41 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     return;
   }
   const size_t n = group->params.size();
-
-  // Momentum (EMA, as torch.optim.Muon) and the Nesterov look-ahead, in the
-  // buffer's dtype (fp32 buffers give fp32 math for bf16 params).
-  std::vector<at::Tensor> updates(n);
+  // One matrix at a time, start to finish (as torch.optim.Muon): each
+  // temporary is freed before the next is made, so the allocator reuses warm
+  // memory and the peak stays one matrix's worth.
   for (size_t i = 0; i < n; ++i) {
+    at::Tensor& param = group->params[i];
     at::Tensor& grad = group->grads[i];
     if (group->amp.grad_scale) {
       grad.div_(*group->amp.grad_scale);
     }
+    // Momentum (EMA) and the Nesterov look-ahead, in the buffer's dtype (fp32
+    // buffers give fp32 math for bf16 params).
     at::Tensor& buffer = group->state[0][i];
     at::Tensor g = grad.to(buffer.scalar_type());
     if (maximize) {
       g = g.neg();
     }
     buffer.lerp_(g, 1.0 - momentum);
-    updates[i] = nesterov ? g.lerp(buffer, momentum) : buffer;
-  }
+    const int64_t rows = param.size(0);
+    // A param with more dims is the (shape[0], rest) matrix.
+    const at::Tensor update =
+        common::newton_schulz((nesterov ? g.lerp(buffer, momentum) : buffer).reshape({rows, -1}), ns)
+            .reshape(param.sizes());
 
-  // Orthogonalize each matrix (a param with more dims as (shape[0], rest)).
-  std::vector<at::Tensor> orthogonal(n);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t rows = group->params[i].size(0);
-    orthogonal[i] = common::newton_schulz(updates[i].reshape({rows, -1}), ns);
-  }
-
-  // Decoupled decay with the unscaled lr, then the scaled step; Magma scales
-  // both (decay folded into the masked update).
-  for (size_t i = 0; i < n; ++i) {
-    at::Tensor& param = group->params[i];
+    // Decoupled decay with the unscaled lr, then the scaled step; Magma scales
+    // both (decay folded into the masked update).
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
       const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
       // Host read of a CPU scalar: no device sync (the functional is CPU-only).
-      multiplier = common::magma_multiplier(group->grads[i], group->state[0][i], score, keep, magma_tau).item<double>();
+      multiplier = common::magma_multiplier(g, buffer, score, keep, magma_tau).item<double>();
     }
-    const int64_t rows = param.size(0);
     const double decay = 1.0 - group->lr * multiplier * weight_decay;
     const double alpha =
         -group->lr * multiplier * muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
-    const at::Tensor update = orthogonal[i].reshape(param.sizes());
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
       kernels::cpu::muon_apply_update_reduced(param, update, decay, alpha, stochastic_rounding, stream);
