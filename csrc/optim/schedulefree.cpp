@@ -7,6 +7,7 @@
 #include <string>
 
 #include "torchopt_ext/functional/schedulefree.h"
+#include "torchopt_ext/optim/adamw.h"
 
 namespace torchopt_ext::optim {
 namespace {
@@ -482,6 +483,25 @@ void ScheduleFree::load(torch::serialize::InputArchive& archive) {
       ++index;
     }
   }
+}
+
+ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                             ScheduleFreeAdamWConfig config) {
+  auto base = std::make_shared<AdamW>(std::move(params), AdamWOptions(lr)
+                                                             .betas(std::make_tuple(config.b1(), config.b2()))
+                                                             .eps(config.eps())
+                                                             .weight_decay(0.0)
+                                                             .state_dtype(config.state_dtype()));
+  ScheduleFreeWithSchedule result;
+  result.optimizer =
+      std::make_shared<ScheduleFree>(base, ScheduleFreeOptions()
+                                               .b1(config.sf_b1())
+                                               .weighting_mode(config.weighting_mode())
+                                               .weight_decay_at_y(config.use_adamc() ? 0.0 : config.weight_decay())
+                                               .adamc_weight_decay(config.use_adamc() ? config.weight_decay() : 0.0)
+                                               .state_dtype(config.state_dtype()));
+  result.scheduler = std::make_unique<schedules::WSD>(result.optimizer->base(), std::move(schedule));
+  return result;
 }
 
 }  // namespace torchopt_ext::optim

@@ -328,4 +328,34 @@ TEST(ScheduleFreeWrapper, SaveLoadContinuesBitwiseInBothModes) {
   }
 }
 
+TEST(ScheduleFree, ScheduleFreeAdamWConvenienceIsTheWrapperWithWSD) {
+  for (const bool adamc : {false, true}) {
+    torch::manual_seed(7);
+    std::vector<torch::Tensor> a{torch::randn({4, 3}, torch::kFloat64), torch::randn({5}, torch::kFloat64)};
+    auto b = clone_all(a);
+    const auto wsd = torchopt_ext::schedules::WSDOptions(20).warmup_fraction(0.1).decay_fraction(0.2);
+    auto made =
+        optim::schedule_free_adamw(a, 0.05, wsd, optim::ScheduleFreeAdamWConfig().weight_decay(0.1).use_adamc(adamc));
+    auto base = std::make_shared<optim::AdamW>(
+        b, optim::AdamWOptions(0.05).betas(std::make_tuple(0.0, 0.999)).weight_decay(0.0));
+    optim::ScheduleFree manual(
+        base, optim::ScheduleFreeOptions().weight_decay_at_y(adamc ? 0.0 : 0.1).adamc_weight_decay(adamc ? 0.1 : 0.0));
+    torchopt_ext::schedules::WSD manual_schedule(*base, wsd);
+    for (int64_t k = 0; k < 20; ++k) {
+      EXPECT_DOUBLE_EQ(made.optimizer->base().param_groups()[0].options().get_lr(),
+                       0.05 * torchopt_ext::schedules::wsd_lr_factor(k, wsd));
+      for (size_t i = 0; i < a.size(); ++i) {
+        const auto g = torch::randn_like(a[i]);
+        a[i].mutable_grad() = g.clone();
+        b[i].mutable_grad() = g.clone();
+      }
+      made.optimizer->step();
+      made.scheduler->step();
+      manual.step();
+      manual_schedule.step();
+    }
+    expect_bitwise_equal(a, b);
+  }
+}
+
 }  // namespace

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import schedulefree
@@ -495,3 +496,41 @@ def test_nan_gradient_poisons_only_its_element(cls):
     opt.step()
     assert torch.isnan(p[3]) and torch.isnan(opt.state[p]["z"][3])
     assert torch.isfinite(torch.cat([p[:3], p[4:]])).all()
+
+
+@pytest.mark.parametrize("use_adamc", [False, True])
+def test_schedule_free_adamw_convenience_matches_spec_with_wsd(use_adamc):
+    # rollfast's schedule_free_adam: AdamW(b1=0) inside the wrapper, one WSD
+    # schedule for the step size and the "practical" weights; the float64
+    # reference gets AdamW's direction (+ lambda * y for decay at y) as its
+    # "gradient", since it applies delta = -lr * g.
+    torch.manual_seed(5)
+    shapes, total, lr, wd, b2, eps = [(4, 3), (5,)], 30, 0.05, 0.1, 0.999, 1e-8
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    opt, sched = tox.schedule_free_adamw(
+        params, lr, total, warmup_fraction=0.1, decay_fraction=0.2, weight_decay=wd, use_adamc=use_adamc
+    )
+    ref = ScheduleFreeSGDReference(
+        params,
+        lr=lambda k: lr * sched.lr_factor(k),
+        weighting_mode="practical",
+        adamc_weight_decay=wd if use_adamc else 0.0,
+    )
+    v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for k in range(total):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        directions = []
+        for i, g in enumerate(grads):
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            direction = g / (v[i].sqrt() / math.sqrt(1 - b2 ** (k + 1)) + eps)
+            directions.append(direction if use_adamc else direction + wd * ref.y[i])
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+        ref.step(directions)
+    for p, y in zip(params, ref.y):
+        torch.testing.assert_close(p, y, rtol=1e-10, atol=1e-12)
+    opt.eval()
+    for p, x in zip(params, ref.x()):
+        torch.testing.assert_close(p, x, rtol=1e-10, atol=1e-12)

@@ -10,7 +10,7 @@ from .muon import Muon
 from .nadamw import NAdamW
 from .qhadamw import QHAdamW
 from .radam import RAdam
-from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
+from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD, schedule_free_adamw
 from .sgd import SGD
 from .sophia import SophiaG, SophiaH
 
@@ -29,6 +29,7 @@ __all__ = [
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "ScheduleFree",
+    "schedule_free_adamw",
     "SophiaH",
     "SophiaG",
 ]

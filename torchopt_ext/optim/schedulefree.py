@@ -470,3 +470,52 @@ class ScheduleFree(torch.optim.Optimizer):
                 group["sf_state"] = group["sf_state"].detach().to(device="cpu", dtype=torch.float64).clone()
         self.defaults.update(state_dict.get("options", {}))
         self.train_mode = bool(state_dict["train_mode"])
+
+
+def schedule_free_adamw(
+    params: Iterable[Any],
+    lr: float,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    decay_fraction: float = 0.1,
+    weighting_mode: str = "practical",
+    sf_b1: float = 0.9,
+    state_dtype: Optional[torch.dtype] = None,
+    b1: Optional[float] = None,
+    b2: Optional[float] = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    use_adamc: bool = False,
+    **wsd_options: Any,
+) -> tuple[ScheduleFree, Any]:
+    """rollfast's ``schedule_free_adam`` for torch: Schedule-Free around AdamW
+    with one WSD schedule driving both the step size and the averaging weights.
+
+    Returns ``(optimizer, scheduler)``: a :class:`ScheduleFree` wrapping
+    ``torchopt_ext.optim.AdamW(params, lr, betas=(b1, b2), eps)`` (``b1``
+    defaults to 0.0 and ``b2`` to 0.999, as rollfast's: the averaging replaces
+    momentum), and a :class:`torchopt_ext.schedules.WSD` on it with
+    ``total_steps``, ``warmup_fraction`` and ``decay_fraction`` (plus any
+    other ``WSD`` option in ``wsd_options``). Call ``scheduler.step()`` after
+    each ``optimizer.step()``. With the default ``"practical"`` weighting each
+    step's weight is its scheduled lr squared, so the WSD decay also fades the
+    average. ``weight_decay`` acts at y, inside the step (rollfast's
+    ``add_decayed_weights``), or as AdamC (``z -= lr^2 * wd * y``) with
+    ``use_adamc=True``. ``sf_b1`` is the interpolation's beta.
+    """
+    from ..schedules import WSD
+    from .adamw import AdamW
+
+    betas = (0.0 if b1 is None else b1, 0.999 if b2 is None else b2)
+    base = AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, state_dtype=state_dtype)
+    optimizer = ScheduleFree(
+        base,
+        b1=sf_b1,
+        weighting_mode=weighting_mode,
+        weight_decay_at_y=0.0 if use_adamc else weight_decay,
+        adamc_weight_decay=weight_decay if use_adamc else 0.0,
+        state_dtype=state_dtype,
+    )
+    scheduler = WSD(optimizer, total_steps, warmup_fraction, decay_fraction, **wsd_options)
+    return optimizer, scheduler

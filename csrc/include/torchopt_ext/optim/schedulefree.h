@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "torchopt_ext/optim/optimizer_base.h"
+#include "torchopt_ext/schedules/wsd.h"
 
 namespace torchopt_ext::optim {
 
@@ -163,5 +164,30 @@ class ScheduleFree {
   std::unordered_map<c10::TensorImpl*, at::Tensor> z_;
   std::vector<at::Tensor> sf_state_;
 };
+
+// rollfast's schedule_free_adam: Schedule-Free around AdamW(betas = (b1, b2),
+// no decay of its own) with one WSD schedule driving both the step size and
+// the "practical" averaging weights. weight_decay acts at y inside the step
+// (weight_decay_at_y), or as AdamC with use_adamc.
+struct ScheduleFreeAdamWConfig {
+  TORCH_ARG(std::string, weighting_mode) = "practical";
+  TORCH_ARG(double, sf_b1) = 0.9;
+  TORCH_ARG(double, b1) = 0.0;
+  TORCH_ARG(double, b2) = 0.999;
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0.0;
+  TORCH_ARG(bool, use_adamc) = false;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+};
+
+// The optimizer and its schedule; call scheduler->step() after each
+// optimizer->step(). The scheduler is declared last so it goes first.
+struct ScheduleFreeWithSchedule {
+  std::shared_ptr<ScheduleFree> optimizer;
+  std::unique_ptr<schedules::WSD> scheduler;
+};
+
+ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                             ScheduleFreeAdamWConfig config = {});
 
 }  // namespace torchopt_ext::optim
