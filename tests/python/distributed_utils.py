@@ -1,0 +1,69 @@
+"""Multi-process test harness: N gloo ranks on CPU, spawned fresh per call.
+
+``run_distributed(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)``
+in every rank with a process group already set up (FileStore in a fresh temp
+file, one thread per rank, bounded collective timeout) and always torn down.
+``fn`` must be a top-level function of an importable module (spawn re-imports
+it). A child's exception is re-raised here with its traceback; a run that
+outlives ``timeout`` has its processes killed and raises TimeoutError, so a
+deadlocked collective can never hang the test session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Per collective: a rank that waits longer than this has lost its peers.
+COLLECTIVE_TIMEOUT_S = 60
+# Per run_distributed call (spawn + imports + the test body).
+RUN_TIMEOUT_S = 180
+
+
+def _worker(rank: int, world_size: int, store_path: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    )
+    try:
+        fn(rank, world_size, *args)
+        # Keep peers alive until all are done (a rank leaving early would make
+        # the others' last collective fail with a confusing error).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = RUN_TIMEOUT_S) -> None:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # A stale FileStore file hangs init: use a fresh name per run, removed after.
+    fd, store_path = tempfile.mkstemp(prefix="torchopt_ext_store_")
+    os.close(fd)
+    os.unlink(store_path)
+    context = mp.start_processes(
+        _worker, args=(world_size, store_path, fn, args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        # join() raises ProcessRaisedException / ProcessExitedException with the
+        # child's traceback and terminates the other ranks.
+        while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks exceeded {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if os.path.exists(store_path):
+            os.unlink(store_path)
