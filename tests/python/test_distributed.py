@@ -36,6 +36,11 @@ ELEMENTWISE = [
     "ScheduleFreeSGD",
 ]
 
+# Optimizers whose op needs whole-tensor quantities: DTensor params and state
+# are gathered for the op and the local slices written back (LAMB's global
+# clip uses an all-reduced sum of squares).
+WHOLE_TENSOR = ["LAMB", "MARS", "Muon"]
+
 IN, HIDDEN, OUT = 8, 13, 6  # 13 is uneven for 2 and 4 ranks; 6 for 4 ranks
 MICRO_BATCH = 4
 STEPS = 10
@@ -130,6 +135,27 @@ def _fsdp_parity_worker(rank: int, world_size: int, names: list[str], steps: int
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp2_elementwise_matches_single_process(world_size):
     run_distributed(_fsdp_parity_worker, world_size, ELEMENTWISE, STEPS)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_whole_tensor_optimizers_match_single_process(world_size):
+    run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR, STEPS)
+
+
+def _adafactor_rejects_dtensor_worker(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    _shard(model, world_size)
+    opt = topt.Adafactor(model.parameters(), lr=1e-2)
+    model(torch.randn(2, IN)).sum().backward()
+    with pytest.raises(NotImplementedError, match="DTensor"):
+        opt.step()
+
+
+@pytest.mark.distributed
+def test_fsdp2_adafactor_rejects_dtensor_params():
+    run_distributed(_adafactor_rejects_dtensor_worker, 2)
 
 
 def _raise_on_rank_1(rank: int, world_size: int) -> None:

@@ -76,6 +76,69 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+class WholeTensors:
+    """Whole-tensor view of DTensor params for ops that need whole-tensor
+    quantities (LAMB's trust ratio, MARS's per-tensor clip, Muon's
+    Newton-Schulz): ``full(t)`` gathers a DTensor into a plain full tensor
+    (every rank computes the same update on identical inputs), and
+    ``write_back()`` copies the local slice of each gathered param/state back
+    into its shard after the op. Plain tensors pass through untouched, so the
+    non-distributed step is unchanged. Costs one all-gather per param and
+    state tensor per step and full-size temporaries on every rank.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Any, torch.Tensor]] = []
+
+    def full(self, t: torch.Tensor, write_back: bool = True) -> torch.Tensor:
+        if not is_dtensor(t):
+            return t
+        whole = t.full_tensor()
+        if write_back:
+            self._pending.append((t, whole))
+        return whole
+
+    def write_back(self) -> None:
+        if not self._pending:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        for dt, whole in self._pending:
+            # src_data_rank=None: each rank slices its own part, no communication.
+            mine = distribute_tensor(whole, dt.device_mesh, dt.placements, src_data_rank=None).to_local()
+            shard = dt.to_local()
+            if mine.data_ptr() != shard.data_ptr():
+                shard.copy_(mine)
+        self._pending.clear()
+
+
+def sharded_sum_of_squares(tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of squares (float64) over the sharded DTensors among ``tensors``,
+    all-reduced across their shard group; None when there are none. Replicated
+    DTensors and plain tensors are the caller's to add (they are not summed
+    across ranks)."""
+    sharded = [t for t in tensors if is_dtensor(t) and any(pl.is_shard() for pl in t.placements)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(t.device_mesh != mesh for t in sharded):
+        raise NotImplementedError("global norms over DTensors need one 1-D device mesh shared by all params")
+    total = torch.zeros((), dtype=torch.float64)
+    for t in sharded:
+        shard = t.to_local()
+        if shard.numel():
+            accumulate = None if shard.dtype in (torch.float32, torch.float64) else torch.float32
+            total += torch.linalg.vector_norm(shard, dtype=accumulate).to(torch.float64).square()
+    import torch.distributed as dist
+
+    dist.all_reduce(total, group=mesh.get_group())
+    return total
+
+
 def lr_tensor(group: dict[str, Any]) -> torch.Tensor:
     """A group's lr as the ops take it: a tensor lr as is (a scheduler can
     change it without recompiling), a float as float64 so it stays exact, as
@@ -143,10 +206,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Param-shaped state of a fallback branch (e.g. Muon's AdamW for
     # non-matrix params), not passed to `_op` but restored like `_state_keys`.
     _fallback_state_keys: tuple[str, ...] = ()
+    # The op needs whole tensors (per-tensor norms, matrix functions): DTensor
+    # params and their state are gathered for it (see WholeTensors).
+    _whole_tensor_op: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self._whole_tensors = WholeTensors()
+
+    def _unwrappers(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """(for params/state the op updates, for inputs it only reads): local
+        shards, or gathered whole tensors when ``_whole_tensor_op``."""
+        if not self._whole_tensor_op:
+            return local, local
+        whole = self._whole_tensors
+        return whole.full, lambda t: whole.full(t, write_back=False)
 
     # -- hooks for subclasses -------------------------------------------------
 
@@ -178,6 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _init_group(self, group, params, grads, state_steps, *state_lists):
         name = type(self).__name__
+        unwrap, unwrap_input = self._unwrappers()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -193,9 +269,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
-                out.append(local(state[key]))
-            params.append(local(p))
-            grads.append(local(p.grad))
+                out.append(unwrap(state[key]))
+            params.append(unwrap(p))
+            grads.append(unwrap_input(p.grad))
             state_steps.append(state["step"])
 
     def _run_closure(self, closure: Optional[Callable[[], Any]]) -> Any:
@@ -234,6 +310,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 **self._op_kwargs(group),
                 **amp,
             )
+            self._whole_tensors.write_back()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, draw_seed
+from ._base import FusedOptimizer, check_adam_like, draw_seed, is_dtensor, local, sharded_sum_of_squares
 
 
 def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -15,15 +15,23 @@ def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
     Per-tensor norms come from torch._foreach_norm in fp32 (fp64 for fp64
     grads): asking it to upcast fp32 to fp64 costs ~20x (a full copy).
+    Sharded DTensor grads contribute their all-reduced sum of squares, so
+    every rank gets the unsharded norm as a plain tensor.
     """
+    sharded_sq = sharded_sum_of_squares(grads)
+    if sharded_sq is not None:
+        grads = [local(g) for g in grads if not (is_dtensor(g) and any(pl.is_shard() for pl in g.placements))]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
+        by_dtype.setdefault(g.dtype, []).append(local(g))
     norms = []
     for dtype, group in by_dtype.items():
         accumulate = None if dtype in (torch.float32, torch.float64) else torch.float32
         norms.extend(n.to(torch.float64) for n in torch._foreach_norm(group, 2, dtype=accumulate))
-    return torch.linalg.vector_norm(torch.stack(norms))
+    if sharded_sq is None:
+        return torch.linalg.vector_norm(torch.stack(norms))
+    rest = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64)
+    return (sharded_sq + rest).sqrt()
 
 
 class LAMB(FusedOptimizer):
@@ -40,6 +48,7 @@ class LAMB(FusedOptimizer):
 
     _op = "lamb_step_"
     _state_keys = ("exp_avg", "exp_avg_sq")
+    _whole_tensor_op = True  # per-tensor trust ratios ||p|| / ||r||
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class MARS(FusedOptimizer):
     """
 
     _op = "mars_step_"
+    _whole_tensor_op = True  # the per-tensor clip of the correction c_t
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "last_grad")
 
     def __init__(
@@ -131,6 +132,7 @@ class MARS(FusedOptimizer):
         exp_avgs_1d,
         exp_avg_sqs_1d,
     ):
+        unwrap, unwrap_input = self._unwrappers()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -147,9 +149,9 @@ class MARS(FusedOptimizer):
                     if self._uses_state(group, key):
                         if key not in state:
                             state[key] = self._new_state(p, group, key)
-                        out.append(local(state[key]))
-                params.append(local(p))
-                grads.append(local(p.grad))
+                        out.append(unwrap(state[key]))
+                params.append(unwrap(p))
+                grads.append(unwrap_input(p.grad))
                 state_steps.append(state["step"])
             else:
                 for key, out in (("exp_avg", exp_avgs_1d), ("exp_avg_sq", exp_avg_sqs_1d)):
@@ -198,6 +200,7 @@ class MARS(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
+                self._whole_tensors.write_back()
             adamw_fallback_step(
                 params_1d,
                 grads_1d,

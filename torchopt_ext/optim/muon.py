@@ -77,6 +77,7 @@ class Muon(FusedOptimizer):
     """
 
     _op = "muon_step_"
+    _whole_tensor_op = True  # Newton-Schulz needs the whole matrix
     _state_keys = ("momentum_buffer", "magma_score")
     _scalar_state_keys = ("magma_score",)
     _fallback_state_keys = ("exp_avg", "exp_avg_sq")
@@ -188,6 +189,7 @@ class Muon(FusedOptimizer):
         exp_avgs,
         exp_avg_sqs,
     ):
+        unwrap, unwrap_input = self._unwrappers()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -201,13 +203,13 @@ class Muon(FusedOptimizer):
             if self._is_matrix(group, p):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = self._new_state(p, group, "momentum_buffer")
-                momentum_buffers.append(local(state["momentum_buffer"]))
+                momentum_buffers.append(unwrap(state["momentum_buffer"]))
                 if group["use_magma"]:
                     if "magma_score" not in state:  # also when Magma is turned on later
                         state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
                     magma_scores.append(state["magma_score"])
-                params.append(local(p))
-                grads.append(local(p.grad))
+                params.append(unwrap(p))
+                grads.append(unwrap_input(p.grad))
                 state_steps.append(state["step"])
             else:
                 for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
@@ -258,6 +260,7 @@ class Muon(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
+                self._whole_tensors.write_back()
             weight_decay = group["adam_weight_decay"]
             adamw_fallback_step(
                 params_adam,
