@@ -49,4 +49,9 @@ cmake --build build/example-consumer
 build/example-consumer/train_mlp 100
 
 echo "== Python tests"
-python -m pytest tests/python -q -p no:cacheprovider
+python -m pytest tests/python -q -p no:cacheprovider -m "not distributed"
+
+# Multi-process gloo tests (spawned ranks, bounded timeouts): ~2.5 min on 2
+# cores, so they run as their own step; still gating.
+echo "== Python distributed tests (FSDP2 / DCP, gloo on CPU)"
+GLOO_SOCKET_IFNAME=lo python -m pytest tests/python -q -p no:cacheprovider -m distributed

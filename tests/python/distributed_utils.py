@@ -12,14 +12,17 @@ deadlocked collective can never hang the test session.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 # Per collective: a rank that waits longer than this has lost its peers.
 COLLECTIVE_TIMEOUT_S = 60
@@ -27,7 +30,7 @@ COLLECTIVE_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 180
 
 
-def _worker(rank: int, world_size: int, store_path: str, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(rank: int, world_size: int, store_path: str, error_dir: str, fn: Callable[..., Any], args: tuple) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
@@ -39,8 +42,26 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable[..., Any],
         # Keep peers alive until all are done (a rank leaving early would make
         # the others' last collective fail with a confusing error).
         dist.barrier()
+    except BaseException:
+        # Recorded before this rank leaves the group, so the root cause is
+        # written before the peers' "connection closed" errors.
+        with open(os.path.join(error_dir, f"{time.time():.6f}_rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _rank_errors(error_dir: str) -> str:
+    """The ranks' tracebacks, earliest first (the first is the root cause;
+    later ones are usually peers losing their connection)."""
+    names = sorted(os.listdir(error_dir))
+    parts = []
+    for name in names:
+        rank = name.rsplit("_", 1)[1].removesuffix(".txt")
+        with open(os.path.join(error_dir, name)) as fh:
+            parts.append(f"---- {rank} ----\n{fh.read()}")
+    return "\n".join(parts)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -50,16 +71,27 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     fd, store_path = tempfile.mkstemp(prefix="torchopt_ext_store_")
     os.close(fd)
     os.unlink(store_path)
+    error_dir = tempfile.mkdtemp(prefix="torchopt_ext_rank_errors_")
+    name = getattr(fn, "__name__", repr(fn))
     context = mp.start_processes(
-        _worker, args=(world_size, store_path, fn, args), nprocs=world_size, join=False, start_method="spawn"
+        _worker,
+        args=(world_size, store_path, error_dir, fn, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout
     try:
-        # join() raises ProcessRaisedException / ProcessExitedException with the
-        # child's traceback and terminates the other ranks.
-        while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks exceeded {timeout} s")
+        # join() raises (ProcessRaisedException / ProcessExitedException) on the
+        # first rank it finds failed and terminates the others; that rank may
+        # only be a victim, so report every rank's traceback, earliest first.
+        try:
+            while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} on {world_size} ranks exceeded {timeout} s")
+        except ProcessException as e:
+            details = _rank_errors(error_dir) or str(e)
+            raise RuntimeError(f"{name} failed on {world_size} ranks:\n{details}") from e
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -67,3 +99,4 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 process.join(5)
         if os.path.exists(store_path):
             os.unlink(store_path)
+        shutil.rmtree(error_dir, ignore_errors=True)

@@ -166,7 +166,9 @@ def _raise_on_rank_1(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed
 def test_harness_reports_child_exception():
-    with pytest.raises(Exception, match="boom from rank 1"):
+    # The root cause comes first, though rank 0 also fails (its peer left).
+    first = r"(?s)^_raise_on_rank_1 failed on 2 ranks:\n---- rank1 ----.*boom from rank 1"
+    with pytest.raises(RuntimeError, match=first):
         run_distributed(_raise_on_rank_1, 2, timeout=60)
 
 
