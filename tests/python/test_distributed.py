@@ -143,6 +143,48 @@ def test_fsdp2_whole_tensor_optimizers_match_single_process(world_size):
     run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR, STEPS)
 
 
+def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    failures = []
+    for name in names:
+        torch.manual_seed(0)
+        ref = MLP()
+        model = DDP(copy.deepcopy(ref))
+        opt = make_optimizer(name, model.parameters())
+        ref_opt = make_optimizer(name, ref.parameters())
+        data = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x = torch.randn(world_size * MICRO_BATCH, IN, generator=data)
+            y = torch.randn(world_size * MICRO_BATCH, 3, generator=data)
+            mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+            _train_step(model, opt, x[mine], y[mine], name)
+            if rank == 0:
+                _train_step(ref, ref_opt, x, y, name)
+        max_err = 0.0
+        for (pname, p), q in zip(model.module.named_parameters(), ref.parameters()):
+            # Replicas must stay identical across ranks.
+            gathered = [torch.empty_like(p) for _ in range(world_size)]
+            dist.all_gather(gathered, p.detach().contiguous())
+            if rank == 0:
+                max_err = max(max_err, (p - q).abs().max().item())
+                try:
+                    for other in gathered[1:]:
+                        torch.testing.assert_close(other, gathered[0], rtol=0, atol=0)
+                    torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+                except AssertionError as e:
+                    failures.append(f"{name} {pname}: {e}")
+        if rank == 0:
+            print(f"[DDP ws={world_size}] {name}: max |ddp - single| = {max_err:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+def test_ddp_all_optimizers_match_single_process():
+    # Plain tensors on every rank: every optimizer, Adafactor included.
+    run_distributed(_ddp_parity_worker, 2, sorted(ALL_OPTIMIZERS), STEPS)
+
+
 def _adafactor_rejects_dtensor_worker(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     model = MLP()
