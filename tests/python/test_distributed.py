@@ -38,8 +38,10 @@ ELEMENTWISE = [
 
 # Optimizers whose op needs whole-tensor quantities: DTensor params and state
 # are gathered for the op and the local slices written back (LAMB's global
-# clip uses an all-reduced sum of squares).
-WHOLE_TENSOR = ["LAMB", "MARS", "Muon"]
+# clip uses an all-reduced sum of squares). Adafactor's factored state
+# (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
+# rank 0 only.
+WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "Adafactor"]
 
 IN, HIDDEN, OUT = 8, 13, 6  # 13 is uneven for 2 and 4 ranks; 6 for 4 ranks
 MICRO_BATCH = 4
@@ -183,21 +185,6 @@ def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int)
 def test_ddp_all_optimizers_match_single_process():
     # Plain tensors on every rank: every optimizer, Adafactor included.
     run_distributed(_ddp_parity_worker, 2, sorted(ALL_OPTIMIZERS), STEPS)
-
-
-def _adafactor_rejects_dtensor_worker(rank: int, world_size: int) -> None:
-    torch.manual_seed(0)
-    model = MLP()
-    _shard(model, world_size)
-    opt = topt.Adafactor(model.parameters(), lr=1e-2)
-    model(torch.randn(2, IN)).sum().backward()
-    with pytest.raises(NotImplementedError, match="DTensor"):
-        opt.step()
-
-
-@pytest.mark.distributed
-def test_fsdp2_adafactor_rejects_dtensor_params():
-    run_distributed(_adafactor_rejects_dtensor_worker, 2)
 
 
 def _raise_on_rank_1(rank: int, world_size: int) -> None:

@@ -42,8 +42,10 @@ class Adafactor(FusedOptimizer):
     (R, C) param keeps R + C state elements. ``foreach`` is accepted and
     ignored (one fused op call per param group). ``state_dtype``,
     ``stochastic_rounding`` and ``seed`` as in :class:`torchopt_ext.optim.Adam`;
-    math is fp32 for bf16/fp16 params. DTensor params are rejected for now
-    (RMS and the factored means need whole-tensor reductions).
+    math is fp32 for bf16/fp16 params. DTensor (FSDP2) params work by
+    gathering: RMS and the factored means span the whole tensor, so the op
+    runs on full tensors and each rank keeps its slice; the state is DTensors
+    with the param's placements (see ``_base.WholeTensors``).
 
     Differences from ``transformers.optimization.Adafactor`` (HF): HF adds
     ``eps1`` (1e-30) to ``G^2`` before averaging and divides by the plain mean
@@ -63,6 +65,7 @@ class Adafactor(FusedOptimizer):
     """
 
     _op = "adafactor_step_"
+    _whole_tensor_op = True  # RMS(theta), RMS(U), row/col means
     _state_keys = ("row_var", "col_var", "variance", "exp_avg")
 
     def __init__(
@@ -135,11 +138,19 @@ class Adafactor(FusedOptimizer):
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         dtype = group["state_dtype"] or p.dtype
+        if DTensor is not None and isinstance(p, DTensor):
+            # Sharded like the param (a size-1 dim sharded leaves some ranks an
+            # empty slice), so DCP can save and reshard it.
+            from torch.distributed.tensor import distribute_tensor
+
+            zeros = torch.zeros(self._state_shape(p, key), dtype=dtype, device=p.to_local().device)
+            return distribute_tensor(zeros, p.device_mesh, p.placements, src_data_rank=None)
         return torch.zeros(self._state_shape(p, key), dtype=dtype, device=p.device)
 
     def _init_group(self, group, params, grads, state_steps, row_vars, col_vars, variances, exp_avgs):
         # row_vars/col_vars hold only the factored (dim >= 2) params' state and
         # variances only the others', each in param order: the op's layout.
+        unwrap, unwrap_input = self._unwrappers()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -147,10 +158,6 @@ class Adafactor(FusedOptimizer):
                 raise RuntimeError("Adafactor does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError("Adafactor does not support complex parameters")
-            if DTensor is not None and isinstance(p, DTensor):
-                # RMS(theta), RMS(U) and the row/col means span the whole
-                # tensor: a local shard would give wrong values.
-                raise NotImplementedError("Adafactor does not support DTensor params yet (whole-tensor reductions)")
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -161,14 +168,14 @@ class Adafactor(FusedOptimizer):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
             if p.dim() >= 2:
-                row_vars.append(state["row_var"])
-                col_vars.append(state["col_var"])
+                row_vars.append(unwrap(state["row_var"]))
+                col_vars.append(unwrap(state["col_var"]))
             else:
-                variances.append(state["variance"])
+                variances.append(unwrap(state["variance"]))
             if group["beta1"] is not None:
-                exp_avgs.append(state["exp_avg"])
-            params.append(p)
-            grads.append(p.grad)
+                exp_avgs.append(unwrap(state["exp_avg"]))
+            params.append(unwrap(p))
+            grads.append(unwrap_input(p.grad))
             state_steps.append(state["step"])
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
