@@ -266,7 +266,7 @@ class PRISM(FusedOptimizer):
             weight_decay=group["weight_decay"],
             ns_iters=group["ns_iters"],
             ns_coeffs=_flatten_coefficients(group["ns_coeffs"]),
-            mode=group["mode"],
+            prism_mode=group["mode"],  # "mode" clashes with a torch.compile keyword
             preconditioning=str(group["preconditioning"]).lower(),
             inv_steps=group["inv_steps"],
             inv_eps=group["inv_eps"],
