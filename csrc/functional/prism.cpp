@@ -48,8 +48,7 @@ at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double 
   // side (rollfast's left Gram, gamma_l) in torch's (out, in) orientation.
   const at::Tensor h_out =
       sym(at::mm(m, m.t()) + gamma_r * gamma_r * at::mm(d, d.t())) + eps_gram * at::eye(rows, opts);
-  const at::Tensor h_in =
-      sym(at::mm(m.t(), m) + gamma_l * gamma_l * at::mm(d.t(), d)) + eps_gram * at::eye(cols, opts);
+  const at::Tensor h_in = sym(at::mm(m.t(), m) + gamma_l * gamma_l * at::mm(d.t(), d)) + eps_gram * at::eye(cols, opts);
   const at::Tensor t_out = 1.05 * at::linalg_matrix_norm(h_out, "fro");
   const at::Tensor t_in = 1.05 * at::linalg_matrix_norm(h_in, "fro");
   const at::Tensor eye_out = at::eye(rows, opts);
@@ -76,13 +75,13 @@ at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double 
 void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
                  double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
-                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale,
-                 double eps_gram, std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov,
-                 bool shape_nesterov, bool bias_correction, c10::string_view momentum_accumulator,
-                 at::ArrayRef<double> grad_clip_max_amps, std::optional<double> raw_global_grad_clip,
-                 bool permissive_spike_protection, std::optional<at::ScalarType> ns_dtype, bool maximize,
-                 bool use_magma, double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
-                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
+                 std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov, bool shape_nesterov,
+                 bool bias_correction, c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
+                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
+                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
+                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "prism_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -178,7 +177,8 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     const at::Tensor m = ema ? at::lerp(m_prev, g, 1.0 - b1) : g + b1 * m_prev;
     // Store the new momentum (bf16: stochastic rounding, as rollfast).
     if (buffer.scalar_type() == at::kBFloat16) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed ^ 0x5052534D, static_cast<int64_t>(i), group->steps[i]);
+      const uint64_t stream =
+          kernels::cpu::rounding_stream(seed ^ 0x5052534D, static_cast<int64_t>(i), group->steps[i]);
       kernels::cpu::muon_apply_update_reduced(buffer, m.contiguous(), 0.0, 1.0, true, stream);
     } else {
       buffer.copy_(m);

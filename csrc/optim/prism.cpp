@@ -26,8 +26,7 @@ void PRISMOptions::validate() const {
   TORCH_CHECK_VALUE(mode() == "original" || mode() == "bidirectional", name,
                     ": mode must be 'original' or 'bidirectional', got '", mode(), "'");
   common::parse_ns_normalization(preconditioning(), "preconditioning");
-  TORCH_CHECK_VALUE(inv_steps() >= 1 && inv_steps() < 100, name, ": inv_steps must be in [1, 100), got ",
-                    inv_steps());
+  TORCH_CHECK_VALUE(inv_steps() >= 1 && inv_steps() < 100, name, ": inv_steps must be in [1, 100), got ", inv_steps());
   TORCH_CHECK_VALUE(inv_eps() >= 0.0, name, ": inv_eps must be >= 0, got ", inv_eps());
   TORCH_CHECK_VALUE(std::isfinite(inv_scale()) && inv_scale() > 0.0, name, ": inv_scale must be > 0, got ",
                     inv_scale());
@@ -290,16 +289,14 @@ at::Tensor PRISM::step(LossClosure closure) {
       if (options.grad_clip_max_amps()) {
         amps = {std::get<0>(*options.grad_clip_max_amps()), std::get<1>(*options.grad_clip_max_amps())};
       }
-      functional::prism_step_(params, grads, buffers, scores, steps, at::scalar_tensor(options.lr(), at::kDouble),
-                              options.b1(), options.gamma(), options.weight_decay(), options.ns_iters(),
-                              options.ns_coeffs(), options.mode(), options.preconditioning(), options.inv_steps(),
-                              options.inv_eps(), options.inv_scale(), options.eps_gram(), options.gamma_l(),
-                              options.gamma_r(), options.nesterov(), options.shape_nesterov(),
-                              options.bias_correction(), options.momentum_accumulator(), amps,
-                              options.raw_global_grad_clip(), options.permissive_spike_protection(),
-                              options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(),
-                              options.magma_tau(), options.stochastic_rounding(), options.seed(), std::nullopt,
-                              std::nullopt);
+      functional::prism_step_(
+          params, grads, buffers, scores, steps, at::scalar_tensor(options.lr(), at::kDouble), options.b1(),
+          options.gamma(), options.weight_decay(), options.ns_iters(), options.ns_coeffs(), options.mode(),
+          options.preconditioning(), options.inv_steps(), options.inv_eps(), options.inv_scale(), options.eps_gram(),
+          options.gamma_l(), options.gamma_r(), options.nesterov(), options.shape_nesterov(), options.bias_correction(),
+          options.momentum_accumulator(), amps, options.raw_global_grad_clip(), options.permissive_spike_protection(),
+          options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(),
+          options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
     }
     if (!params_adam.empty()) {
       const auto [beta1, beta2] = options.adam_betas();

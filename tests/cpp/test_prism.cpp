@@ -80,8 +80,7 @@ TEST(PRISM, MatchesSpecReferenceWithBindingClips) { check_parity(0.05, 0.02); }
 
 TEST(PRISM, StrictSpikeSkipsAndPermissiveClips) {
   auto params = matrices();
-  optim::PRISM strict(params,
-                      optim::PRISMOptions(0.02).raw_global_grad_clip(1.0).permissive_spike_protection(false));
+  optim::PRISM strict(params, optim::PRISMOptions(0.02).raw_global_grad_clip(1.0).permissive_spike_protection(false));
   for (auto& p : params) {
     p.mutable_grad() = torch::randn_like(p);  // norm ~ 20 > 1: a spike
   }

@@ -141,7 +141,7 @@ def test_fp32_default_close_to_reference():
 def test_routing_and_adam_fallback():
     torch.manual_seed(3)
     w, b, k = torch.randn(8, 5), torch.randn(8), torch.randn(4, 3, 2)
-    w2, b2, k2 = w.clone(), b.clone(), k.clone()
+    b2, k2 = b.clone(), k.clone()
     opt = tox.PRISM([w, b, k], lr=0.01, adam_lr=0.003, weight_decay=0.1, adam_betas=(0.8, 0.99))
     adam = torch.optim.AdamW([b2, k2], lr=0.003, weight_decay=0.1, betas=(0.8, 0.99))
     for _ in range(5):
@@ -200,3 +200,15 @@ def test_op_errors_name_the_argument():
             [p], [torch.randn(4, 4)], [torch.zeros(4, 4)], [], [torch.zeros(())], torch.tensor(0.1),
             momentum_accumulator="x",
         )  # fmt: skip
+
+
+def test_magma_never_keep_freezes_and_scores_move():
+    torch.manual_seed(6)
+    p = torch.randn(6, 5)
+    start = p.clone()
+    opt = tox.PRISM([p], lr=0.1, weight_decay=0.5, use_magma=True, magma_p=0.0, seed=1)
+    for _ in range(4):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert torch.equal(p, start)
+    assert float(opt.state[p]["magma_score"]) != 0.5

@@ -112,7 +112,7 @@ class PrismReference:
             m = (1 - beta) * g + beta * m_prev if ema else g + beta * m_prev
             self.mu[i] = m.T.reshape(p.shape).clone()
 
-            def look(x):
+            def look(x, g=g):
                 return beta * x + (1 - beta) * g if ema else beta * x + g
 
             if c["nesterov"] and c["shape_nesterov"]:

@@ -31,13 +31,13 @@ namespace torchopt_ext::functional {
 void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
                  double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
-                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale,
-                 double eps_gram, std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov,
-                 bool shape_nesterov, bool bias_correction, c10::string_view momentum_accumulator,
-                 at::ArrayRef<double> grad_clip_max_amps, std::optional<double> raw_global_grad_clip,
-                 bool permissive_spike_protection, std::optional<at::ScalarType> ns_dtype, bool maximize,
-                 bool use_magma, double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
-                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
+                 std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov, bool shape_nesterov,
+                 bool bias_correction, c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
+                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
+                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
+                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf);
 
 // The "bidirectional" shaping of one (out, in) pair: approximately
 // H_out^{-1/4} M H_in^{-1/4} with H_out = M M^T + gamma_r^2 D D^T and
