@@ -8,7 +8,11 @@ Not a test. Two tables:
    iteration is matmul-bound: per iteration 4 m^2 n + 2 m^3 FLOPs for an
    m x n input with m <= n).
 2. Optimizer step: ``torchopt_ext.optim.Muon`` vs ``torch.optim.Muon`` on a set
-   of transformer-like matrices, with the state bytes per parameter.
+   of transformer-like matrices, with the state bytes per parameter; also
+   ``torchopt_ext.optim.PRISM`` (default: fp32 shaping on the augmented
+   ``[M, gamma D]``, Newton-Schulz on a matrix with twice the input features)
+   against Muon with the same fp32 iteration.
+3. PRISM / Muon (both fp32 iterations) per matrix shape: square, wide and tall.
 
     python benchmarks/bench_muon.py            # ~2 min on 2 cores
     python benchmarks/bench_muon.py --quick    # smoke run on small sizes
@@ -88,6 +92,10 @@ def step_rows(shapes, args) -> list[dict]:
     impls = {
         "torchopt_ext.optim.Muon": lambda ps: torchopt_ext.optim.Muon(ps, lr=0.02),
         "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
+        "torchopt_ext.optim.Muon (ns_dtype=float32)": lambda ps: torchopt_ext.optim.Muon(
+            ps, lr=0.02, ns_dtype=torch.float32
+        ),
+        "torchopt_ext.optim.PRISM": lambda ps: torchopt_ext.optim.PRISM(ps, lr=0.02),
     }
     best = {}
     state_bytes = {}
@@ -106,10 +114,41 @@ def step_rows(shapes, args) -> list[dict]:
             "implementation": label,
             "ms_per_step": seconds * 1e3,
             "torchopt_ext_time_ratio": ours / seconds,
+            "time_over_muon_fp32": seconds / best["torchopt_ext.optim.Muon (ns_dtype=float32)"],
             "state_bytes_per_param": state_bytes[label] / n_params,
         }
         for label, seconds in best.items()
     ]
+
+
+def prism_shape_rows(width, args) -> list[dict]:
+    """PRISM step time over Muon's (both fp32 iterations), one matrix at a time."""
+    rows = []
+    for label, shape in (
+        ("square", (width, width)),
+        ("wide (out < in)", (width, 4 * width)),
+        ("tall (out > in)", (4 * width, width)),
+    ):
+        times = {}
+        for name, factory in (
+            ("muon", lambda ps: torchopt_ext.optim.Muon(ps, lr=0.02, ns_dtype=torch.float32)),
+            ("prism", lambda ps: torchopt_ext.optim.PRISM(ps, lr=0.02)),
+        ):
+            torch.manual_seed(0)
+            p = torch.randn(shape)
+            p.grad = torch.randn_like(p)
+            opt = factory([p])
+            times[name] = best_median(opt.step, args.warmup, args.steps, args.repeats)
+        rows.append(
+            {
+                "shape": label,
+                "size": "x".join(map(str, shape)),
+                "muon_ms": times["muon"] * 1e3,
+                "prism_ms": times["prism"] * 1e3,
+                "ratio": times["prism"] / times["muon"],
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -128,6 +167,7 @@ def main() -> None:
     step_shapes = [(width, width)] * 16 + [(4 * width, width), (width, 4 * width)] * 4
     ns = ns_rows(ns_sizes, dtypes, args)
     steps = step_rows(step_shapes, args)
+    prism = prism_shape_rows(width, args)
     stamp = (
         f"Command: `python benchmarks/bench_muon.py{' --quick' if args.quick else ''}`  \n"
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
@@ -142,16 +182,26 @@ def main() -> None:
     )
     n_params = sum(torch.Size(s).numel() for s in step_shapes)
     table += f"\nMuon step, {len(step_shapes)} matrices ({n_params / 1e6:.1f}M params, width {width}):\n\n"
-    table += "| implementation | ms/step | torchopt_ext time / this | state bytes / param |\n|---|--:|--:|--:|\n"
+    table += (
+        "| implementation | ms/step | torchopt_ext Muon time / this | this / Muon (fp32 NS) | state bytes / param |\n"
+        "|---|--:|--:|--:|--:|\n"
+    )
     table += "".join(
         f"| {r['implementation']} | {r['ms_per_step']:.1f} | {r['torchopt_ext_time_ratio']:.2f} | "
-        f"{r['state_bytes_per_param']:.1f} |\n"
+        f"{r['time_over_muon_fp32']:.2f} | {r['state_bytes_per_param']:.1f} |\n"
         for r in steps
+    )
+    table += "\nPRISM step / Muon step (both fp32 iterations), one matrix:\n\n"
+    table += "| shape | size | Muon ms | PRISM ms | PRISM / Muon |\n|---|---|--:|--:|--:|\n"
+    table += "".join(
+        f"| {r['shape']} | {r['size']} | {r['muon_ms']:.1f} | {r['prism_ms']:.1f} | {r['ratio']:.2f} |\n" for r in prism
     )
     print(table)
     RESULTS_DIR.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (RESULTS_DIR / f"muon{suffix}.json").write_text(json.dumps({"newton_schulz": ns, "step": steps}, indent=1))
+    (RESULTS_DIR / f"muon{suffix}.json").write_text(
+        json.dumps({"newton_schulz": ns, "step": steps, "prism": prism}, indent=1)
+    )
     (RESULTS_DIR / f"muon{suffix}.md").write_text(table)
 
 

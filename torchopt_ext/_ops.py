@@ -100,6 +100,18 @@ def _muon_step_fake(params, grads, momentum_buffers, magma_scores, state_steps, 
     )
 
 
+@torch.library.register_fake("torchopt_ext::prism_step_")
+def _prism_step_fake(params, grads, momentum_buffers, magma_scores, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "prism_step_",
+        params,
+        grads=grads,
+        momentum_buffers=momentum_buffers,
+        magma_scores=magma_scores,
+        state_steps=state_steps,
+    )
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

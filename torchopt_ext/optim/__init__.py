@@ -8,6 +8,7 @@ from .lion import Lion
 from .mars import MARS
 from .muon import Muon
 from .nadamw import NAdamW
+from .prism import PRISM
 from .qhadamw import QHAdamW
 from .radam import RAdam
 from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD, schedule_free_adamw
@@ -26,6 +27,7 @@ __all__ = [
     "LAMB",
     "Adafactor",
     "Muon",
+    "PRISM",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "ScheduleFree",

@@ -1,6 +1,7 @@
 // Umbrella header for LibTorch programs: #include <torchopt_ext/torchopt_ext.h>
 #pragma once
 
+#include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/newton_schulz.h"
 #include "torchopt_ext/functional/adafactor.h"
 #include "torchopt_ext/functional/adam.h"
@@ -9,6 +10,7 @@
 #include "torchopt_ext/functional/mars.h"
 #include "torchopt_ext/functional/muon.h"
 #include "torchopt_ext/functional/nadam.h"
+#include "torchopt_ext/functional/prism.h"
 #include "torchopt_ext/functional/qhadam.h"
 #include "torchopt_ext/functional/radam.h"
 #include "torchopt_ext/functional/schedulefree.h"
@@ -23,6 +25,7 @@
 #include "torchopt_ext/optim/mars.h"
 #include "torchopt_ext/optim/muon.h"
 #include "torchopt_ext/optim/nadamw.h"
+#include "torchopt_ext/optim/prism.h"
 #include "torchopt_ext/optim/qhadamw.h"
 #include "torchopt_ext/optim/radam.h"
 #include "torchopt_ext/optim/schedulefree.h"

@@ -1,0 +1,103 @@
+#include "torchopt_ext/common/clipping.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace torchopt_ext::common {
+
+namespace {
+
+at::ScalarType accumulation_type(at::TensorList tensors) {
+  for (const auto& t : tensors) {
+    if (t.scalar_type() == at::kDouble) {
+      return at::kDouble;
+    }
+  }
+  return at::kFloat;
+}
+
+}  // namespace
+
+at::Tensor global_l2_norm(at::TensorList tensors) {
+  const auto dtype = accumulation_type(tensors);
+  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(dtype));
+  for (const auto& t : tensors) {
+    // Square-sum per tensor in the accumulation dtype (bf16 grads upcast first).
+    const at::Tensor x = t.to(dtype);
+    sum = sum + (x * x).sum().to(sum.device());
+  }
+  return sum.sqrt();
+}
+
+RawClipResult raw_global_clip(at::TensorList grads, double max_norm, bool permissive) {
+  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0, "raw_global_grad_clip must be > 0, got ", max_norm);
+  RawClipResult result;
+  result.norm = global_l2_norm(grads);
+  // One host read (see the header): the skip decision gates every state write.
+  const double norm = result.norm.item<double>();
+  result.spike = norm > max_norm;
+  if (result.spike) {
+    result.scale = max_norm / (norm + static_cast<double>(std::numeric_limits<float>::min()));
+    result.skip = !permissive;
+  }
+  return result;
+}
+
+GradClipMode parse_grad_clip_mode(const std::string& name, const char* argument) {
+  if (name == "per_tensor_rms") {
+    return GradClipMode::PerTensorRMS;
+  }
+  if (name == "global_rms") {
+    return GradClipMode::GlobalRMS;
+  }
+  TORCH_CHECK_VALUE(false, argument, " must be 'per_tensor_rms' or 'global_rms', got '", name, "'");
+}
+
+void check_post_clip_options(const char* op, const PostClipOptions& options) {
+  TORCH_CHECK_VALUE(std::isfinite(options.max_rms) && options.max_rms > 0.0, op,
+                    ": grad_clip_max_amps[0] (RMS cap) must be > 0, got ", options.max_rms);
+  if (options.max_element) {
+    TORCH_CHECK_VALUE(*options.max_element > 0.0 && !std::isnan(*options.max_element), op,
+                      ": grad_clip_max_amps[1] (element cap) must be > 0, got ", *options.max_element);
+  }
+  TORCH_CHECK_VALUE(options.rms_eps >= 0.0, op, ": the clip's rms_eps must be >= 0, got ", options.rms_eps);
+}
+
+void clip_update_per_tensor_rms_(at::Tensor& update, const PostClipOptions& options) {
+  if (update.numel() == 0) {
+    return;
+  }
+  // min(1, a / (rms + eps)) as a 0-d tensor: no host read.
+  const at::Tensor rms = update.square().mean().sqrt();
+  update.mul_(at::clamp_max(options.max_rms / (rms + options.rms_eps), 1.0));
+  if (options.max_element) {
+    update.clamp_(-*options.max_element, *options.max_element);
+  }
+}
+
+void clip_updates_(std::vector<at::Tensor>& updates, const PostClipOptions& options) {
+  if (options.mode == GradClipMode::PerTensorRMS) {
+    for (auto& u : updates) {
+      clip_update_per_tensor_rms_(u, options);
+    }
+    return;
+  }
+  int64_t count = 0;
+  for (const auto& u : updates) {
+    count += u.numel();
+  }
+  if (count == 0) {
+    return;
+  }
+  const at::Tensor norm = global_l2_norm(updates);
+  const at::Tensor rms = norm / std::sqrt(static_cast<double>(count));
+  const at::Tensor factor = at::clamp_max(options.max_rms / at::clamp_min(rms, options.rms_eps), 1.0);
+  for (auto& u : updates) {
+    u.mul_(factor.to(u.device()));
+  }
+}
+
+}  // namespace torchopt_ext::common

@@ -1,0 +1,242 @@
+#include "torchopt_ext/functional/prism.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/muon.h"
+#include "kernels/cpu/stochastic_rounding.h"
+#include "torchopt_ext/common/clipping.h"
+#include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/newton_schulz.h"
+
+namespace torchopt_ext::functional {
+
+namespace {
+
+at::Tensor sym(const at::Tensor& a) { return (a + a.transpose(-2, -1)) * 0.5; }
+
+// Cesista's coefficient rows for the coupled inverse fourth root (rollfast
+// §3.3 step 5); steps past the last row reuse it.
+constexpr std::array<std::array<double, 3>, 4> kInvRootCoefficients{{
+    {3.85003, -10.8539, 8.61893},
+    {1.80992, -0.587778, 0.0647852},
+    {1.50394, -0.594516, 0.121161},
+    {45.0 / 32.0, -9.0 / 16.0, 5.0 / 32.0},
+}};
+
+}  // namespace
+
+at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double gamma_l, double gamma_r,
+                               int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram) {
+  const double gamma_max = std::max(gamma_l, gamma_r);
+  // Joint scale s = sqrt(|M|_F^2 + gamma_max^2 |D|_F^2), floored so a zero
+  // momentum gives a zero update instead of NaNs.
+  const at::Tensor s = at::clamp_min((M.square().sum() + gamma_max * gamma_max * D.square().sum()).sqrt(), 1e-30);
+  const at::Tensor m = M / s;
+  const at::Tensor d = D / s;
+  const int64_t rows = m.size(0);
+  const int64_t cols = m.size(1);
+  const auto opts = m.options();
+  // Output-feature side (rollfast's right Gram, gamma_r) and input-feature
+  // side (rollfast's left Gram, gamma_l) in torch's (out, in) orientation.
+  const at::Tensor h_out =
+      sym(at::mm(m, m.t()) + gamma_r * gamma_r * at::mm(d, d.t())) + eps_gram * at::eye(rows, opts);
+  const at::Tensor h_in = sym(at::mm(m.t(), m) + gamma_l * gamma_l * at::mm(d.t(), d)) + eps_gram * at::eye(cols, opts);
+  const at::Tensor t_out = 1.05 * at::linalg_matrix_norm(h_out, "fro");
+  const at::Tensor t_in = 1.05 * at::linalg_matrix_norm(h_in, "fro");
+  const at::Tensor eye_out = at::eye(rows, opts);
+  const at::Tensor eye_in = at::eye(cols, opts);
+  at::Tensor q = h_out / t_out + inv_eps * eye_out;
+  at::Tensor p = h_in / t_in + inv_eps * eye_in;
+  at::Tensor g = m;
+  for (int64_t k = 0; k < inv_steps; ++k) {
+    const auto& row = kInvRootCoefficients[std::min<size_t>(static_cast<size_t>(k), kInvRootCoefficients.size() - 1)];
+    const double a = row[0] / inv_scale;
+    const double b = row[1] / std::pow(inv_scale, 5);
+    const double c = row[2] / std::pow(inv_scale, 9);
+    const at::Tensor w_q = sym(a * eye_out + b * q + c * at::mm(q, q));
+    const at::Tensor w_p = sym(a * eye_in + b * p + c * at::mm(p, p));
+    const at::Tensor w_q2 = at::mm(w_q, w_q);
+    const at::Tensor w_p2 = at::mm(w_p, w_p);
+    q = sym(at::mm(q, at::mm(w_q2, w_q2)));
+    p = sym(at::mm(p, at::mm(w_p2, w_p2)));
+    g = at::mm(at::mm(w_q, g), w_p);
+  }
+  return g * (t_out.pow(-0.25) * t_in.pow(-0.25));
+}
+
+void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
+                 double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
+                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
+                 std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov, bool shape_nesterov,
+                 bool bias_correction, c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
+                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
+                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
+                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "prism_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "gamma", gamma, std::isfinite(gamma) && gamma >= 0.0, ">= 0");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  TORCH_CHECK_VALUE(mode == "original" || mode == "bidirectional", op,
+                    ": mode must be 'original' or 'bidirectional', got '", mode, "'");
+  const bool bidirectional = mode == "bidirectional";
+  TORCH_CHECK_VALUE(momentum_accumulator == "ema" || momentum_accumulator == "heavy_ball", op,
+                    ": momentum_accumulator must be 'ema' or 'heavy_ball', got '", momentum_accumulator, "'");
+  const bool ema = momentum_accumulator == "ema";
+  TORCH_CHECK_VALUE(inv_steps >= 1 && inv_steps < 100, op, ": inv_steps must be in [1, 100), got ", inv_steps);
+  check_hyperparameter(op, "inv_eps", inv_eps, inv_eps >= 0.0, ">= 0");
+  check_hyperparameter(op, "inv_scale", inv_scale, std::isfinite(inv_scale) && inv_scale > 0.0, "> 0");
+  check_hyperparameter(op, "eps_gram", eps_gram, eps_gram >= 0.0, ">= 0");
+  const double g_l = gamma_l.value_or(gamma);
+  const double g_r = gamma_r.value_or(gamma);
+  check_hyperparameter(op, "gamma_l", g_l, std::isfinite(g_l) && g_l >= 0.0, ">= 0");
+  check_hyperparameter(op, "gamma_r", g_r, std::isfinite(g_r) && g_r >= 0.0, ">= 0");
+  common::NewtonSchulzOptions ns;
+  ns.coefficients = common::ns_coefficients_from_flat(ns_coeffs.vec(), "ns_coeffs");
+  ns.steps = ns_iters;
+  // rollfast's quintic NS: X / (|X|_F + 1e-8).
+  ns.eps = 1e-8;
+  ns.eps_clamp = false;
+  ns.normalization = common::parse_ns_normalization(std::string(preconditioning), "preconditioning");
+  ns.dtype = ns_dtype;
+  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
+  common::check_newton_schulz_options(op, ns);
+  std::optional<common::PostClipOptions> post_clip;
+  TORCH_CHECK_VALUE(grad_clip_max_amps.empty() || grad_clip_max_amps.size() == 2, op,
+                    ": grad_clip_max_amps must be (rms_cap, element_cap) or empty, got ", grad_clip_max_amps.size(),
+                    " values");
+  if (!grad_clip_max_amps.empty()) {
+    post_clip = common::PostClipOptions{grad_clip_max_amps[0], grad_clip_max_amps[1]};
+    common::check_post_clip_options(op, *post_clip);
+  }
+  if (raw_global_grad_clip) {
+    check_hyperparameter(op, "raw_global_grad_clip", *raw_global_grad_clip,
+                         std::isfinite(*raw_global_grad_clip) && *raw_global_grad_clip > 0.0, "> 0");
+  }
+  const common::MagmaOptions magma{magma_p, magma_tau, seed};
+  common::check_magma_options(op, magma);
+  if (use_magma) {
+    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+  } else {
+    TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
+                      " dims; PRISM shapes matrices (route other tensors to the AdamW fallback)");
+  }
+  auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
+                                                    state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  const size_t n = group->params.size();
+  if (group->amp.grad_scale) {
+    for (auto& grad : group->grads) {
+      grad.div_(*group->amp.grad_scale);
+    }
+  }
+  // Raw global clip over this call's grads (before maximize: the norm is sign-blind).
+  double raw_scale = 1.0;
+  if (raw_global_grad_clip) {
+    const auto clip = common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
+    if (clip.skip) {
+      // Strict protection: nothing changes, the step counters included
+      // (rollfast 1.1 restores the whole state on a skip).
+      for (const auto& step : state_steps) {
+        step.sub_(1);
+      }
+      group->finish();
+      return;
+    }
+    raw_scale = clip.scale;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor& param = group->params[i];
+    at::Tensor& buffer = group->state[0][i];
+    // Momentum math in float32 (float64 for float64 state), whatever the storage.
+    const auto math = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor g = group->grads[i].to(math);
+    if (maximize) {
+      g = g.neg();
+    }
+    const at::Tensor raw_g = g;  // Magma's cosine uses the grad before any clipping
+    if (raw_scale != 1.0) {
+      g = g * raw_scale;
+    }
+    const at::Tensor m_prev = buffer.to(math);
+    const at::Tensor m = ema ? at::lerp(m_prev, g, 1.0 - b1) : g + b1 * m_prev;
+    // Store the new momentum (bf16: stochastic rounding, as rollfast).
+    if (buffer.scalar_type() == at::kBFloat16) {
+      const uint64_t stream =
+          kernels::cpu::rounding_stream(seed ^ 0x5052534D, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(buffer, m.contiguous(), 0.0, 1.0, true, stream);
+    } else {
+      buffer.copy_(m);
+    }
+    const double t = group->steps[i];
+    // Nesterov look-ahead of a value x: ema beta x + (1 - beta) g, heavy-ball beta x + g.
+    auto lookahead = [&](const at::Tensor& x) { return ema ? at::lerp(g, x, b1) : x * b1 + g; };
+    at::Tensor target;
+    if (nesterov && shape_nesterov) {
+      if (bias_correction && ema) {
+        target = m * (b1 / (1.0 - std::pow(b1, t + 1.0))) + g * ((1.0 - b1) / (1.0 - std::pow(b1, t)));
+      } else {
+        target = lookahead(m);
+      }
+    } else if (!nesterov && bias_correction && ema) {
+      target = m / (1.0 - std::pow(b1, t));
+    } else {
+      target = m;
+    }
+    const at::Tensor innovation = g - m;
+    const int64_t rows = param.size(0);
+    const at::Tensor M = target.reshape({rows, -1});
+    const at::Tensor D = innovation.reshape({rows, -1});
+    const int64_t cols = M.size(1);
+    at::Tensor update;
+    if (bidirectional) {
+      const auto dtype = ns_dtype.value_or(math);
+      update = prism_bidirectional(M.to(dtype), D.to(dtype), g_l, g_r, inv_steps, inv_eps, inv_scale, eps_gram);
+    } else {
+      // [M, gamma D] along the input features; the first `cols` columns.
+      update = common::newton_schulz(at::cat({M, D * gamma}, 1), ns).narrow(1, 0, cols);
+    }
+    update = update.to(math).reshape(param.sizes());
+    if (nesterov && !shape_nesterov) {
+      update = lookahead(update);
+    }
+    if (post_clip) {
+      common::clip_update_per_tensor_rms_(update, *post_clip);
+    }
+    // -lr (u + lambda p); Magma scales both (decay folded in before masking).
+    double multiplier = 1.0;
+    if (use_magma) {
+      at::Tensor score = magma_scores[i];
+      const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
+      // Host read of a CPU scalar: no device sync (the functional is CPU-only).
+      multiplier = common::magma_multiplier(raw_g, m, score, keep, magma_tau).item<double>();
+    }
+    const double decay = 1.0 - group->lr * multiplier * weight_decay;
+    const double alpha = -group->lr * multiplier;
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(param, update.contiguous(), decay, alpha, stochastic_rounding, stream);
+    } else {
+      param.mul_(decay);
+      param.add_(update.to(param.scalar_type()), alpha);
+    }
+  }
+  group->finish();
+}
+
+}  // namespace torchopt_ext::functional

@@ -1,0 +1,328 @@
+"""PRISM (rollfast's ``prism``): momentum shaped with innovation damping, with
+an AdamW fallback for the params that are not matrices."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+from ._base import (
+    FusedOptimizer,
+    adamw_fallback_step,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_state_dtype,
+    draw_seed,
+    local,
+    lr_tensor,
+)
+from .muon import _flatten_coefficients
+
+_MODES = ("original", "bidirectional")
+_ACCUMULATORS = ("ema", "heavy_ball")
+_NORMALIZATIONS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def _clip_amps(amps: Any) -> list[float]:
+    """grad_clip_max_amps as the op's list: [] (None), or (a_rms, a_el); a bare
+    float a means (a, 10.0), as rollfast."""
+    if amps is None:
+        return []
+    if isinstance(amps, (int, float)):
+        amps = (float(amps), 10.0)
+    if len(amps) != 2 or not all(float(a) > 0 for a in amps):
+        raise ValueError(f"Invalid grad_clip_max_amps: must be None or two positive caps (rms, element), got {amps!r}")
+    return [float(amps[0]), float(amps[1])]
+
+
+class PRISM(FusedOptimizer):
+    """rollfast's PRISM (argument names and defaults of ``rollfast.prism``, with
+    ``lr`` as the learning rate).
+
+    Matrix params, per step (t = step count, beta = ``b1``): optional raw global
+    clip of this group's PRISM grads (``raw_global_grad_clip``: a spike
+    ``||g|| > c`` scales them by ``c / ||g||``; with
+    ``permissive_spike_protection=False`` the step is skipped instead: params,
+    momentum, Magma scores and step counts stay as they were); momentum
+    ``m = (1 - beta) g + beta m`` (``momentum_accumulator="ema"``) or
+    ``m = g + beta m`` (``"heavy_ball"``); shaping target ``M`` (Nesterov
+    look-ahead ``beta m + (1 - beta) g`` with ``nesterov and shape_nesterov``,
+    optionally bias-corrected); innovation ``D = g - m``; shaping:
+    ``mode="original"`` orthogonalizes the augmented ``[M, gamma D]`` by
+    ``ns_iters`` quintic Newton-Schulz steps (``ns_coeffs``, ``preconditioning``)
+    and keeps the ``M`` part; ``"bidirectional"`` computes
+    ``H_out^{-1/4} M H_in^{-1/4}`` of the damped Grams by ``inv_steps`` coupled
+    polynomial steps (``inv_eps``, ``inv_scale``, ``eps_gram``, ``gamma_l`` /
+    ``gamma_r``); then the post-clip (``grad_clip_max_amps=(a_rms, a_el)``:
+    ``u *= min(1, a_rms / (rms(u) + 1e-9))``, clamp to ``±a_el``; None: off);
+    ``p -= lr * (u + weight_decay * p)``. There is no Muon-style shape factor.
+
+    Orientation: a torch weight is ``(out, in)`` while rollfast's matrices are
+    ``(in, out)``, so the augmentation stacks ``M`` and ``gamma D`` along dim 1
+    (input features): the damping acts in the output-feature Gram, as in
+    rollfast. ``gamma_l`` damps the input-feature (rollfast's left) Gram and
+    ``gamma_r`` the output-feature one.
+
+    Routing: by default 2-D params take PRISM and every other param takes AdamW
+    (``adam_lr``, default ``lr`` and following lr schedules in proportion;
+    ``adam_betas``, ``adam_eps``; ``weight_decay``). A param group's
+    ``use_prism`` overrides this (``True`` sends >= 3-D params as
+    ``(shape[0], rest)`` matrices). The fallback is plain AdamW: rollfast's
+    NAdamW variant (its ``nesterov`` applied to the Adam branch) is not offered.
+
+    Numerics: momentum math in fp32 (fp64 for fp64 state), stored in
+    ``mu_dtype`` (bf16 with stochastic rounding); the shaping runs in
+    ``ns_dtype`` (fp32 by default as rollfast; ``torch.float64`` for exact
+    comparisons). NaN/Inf grads propagate into the update (the raw clip treats a
+    NaN norm as no spike), as rollfast. Magma (``use_magma``, ``magma_p``,
+    ``magma_tau``) as in :class:`Muon`, with the decay folded in. State keys:
+    ``mu`` (+ ``magma_score``) for PRISM params, ``exp_avg`` / ``exp_avg_sq``
+    for AdamW ones, and ``step``.
+    """
+
+    _op = "prism_step_"
+    _state_keys = ("mu", "magma_score")
+    _scalar_state_keys = ("magma_score",)
+    _fallback_state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, torch.Tensor] = 1e-3,
+        b1: float = 0.95,
+        gamma: float = 1.0,
+        weight_decay: float = 0.0,
+        ns_iters: int = 5,
+        ns_coeffs: Any = (3.4445, -4.775, 2.0315),
+        mode: str = "original",
+        preconditioning: str = "frobenius",
+        inv_steps: int = 6,
+        inv_eps: float = 1e-5,
+        inv_scale: float = 1.001,
+        eps_gram: float = 1e-6,
+        gamma_l: Optional[float] = None,
+        gamma_r: Optional[float] = None,
+        nesterov: bool = True,
+        shape_nesterov: bool = True,
+        bias_correction: bool = False,
+        momentum_accumulator: str = "ema",
+        grad_clip_max_amps: Any = (2.0, 10.0),
+        raw_global_grad_clip: Optional[float] = None,
+        permissive_spike_protection: bool = True,
+        mu_dtype: Optional[torch.dtype] = None,
+        use_magma: bool = False,
+        magma_p: float = 0.5,
+        magma_tau: float = 2.0,
+        seed: Optional[int] = None,
+        adam_lr: Optional[float] = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        *,
+        ns_dtype: Optional[torch.dtype] = torch.float32,
+        maximize: bool = False,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        if adam_lr is not None:
+            check_non_negative("adam_lr value", adam_lr)
+        lr_value = float(lr)
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            gamma=gamma,
+            weight_decay=weight_decay,
+            ns_iters=ns_iters,
+            ns_coeffs=ns_coeffs,
+            mode=mode,
+            preconditioning=preconditioning,
+            inv_steps=inv_steps,
+            inv_eps=inv_eps,
+            inv_scale=inv_scale,
+            eps_gram=eps_gram,
+            gamma_l=gamma_l,
+            gamma_r=gamma_r,
+            nesterov=nesterov,
+            shape_nesterov=shape_nesterov,
+            bias_correction=bias_correction,
+            momentum_accumulator=momentum_accumulator,
+            grad_clip_max_amps=grad_clip_max_amps,
+            raw_global_grad_clip=raw_global_grad_clip,
+            permissive_spike_protection=permissive_spike_protection,
+            mu_dtype=mu_dtype,
+            # The base class's name for the state storage dtype (kept equal to mu_dtype).
+            state_dtype=mu_dtype,
+            use_magma=use_magma,
+            magma_p=magma_p,
+            magma_tau=magma_tau,
+            use_prism=None,
+            adam_lr_ratio=1.0 if adam_lr is None else (adam_lr / lr_value if lr_value > 0 else 0.0),
+            adam_betas=tuple(adam_betas),
+            adam_eps=adam_eps,
+            ns_dtype=ns_dtype,
+            maximize=maximize,
+            stochastic_rounding=stochastic_rounding,
+            # bf16 momentum is always stochastically rounded: a seed is always drawn.
+            seed=draw_seed(seed, True),
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("b1 value", group["b1"], 0.0, 1.0)
+        check_non_negative("gamma value", group["gamma"])
+        check_non_negative("weight_decay value", group["weight_decay"])
+        for name in ("ns_iters", "inv_steps"):
+            steps = group[name]
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+                raise ValueError(f"Invalid {name}: must be an int in [1, 100), got {steps!r}")
+        try:
+            _flatten_coefficients(group["ns_coeffs"])
+        except ValueError as e:
+            raise ValueError(str(e).replace("ns_coefficients", "ns_coeffs")) from None
+        if group["mode"] not in _MODES:
+            raise ValueError(f"Invalid mode: must be one of {_MODES}, got {group['mode']!r}")
+        if str(group["preconditioning"]).lower() not in _NORMALIZATIONS:
+            raise ValueError(
+                f"Invalid preconditioning: must be one of {_NORMALIZATIONS}, got {group['preconditioning']!r}"
+            )
+        check_non_negative("inv_eps value", group["inv_eps"])
+        if not group["inv_scale"] > 0:
+            raise ValueError(f"Invalid inv_scale: must be > 0, got {group['inv_scale']}")
+        check_non_negative("eps_gram value", group["eps_gram"])
+        for name in ("gamma_l", "gamma_r"):
+            if group[name] is not None:
+                check_non_negative(f"{name} value", group[name])
+        if group["momentum_accumulator"] not in _ACCUMULATORS:
+            raise ValueError(
+                f"Invalid momentum_accumulator: must be one of {_ACCUMULATORS}, got {group['momentum_accumulator']!r}"
+            )
+        _clip_amps(group["grad_clip_max_amps"])
+        clip = group["raw_global_grad_clip"]
+        if clip is not None and not clip > 0:
+            raise ValueError(f"Invalid raw_global_grad_clip: must be None or > 0, got {clip}")
+        check_state_dtype(group["mu_dtype"])
+        group["state_dtype"] = group["mu_dtype"]
+        if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
+            raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
+        if group["use_prism"] not in (None, True, False):
+            raise ValueError(f"Invalid use_prism: must be None, True or False, got {group['use_prism']!r}")
+        check_betas(group["adam_betas"])
+        check_non_negative("adam_eps value", group["adam_eps"])
+        check_range("magma_p value", group["magma_p"], 0.0, 1.0, high_inclusive=True)
+        if not group["magma_tau"] > 0:
+            raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
+        for p in group.get("params", ()):
+            if group["use_prism"] and p.dim() < 2:
+                raise ValueError(f"Invalid use_prism=True: a param of shape {tuple(p.shape)} is not a matrix")
+
+    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        if group["use_prism"] is None:
+            return p.dim() == 2
+        return group["use_prism"]
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        dtype = group["mu_dtype"] or p.dtype
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _init_group(self, group, params, grads, state_steps, mus, magma_scores, params_adam, grads_adam, steps_adam,
+                    exp_avgs, exp_avg_sqs):  # fmt: skip
+        group["state_dtype"] = group["mu_dtype"]  # load_state_dict restores state in this dtype
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("PRISM does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("PRISM does not support complex parameters")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            if self._is_matrix(group, p):
+                if "mu" not in state:
+                    state["mu"] = self._new_state(p, group, "mu")
+                mus.append(local(state["mu"]))
+                if group["use_magma"]:
+                    if "magma_score" not in state:
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                    magma_scores.append(state["magma_score"])
+                params.append(local(p))
+                grads.append(local(p.grad))
+                state_steps.append(state["step"])
+            else:
+                for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
+                    if key not in state:
+                        state[key] = self._new_state(p, group, key)
+                    out.append(local(state[key]))
+                params_adam.append(local(p))
+                grads_adam.append(local(p.grad))
+                steps_adam.append(state["step"])
+
+    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            b1=group["b1"],
+            gamma=group["gamma"],
+            weight_decay=group["weight_decay"],
+            ns_iters=group["ns_iters"],
+            ns_coeffs=_flatten_coefficients(group["ns_coeffs"]),
+            prism_mode=group["mode"],  # "mode" clashes with a torch.compile keyword
+            preconditioning=str(group["preconditioning"]).lower(),
+            inv_steps=group["inv_steps"],
+            inv_eps=group["inv_eps"],
+            inv_scale=group["inv_scale"],
+            eps_gram=group["eps_gram"],
+            gamma_l=group["gamma_l"],
+            gamma_r=group["gamma_r"],
+            nesterov=group["nesterov"],
+            shape_nesterov=group["shape_nesterov"],
+            bias_correction=group["bias_correction"],
+            momentum_accumulator=group["momentum_accumulator"],
+            grad_clip_max_amps=_clip_amps(group["grad_clip_max_amps"]),
+            raw_global_grad_clip=group["raw_global_grad_clip"],
+            permissive_spike_protection=group["permissive_spike_protection"],
+            ns_dtype=group["ns_dtype"],
+            maximize=group["maximize"],
+            use_magma=group["use_magma"],
+            magma_p=group["magma_p"],
+            magma_tau=group["magma_tau"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
+        for group in self.param_groups:
+            lists = [[] for _ in range(10)]
+            self._init_group(group, *lists)
+            params, grads, state_steps, mus, magma_scores = lists[:5]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
+            lr = lr_tensor(group)
+            rounding = self._rounding_args(group)
+            if params:
+                torch.ops.torchopt_ext.prism_step_(
+                    params,
+                    grads,
+                    mus,
+                    magma_scores,
+                    state_steps,
+                    lr,
+                    **self._op_kwargs(group),
+                    **rounding,
+                    **amp,
+                )
+            adamw_fallback_step(
+                params_adam,
+                grads_adam,
+                exp_avgs,
+                exp_avg_sqs,
+                steps_adam,
+                lr * group["adam_lr_ratio"],
+                betas=group["adam_betas"],
+                eps=group["adam_eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                **rounding,
+                **amp,
+            )
+        return loss
