@@ -41,7 +41,7 @@ ELEMENTWISE = [
 # clip uses an all-reduced sum of squares). Adafactor's factored state
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
-WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "Adafactor"]
+WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor"]
 
 IN, HIDDEN, OUT = 8, 13, 6  # 13 is uneven for 2 and 4 ranks; 6 for 4 ranks
 MICRO_BATCH = 4

@@ -84,6 +84,7 @@ class PRISM(FusedOptimizer):
     """
 
     _op = "prism_step_"
+    _whole_tensor_op = True  # Newton-Schulz on the whole (augmented) matrix
     _state_keys = ("mu", "magma_score")
     _scalar_state_keys = ("magma_score",)
     _fallback_state_keys = ("exp_avg", "exp_avg_sq")
@@ -229,6 +230,7 @@ class PRISM(FusedOptimizer):
     def _init_group(self, group, params, grads, state_steps, mus, magma_scores, params_adam, grads_adam, steps_adam,
                     exp_avgs, exp_avg_sqs):  # fmt: skip
         group["state_dtype"] = group["mu_dtype"]  # load_state_dict restores state in this dtype
+        unwrap, unwrap_input = self._unwrappers()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -242,13 +244,13 @@ class PRISM(FusedOptimizer):
             if self._is_matrix(group, p):
                 if "mu" not in state:
                     state["mu"] = self._new_state(p, group, "mu")
-                mus.append(local(state["mu"]))
+                mus.append(unwrap(state["mu"]))
                 if group["use_magma"]:
                     if "magma_score" not in state:
                         state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
                     magma_scores.append(state["magma_score"])
-                params.append(local(p))
-                grads.append(local(p.grad))
+                params.append(unwrap(p))
+                grads.append(unwrap_input(p.grad))
                 state_steps.append(state["step"])
             else:
                 for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
@@ -311,6 +313,7 @@ class PRISM(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
+                self._whole_tensors.write_back()
             adamw_fallback_step(
                 params_adam,
                 grads_adam,
