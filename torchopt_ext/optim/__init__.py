@@ -12,6 +12,7 @@ from .qhadamw import QHAdamW
 from .radam import RAdam
 from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
+from .soap import SOAP
 from .sophia import SophiaG, SophiaH
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "LAMB",
     "Adafactor",
     "Muon",
+    "SOAP",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "ScheduleFree",
