@@ -273,10 +273,13 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
         }
         const at::Tensor l32 = ggs[k].to(at::kFloat);
         const at::Tensor q32 = qs[k].to(at::kFloat);
-        const at::Tensor estimate = at::mm(at::mm(q32.t(), l32), q32).diagonal();
+        // One matmul serves both: diag(Q^T L Q) = column sums of Q * (L Q), and
+        // L (Q P) = (L Q) P for the permutation P.
+        const at::Tensor lq = at::mm(l32, q32);
+        const at::Tensor estimate = (q32 * lq).sum(0);
         const at::Tensor order = at::argsort(estimate, /*dim=*/0, /*descending=*/true);
         v = v.index_select(static_cast<int64_t>(k), order);
-        qs[k].copy_(qr_q(at::mm(l32, q32.index_select(1, order))));
+        qs[k].copy_(qr_q(lq.index_select(1, order)));
       }
       m = project(m_unrotated, qs);
     }
