@@ -73,6 +73,14 @@ class SOAP(FusedOptimizer):
     reference's per-dim lists, this keeps the op schema and state_dict plain
     tensors. ``state_dtype``, ``stochastic_rounding`` and ``seed`` as in
     :class:`torchopt_ext.optim.AdamW`.
+
+    NaN / Inf gradients propagate into the param and state (no skipping);
+    eigh / QR only run at init and on refresh steps, where a failure of
+    float32 LAPACK retries in float64 and a failure there raises.
+    ``torch.amp.GradScaler`` skips a step, the init call included, on
+    ``found_inf``. With ``merge_dims`` and ``data_format="channels_last"``, as
+    in the reference, the merge is planned on the NCHW order of a 4-D
+    param's sizes while the tensor is reshaped as stored.
     """
 
     _op = "soap_step_"
