@@ -187,3 +187,17 @@ def _adafactor_step_fake(params, grads, row_vars, col_vars, variances, exp_avgs,
         raise ValueError(
             f"adafactor_step_: variances has {len(variances)} tensors but {len(params) - factored} params have dim < 2"
         )
+
+
+@torch.library.register_fake("torchopt_ext::soap_step_")
+def _soap_step_fake(params, grads, exp_avgs, exp_avg_sqs, GGs, Qs, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "soap_step_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        GGs=GGs,
+        Qs=Qs,
+        state_steps=state_steps,
+    )

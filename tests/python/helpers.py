@@ -83,4 +83,11 @@ ALL_OPTIMIZERS = {
     "SophiaG": dict(lr=1e-2, weight_decay=0.1, seed=3),
     # beta1 set so the optional exp_avg state is exercised too.
     "Adafactor": dict(lr=1e-2, weight_decay=0.1, beta1=0.9),
+    # Refresh every 2 steps so the QR path runs within the short generic runs;
+    # precondition_1d so 1-D params get a factor too.
+    "SOAP": dict(lr=1e-2, weight_decay=0.1, precondition_frequency=2, precondition_1d=True),
 }
+
+# Optimizers whose first step per param only initializes state (no update,
+# step stays 0).
+INIT_ONLY_FIRST_STEP = {"SOAP"}

