@@ -2,7 +2,8 @@
 
 ``run_distributed(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)``
 in every rank with a process group already set up (FileStore in a fresh temp
-file, one thread per rank, bounded collective timeout) and always torn down.
+file, one thread per rank, bounded collective timeout); a failing rank tears
+it down, a passing one exits at once after a final barrier (see _worker).
 ``fn`` must be a top-level function of an importable module (spawn re-imports
 it). A child's exception is re-raised here with its traceback; a run that
 outlives ``timeout`` has its processes killed and raises TimeoutError, so a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -47,9 +49,16 @@ def _worker(rank: int, world_size: int, store_path: str, error_dir: str, fn: Cal
         # written before the peers' "connection closed" errors.
         with open(os.path.join(error_dir, f"{time.time():.6f}_rank{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # Every rank passed the barrier: leave without tearing the group and the
+    # interpreter down. With FSDP2 / gloo threads still referenced, that
+    # teardown occasionally aborted a rank ("terminate called without an active
+    # exception", once at world size 4 on 2 cores) after the test had passed;
+    # the OS closes the sockets, and no collective is pending any more.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rank_errors(error_dir: str) -> str:
