@@ -4,22 +4,19 @@ an AdamW fallback for the params that are not matrices."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
 from ._base import (
-    FusedOptimizer,
-    adamw_fallback_step,
     check_betas,
     check_lr,
     check_non_negative,
     check_range,
     check_state_dtype,
     draw_seed,
-    local,
-    lr_tensor,
 )
+from ._matrix import MatrixOptimizer
 
 _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 _NORMALIZATIONS = ("frobenius", "spectral", "aol", "schatten")
@@ -39,7 +36,7 @@ def _flatten_coefficients(coefficients: Any) -> list[float]:
     return flat
 
 
-class Muon(FusedOptimizer):
+class Muon(MatrixOptimizer):
     """Drop-in for ``torch.optim.Muon`` (same names and defaults) that also takes
     the params Muon does not orthogonalize.
 
@@ -77,10 +74,8 @@ class Muon(FusedOptimizer):
     """
 
     _op = "muon_step_"
-    _whole_tensor_op = True  # Newton-Schulz needs the whole matrix
-    _state_keys = ("momentum_buffer", "magma_score")
-    _scalar_state_keys = ("magma_score",)
-    _fallback_state_keys = ("exp_avg", "exp_avg_sq")
+    _momentum_key = "momentum_buffer"
+    _route_key = "use_muon"
 
     def __init__(
         self,
@@ -156,8 +151,6 @@ class Muon(FusedOptimizer):
             )
         if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
             raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
-        if group["use_muon"] not in (None, True, False):
-            raise ValueError(f"Invalid use_muon: must be None, True or False, got {group['use_muon']!r}")
         check_betas(group["adam_betas"])
         check_non_negative("adam_eps value", group["adam_eps"])
         if group["adam_weight_decay"] is not None:
@@ -166,59 +159,10 @@ class Muon(FusedOptimizer):
         if not group["magma_tau"] > 0:
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
         check_state_dtype(group["state_dtype"])
-        for p in group.get("params", ()):
-            if group["use_muon"] and p.dim() < 2:
-                raise ValueError(f"Invalid use_muon=True: a param of shape {tuple(p.shape)} is not a matrix")
+        self._check_routing(group)
 
-    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        if group["use_muon"] is None:
-            return p.dim() == 2
-        return group["use_muon"]
-
-    def _init_group(
-        self,
-        group,
-        params,
-        grads,
-        state_steps,
-        momentum_buffers,
-        magma_scores,
-        params_adam,
-        grads_adam,
-        steps_adam,
-        exp_avgs,
-        exp_avg_sqs,
-    ):
-        unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("Muon does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-            if self._is_matrix(group, p):
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = self._new_state(p, group, "momentum_buffer")
-                momentum_buffers.append(unwrap(state["momentum_buffer"]))
-                if group["use_magma"]:
-                    if "magma_score" not in state:  # also when Magma is turned on later
-                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
-                    magma_scores.append(state["magma_score"])
-                params.append(unwrap(p))
-                grads.append(unwrap_input(p.grad))
-                state_steps.append(state["step"])
-            else:
-                for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
-                    if key not in state:
-                        state[key] = self._new_state(p, group, key)
-                    out.append(local(state[key]))
-                params_adam.append(local(p))
-                grads_adam.append(local(p.grad))
-                steps_adam.append(state["step"])
+    def _adam_weight_decay(self, group: dict[str, Any]) -> float:
+        return group["weight_decay"] if group["adam_weight_decay"] is None else group["adam_weight_decay"]
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(
@@ -236,44 +180,3 @@ class Muon(FusedOptimizer):
             magma_p=group["magma_p"],
             magma_tau=group["magma_tau"],
         )
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            lists = [[] for _ in range(10)]
-            self._init_group(group, *lists)
-            params, grads, state_steps, momentum_buffers, magma_scores = lists[:5]
-            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
-            lr = lr_tensor(group)
-            rounding = self._rounding_args(group)
-            if params:
-                torch.ops.torchopt_ext.muon_step_(
-                    params,
-                    grads,
-                    momentum_buffers,
-                    magma_scores,
-                    state_steps,
-                    lr,
-                    **self._op_kwargs(group),
-                    **rounding,
-                    **amp,
-                )
-                self._whole_tensors.write_back()
-            weight_decay = group["adam_weight_decay"]
-            adamw_fallback_step(
-                params_adam,
-                grads_adam,
-                exp_avgs,
-                exp_avg_sqs,
-                steps_adam,
-                lr * group["adam_lr_ratio"],
-                betas=group["adam_betas"],
-                eps=group["adam_eps"],
-                weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
-                maximize=group["maximize"],
-                **rounding,
-                **amp,
-            )
-        return loss

@@ -3,22 +3,19 @@ an AdamW fallback for the params that are not matrices."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from ._base import (
-    FusedOptimizer,
-    adamw_fallback_step,
     check_betas,
     check_lr,
     check_non_negative,
     check_range,
     check_state_dtype,
     draw_seed,
-    local,
-    lr_tensor,
 )
+from ._matrix import MatrixOptimizer
 from .muon import _flatten_coefficients
 
 _MODES = ("original", "bidirectional")
@@ -38,7 +35,7 @@ def _clip_amps(amps: Any) -> list[float]:
     return [float(amps[0]), float(amps[1])]
 
 
-class PRISM(FusedOptimizer):
+class PRISM(MatrixOptimizer):
     """rollfast's PRISM (argument names and defaults of ``rollfast.prism``, with
     ``lr`` as the learning rate).
 
@@ -84,10 +81,8 @@ class PRISM(FusedOptimizer):
     """
 
     _op = "prism_step_"
-    _whole_tensor_op = True  # Newton-Schulz on the whole (augmented) matrix
-    _state_keys = ("mu", "magma_score")
-    _scalar_state_keys = ("magma_score",)
-    _fallback_state_keys = ("exp_avg", "exp_avg_sq")
+    _momentum_key = "mu"
+    _route_key = "use_prism"
 
     def __init__(
         self,
@@ -207,59 +202,19 @@ class PRISM(FusedOptimizer):
         group["state_dtype"] = group["mu_dtype"]
         if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
             raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
-        if group["use_prism"] not in (None, True, False):
-            raise ValueError(f"Invalid use_prism: must be None, True or False, got {group['use_prism']!r}")
         check_betas(group["adam_betas"])
         check_non_negative("adam_eps value", group["adam_eps"])
         check_range("magma_p value", group["magma_p"], 0.0, 1.0, high_inclusive=True)
         if not group["magma_tau"] > 0:
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
-        for p in group.get("params", ()):
-            if group["use_prism"] and p.dim() < 2:
-                raise ValueError(f"Invalid use_prism=True: a param of shape {tuple(p.shape)} is not a matrix")
-
-    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        if group["use_prism"] is None:
-            return p.dim() == 2
-        return group["use_prism"]
+        self._check_routing(group)
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         dtype = group["mu_dtype"] or p.dtype
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _init_group(self, group, params, grads, state_steps, mus, magma_scores, params_adam, grads_adam, steps_adam,
-                    exp_avgs, exp_avg_sqs):  # fmt: skip
+    def _prepare_group(self, group: dict[str, Any]) -> None:
         group["state_dtype"] = group["mu_dtype"]  # load_state_dict restores state in this dtype
-        unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("PRISM does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("PRISM does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-            if self._is_matrix(group, p):
-                if "mu" not in state:
-                    state["mu"] = self._new_state(p, group, "mu")
-                mus.append(unwrap(state["mu"]))
-                if group["use_magma"]:
-                    if "magma_score" not in state:
-                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
-                    magma_scores.append(state["magma_score"])
-                params.append(unwrap(p))
-                grads.append(unwrap_input(p.grad))
-                state_steps.append(state["step"])
-            else:
-                for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
-                    if key not in state:
-                        state[key] = self._new_state(p, group, key)
-                    out.append(local(state[key]))
-                params_adam.append(local(p))
-                grads_adam.append(local(p.grad))
-                steps_adam.append(state["step"])
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(
@@ -289,43 +244,3 @@ class PRISM(FusedOptimizer):
             magma_p=group["magma_p"],
             magma_tau=group["magma_tau"],
         )
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            lists = [[] for _ in range(10)]
-            self._init_group(group, *lists)
-            params, grads, state_steps, mus, magma_scores = lists[:5]
-            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
-            lr = lr_tensor(group)
-            rounding = self._rounding_args(group)
-            if params:
-                torch.ops.torchopt_ext.prism_step_(
-                    params,
-                    grads,
-                    mus,
-                    magma_scores,
-                    state_steps,
-                    lr,
-                    **self._op_kwargs(group),
-                    **rounding,
-                    **amp,
-                )
-                self._whole_tensors.write_back()
-            adamw_fallback_step(
-                params_adam,
-                grads_adam,
-                exp_avgs,
-                exp_avg_sqs,
-                steps_adam,
-                lr * group["adam_lr_ratio"],
-                betas=group["adam_betas"],
-                eps=group["adam_eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                **rounding,
-                **amp,
-            )
-        return loss

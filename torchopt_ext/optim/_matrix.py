@@ -1,0 +1,122 @@
+"""Shared front end of the matrix optimizers (Muon, PRISM): routing between
+the matrix op and the AdamW fallback, lazily created state, whole-tensor
+gathering under FSDP2 and the step loop. A subclass names its op, its
+momentum state key and its routing option, and supplies ``_op_kwargs``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ._base import FusedOptimizer, adamw_fallback_step, local, lr_tensor
+
+
+class MatrixOptimizer(FusedOptimizer):
+    _momentum_key: str = ""
+    # Param-group option that routes explicitly: None (2-D params take the
+    # matrix op), True (every >= 2-D param), False (the AdamW fallback).
+    _route_key: str = ""
+    _whole_tensor_op = True  # matrix functions need the whole matrix
+    _scalar_state_keys = ("magma_score",)
+    _fallback_state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._state_keys = (cls._momentum_key, "magma_score")
+
+    def _check_routing(self, group: dict[str, Any]) -> None:
+        key = self._route_key
+        if group[key] not in (None, True, False):
+            raise ValueError(f"Invalid {key}: must be None, True or False, got {group[key]!r}")
+        for p in group.get("params", ()):
+            if group[key] and p.dim() < 2:
+                raise ValueError(f"Invalid {key}=True: a param of shape {tuple(p.shape)} is not a matrix")
+
+    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        route = group[self._route_key]
+        return p.dim() == 2 if route is None else route
+
+    def _adam_weight_decay(self, group: dict[str, Any]) -> float:
+        return group["weight_decay"]
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """Runs at the start of every ``_init_group`` (a hook for subclasses)."""
+
+    def _init_group(
+        self,
+        group,
+        params,
+        grads,
+        state_steps,
+        moments,
+        magma_scores,
+        params_adam,
+        grads_adam,
+        steps_adam,
+        exp_avgs,
+        exp_avg_sqs,
+    ):
+        self._prepare_group(group)
+        name = type(self).__name__
+        unwrap, unwrap_input = self._unwrappers()
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{name} does not support complex parameters")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            if self._is_matrix(group, p):
+                if self._momentum_key not in state:
+                    state[self._momentum_key] = self._new_state(p, group, self._momentum_key)
+                moments.append(unwrap(state[self._momentum_key]))
+                if group["use_magma"]:
+                    if "magma_score" not in state:  # also when Magma is turned on later
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                    magma_scores.append(state["magma_score"])
+                params.append(unwrap(p))
+                grads.append(unwrap_input(p.grad))
+                state_steps.append(state["step"])
+            else:
+                for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
+                    if key not in state:
+                        state[key] = self._new_state(p, group, key)
+                    out.append(local(state[key]))
+                params_adam.append(local(p))
+                grads_adam.append(local(p.grad))
+                steps_adam.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
+        op = getattr(torch.ops.torchopt_ext, self._op)
+        for group in self.param_groups:
+            lists = [[] for _ in range(10)]
+            self._init_group(group, *lists)
+            params, grads, state_steps, moments, magma_scores = lists[:5]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
+            lr = lr_tensor(group)
+            rounding = self._rounding_args(group)
+            if params:
+                op(params, grads, moments, magma_scores, state_steps, lr, **self._op_kwargs(group), **rounding, **amp)
+                self._whole_tensors.write_back()
+            adamw_fallback_step(
+                params_adam,
+                grads_adam,
+                exp_avgs,
+                exp_avg_sqs,
+                steps_adam,
+                lr * group["adam_lr_ratio"],
+                betas=group["adam_betas"],
+                eps=group["adam_eps"],
+                weight_decay=self._adam_weight_decay(group),
+                maximize=group["maximize"],
+                **rounding,
+                **amp,
+            )
+        return loss
