@@ -78,7 +78,9 @@ class _Sophia(FusedOptimizer):
         return self._generator
 
     def _estimate(self, output: Any, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The Hessian-diagonal estimate from the closure's output: an abstract
+        hook, defined by SophiaH (Hutchinson) and SophiaG (Gauss-Newton-Bartlett)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _estimate (use SophiaH or SophiaG)")
 
     def _hessian_state(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         # update_hessian may run before the first step: create the whole state.
