@@ -7,7 +7,6 @@
 
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
-#include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/muon.h"
 
 namespace torchopt_ext::optim {
@@ -147,105 +146,19 @@ void MuonParamState::serialize(torch::serialize::InputArchive& archive) {
 }
 
 Muon::Muon(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MuonOptions defaults)
-    : OptimizerBase<MuonOptions>(param_groups, defaults) {
-  for (auto& group : param_groups_) {
-    if (!options_of(group).initial_lr()) {
-      options_of(group).initial_lr(options_of(group).lr());
-    }
-    for (const auto& param : group.params()) {
-      TORCH_CHECK_VALUE(!(options_of(group).use_muon().value_or(false) && param.dim() < 2),
-                        "Muon: use_muon=true needs matrices, got a param of shape ", param.sizes());
-    }
-  }
-}
+    : MatrixOptimizer(param_groups, defaults, "Muon", "use_muon") {}
 
 Muon::Muon(std::vector<at::Tensor> params, MuonOptions defaults)
     : Muon(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
            std::move(defaults)) {}
 
-double Muon::adam_branch_lr(const MuonOptions& options) {
-  if (!options.adam_lr()) {
-    return options.lr();
-  }
-  const double initial = options.initial_lr().value_or(options.lr());
-  return initial > 0.0 ? options.lr() * (*options.adam_lr() / initial) : 0.0;
-}
-
-bool Muon::routes_to_muon(const MuonOptions& options, const at::Tensor& param) {
-  return options.use_muon() ? *options.use_muon() : param.dim() == 2;
-}
-
-at::Tensor Muon::step(LossClosure closure) {
-  torch::NoGradGuard no_grad;
-  at::Tensor loss = run_closure(closure);
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (!options.initial_lr()) {  // a group added after construction
-      options.initial_lr(options.lr());
-    }
-    std::vector<at::Tensor> params, grads, buffers, scores, steps;
-    std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
-    for (auto& param : group.params()) {
-      if (!param.grad().defined()) {
-        continue;
-      }
-      const bool matrix = routes_to_muon(options, param);
-      auto& state = state_of<MuonParamState>(param, [&] {
-        auto fresh = std::make_unique<MuonParamState>();
-        fresh->step(detail::new_step_counter());
-        if (matrix) {
-          fresh->momentum_buffer(detail::zeros_state(param, options.state_dtype()));
-        } else {
-          fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
-          fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
-        }
-        return fresh;
-      });
-      if (matrix) {
-        params.push_back(param);
-        grads.push_back(param.grad());
-        buffers.push_back(state.momentum_buffer());
-        if (options.use_magma()) {
-          if (!state.magma_score().defined()) {  // also when Magma is turned on later
-            state.magma_score(at::full({}, 0.5, at::kFloat));
-          }
-          scores.push_back(state.magma_score());
-        }
-        steps.push_back(state.step());
-      } else {
-        params_adam.push_back(param);
-        grads_adam.push_back(param.grad());
-        exp_avgs.push_back(state.exp_avg());
-        exp_avg_sqs.push_back(state.exp_avg_sq());
-        steps_adam.push_back(state.step());
-      }
-    }
-    if (!params.empty()) {
-      functional::muon_step_(params, grads, buffers, scores, steps, at::scalar_tensor(options.lr(), at::kDouble),
-                             options.weight_decay(), options.momentum(), options.nesterov(), options.ns_coefficients(),
-                             options.ns_steps(), options.eps(), options.adjust_lr_fn(), options.ns_normalization(),
-                             options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(),
-                             options.magma_tau(), options.stochastic_rounding(), options.seed(), std::nullopt,
-                             std::nullopt);
-    }
-    if (!params_adam.empty()) {
-      const auto [beta1, beta2] = options.adam_betas();
-      functional::adam_step_(params_adam, grads_adam, exp_avgs, exp_avg_sqs, {}, steps_adam,
-                             at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2, options.adam_eps(),
-                             options.adam_weight_decay().value_or(options.weight_decay()),
-                             /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
-                             options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
-    }
-  }
-  return loss;
-}
-
-void Muon::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<MuonParamState, MuonOptions>(archive, *this);
-}
-
-void Muon::load(torch::serialize::InputArchive& archive) {
-  torch::optim::serialize<MuonParamState, MuonOptions>(archive, *this);
+void Muon::matrix_step(MuonOptions& options, MatrixGroupLists& lists) {
+  functional::muon_step_(lists.params, lists.grads, lists.moments, lists.scores, lists.steps,
+                         at::scalar_tensor(options.lr(), at::kDouble), options.weight_decay(), options.momentum(),
+                         options.nesterov(), options.ns_coefficients(), options.ns_steps(), options.eps(),
+                         options.adjust_lr_fn(), options.ns_normalization(), options.ns_dtype(), options.maximize(),
+                         options.use_magma(), options.magma_p(), options.magma_tau(), options.stochastic_rounding(),
+                         options.seed(), std::nullopt, std::nullopt);
 }
 
 }  // namespace torchopt_ext::optim

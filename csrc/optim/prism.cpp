@@ -8,7 +8,6 @@
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
-#include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/functional/prism.h"
 
 namespace torchopt_ext::optim {
@@ -211,111 +210,25 @@ void PRISMParamState::serialize(torch::serialize::InputArchive& archive) {
 }
 
 PRISM::PRISM(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, PRISMOptions defaults)
-    : OptimizerBase<PRISMOptions>(param_groups, defaults) {
-  for (auto& group : param_groups_) {
-    if (!options_of(group).initial_lr()) {
-      options_of(group).initial_lr(options_of(group).lr());
-    }
-    for (const auto& param : group.params()) {
-      TORCH_CHECK_VALUE(!(options_of(group).use_prism().value_or(false) && param.dim() < 2),
-                        "PRISM: use_prism=true needs matrices, got a param of shape ", param.sizes());
-    }
-  }
-}
+    : MatrixOptimizer(param_groups, defaults, "PRISM", "use_prism") {}
 
 PRISM::PRISM(std::vector<at::Tensor> params, PRISMOptions defaults)
     : PRISM(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
             std::move(defaults)) {}
 
-double PRISM::adam_branch_lr(const PRISMOptions& options) {
-  if (!options.adam_lr()) {
-    return options.lr();
+void PRISM::matrix_step(PRISMOptions& options, MatrixGroupLists& lists) {
+  std::vector<double> amps;
+  if (options.grad_clip_max_amps()) {
+    amps = {std::get<0>(*options.grad_clip_max_amps()), std::get<1>(*options.grad_clip_max_amps())};
   }
-  const double initial = options.initial_lr().value_or(options.lr());
-  return initial > 0.0 ? options.lr() * (*options.adam_lr() / initial) : 0.0;
-}
-
-bool PRISM::routes_to_prism(const PRISMOptions& options, const at::Tensor& param) {
-  return options.use_prism() ? *options.use_prism() : param.dim() == 2;
-}
-
-at::Tensor PRISM::step(LossClosure closure) {
-  torch::NoGradGuard no_grad;
-  at::Tensor loss = run_closure(closure);
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (!options.initial_lr()) {  // a group added after construction
-      options.initial_lr(options.lr());
-    }
-    std::vector<at::Tensor> params, grads, buffers, scores, steps;
-    std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
-    for (auto& param : group.params()) {
-      if (!param.grad().defined()) {
-        continue;
-      }
-      const bool matrix = routes_to_prism(options, param);
-      auto& state = state_of<PRISMParamState>(param, [&] {
-        auto fresh = std::make_unique<PRISMParamState>();
-        fresh->step(detail::new_step_counter());
-        if (matrix) {
-          fresh->mu(detail::zeros_state(param, options.mu_dtype()));
-        } else {
-          fresh->exp_avg(detail::zeros_state(param, options.mu_dtype()));
-          fresh->exp_avg_sq(detail::zeros_state(param, options.mu_dtype()));
-        }
-        return fresh;
-      });
-      if (matrix) {
-        params.push_back(param);
-        grads.push_back(param.grad());
-        buffers.push_back(state.mu());
-        if (options.use_magma()) {
-          if (!state.magma_score().defined()) {  // also when Magma is turned on later
-            state.magma_score(at::full({}, 0.5, at::kFloat));
-          }
-          scores.push_back(state.magma_score());
-        }
-        steps.push_back(state.step());
-      } else {
-        params_adam.push_back(param);
-        grads_adam.push_back(param.grad());
-        exp_avgs.push_back(state.exp_avg());
-        exp_avg_sqs.push_back(state.exp_avg_sq());
-        steps_adam.push_back(state.step());
-      }
-    }
-    if (!params.empty()) {
-      std::vector<double> amps;
-      if (options.grad_clip_max_amps()) {
-        amps = {std::get<0>(*options.grad_clip_max_amps()), std::get<1>(*options.grad_clip_max_amps())};
-      }
-      functional::prism_step_(
-          params, grads, buffers, scores, steps, at::scalar_tensor(options.lr(), at::kDouble), options.b1(),
-          options.gamma(), options.weight_decay(), options.ns_iters(), options.ns_coeffs(), options.mode(),
-          options.preconditioning(), options.inv_steps(), options.inv_eps(), options.inv_scale(), options.eps_gram(),
-          options.gamma_l(), options.gamma_r(), options.nesterov(), options.shape_nesterov(), options.bias_correction(),
-          options.momentum_accumulator(), amps, options.raw_global_grad_clip(), options.permissive_spike_protection(),
-          options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(),
-          options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
-    }
-    if (!params_adam.empty()) {
-      const auto [beta1, beta2] = options.adam_betas();
-      functional::adam_step_(params_adam, grads_adam, exp_avgs, exp_avg_sqs, {}, steps_adam,
-                             at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2, options.adam_eps(),
-                             options.weight_decay(), /*decoupled_weight_decay=*/true, /*amsgrad=*/false,
-                             options.maximize(), options.stochastic_rounding(), options.seed(), std::nullopt,
-                             std::nullopt);
-    }
-  }
-  return loss;
-}
-
-void PRISM::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<PRISMParamState, PRISMOptions>(archive, *this);
-}
-
-void PRISM::load(torch::serialize::InputArchive& archive) {
-  torch::optim::serialize<PRISMParamState, PRISMOptions>(archive, *this);
+  functional::prism_step_(
+      lists.params, lists.grads, lists.moments, lists.scores, lists.steps, at::scalar_tensor(options.lr(), at::kDouble),
+      options.b1(), options.gamma(), options.weight_decay(), options.ns_iters(), options.ns_coeffs(), options.mode(),
+      options.preconditioning(), options.inv_steps(), options.inv_eps(), options.inv_scale(), options.eps_gram(),
+      options.gamma_l(), options.gamma_r(), options.nesterov(), options.shape_nesterov(), options.bias_correction(),
+      options.momentum_accumulator(), amps, options.raw_global_grad_clip(), options.permissive_spike_protection(),
+      options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(),
+      options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
 }
 
 }  // namespace torchopt_ext::optim

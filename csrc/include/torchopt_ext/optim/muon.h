@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "torchopt_ext/optim/matrix_optimizer.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
 namespace torchopt_ext::optim {
@@ -70,19 +71,19 @@ struct MuonParamState : public torch::optim::OptimizerCloneableParamState<MuonPa
   friend bool operator==(const MuonParamState& lhs, const MuonParamState& rhs);
 };
 
-class Muon : public OptimizerBase<MuonOptions> {
+class Muon : public MatrixOptimizer<Muon, MuonOptions, MuonParamState> {
  public:
   explicit Muon(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MuonOptions defaults = {});
   explicit Muon(std::vector<at::Tensor> params, MuonOptions defaults = {});
 
-  at::Tensor step(LossClosure closure = nullptr) override;
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
-
-  // Whether `param` takes the Muon step under `options` (else AdamW).
-  static bool routes_to_muon(const MuonOptions& options, const at::Tensor& param);
-  // The AdamW branch's current lr for a group's options.
-  static double adam_branch_lr(const MuonOptions& options);
+  // Hooks of MatrixOptimizer.
+  static std::optional<bool> route(const MuonOptions& options) { return options.use_muon(); }
+  static std::optional<at::ScalarType> storage_dtype(const MuonOptions& options) { return options.state_dtype(); }
+  static at::Tensor& momentum(MuonParamState& state) { return state.momentum_buffer(); }
+  static double adam_weight_decay(const MuonOptions& options) {
+    return options.adam_weight_decay().value_or(options.weight_decay());
+  }
+  void matrix_step(MuonOptions& options, MatrixGroupLists& lists);
 };
 
 }  // namespace torchopt_ext::optim

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "torchopt_ext/optim/matrix_optimizer.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
 namespace torchopt_ext::optim {
@@ -83,17 +84,17 @@ struct PRISMParamState : public torch::optim::OptimizerCloneableParamState<PRISM
   friend bool operator==(const PRISMParamState& lhs, const PRISMParamState& rhs);
 };
 
-class PRISM : public OptimizerBase<PRISMOptions> {
+class PRISM : public MatrixOptimizer<PRISM, PRISMOptions, PRISMParamState> {
  public:
   explicit PRISM(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, PRISMOptions defaults = {});
   explicit PRISM(std::vector<at::Tensor> params, PRISMOptions defaults = {});
 
-  at::Tensor step(LossClosure closure = nullptr) override;
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
-
-  static bool routes_to_prism(const PRISMOptions& options, const at::Tensor& param);
-  static double adam_branch_lr(const PRISMOptions& options);
+  // Hooks of MatrixOptimizer.
+  static std::optional<bool> route(const PRISMOptions& options) { return options.use_prism(); }
+  static std::optional<at::ScalarType> storage_dtype(const PRISMOptions& options) { return options.mu_dtype(); }
+  static at::Tensor& momentum(PRISMParamState& state) { return state.mu(); }
+  static double adam_weight_decay(const PRISMOptions& options) { return options.weight_decay(); }
+  void matrix_step(PRISMOptions& options, MatrixGroupLists& lists);
 };
 
 }  // namespace torchopt_ext::optim

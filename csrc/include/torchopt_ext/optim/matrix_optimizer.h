@@ -1,0 +1,140 @@
+// The LibTorch side shared by the matrix optimizers (Muon, PRISM): routing
+// between the matrix functional and the AdamW fallback, lazily created state,
+// the adam_lr rule, save/load. A derived class (CRTP) supplies:
+//   static std::optional<bool> route(const Options&);          // use_muon / use_prism
+//   static std::optional<at::ScalarType> storage_dtype(const Options&);
+//   static at::Tensor& momentum(ParamState&);                  // momentum_buffer / mu
+//   static double adam_weight_decay(const Options&);
+//   void matrix_step(Options&, MatrixGroupLists&);             // calls its functional
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/optim/serialize.h>
+#include <torch/utils.h>
+
+#include <optional>
+#include <vector>
+
+#include "torchopt_ext/functional/adam.h"
+#include "torchopt_ext/optim/optimizer_base.h"
+
+namespace torchopt_ext::optim {
+
+// One param group split by route: the matrix branch's lists (moments and, with
+// Magma, scores) and the AdamW branch's.
+struct MatrixGroupLists {
+  std::vector<at::Tensor> params, grads, moments, scores, steps;
+  std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
+};
+
+template <typename Derived, typename Options, typename ParamState>
+class MatrixOptimizer : public OptimizerBase<Options> {
+ public:
+  using LossClosure = torch::optim::Optimizer::LossClosure;
+
+  MatrixOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, const Options& defaults,
+                  const char* name, const char* route_option)
+      : OptimizerBase<Options>(param_groups, defaults) {
+    for (auto& group : this->param_groups_) {
+      auto& options = this->options_of(group);
+      if (!options.initial_lr()) {
+        options.initial_lr(options.lr());
+      }
+      for (const auto& param : group.params()) {
+        TORCH_CHECK_VALUE(!(Derived::route(options).value_or(false) && param.dim() < 2), name, ": ", route_option,
+                          "=true needs matrices, got a param of shape ", param.sizes());
+      }
+    }
+  }
+
+  // Whether `param` takes the matrix step under `options` (else AdamW).
+  static bool routes_to_matrix(const Options& options, const at::Tensor& param) {
+    const auto route = Derived::route(options);
+    return route ? *route : param.dim() == 2;
+  }
+
+  // The AdamW branch's current lr: adam_lr scaled as lr moved from initial_lr.
+  static double adam_branch_lr(const Options& options) {
+    if (!options.adam_lr()) {
+      return options.lr();
+    }
+    const double initial = options.initial_lr().value_or(options.lr());
+    return initial > 0.0 ? options.lr() * (*options.adam_lr() / initial) : 0.0;
+  }
+
+  at::Tensor step(LossClosure closure = nullptr) override {
+    torch::NoGradGuard no_grad;
+    at::Tensor loss = this->run_closure(closure);
+    for (auto& group : this->param_groups_) {
+      auto& options = this->options_of(group);
+      if (!options.initial_lr()) {  // a group added after construction
+        options.initial_lr(options.lr());
+      }
+      MatrixGroupLists lists = collect(group, options);
+      if (!lists.params.empty()) {
+        static_cast<Derived*>(this)->matrix_step(options, lists);
+      }
+      if (!lists.params_adam.empty()) {
+        const auto [beta1, beta2] = options.adam_betas();
+        functional::adam_step_(lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {},
+                               lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2,
+                               options.adam_eps(), Derived::adam_weight_decay(options),
+                               /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
+                               options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+      }
+    }
+    return loss;
+  }
+
+  void save(torch::serialize::OutputArchive& archive) const override {
+    torch::optim::serialize<ParamState, Options>(archive, *this);
+  }
+
+  void load(torch::serialize::InputArchive& archive) override {
+    torch::optim::serialize<ParamState, Options>(archive, *this);
+  }
+
+ private:
+  MatrixGroupLists collect(torch::optim::OptimizerParamGroup& group, const Options& options) {
+    MatrixGroupLists lists;
+    const auto dtype = Derived::storage_dtype(options);
+    for (auto& param : group.params()) {
+      if (!param.grad().defined()) {
+        continue;
+      }
+      const bool matrix = routes_to_matrix(options, param);
+      auto& state = this->template state_of<ParamState>(param, [&] {
+        auto fresh = std::make_unique<ParamState>();
+        fresh->step(detail::new_step_counter());
+        if (matrix) {
+          Derived::momentum(*fresh) = detail::zeros_state(param, dtype);
+        } else {
+          fresh->exp_avg(detail::zeros_state(param, dtype));
+          fresh->exp_avg_sq(detail::zeros_state(param, dtype));
+        }
+        return fresh;
+      });
+      if (matrix) {
+        lists.params.push_back(param);
+        lists.grads.push_back(param.grad());
+        lists.moments.push_back(Derived::momentum(state));
+        if (options.use_magma()) {
+          if (!state.magma_score().defined()) {  // also when Magma is turned on later
+            state.magma_score(at::full({}, 0.5, at::kFloat));
+          }
+          lists.scores.push_back(state.magma_score());
+        }
+        lists.steps.push_back(state.step());
+      } else {
+        lists.params_adam.push_back(param);
+        lists.grads_adam.push_back(param.grad());
+        lists.exp_avgs.push_back(state.exp_avg());
+        lists.exp_avg_sqs.push_back(state.exp_avg_sq());
+        lists.steps_adam.push_back(state.step());
+      }
+    }
+    return lists;
+  }
+};
+
+}  // namespace torchopt_ext::optim
