@@ -58,6 +58,21 @@ void switch_group(torch::optim::OptimizerParamGroup& group,
   }
 }
 
+// eval() / train() of the fused optimizers: every group not yet in the
+// requested mode switches; beta_of(options) is the interpolation's beta.
+template <typename Options, typename BetaOf>
+void switch_groups(std::vector<torch::optim::OptimizerParamGroup>& groups,
+                   const ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& states,
+                   bool train, const BetaOf& beta_of) {
+  for (auto& group : groups) {
+    auto& options = static_cast<Options&>(group.options());
+    if (options.train_mode() != train) {
+      switch_group(group, states, beta_of(options), /*to_eval=*/!train);
+      options.train_mode(train);
+    }
+  }
+}
+
 void check_train_mode(const char* name, bool train_mode) {
   TORCH_CHECK(train_mode, name,
               ".step() called in eval mode: the params hold the averaged point x; call train() before training steps");
@@ -232,23 +247,13 @@ at::Tensor ScheduleFreeAdamW::step(LossClosure closure) {
 }
 
 void ScheduleFreeAdamW::eval() {
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (options.train_mode()) {
-      switch_group(group, state_, std::get<0>(options.betas()), /*to_eval=*/true);
-      options.train_mode(false);
-    }
-  }
+  switch_groups<ScheduleFreeAdamWOptions>(param_groups_, state_, /*train=*/false,
+                                          [](const ScheduleFreeAdamWOptions& o) { return std::get<0>(o.betas()); });
 }
 
 void ScheduleFreeAdamW::train() {
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (!options.train_mode()) {
-      switch_group(group, state_, std::get<0>(options.betas()), /*to_eval=*/false);
-      options.train_mode(true);
-    }
-  }
+  switch_groups<ScheduleFreeAdamWOptions>(param_groups_, state_, /*train=*/true,
+                                          [](const ScheduleFreeAdamWOptions& o) { return std::get<0>(o.betas()); });
 }
 
 void ScheduleFreeAdamW::save(torch::serialize::OutputArchive& archive) const {
@@ -302,23 +307,13 @@ at::Tensor ScheduleFreeSGD::step(LossClosure closure) {
 }
 
 void ScheduleFreeSGD::eval() {
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (options.train_mode()) {
-      switch_group(group, state_, options.momentum(), /*to_eval=*/true);
-      options.train_mode(false);
-    }
-  }
+  switch_groups<ScheduleFreeSGDOptions>(param_groups_, state_, /*train=*/false,
+                                        [](const ScheduleFreeSGDOptions& o) { return o.momentum(); });
 }
 
 void ScheduleFreeSGD::train() {
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (!options.train_mode()) {
-      switch_group(group, state_, options.momentum(), /*to_eval=*/false);
-      options.train_mode(true);
-    }
-  }
+  switch_groups<ScheduleFreeSGDOptions>(param_groups_, state_, /*train=*/true,
+                                        [](const ScheduleFreeSGDOptions& o) { return o.momentum(); });
 }
 
 void ScheduleFreeSGD::save(torch::serialize::OutputArchive& archive) const {
