@@ -9,6 +9,7 @@ Environment knobs:
     TORCHOPT_EXT_BUILD_TESTS=1   also build the GoogleTest suite (ctest in the build tree)
     TORCHOPT_EXT_BUILD_EXAMPLES=1  also build examples/cpp in the build tree
     TORCHOPT_EXT_WITH_CUDA=0|1   override the default (CUDA iff torch has CUDA and nvcc is found)
+    TORCHOPT_EXT_CUDA_ARCHS      CUDA architectures, ';'-separated (default "80;90")
     MAX_JOBS                     parallel compile jobs
 """
 
@@ -66,6 +67,8 @@ class CMakeBuild(build_ext):
             f"-DTORCHOPT_EXT_BUILD_EXAMPLES={on_off[_flag('TORCHOPT_EXT_BUILD_EXAMPLES', False)]}",
             f"-DTORCHOPT_EXT_WITH_CUDA={on_off[_want_cuda()]}",
         ]
+        if os.environ.get("TORCHOPT_EXT_CUDA_ARCHS"):
+            configure.append(f"-DTORCHOPT_EXT_CUDA_ARCHS={os.environ['TORCHOPT_EXT_CUDA_ARCHS']}")
         if shutil.which("ninja") and not (build_dir / "Makefile").exists():
             configure += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

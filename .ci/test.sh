@@ -33,6 +33,9 @@ ruff check .
 ruff format --check .
 git ls-files '*.cpp' '*.h' '*.cu' '*.cuh' | xargs clang-format --dry-run --Werror
 
+echo "== CUDA compile check (nvcc -c on every .cu against the installed torch's headers)"
+bash .ci/nvcc_check.sh
+
 echo "== build (library, Python module, C++ tests)"
 TORCHOPT_EXT_BUILD_TESTS=1 TORCHOPT_EXT_BUILD_EXAMPLES=0 \
   python -m pip install -q --disable-pip-version-check --no-build-isolation -e .

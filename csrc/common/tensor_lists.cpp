@@ -20,6 +20,15 @@ bool is_supported_float(at::ScalarType t) {
 }  // namespace
 
 void check_cpu_kernels_usable(const char* op, at::TensorList params) {
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (!params.empty() && params[0].is_cuda()) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK_VALUE(params[i].device() == params[0].device(), op, ": params[", i, "] is on ", params[i].device(),
+                        " but params[0] is on ", params[0].device(), "; one group runs on one device");
+    }
+    return;
+  }
+#endif
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].is_cpu(), op, ": params[", i, "] is on ", params[i].device(),
                       "; this build of torchopt_ext has kernels for CPU tensors only");
@@ -160,13 +169,91 @@ void DenseWorkspace::finish() {
   write_backs_.clear();
 }
 
+namespace {
+
+bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// CUDA params: scalars on the params' device are handed to the kernels unread.
+template <size_t N>
+std::optional<DenseGroup<N>> prepare_cuda_group(const char* op, at::TensorList params, at::TensorList grads,
+                                                const std::array<StateList, N>& state, at::TensorList state_steps,
+                                                const at::Tensor& lr, const std::optional<at::Tensor>& grad_scale,
+                                                const std::optional<at::Tensor>& found_inf) {
+  const auto device = params[0].device();
+  std::optional<DenseGroup<N>> group(std::in_place);
+  group->on_cuda = true;
+  if (lr.defined() && lr.device() == device) {
+    TORCH_CHECK_VALUE(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble), op,
+                      ": a CUDA lr must be a one-element float32 or float64 tensor");
+    group->device.lr = lr.contiguous();
+    group->lr = std::nan("");  // read on the device
+  } else {
+    group->lr = read_lr(op, lr);
+  }
+  for (const auto* amp_tensor : {&grad_scale, &found_inf}) {
+    if (defined(*amp_tensor)) {
+      const auto& t = **amp_tensor;
+      TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", amp_tensor == &grad_scale ? "grad_scale" : "found_inf",
+                        " must have one element");
+      TORCH_CHECK_VALUE(!t.is_cuda() || (t.device() == device && t.scalar_type() == at::kFloat), op, ": ",
+                        amp_tensor == &grad_scale ? "grad_scale" : "found_inf", " on CUDA must be float32 on ", device);
+    }
+  }
+  if (defined(grad_scale)) {
+    if (grad_scale->is_cuda()) {
+      group->device.grad_scale = *grad_scale;
+    } else {
+      group->amp.grad_scale = grad_scale->item<double>();
+    }
+  }
+  TORCH_CHECK_VALUE(state_steps.size() == params.size(), op, ": state_steps must have one tensor per param (",
+                    params.size(), "), got ", state_steps.size());
+  const bool device_steps = !state_steps.empty() && state_steps[0].is_cuda();
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const auto& s = state_steps[i];
+    if (device_steps) {
+      TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.device() == device && s.scalar_type() == at::kFloat, op,
+                        ": state_steps[", i, "] must be a one-element float32 tensor on ", device,
+                        " (CUDA step counters are all on the params' device)");
+    }
+  }
+  if (device_steps) {
+    if (defined(found_inf) && !found_inf->is_cuda()) {
+      if (found_inf->item<double>() != 0.0) {
+        return std::nullopt;
+      }
+    } else if (defined(found_inf)) {
+      group->device.found_inf = *found_inf;
+    }
+    group->device.steps.assign(state_steps.begin(), state_steps.end());
+    group->steps.assign(params.size(), std::nan(""));  // on the device
+  } else {
+    check_scalar_list(op, "state_steps", params, state_steps);
+    // Host counters: whether to skip must be known here (a sync if found_inf is on CUDA).
+    if (defined(found_inf) && found_inf->item<double>() != 0.0) {
+      return std::nullopt;
+    }
+    group->steps = increment_steps(state_steps);
+  }
+  group->params = group->workspace.dense(params, true);
+  group->grads = group->workspace.dense(grads, defined(grad_scale));
+  for (size_t k = 0; k < N; ++k) {
+    group->state[k] = group->workspace.dense(state[k].tensors, !state[k].read_only);
+  }
+  return group;
+}
+
+}  // namespace
+
 template <size_t N>
 std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::TensorList params, at::TensorList grads,
                                                        const std::array<StateList, N>& state,
                                                        at::TensorList state_steps, const at::Tensor& lr,
                                                        const std::optional<at::Tensor>& grad_scale,
                                                        const std::optional<at::Tensor>& found_inf) {
-  const double lr_value = read_lr(op, lr);
+  // A CUDA lr is read by the kernels: no host copy (and no sync) here.
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
+  const double lr_value = on_cuda ? 0.0 : read_lr(op, lr);
   check_params_and_grads(op, params, grads);
   const StateList* first_used = nullptr;
   for (const auto& list : state) {
@@ -186,8 +273,11 @@ std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::Tenso
       TORCH_CHECK_VALUE(list.tensors.empty(), op, ": ", list.name, " must be empty with these options");
     }
   }
-  check_scalar_list(op, "state_steps", params, state_steps);
   check_cpu_kernels_usable(op, params);
+  if (on_cuda) {
+    return prepare_cuda_group<N>(op, params, grads, state, state_steps, lr, grad_scale, found_inf);
+  }
+  check_scalar_list(op, "state_steps", params, state_steps);
   auto amp = read_amp(op, grad_scale, found_inf);
   if (amp.skip_step || params.empty()) {
     return std::nullopt;

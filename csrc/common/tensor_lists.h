@@ -41,6 +41,16 @@ struct AmpArgs {
 AmpArgs read_amp(const char* op, const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf);
 
+// Scalars that a CUDA group's kernels read on the device (no host sync, so a
+// step can be captured in a CUDA graph). Undefined / empty: the host value in
+// the group is used instead.
+struct DeviceArgs {
+  at::Tensor lr;          // one-element float32/float64 CUDA tensor
+  at::Tensor grad_scale;  // float32 CUDA tensors from GradScaler
+  at::Tensor found_inf;
+  std::vector<at::Tensor> steps;  // float32 CUDA step counters, incremented by the kernel launcher
+};
+
 // Replaces tensors that the kernels cannot walk as flat memory with
 // contiguous copies, and copies results back on finish().
 class DenseWorkspace {
@@ -81,6 +91,8 @@ struct DenseGroup {
   double lr = 0.0;
   AmpArgs amp;
   DenseWorkspace workspace;
+  bool on_cuda = false;  // params on a CUDA device: run kernels::cuda, with `device`
+  DeviceArgs device;
 
   std::array<at::TensorList, N> state_lists() const {
     std::array<at::TensorList, N> lists;
@@ -94,7 +106,11 @@ struct DenseGroup {
 
 // Validates lists, lr, steps and the device; returns nullopt when there is
 // nothing to do (no params, or found_inf says skip: then nothing is touched).
-// Otherwise increments the steps and returns the dense group.
+// Otherwise increments the steps and returns the dense group. For CUDA params
+// (builds with TORCHOPT_EXT_WITH_CUDA), CUDA lr / grad_scale / found_inf and
+// CUDA float32 step counters go to `device` unread: the kernels read them and
+// increment the counters; host step counters are incremented here (reading a
+// CUDA found_inf first, which syncs).
 template <size_t N>
 std::optional<DenseGroup<N>> prepare_elementwise_group(const char* op, at::TensorList params, at::TensorList grads,
                                                        const std::array<StateList, N>& state,

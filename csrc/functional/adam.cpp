@@ -2,6 +2,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/adam.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -24,9 +25,9 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     return;
   }
   const auto& s = group->state;
-  kernels::cpu::adam_step(group->params, group->grads, s[0], s[1], s[2], group->steps,
-                          {group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize},
-                          {stochastic_rounding, seed, group->amp.grad_scale});
+  TORCHOPT_EXT_RUN_ELEMENTWISE(*group, adam_step, group->params, group->grads, s[0], s[1], s[2], group->steps,
+                               {group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

@@ -2,6 +2,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/lion.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -19,9 +20,9 @@ void lion_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   if (!group) {
     return;
   }
-  kernels::cpu::lion_step(group->params, group->grads, group->state[0], group->steps,
-                          {group->lr, beta1, beta2, weight_decay, maximize},
-                          {stochastic_rounding, seed, group->amp.grad_scale});
+  TORCHOPT_EXT_RUN_ELEMENTWISE(*group, lion_step, group->params, group->grads, group->state[0], group->steps,
+                               {group->lr, beta1, beta2, weight_decay, maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

@@ -2,6 +2,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/qhadam.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -24,9 +25,10 @@ void qhadam_step_(at::TensorList params, at::TensorList grads, at::TensorList ex
   if (!group) {
     return;
   }
-  kernels::cpu::qhadam_step(group->params, group->grads, group->state[0], group->state[1], group->steps,
-                            {group->lr, beta1, beta2, nu1, nu2, eps, weight_decay, decoupled_weight_decay, maximize},
-                            {stochastic_rounding, seed, group->amp.grad_scale});
+  TORCHOPT_EXT_RUN_ELEMENTWISE(*group, qhadam_step, group->params, group->grads, group->state[0], group->state[1],
+                               group->steps,
+                               {group->lr, beta1, beta2, nu1, nu2, eps, weight_decay, decoupled_weight_decay, maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

@@ -4,6 +4,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/sgd.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -25,9 +26,9 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   if (!group) {
     return;
   }
-  kernels::cpu::sgd_step(group->params, group->grads, group->state[0], group->steps,
-                         {group->lr, momentum, dampening, weight_decay, nesterov, maximize},
-                         {stochastic_rounding, seed, group->amp.grad_scale});
+  TORCHOPT_EXT_RUN_ELEMENTWISE(*group, sgd_step, group->params, group->grads, group->state[0], group->steps,
+                               {group->lr, momentum, dampening, weight_decay, nesterov, maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

@@ -7,6 +7,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/sophia.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -29,9 +30,9 @@ void sophia_step_(at::TensorList params, at::TensorList grads, at::TensorList ex
   if (!group) {
     return;
   }
-  kernels::cpu::sophia_step(group->params, group->grads, group->state[0], group->state[1], group->steps,
-                            {group->lr, beta1, gamma, eps, weight_decay, eps_mode == "add", maximize},
-                            {stochastic_rounding, seed, group->amp.grad_scale});
+  TORCHOPT_EXT_RUN_ELEMENTWISE(*group, sophia_step, group->params, group->grads, group->state[0], group->state[1],
+                               group->steps, {group->lr, beta1, gamma, eps, weight_decay, eps_mode == "add", maximize},
+                               {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();
 }
 

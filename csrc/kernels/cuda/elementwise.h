@@ -1,0 +1,52 @@
+// Host-side entry points of the CUDA element-wise kernels (defined in the .cu
+// files next to this header, built only with TORCHOPT_EXT_WITH_CUDA), and the
+// switch the functional layer uses to pick the CPU or the CUDA kernel. Each
+// takes the CPU kernel's arguments plus the scalars read on the device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/adam.h"
+#include "kernels/cpu/elementwise_options.h"
+#include "kernels/cpu/lion.h"
+#include "kernels/cpu/qhadam.h"
+#include "kernels/cpu/radam.h"
+#include "kernels/cpu/sgd.h"
+#include "kernels/cpu/sophia.h"
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+namespace torchopt_ext::kernels::cuda {
+
+using common::DeviceArgs;
+using cpu::ElementwiseOptions;
+
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const cpu::AdamHyperparams& hp,
+               const ElementwiseOptions& options, const DeviceArgs& device);
+void radam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                const std::vector<double>& steps, const cpu::RAdamHyperparams& hp, const ElementwiseOptions& options,
+                const DeviceArgs& device);
+void qhadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 const std::vector<double>& steps, const cpu::QHAdamHyperparams& hp, const ElementwiseOptions& options,
+                 const DeviceArgs& device);
+void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              const std::vector<double>& steps, const cpu::SGDHyperparams& hp, const ElementwiseOptions& options,
+              const DeviceArgs& device);
+void lion_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, const std::vector<double>& steps,
+               const cpu::LionHyperparams& hp, const ElementwiseOptions& options, const DeviceArgs& device);
+void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
+                 const std::vector<double>& steps, const cpu::SophiaHyperparams& hp, const ElementwiseOptions& options,
+                 const DeviceArgs& device);
+
+}  // namespace torchopt_ext::kernels::cuda
+
+// kernels::cpu::name(args...) for a CPU group, kernels::cuda::name(args..., group.device) for a CUDA one.
+#define TORCHOPT_EXT_RUN_ELEMENTWISE(group, name, ...)                                \
+  ((group).on_cuda ? ::torchopt_ext::kernels::cuda::name(__VA_ARGS__, (group).device) \
+                   : ::torchopt_ext::kernels::cpu::name(__VA_ARGS__))
+#else
+#define TORCHOPT_EXT_RUN_ELEMENTWISE(group, name, ...) ::torchopt_ext::kernels::cpu::name(__VA_ARGS__)
+#endif
