@@ -28,6 +28,7 @@ TOX = {
     "AdamW": (lambda ps: tox.AdamW(ps, lr=1e-3, weight_decay=0.01), 2),
     "Adam(amsgrad)": (lambda ps: tox.Adam(ps, lr=1e-3, amsgrad=True), 3),
     "SGD(momentum)": (lambda ps: tox.SGD(ps, lr=1e-2, momentum=0.9), 1),
+    "NAdamW": (lambda ps: tox.NAdamW(ps, lr=1e-3, weight_decay=0.01), 2),
     "RAdam": (lambda ps: tox.RAdam(ps, lr=1e-3), 2),
     "QHAdamW": (lambda ps: tox.QHAdamW(ps, lr=1e-3, nus=(0.7, 1.0)), 2),
     "Lion": (lambda ps: tox.Lion(ps, lr=1e-4, weight_decay=0.01), 1),
@@ -48,6 +49,10 @@ def baselines():
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),
         ),
         "torch RAdam foreach": ("RAdam", lambda ps: torch.optim.RAdam(ps, lr=1e-3, foreach=True)),
+        "torch NAdamW foreach": (
+            "NAdamW",
+            lambda ps: torch.optim.NAdam(ps, lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True, foreach=True),
+        ),
     }
     compiled = {
         "torch.compile AdamW foreach": (

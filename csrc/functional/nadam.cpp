@@ -1,7 +1,10 @@
 #include "torchopt_ext/functional/nadam.h"
 
+#include <c10/util/Exception.h>
+
 #include "common/tensor_lists.h"
 #include "kernels/cpu/nadam.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 
@@ -18,14 +21,25 @@ void nadam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp
   check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
   check_hyperparameter(op, "momentum_decay", momentum_decay, momentum_decay >= 0.0, ">= 0");
   common::check_scalar_list(op, "mu_products", params, mu_products);
+  // The per-tensor scalars come from the host mu-products: on CUDA too, lr and
+  // the step counters must be host values (checked before any counter moves).
+  if (!params.empty() && params[0].is_cuda()) {
+    bool host_steps = true;
+    for (const auto& s : state_steps) {
+      host_steps = host_steps && !s.is_cuda();
+    }
+    TORCH_CHECK_VALUE(!lr.is_cuda() && host_steps, op,
+                      ": on CUDA this optimizer needs its lr and state_steps as CPU tensors (its per-tensor scalars "
+                      "are computed on the host)");
+  }
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
                                            state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
-  kernels::cpu::nadam_step(
-      group->params, group->grads, group->state[0], group->state[1], mu_products, group->steps,
+  TORCHOPT_EXT_RUN_ELEMENTWISE(
+      *group, nadam_step, group->params, group->grads, group->state[0], group->state[1], mu_products, group->steps,
       {group->lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize},
       {stochastic_rounding, seed, group->amp.grad_scale});
   group->finish();

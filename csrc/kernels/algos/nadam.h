@@ -18,11 +18,7 @@ using cpu::NAdamHyperparams;
 struct NAdamAlgo {
   static constexpr int kNumState = 2;  // exp_avg, exp_avg_sq
   using Hyper = NAdamHyperparams;
-  struct TensorScalars {
-    double bias_correction2;
-    double grad_coeff;     // -lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
-    double exp_avg_coeff;  // -lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
-  };
+  using TensorScalars = cpu::NAdamScalars;  // host-computed (mu-product): host lr and steps only
 
   template <typename S>
   struct Coeffs {

@@ -25,10 +25,9 @@ double advance_mu_product(const at::Tensor& mu_product, double mu) {
 
 }  // namespace
 
-void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList mu_products, const std::vector<double>& steps, const NAdamHyperparams& hp,
-                const ElementwiseOptions& options) {
-  std::vector<NAdamAlgo::TensorScalars> scalars(steps.size());
+std::vector<NAdamScalars> nadam_scalars(at::TensorList mu_products, const std::vector<double>& steps,
+                                        const NAdamHyperparams& hp) {
+  std::vector<NAdamScalars> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
     const double step = steps[i];
     const double mu = hp.beta1 * (1.0 - 0.5 * std::pow(0.96, step * hp.momentum_decay));
@@ -38,6 +37,13 @@ void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     scalars[i] = {1.0 - std::pow(hp.beta2, step), -hp.lr * (1.0 - mu) / (1.0 - mu_product),
                   (-hp.lr * mu_next) / (1.0 - mu_product_next)};
   }
+  return scalars;
+}
+
+void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList mu_products, const std::vector<double>& steps, const NAdamHyperparams& hp,
+                const ElementwiseOptions& options) {
+  const auto scalars = nadam_scalars(mu_products, steps, hp);
   elementwise_step<NAdamAlgo>("nadam_step_", params, grads, {exp_avgs, exp_avg_sqs}, scalars, steps, hp, options);
 }
 

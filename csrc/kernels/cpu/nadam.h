@@ -19,6 +19,18 @@ struct NAdamHyperparams {
   bool maximize;
 };
 
+// NAdam's per-tensor scalars, computed on the host from the step and the
+// mu-product (by nadam_scalars) for the CPU and the CUDA kernels alike.
+struct NAdamScalars {
+  double bias_correction2;
+  double grad_coeff;     // -lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
+  double exp_avg_coeff;  // -lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
+};
+
+// Advances each tensor's mu_product (see nadam_step) and returns its scalars.
+std::vector<NAdamScalars> nadam_scalars(at::TensorList mu_products, const std::vector<double>& steps,
+                                        const NAdamHyperparams& hp);
+
 // Fused NAdam / NAdamW (classic.md §4) over one param group of contiguous
 // tensors. Also advances each tensor's mu_product (a one-element tensor,
 // float32 like torch.optim.NAdam's unless it is float64).

@@ -12,6 +12,7 @@
 #include "kernels/cpu/adam.h"
 #include "kernels/cpu/elementwise_options.h"
 #include "kernels/cpu/lion.h"
+#include "kernels/cpu/nadam.h"
 #include "kernels/cpu/qhadam.h"
 #include "kernels/cpu/radam.h"
 #include "kernels/cpu/sgd.h"
@@ -26,6 +27,9 @@ using cpu::ElementwiseOptions;
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, const std::vector<double>& steps, const cpu::AdamHyperparams& hp,
                const ElementwiseOptions& options, const DeviceArgs& device);
+void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList mu_products, const std::vector<double>& steps, const cpu::NAdamHyperparams& hp,
+                const ElementwiseOptions& options, const DeviceArgs& device);
 void radam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 const std::vector<double>& steps, const cpu::RAdamHyperparams& hp, const ElementwiseOptions& options,
                 const DeviceArgs& device);

@@ -76,7 +76,7 @@ struct LaunchArgs {
   bool lr_is_double;
   const float* grad_scale;  // device pointers or nullptr
   const float* found_inf;
-  float host_grad_scale;  // used when grad_scale is nullptr and has_grad_scale
+  double host_grad_scale;  // used when grad_scale is nullptr and has_grad_scale
   bool has_grad_scale;
   bool stochastic_rounding;
   int64_t seed;
@@ -316,6 +316,14 @@ void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at:
   flush();
 }
 
+// Algorithms whose per-tensor scalars are computed on the host (NAdam's
+// mu-product) need the host lr and step values: say so before anything runs.
+inline void require_host_scalars(const char* op, const common::DeviceArgs& dev) {
+  TORCH_CHECK_VALUE(dev.steps.empty() && !dev.lr.defined(), op,
+                    ": on CUDA this optimizer needs its lr and state_steps as CPU tensors (its per-tensor scalars are "
+                    "computed on the host)");
+}
+
 // The CPU entry points' per-tensor scalars for algorithms whose scalars are
 // the step or nothing.
 template <typename Algo>
@@ -341,8 +349,9 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
   if (params.empty()) {
     return;
   }
-  TORCH_CHECK_VALUE(kScalarsFromStep<Algo> || (dev.steps.empty() && !dev.lr.defined()), op,
-                    ": on CUDA this optimizer needs its step counters and lr on the host");
+  if constexpr (!kScalarsFromStep<Algo>) {
+    require_host_scalars(op, dev);
+  }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
   const float* found_inf = dev.found_inf.defined() ? dev.found_inf.data_ptr<float>() : nullptr;
@@ -356,7 +365,7 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
   args.grad_scale = dev.grad_scale.defined() ? dev.grad_scale.data_ptr<float>() : nullptr;
   args.found_inf = found_inf;
   args.has_grad_scale = args.grad_scale != nullptr || options.grad_scale.has_value();
-  args.host_grad_scale = static_cast<float>(options.grad_scale.value_or(1.0));
+  args.host_grad_scale = options.grad_scale.value_or(1.0);
   args.stochastic_rounding = options.stochastic_rounding;
   args.seed = options.seed;
 
