@@ -65,6 +65,13 @@ void sophia_update_hessian_(at::TensorList hessians, at::TensorList estimates, d
   common::DenseWorkspace workspace;
   const auto dense_hessians = workspace.dense(hessians, true);
   const auto dense_estimates = workspace.dense(cast, false);
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (hessians[0].is_cuda()) {
+    kernels::cuda::sophia_update_hessian(dense_hessians, dense_estimates, beta2);
+    workspace.finish();
+    return;
+  }
+#endif
   kernels::cpu::sophia_update_hessian(dense_hessians, dense_estimates, beta2);
   workspace.finish();
 }

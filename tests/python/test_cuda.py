@@ -112,6 +112,24 @@ def test_cuda_bf16_params_fp32_state_with_stochastic_rounding_match_cpu(name):
         assert (a == b).float().mean() > 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sophia_hessian_refresh_matches_cpu(dtype):
+    def run(device):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
+        opt = tox.SophiaG(params, lr=1e-2, weight_decay=0.1, update_period=1, seed=3)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+            opt.update_hessian(hessian=[(p.grad.float() ** 2).to(dtype) for p in params])
+            opt.step()
+        return [p.detach().cpu() for p in params], [opt.state[p]["hessian"].cpu() for p in params]
+
+    (p_cpu, h_cpu), (p_cuda, h_cuda) = run("cpu"), run("cuda")
+    for a, b in zip(p_cuda + h_cuda, p_cpu + h_cpu):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+
+
 def _adam_op_args(device, shapes, dtype=torch.float32, state_dtype=torch.float32, device_scalars=False):
     gen = torch.Generator().manual_seed(5)
     params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]

@@ -44,6 +44,8 @@ void lion_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
                  const std::vector<double>& steps, const cpu::SophiaHyperparams& hp, const ElementwiseOptions& options,
                  const DeviceArgs& device);
+// h <- beta2 h + (1 - beta2) estimate over contiguous CUDA lists of one dtype.
+void sophia_update_hessian(at::TensorList hessians, at::TensorList estimates, double beta2);
 
 }  // namespace torchopt_ext::kernels::cuda
 

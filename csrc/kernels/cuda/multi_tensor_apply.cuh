@@ -126,9 +126,11 @@ __global__ void __launch_bounds__(kBlockSize) elementwise_kernel(const __grid_co
   __shared__ uint64_t stream_shared;
   if (threadIdx.x == 0) {
     typename Algo::Hyper hp = args.hyper;
-    if (args.lr != nullptr) {
-      hp.lr = args.lr_is_double ? *static_cast<const double*>(args.lr)
-                                : static_cast<double>(*static_cast<const float*>(args.lr));
+    if constexpr (requires { hp.lr; }) {
+      if (args.lr != nullptr) {
+        hp.lr = args.lr_is_double ? *static_cast<const double*>(args.lr)
+                                  : static_cast<double>(*static_cast<const float*>(args.lr));
+      }
     }
     typename Algo::TensorScalars ts = meta.scalars;
     const double step = meta.step != nullptr ? static_cast<double>(*meta.step) : meta.host_step;

@@ -1,4 +1,4 @@
-// CUDA SGD, Lion and Sophia: the shared per-element math of kernels/algos/
+// CUDA SGD, Lion and Sophia (step and Hessian EMA): the shared per-element math of kernels/algos/
 // run by the multi-tensor launcher, registered under the CUDA dispatch key for
 // the same ops as the CPU kernels.
 #include <torch/library.h>
@@ -34,6 +34,12 @@ void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp
                                steps, hp, options, device);
 }
 
+void sophia_update_hessian(at::TensorList hessians, at::TensorList estimates, double beta2) {
+  const std::vector<double> steps(hessians.size(), 0.0);  // only seeds stochastic rounding, which is off
+  elementwise_step<HessianEmaAlgo>("sophia_update_hessian_", hessians, estimates, {},
+                                   step_scalars<HessianEmaAlgo>(steps), steps, {beta2}, {}, DeviceArgs{});
+}
+
 }  // namespace torchopt_ext::kernels::cuda
 
 // The functional layer validates and then picks the CUDA kernel for CUDA params.
@@ -41,4 +47,5 @@ TORCH_LIBRARY_IMPL(torchopt_ext, CUDA, m) {
   m.impl("sgd_step_", &torchopt_ext::functional::sgd_step_);
   m.impl("lion_step_", &torchopt_ext::functional::lion_step_);
   m.impl("sophia_step_", &torchopt_ext::functional::sophia_step_);
+  m.impl("sophia_update_hessian_", &torchopt_ext::functional::sophia_update_hessian_);
 }
