@@ -23,12 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._base import is_dtensor
-
-# Bytes this process has sent to other ranks for optimizer steps (all-to-all
-# payloads, all-gathers of the gather path, Magma all-reduces): read by
-# benchmarks/bench_distributed.py. Sends to self are not counted.
-_COMM = {"bytes": 0}
+from ._base import _COMM, is_dtensor
 
 
 def comm_bytes() -> int:
@@ -40,6 +35,7 @@ def reset_comm_bytes() -> None:
 
 
 def count_comm_bytes(n: int) -> None:
+    """Adds n bytes sent to other ranks (all-to-all payloads, Magma's all-reduce)."""
     _COMM["bytes"] += int(n)
 
 
