@@ -112,6 +112,44 @@ def _prism_step_fake(params, grads, momentum_buffers, magma_scores, state_steps,
     )
 
 
+@torch.library.register_fake("torchopt_ext::muon_momentum_")
+def _muon_momentum_fake(grads, momentum_buffers, state_steps, ns_inputs, magma_sums, **kwargs) -> None:
+    _check_lengths(
+        "muon_momentum_", grads, momentum_buffers=momentum_buffers, state_steps=state_steps, ns_inputs=ns_inputs
+    )
+
+
+@torch.library.register_fake("torchopt_ext::prism_momentum_")
+def _prism_momentum_fake(
+    grads, momentum_buffers, state_steps, targets, innovations, lookahead_grads, magma_sums, **kwargs
+) -> None:
+    _check_lengths(
+        "prism_momentum_",
+        grads,
+        momentum_buffers=momentum_buffers,
+        state_steps=state_steps,
+        targets=targets,
+        innovations=innovations,
+        lookahead_grads=lookahead_grads,
+    )
+
+
+@torch.library.register_fake("torchopt_ext::prism_shape")
+def _prism_shape_fake(target, innovation, grad=None, **kwargs):
+    if target.dim() != 2 or innovation.shape != target.shape:
+        raise ValueError("prism_shape: target and innovation must be (rows, cols) matrices of one shape")
+    return torch.empty(target.shape, dtype=target.dtype, device=target.device)
+
+
+@torch.library.register_fake("torchopt_ext::matrix_apply_")
+def _matrix_apply_fake(params, updates, magma_scores, state_steps, lr, *, matrix_sizes, **kwargs) -> None:
+    _check_lengths("matrix_apply_", params, updates=updates, magma_scores=magma_scores, state_steps=state_steps)
+    if len(matrix_sizes) != 2 * len(params):
+        raise ValueError(
+            f"matrix_apply_: matrix_sizes must hold (rows, cols) per param, got {len(matrix_sizes)} values"
+        )
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

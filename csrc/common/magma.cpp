@@ -20,6 +20,14 @@ uint64_t mix(uint64_t x) {
 
 constexpr uint64_t kMagmaSalt = 0x4D41474D415F5A00ULL;  // "MAGMA_Z"
 
+// s <- 0.9 s + 0.1 sigmoid(cos / tau); returns z * s.
+at::Tensor score_update(const at::Tensor& raw_cosine, at::Tensor& score, bool keep, double tau) {
+  const at::Tensor cosine = at::nan_to_num(raw_cosine).clamp(-1.0, 1.0);
+  const at::Tensor smoothed = at::sigmoid(cosine / tau).to(at::kFloat);
+  score.mul_(0.9).add_(smoothed, 0.1);
+  return keep ? score.clone() : at::zeros_like(score);
+}
+
 }  // namespace
 
 void check_magma_options(const char* op, const MagmaOptions& options) {
@@ -40,10 +48,19 @@ at::Tensor magma_multiplier(const at::Tensor& grad, const at::Tensor& moment, at
   const at::Tensor g = grad.to(math).reshape(-1);
   const at::Tensor m = moment.to(math).reshape(-1);
   const at::Tensor denom = (g.norm() * m.norm()).clamp_min(1e-12);
-  const at::Tensor cosine = at::nan_to_num(at::dot(g, m) / denom).clamp(-1.0, 1.0);
-  const at::Tensor smoothed = at::sigmoid(cosine / tau).to(at::kFloat);
-  score.mul_(0.9).add_(smoothed, 0.1);
-  return keep ? score.clone() : at::zeros_like(score);
+  return score_update(at::dot(g, m) / denom, score, keep, tau);
+}
+
+at::Tensor magma_sums(const at::Tensor& grad, const at::Tensor& moment) {
+  const at::Tensor g = grad.to(at::kDouble).reshape(-1);
+  const at::Tensor m = moment.to(at::kDouble).reshape(-1);
+  return at::stack({at::dot(g, m), at::dot(g, g), at::dot(m, m)});
+}
+
+at::Tensor magma_multiplier_from_sums(const at::Tensor& sums, at::Tensor& score, bool keep, double tau) {
+  const at::Tensor s = sums.to(at::kDouble).reshape(-1);
+  const at::Tensor denom = (s[1].sqrt() * s[2].sqrt()).clamp_min(1e-12);
+  return score_update(s[0] / denom, score, keep, tau);
 }
 
 }  // namespace torchopt_ext::common

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/tensor_lists.h"
+#include "functional/matrix_parts.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/magma.h"
@@ -72,39 +73,21 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     if (group->amp.grad_scale) {
       grad.div_(*group->amp.grad_scale);
     }
-    // Momentum (EMA) and the Nesterov look-ahead, in the buffer's dtype (fp32
-    // buffers give fp32 math for bf16 params).
     at::Tensor& buffer = group->state[0][i];
-    at::Tensor g = grad.to(buffer.scalar_type());
-    if (maximize) {
-      g = g.neg();
-    }
-    buffer.lerp_(g, 1.0 - momentum);
+    const auto parts = detail::muon_momentum(grad, buffer, momentum, nesterov, maximize);
     const int64_t rows = param.size(0);
     // A param with more dims is the (shape[0], rest) matrix.
-    const at::Tensor update =
-        common::newton_schulz((nesterov ? g.lerp(buffer, momentum) : buffer).reshape({rows, -1}), ns)
-            .reshape(param.sizes());
-
-    // Decoupled decay with the unscaled lr, then the scaled step; Magma scales
-    // both (decay folded into the masked update).
+    const at::Tensor update = common::newton_schulz(parts.ns_input.reshape({rows, -1}), ns);
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
       const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
       // Host read of a CPU scalar: no device sync (the functional is CPU-only).
-      multiplier = common::magma_multiplier(g, buffer, score, keep, magma_tau).item<double>();
+      multiplier = common::magma_multiplier(parts.grad, buffer, score, keep, magma_tau).item<double>();
     }
-    const double decay = 1.0 - group->lr * multiplier * weight_decay;
-    const double alpha =
-        -group->lr * multiplier * muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(param, update, decay, alpha, stochastic_rounding, stream);
-    } else {
-      param.mul_(decay);
-      param.add_(update, alpha);
-    }
+    const double scale = muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
+    detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, scale, stochastic_rounding, seed,
+                                static_cast<int64_t>(i), group->steps[i]);
   }
   group->finish();
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/tensor_lists.h"
+#include "functional/matrix_parts.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/clipping.h"
@@ -72,6 +73,56 @@ at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double 
   return g * (t_out.pow(-0.25) * t_in.pow(-0.25));
 }
 
+namespace detail {
+
+PrismShaping make_prism_shaping(const char* op, double gamma, int64_t ns_iters, at::ArrayRef<double> ns_coeffs,
+                                c10::string_view mode, c10::string_view preconditioning, int64_t inv_steps,
+                                double inv_eps, double inv_scale, double eps_gram, std::optional<double> gamma_l,
+                                std::optional<double> gamma_r, at::ArrayRef<double> grad_clip_max_amps,
+                                std::optional<at::ScalarType> ns_dtype) {
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "gamma", gamma, std::isfinite(gamma) && gamma >= 0.0, ">= 0");
+  TORCH_CHECK_VALUE(mode == "original" || mode == "bidirectional", op,
+                    ": mode must be 'original' or 'bidirectional', got '", mode, "'");
+  TORCH_CHECK_VALUE(inv_steps >= 1 && inv_steps < 100, op, ": inv_steps must be in [1, 100), got ", inv_steps);
+  check_hyperparameter(op, "inv_eps", inv_eps, inv_eps >= 0.0, ">= 0");
+  check_hyperparameter(op, "inv_scale", inv_scale, std::isfinite(inv_scale) && inv_scale > 0.0, "> 0");
+  check_hyperparameter(op, "eps_gram", eps_gram, eps_gram >= 0.0, ">= 0");
+  PrismShaping shaping;
+  shaping.bidirectional = mode == "bidirectional";
+  shaping.gamma = gamma;
+  shaping.gamma_l = gamma_l.value_or(gamma);
+  shaping.gamma_r = gamma_r.value_or(gamma);
+  check_hyperparameter(op, "gamma_l", shaping.gamma_l, std::isfinite(shaping.gamma_l) && shaping.gamma_l >= 0.0,
+                       ">= 0");
+  check_hyperparameter(op, "gamma_r", shaping.gamma_r, std::isfinite(shaping.gamma_r) && shaping.gamma_r >= 0.0,
+                       ">= 0");
+  shaping.inv_steps = inv_steps;
+  shaping.inv_eps = inv_eps;
+  shaping.inv_scale = inv_scale;
+  shaping.eps_gram = eps_gram;
+  shaping.ns_dtype = ns_dtype;
+  shaping.ns.coefficients = common::ns_coefficients_from_flat(ns_coeffs.vec(), "ns_coeffs");
+  shaping.ns.steps = ns_iters;
+  // rollfast's quintic NS: X / (|X|_F + 1e-8).
+  shaping.ns.eps = 1e-8;
+  shaping.ns.eps_clamp = false;
+  shaping.ns.normalization = common::parse_ns_normalization(std::string(preconditioning), "preconditioning");
+  shaping.ns.dtype = ns_dtype;
+  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
+  common::check_newton_schulz_options(op, shaping.ns);
+  TORCH_CHECK_VALUE(grad_clip_max_amps.empty() || grad_clip_max_amps.size() == 2, op,
+                    ": grad_clip_max_amps must be (rms_cap, element_cap) or empty, got ", grad_clip_max_amps.size(),
+                    " values");
+  if (!grad_clip_max_amps.empty()) {
+    shaping.post_clip = common::PostClipOptions{grad_clip_max_amps[0], grad_clip_max_amps[1]};
+    common::check_post_clip_options(op, *shaping.post_clip);
+  }
+  return shaping;
+}
+
+}  // namespace detail
+
 void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
                  double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
@@ -85,40 +136,14 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   constexpr const char* op = "prism_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
-  check_hyperparameter(op, "gamma", gamma, std::isfinite(gamma) && gamma >= 0.0, ">= 0");
   check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
-  TORCH_CHECK_VALUE(mode == "original" || mode == "bidirectional", op,
-                    ": mode must be 'original' or 'bidirectional', got '", mode, "'");
-  const bool bidirectional = mode == "bidirectional";
   TORCH_CHECK_VALUE(momentum_accumulator == "ema" || momentum_accumulator == "heavy_ball", op,
                     ": momentum_accumulator must be 'ema' or 'heavy_ball', got '", momentum_accumulator, "'");
-  const bool ema = momentum_accumulator == "ema";
-  TORCH_CHECK_VALUE(inv_steps >= 1 && inv_steps < 100, op, ": inv_steps must be in [1, 100), got ", inv_steps);
-  check_hyperparameter(op, "inv_eps", inv_eps, inv_eps >= 0.0, ">= 0");
-  check_hyperparameter(op, "inv_scale", inv_scale, std::isfinite(inv_scale) && inv_scale > 0.0, "> 0");
-  check_hyperparameter(op, "eps_gram", eps_gram, eps_gram >= 0.0, ">= 0");
-  const double g_l = gamma_l.value_or(gamma);
-  const double g_r = gamma_r.value_or(gamma);
-  check_hyperparameter(op, "gamma_l", g_l, std::isfinite(g_l) && g_l >= 0.0, ">= 0");
-  check_hyperparameter(op, "gamma_r", g_r, std::isfinite(g_r) && g_r >= 0.0, ">= 0");
-  common::NewtonSchulzOptions ns;
-  ns.coefficients = common::ns_coefficients_from_flat(ns_coeffs.vec(), "ns_coeffs");
-  ns.steps = ns_iters;
-  // rollfast's quintic NS: X / (|X|_F + 1e-8).
-  ns.eps = 1e-8;
-  ns.eps_clamp = false;
-  ns.normalization = common::parse_ns_normalization(std::string(preconditioning), "preconditioning");
-  ns.dtype = ns_dtype;
-  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
-  common::check_newton_schulz_options(op, ns);
-  std::optional<common::PostClipOptions> post_clip;
-  TORCH_CHECK_VALUE(grad_clip_max_amps.empty() || grad_clip_max_amps.size() == 2, op,
-                    ": grad_clip_max_amps must be (rms_cap, element_cap) or empty, got ", grad_clip_max_amps.size(),
-                    " values");
-  if (!grad_clip_max_amps.empty()) {
-    post_clip = common::PostClipOptions{grad_clip_max_amps[0], grad_clip_max_amps[1]};
-    common::check_post_clip_options(op, *post_clip);
-  }
+  const detail::PrismOptions options{b1,      momentum_accumulator == "ema", nesterov, shape_nesterov, bias_correction,
+                                     maximize};
+  const auto shaping =
+      detail::make_prism_shaping(op, gamma, ns_iters, ns_coeffs, mode, preconditioning, inv_steps, inv_eps, inv_scale,
+                                 eps_gram, gamma_l, gamma_r, grad_clip_max_amps, ns_dtype);
   if (raw_global_grad_clip) {
     check_hyperparameter(op, "raw_global_grad_clip", *raw_global_grad_clip,
                          std::isfinite(*raw_global_grad_clip) && *raw_global_grad_clip > 0.0, "> 0");
@@ -163,78 +188,22 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   for (size_t i = 0; i < n; ++i) {
     at::Tensor& param = group->params[i];
     at::Tensor& buffer = group->state[0][i];
-    // Momentum math in float32 (float64 for float64 state), whatever the storage.
-    const auto math = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor g = group->grads[i].to(math);
-    if (maximize) {
-      g = g.neg();
-    }
-    const at::Tensor raw_g = g;  // Magma's cosine uses the grad before any clipping
-    if (raw_scale != 1.0) {
-      g = g * raw_scale;
-    }
-    const at::Tensor m_prev = buffer.to(math);
-    const at::Tensor m = ema ? at::lerp(m_prev, g, 1.0 - b1) : g + b1 * m_prev;
-    // Store the new momentum (bf16: stochastic rounding, as rollfast).
-    if (buffer.scalar_type() == at::kBFloat16) {
-      const uint64_t stream =
-          kernels::cpu::rounding_stream(seed ^ 0x5052534D, static_cast<int64_t>(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(buffer, m.contiguous(), 0.0, 1.0, true, stream);
-    } else {
-      buffer.copy_(m);
-    }
-    const double t = group->steps[i];
-    // Nesterov look-ahead of a value x: ema beta x + (1 - beta) g, heavy-ball beta x + g.
-    auto lookahead = [&](const at::Tensor& x) { return ema ? at::lerp(g, x, b1) : x * b1 + g; };
-    at::Tensor target;
-    if (nesterov && shape_nesterov) {
-      if (bias_correction && ema) {
-        target = m * (b1 / (1.0 - std::pow(b1, t + 1.0))) + g * ((1.0 - b1) / (1.0 - std::pow(b1, t)));
-      } else {
-        target = lookahead(m);
-      }
-    } else if (!nesterov && bias_correction && ema) {
-      target = m / (1.0 - std::pow(b1, t));
-    } else {
-      target = m;
-    }
-    const at::Tensor innovation = g - m;
+    const auto index = static_cast<int64_t>(i);
+    const auto parts =
+        detail::prism_momentum(group->grads[i], buffer, options, raw_scale, seed, index, group->steps[i]);
     const int64_t rows = param.size(0);
-    const at::Tensor M = target.reshape({rows, -1});
-    const at::Tensor D = innovation.reshape({rows, -1});
-    const int64_t cols = M.size(1);
-    at::Tensor update;
-    if (bidirectional) {
-      const auto dtype = ns_dtype.value_or(math);
-      update = prism_bidirectional(M.to(dtype), D.to(dtype), g_l, g_r, inv_steps, inv_eps, inv_scale, eps_gram);
-    } else {
-      // [M, gamma D] along the input features; the first `cols` columns.
-      update = common::newton_schulz(at::cat({M, D * gamma}, 1), ns).narrow(1, 0, cols);
-    }
-    update = update.to(math).reshape(param.sizes());
-    if (nesterov && !shape_nesterov) {
-      update = lookahead(update);
-    }
-    if (post_clip) {
-      common::clip_update_per_tensor_rms_(update, *post_clip);
-    }
-    // -lr (u + lambda p); Magma scales both (decay folded in before masking).
+    const at::Tensor update =
+        detail::prism_shape(parts.target.reshape({rows, -1}), parts.innovation.reshape({rows, -1}),
+                            parts.grad.reshape({rows, -1}), options, shaping);
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
-      const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
+      const bool keep = common::magma_keep(magma, index, group->steps[i]);
       // Host read of a CPU scalar: no device sync (the functional is CPU-only).
-      multiplier = common::magma_multiplier(raw_g, m, score, keep, magma_tau).item<double>();
+      multiplier = common::magma_multiplier(parts.raw_grad, parts.moment, score, keep, magma_tau).item<double>();
     }
-    const double decay = 1.0 - group->lr * multiplier * weight_decay;
-    const double alpha = -group->lr * multiplier;
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(param, update.contiguous(), decay, alpha, stochastic_rounding, stream);
-    } else {
-      param.mul_(decay);
-      param.add_(update.to(param.scalar_type()), alpha);
-    }
+    detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, 1.0, stochastic_rounding, seed,
+                                index, group->steps[i]);
   }
   group->finish();
 }

@@ -22,8 +22,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 GLOBAL_BATCH = 8  # divisible by 1, 2 and 4
 STEPS_BEFORE, STEPS_AFTER = 3, 4
-# Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS).
-NAMES = ELEMENTWISE + WHOLE_TENSOR
+# Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
+# and PRISM on the ownership path (Muon takes it by default).
+NAMES = ELEMENTWISE + WHOLE_TENSOR + ["PRISM_owner"]
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:

@@ -42,6 +42,27 @@ ELEMENTWISE = [
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
 WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor"]
+# Matrix-optimizer variants (name -> class, options, distributed_mode). The
+# plain names take whole-matrix ownership ("owner", the default) except
+# PRISM, whose raw global clip keeps it on the gather path; "_gather" keeps
+# the all-gather path tested.
+VARIANTS = {
+    "Muon_gather": ("Muon", ALL_OPTIMIZERS["Muon"], "gather"),
+    "Muon_magma": ("Muon", dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2, use_magma=True, magma_p=0.7, seed=5), "owner"),
+    "PRISM_owner": ("PRISM", dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2, use_magma=True, seed=3), "owner"),
+    "PRISM_bidi": (
+        "PRISM",
+        dict(lr=2e-2, weight_decay=0.1, mode="bidirectional", shape_nesterov=False, grad_clip_max_amps=(0.5, 1.0)),
+        "owner",
+    ),
+}
+# The path the matrix params must take under FSDP2 (and under DDP with
+# distributed_mode="replicated").
+MATRIX_PATH = {"Muon": "owner", "PRISM": "gather", "Muon_gather": "gather"} | {
+    name: "owner" for name in VARIANTS if name != "Muon_gather"
+}
+VARIANT_NAMES = list(VARIANTS)
+
 # SOAP's eigenbases of rank-deficient Gram factors (non-square layers) depend on ulp-level
 # differences in the gradient (classic.md §10), so an all-reduced gradient (summed in another
 # order than one process's) gives a different but equally valid trajectory: a single process
@@ -74,8 +95,15 @@ class MLP(torch.nn.Module):
         return x
 
 
-def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, replicated: bool = False) -> torch.optim.Optimizer:
+    if name in VARIANTS:
+        cls, options, mode = VARIANTS[name]
+        opt = getattr(topt, cls)(params, **options)
+        opt.distributed_mode = "replicated" if replicated and mode == "owner" else mode
+        return opt
     opt = getattr(topt, name)(params, **ALL_OPTIMIZERS[name])
+    if replicated and name in MATRIX_PATH:
+        opt.distributed_mode = "replicated"
     if hasattr(opt, "train"):
         opt.train()
     return opt
@@ -121,6 +149,8 @@ def _fsdp_parity_worker(rank: int, world_size: int, names: list[str], steps: int
             _train_step(model, opt, x[mine], y[mine], name)
             if rank == 0:
                 _train_step(ref, ref_opt, x, y, name)
+        if name in MATRIX_PATH:
+            assert opt._last_matrix_path == MATRIX_PATH[name], f"{name}: took the {opt._last_matrix_path} path"
         max_err = 0.0
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             assert isinstance(p, DTensor), f"{pname} is not sharded"
@@ -151,7 +181,7 @@ def test_fsdp2_elementwise_matches_single_process(world_size):
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp2_whole_tensor_optimizers_match_single_process(world_size):
-    run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR, STEPS)
+    run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR + VARIANT_NAMES, STEPS)
 
 
 def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int) -> None:
@@ -162,7 +192,7 @@ def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int)
         torch.manual_seed(0)
         ref = MLP()
         model = DDP(copy.deepcopy(ref))
-        opt = make_optimizer(name, model.parameters())
+        opt = make_optimizer(name, model.parameters(), replicated=True)
         ref_opt = make_optimizer(name, ref.parameters())
         data = torch.Generator().manual_seed(1)
         for _ in range(steps):
@@ -172,6 +202,10 @@ def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int)
             _train_step(model, opt, x[mine], y[mine], name)
             if rank == 0:
                 _train_step(ref, ref_opt, x, y, name)
+        if name in MATRIX_PATH:
+            # Replicas take ownership (distributed_mode="replicated") where FSDP2 does.
+            expected = "owner" if MATRIX_PATH[name] == "owner" else "local"
+            assert opt._last_matrix_path == expected, f"{name}: took the {opt._last_matrix_path} path"
         max_err = 0.0
         for (pname, p), q in zip(model.module.named_parameters(), ref.parameters()):
             # Replicas must stay identical across ranks.
@@ -194,7 +228,13 @@ def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int)
 @pytest.mark.distributed
 def test_ddp_all_optimizers_match_single_process():
     # Plain tensors on every rank: every optimizer, Adafactor included.
-    run_distributed(_ddp_parity_worker, 2, sorted(ALL_OPTIMIZERS), STEPS)
+    run_distributed(_ddp_parity_worker, 2, sorted(ALL_OPTIMIZERS) + VARIANT_NAMES, STEPS)
+
+
+@pytest.mark.distributed
+def test_ddp_ownership_at_4_ranks_matches_single_process():
+    # Replicated matrices split over 4 owners (one of them owns none of the 3).
+    run_distributed(_ddp_parity_worker, 4, [n for n in MATRIX_PATH if MATRIX_PATH[n] == "owner"], STEPS)
 
 
 def _raise_on_rank_1(rank: int, world_size: int) -> None:

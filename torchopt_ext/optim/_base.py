@@ -13,6 +13,11 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = None
 
+# Bytes this process sent to other ranks for optimizer steps (the gather
+# path's all-gathers here, the ownership path's all-to-alls in _ownership.py):
+# read by benchmarks/bench_distributed.py. Sends to self are not counted.
+_COMM = {"bytes": 0}
+
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -98,6 +103,8 @@ class WholeTensors:
         if not is_dtensor(t):
             return t
         whole = t.full_tensor()
+        # What this rank's shard costs to gather: sent to every other rank.
+        _COMM["bytes"] += t.to_local().numel() * t.element_size() * (t.device_mesh.size() - 1)
         if write_back:
             self._pending.append((t, whole))
         return whole

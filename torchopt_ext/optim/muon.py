@@ -180,3 +180,48 @@ class Muon(MatrixOptimizer):
             magma_p=group["magma_p"],
             magma_tau=group["magma_tau"],
         )
+
+    # -- whole-matrix ownership hooks (see _matrix.MatrixOptimizer) ----------
+
+    def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
+        inputs = [torch.empty(m.shape, dtype=m.dtype) for m in moments]
+        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64)
+        torch.ops.torchopt_ext.muon_momentum_(
+            grads,
+            moments,
+            state_steps,
+            inputs,
+            sums,
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            use_magma=group["use_magma"],
+            grad_scale=grad_scale,
+        )
+        return [[t] for t in inputs], sums
+
+    def _owner_compute(self, group, whole):
+        kwargs = dict(
+            coefficients=_flatten_coefficients(group["ns_coefficients"]),
+            steps=group["ns_steps"],
+            normalization=str(group["ns_normalization"]).lower(),
+            eps=group["eps"],
+            dtype=group["ns_dtype"],
+        )
+        # Equal shapes in one call (the CPU core still runs them one by one,
+        # so a result does not depend on its batch).
+        out = [None] * len(whole)
+        by_shape = {}
+        for j, (x,) in enumerate(whole):
+            by_shape.setdefault(tuple(x.shape), []).append(j)
+        for idx in by_shape.values():
+            batch = torch.ops.torchopt_ext.newton_schulz(torch.stack([whole[j][0] for j in idx]), **kwargs)
+            for j, y in zip(idx, batch.unbind(0)):
+                out[j] = y
+        return out
+
+    def _owner_result_dtype(self, group, input_dtype):
+        return group["ns_dtype"] or input_dtype
+
+    def _owner_lr_scale(self, group):
+        return group["adjust_lr_fn"] or "original"

@@ -244,3 +244,56 @@ class PRISM(MatrixOptimizer):
             magma_p=group["magma_p"],
             magma_tau=group["magma_tau"],
         )
+
+    # -- whole-matrix ownership hooks (see _matrix.MatrixOptimizer) ----------
+
+    def _owner_supported(self, group):
+        # The raw global clip decides on the group's whole-gradient norm inside
+        # prism_step_: such groups take the gather path.
+        return group["raw_global_grad_clip"] is None
+
+    def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
+        def outputs():
+            # Math dtype: float32, float64 for float64 state.
+            return [
+                torch.empty(m.shape, dtype=torch.float64 if m.dtype == torch.float64 else torch.float32)
+                for m in moments
+            ]
+
+        targets, innovations = outputs(), outputs()
+        lookahead = outputs() if group["nesterov"] and not group["shape_nesterov"] else []
+        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64)
+        torch.ops.torchopt_ext.prism_momentum_(
+            grads,
+            moments,
+            state_steps,
+            targets,
+            innovations,
+            lookahead,
+            sums,
+            b1=group["b1"],
+            nesterov=group["nesterov"],
+            shape_nesterov=group["shape_nesterov"],
+            bias_correction=group["bias_correction"],
+            momentum_accumulator=group["momentum_accumulator"],
+            maximize=group["maximize"],
+            use_magma=group["use_magma"],
+            seed=group["seed"],
+            grad_scale=grad_scale,
+        )
+        extra = [[g] for g in lookahead] if lookahead else [[] for _ in targets]
+        return [[m, d, *g] for m, d, g in zip(targets, innovations, extra)], sums
+
+    def _owner_compute(self, group, whole):
+        kwargs = self._op_kwargs(group)
+        shape_kwargs = {
+            key: kwargs[key]
+            for key in (
+                "b1", "gamma", "ns_iters", "ns_coeffs", "prism_mode", "preconditioning", "inv_steps", "inv_eps",
+                "inv_scale", "eps_gram", "gamma_l", "gamma_r", "nesterov", "shape_nesterov",
+                "momentum_accumulator", "grad_clip_max_amps", "ns_dtype",
+            )
+        }  # fmt: skip
+        return [
+            torch.ops.torchopt_ext.prism_shape(m, d, tail[0] if tail else None, **shape_kwargs) for m, d, *tail in whole
+        ]

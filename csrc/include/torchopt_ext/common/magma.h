@@ -32,4 +32,11 @@ bool magma_keep(const MagmaOptions& options, int64_t tensor_index, double step);
 // computed in fp32 (fp64 for fp64 inputs).
 at::Tensor magma_multiplier(const at::Tensor& grad, const at::Tensor& moment, at::Tensor& score, bool keep, double tau);
 
+// The cosine's inputs as sums that add over shards: [<g, m>, |g|^2, |m|^2]
+// (float64, shape (3,)), and the multiplier from such sums (the same cosine,
+// score update and draw; a shard-summed cosine differs from the whole-tensor
+// fp32 one by rounding only).
+at::Tensor magma_sums(const at::Tensor& grad, const at::Tensor& moment);
+at::Tensor magma_multiplier_from_sums(const at::Tensor& sums, at::Tensor& score, bool keep, double tau);
+
 }  // namespace torchopt_ext::common
