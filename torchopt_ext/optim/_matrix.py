@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._base import FusedOptimizer, adamw_fallback_step, local, lr_tensor
+from ._base import MAGMA_FALLBACK_SEED_SALT, FusedOptimizer, adamw_fallback_step, local, lr_tensor
 
 
 class MatrixOptimizer(FusedOptimizer):
@@ -56,6 +56,7 @@ class MatrixOptimizer(FusedOptimizer):
         steps_adam,
         exp_avgs,
         exp_avg_sqs,
+        magma_scores_adam,
     ):
         self._prepare_group(group)
         name = type(self).__name__
@@ -86,9 +87,28 @@ class MatrixOptimizer(FusedOptimizer):
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
                     out.append(local(state[key]))
+                if group["use_magma"]:
+                    if "magma_score" not in state:
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                    magma_scores_adam.append(state["magma_score"])
                 params_adam.append(local(p))
                 grads_adam.append(local(p.grad))
                 steps_adam.append(state["step"])
+
+    @staticmethod
+    def _fallback_magma(group: dict[str, Any], scores: list, rounding: dict[str, Any]) -> dict[str, Any]:
+        """Rounding and Magma arguments of the AdamW fallback: rollfast masks
+        every leaf, so with ``use_magma`` the fallback is masked too, with
+        its own draws (salted seed; this also moves its rounding stream)."""
+        if not group["use_magma"]:
+            return rounding
+        return dict(
+            rounding,
+            seed=rounding["seed"] ^ MAGMA_FALLBACK_SEED_SALT,
+            magma_scores=scores,
+            magma_p=group["magma_p"],
+            magma_tau=group["magma_tau"],
+        )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -96,10 +116,10 @@ class MatrixOptimizer(FusedOptimizer):
         amp = self._amp_args()
         op = getattr(torch.ops.torchopt_ext, self._op)
         for group in self.param_groups:
-            lists = [[] for _ in range(10)]
+            lists = [[] for _ in range(11)]
             self._init_group(group, *lists)
             params, grads, state_steps, moments, magma_scores = lists[:5]
-            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs, magma_scores_adam = lists[5:]
             lr = lr_tensor(group)
             rounding = self._rounding_args(group)
             if params:
@@ -116,7 +136,7 @@ class MatrixOptimizer(FusedOptimizer):
                 eps=group["adam_eps"],
                 weight_decay=self._adam_weight_decay(group),
                 maximize=group["maximize"],
-                **rounding,
+                **self._fallback_magma(group, magma_scores_adam, rounding),
                 **amp,
             )
         return loss
