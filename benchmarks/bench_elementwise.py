@@ -108,6 +108,8 @@ def baselines() -> dict[str, list[tuple[str, Callable]]]:
             ("torchopt_ext", lambda ps: tox.AdamW(ps)),
             ("torch foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
             ("torch fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+            # Magma (norm pre-pass + masked update): its cost over plain AdamW.
+            ("torchopt_ext use_magma", lambda ps: tox.AdamW(ps, use_magma=True, seed=0)),
         ],
         "NAdamW": [
             ("torchopt_ext", lambda ps: tox.NAdamW(ps)),

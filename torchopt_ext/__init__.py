@@ -8,6 +8,7 @@ import torch  # noqa: F401  (load libtorch before the native library)
 from . import (
     _C,  # noqa: F401  (loads libtorchopt_ext: registers torch.ops.torchopt_ext.*)
     _ops,  # noqa: F401  (fake implementations for torch.compile)
+    clip,
     hessian,
     optim,
     schedules,
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 #: ``torch.utils.cmake_prefix_path``).
 cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
 
-__all__ = ["optim", "schedules", "hessian", "cmake_prefix_path", "__version__"]
+__all__ = ["optim", "schedules", "hessian", "clip", "cmake_prefix_path", "__version__"]

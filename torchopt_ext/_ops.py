@@ -28,6 +28,22 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     )
 
 
+@torch.library.register_fake("torchopt_ext::adam_magma_step_")
+def _adam_magma_step_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, magma_scores, state_steps, lr, **kwargs
+) -> None:
+    _check_lengths(
+        "adam_magma_step_",
+        params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        magma_scores=magma_scores,
+        state_steps=state_steps,
+    )
+
+
 @torch.library.register_fake("torchopt_ext::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, state_steps, lr, **kwargs) -> None:
     _check_lengths("sgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
@@ -201,6 +217,11 @@ def _schedulefree_wrapper_post_fake(params, zs, sf_state, lr, **kwargs) -> None:
     _check_lengths("schedulefree_wrapper_post_", params, zs=zs)
 
 
+@torch.library.register_fake("torchopt_ext::schedulefree_polyak_")
+def _schedulefree_polyak_fake(params, grads, zs, polyak_state, loss, sf_state, **kwargs) -> None:
+    _check_lengths("schedulefree_polyak_", params, grads=grads, zs=zs)
+
+
 @torch.library.register_fake("torchopt_ext::sophia_step_")
 def _sophia_step_fake(params, grads, exp_avgs, hessians, state_steps, lr, **kwargs) -> None:
     _check_lengths("sophia_step_", params, grads=grads, exp_avgs=exp_avgs, hessians=hessians, state_steps=state_steps)
@@ -239,3 +260,9 @@ def _soap_step_fake(params, grads, exp_avgs, exp_avg_sqs, GGs, Qs, state_steps, 
         Qs=Qs,
         state_steps=state_steps,
     )
+
+
+@torch.library.register_fake("torchopt_ext::raw_global_grad_clip_")
+def _raw_global_grad_clip_fake(grads, max_norm):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((), dtype=torch.bool, device=device)

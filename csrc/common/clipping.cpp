@@ -46,6 +46,28 @@ RawClipResult raw_global_clip(at::TensorList grads, double max_norm, bool permis
   return result;
 }
 
+at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm) {
+  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0, "raw_global_grad_clip: max_norm must be > 0, got ",
+                    max_norm);
+  const auto dtype = accumulation_type(grads);
+  const auto device = grads.empty() ? at::Device(at::kCPU) : grads[0].device();
+  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(dtype).device(device));
+  for (const auto& g : grads) {
+    TORCH_CHECK_VALUE(g.device() == device, "raw_global_grad_clip: all grads must be on one device, got ", device,
+                      " and ", g.device());
+    const at::Tensor x = g.to(dtype);
+    sum = sum + (x * x).sum();
+  }
+  const at::Tensor norm = sum.sqrt();
+  const at::Tensor spike = norm > max_norm;  // a NaN norm is no spike, as raw_global_clip
+  const double tiny = static_cast<double>(std::numeric_limits<float>::min());
+  const at::Tensor scale = at::where(spike, max_norm / (norm + tiny), at::ones_like(norm));
+  for (const auto& g : grads) {
+    const_cast<at::Tensor&>(g).mul_(scale.to(g.scalar_type()));
+  }
+  return spike;
+}
+
 GradClipMode parse_grad_clip_mode(const std::string& name, const char* argument) {
   if (name == "per_tensor_rms") {
     return GradClipMode::PerTensorRMS;

@@ -1,5 +1,6 @@
 #include "torchopt_ext/functional/schedulefree.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -88,6 +89,26 @@ void with_dense_pairs(at::TensorList params, at::TensorList zs, const Fn& fn) {
   const auto dense_zs = workspace.dense(zs, true);
   fn(dense_params, dense_zs);
   workspace.finish();
+}
+
+// The beta that forms y_{k+1}: b1, or with the anneal 1 - beta moving
+// log-linearly from 1 - b1 to 1 - b1_max over b1_anneal_steps.
+double beta_next_of(double k, double b1, int64_t b1_anneal_steps, double b1_max) {
+  if (b1_anneal_steps <= 0) {
+    return b1;
+  }
+  const double frac = std::min((k + 1.0) / static_cast<double>(b1_anneal_steps), 1.0);
+  return 1.0 - std::exp((1.0 - frac) * std::log1p(-b1) + frac * std::log1p(-b1_max));
+}
+
+void check_beta_schedule(const char* op, double b1, int64_t b1_anneal_steps, double b1_max) {
+  check_hyperparameter(op, "b1", b1, b1 > 0.0 && b1 <= 1.0, "in (0, 1]");
+  check_hyperparameter(op, "b1_max", b1_max, b1_max > 0.0 && b1_max <= 1.0, "in (0, 1]");
+  check_hyperparameter(op, "b1_anneal_steps", static_cast<double>(b1_anneal_steps), b1_anneal_steps >= 0, ">= 0");
+  if (b1_anneal_steps > 0) {
+    check_hyperparameter(op, "b1", b1, b1 < 1.0, "< 1 when b1_anneal_steps > 0");
+    check_hyperparameter(op, "b1_max", b1_max, b1_max < 1.0, "< 1 when b1_anneal_steps > 0");
+  }
 }
 
 }  // namespace
@@ -185,16 +206,10 @@ void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const 
                                 double b1_max) {
   constexpr const char* op = "schedulefree_wrapper_post_";
   const std::string mode = schedulefree_weighting_mode(weighting_mode);
-  check_hyperparameter(op, "b1", b1, b1 > 0.0 && b1 <= 1.0, "in (0, 1]");
-  check_hyperparameter(op, "b1_max", b1_max, b1_max > 0.0 && b1_max <= 1.0, "in (0, 1]");
+  check_beta_schedule(op, b1, b1_anneal_steps, b1_max);
   check_hyperparameter(op, "r", r, std::isfinite(r), "finite");
   check_hyperparameter(op, "weight_lr_power", weight_lr_power, std::isfinite(weight_lr_power), "finite");
   check_hyperparameter(op, "c_warmup", static_cast<double>(c_warmup), c_warmup >= 0, ">= 0");
-  check_hyperparameter(op, "b1_anneal_steps", static_cast<double>(b1_anneal_steps), b1_anneal_steps >= 0, ">= 0");
-  if (b1_anneal_steps > 0) {
-    check_hyperparameter(op, "b1", b1, b1 < 1.0, "< 1 when b1_anneal_steps > 0");
-    check_hyperparameter(op, "b1_max", b1_max, b1_max < 1.0, "< 1 when b1_anneal_steps > 0");
-  }
   const double gamma = common::read_lr(op, lr);
   std::array<double, 4> state{};
   read_state(op, sf_state, state);
@@ -215,12 +230,7 @@ void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const 
     weight_sum += w;
     c = weight_sum > 0.0 ? w / std::max(weight_sum, 1e-30) : 0.0;
   }
-  double beta_next = b1;
-  if (b1_anneal_steps > 0) {
-    // 1 - beta moves log-linearly from 1 - b1 to 1 - b1_max over the anneal steps.
-    const double frac = std::min((k + 1.0) / static_cast<double>(b1_anneal_steps), 1.0);
-    beta_next = 1.0 - std::exp((1.0 - frac) * std::log1p(-b1) + frac * std::log1p(-b1_max));
-  }
+  const double beta_next = beta_next_of(k, b1, b1_anneal_steps, b1_max);
   if (!params.empty()) {
     with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
       kernels::cpu::schedulefree_wrapper_post(p, z, c, beta_next);
@@ -231,6 +241,49 @@ void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const 
   out[1] = weight_sum;
   out[2] = lr_max;
   out[3] = beta_next;
+}
+
+void schedulefree_polyak_(at::TensorList params, at::TensorList grads, at::TensorList zs,
+                          const at::Tensor& polyak_state, const at::Tensor& loss, const at::Tensor& sf_state, double b1,
+                          int64_t b1_anneal_steps, double b1_max, double f_star, double polyak_beta,
+                          double polyak_eps) {
+  constexpr const char* op = "schedulefree_polyak_";
+  check_beta_schedule(op, b1, b1_anneal_steps, b1_max);
+  check_hyperparameter(op, "polyak_beta", polyak_beta, polyak_beta >= 0.0 && polyak_beta < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "polyak_eps", polyak_eps, polyak_eps > 0.0, "> 0");
+  check_hyperparameter(op, "f_star", f_star, std::isfinite(f_star), "finite");
+  TORCH_CHECK_VALUE(polyak_state.defined() && polyak_state.is_cpu() && polyak_state.scalar_type() == at::kDouble &&
+                        polyak_state.numel() == 3 && polyak_state.is_contiguous(),
+                    op, ": polyak_state must be a contiguous float64 CPU tensor of 3 values [g1 EMA, count, rho]");
+  TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1 && loss.is_cpu(), op,
+                    ": loss must be a one-element CPU tensor (the loss at y; Polyak needs it: pass step(closure) or "
+                    "step(loss=...))");
+  common::check_params_and_grads(op, params, grads);
+  check_pairs(op, params, zs);
+  std::array<double, 4> state{};
+  const double beta_prev = read_state(op, sf_state, state);
+  const double beta_next = beta_next_of(state[0], b1, b1_anneal_steps, b1_max);
+  // <g, z - y> and sqrt(pi/2) ||g||_1 over every tensor, in float64.
+  double inner = 0.0;
+  double l1 = 0.0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor g = grads[i].to(at::kDouble);
+    inner += (g * (zs[i].to(at::kDouble) - params[i].to(at::kDouble))).sum().item<double>();
+    l1 += g.abs().sum().item<double>();
+  }
+  auto* out = static_cast<double*>(polyak_state.data_ptr());
+  const double count = out[1] + 1.0;
+  const double ema = polyak_beta * out[0] + (1.0 - polyak_beta) * std::sqrt(std::acos(-1.0) / 2.0) * l1;
+  const double g1_hat = ema / (1.0 - std::pow(polyak_beta, count));
+  const double f = loss.to(at::kDouble).item<double>();
+  const double numerator = std::max(0.0, f - f_star + (beta_next / beta_prev) * inner);
+  double rho = numerator / std::max(g1_hat, polyak_eps);
+  if (std::isnan(rho)) {
+    rho = 0.0;  // a NaN loss or gradient gives no step rather than NaN everywhere
+  }
+  out[0] = ema;
+  out[1] = count;
+  out[2] = rho;
 }
 
 }  // namespace torchopt_ext::functional

@@ -21,6 +21,10 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "schedulefree_wrapper_post_(Tensor(a!)[] params, Tensor(b!)[] zs, Tensor(c!) sf_state, Tensor lr, *, "
       "str weighting_mode, float b1, float r=0., float weight_lr_power=2., bool use_lr_max=False, int c_warmup=0, "
       "int b1_anneal_steps=0, float b1_max=0.965) -> ()");
+  m.def(
+      "schedulefree_polyak_(Tensor[] params, Tensor[] grads, Tensor[] zs, Tensor(a!) polyak_state, Tensor loss, "
+      "Tensor sf_state, *, float b1, int b1_anneal_steps=0, float b1_max=0.965, float f_star=0., "
+      "float polyak_beta=0., float polyak_eps=1e-30) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
@@ -29,4 +33,5 @@ TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
   m.impl("schedulefree_set_mode_", &torchopt_ext::functional::schedulefree_set_mode_);
   m.impl("schedulefree_wrapper_pre_", &torchopt_ext::functional::schedulefree_wrapper_pre_);
   m.impl("schedulefree_wrapper_post_", &torchopt_ext::functional::schedulefree_wrapper_post_);
+  m.impl("schedulefree_polyak_", &torchopt_ext::functional::schedulefree_polyak_);
 }

@@ -342,6 +342,12 @@ void ScheduleFreeOptions::validate() const {
   TORCH_CHECK_VALUE(adamc_weight_decay() >= 0.0, "ScheduleFree: adamc_weight_decay must be >= 0, got ",
                     adamc_weight_decay());
   detail::check_state_dtype("ScheduleFree", state_dtype());
+  TORCH_CHECK_VALUE(lr_max_init() >= 0.0, "ScheduleFree: lr_max_init must be >= 0, got ", lr_max_init());
+  TORCH_CHECK_VALUE(polyak_beta() >= 0.0 && polyak_beta() < 1.0, "ScheduleFree: polyak_beta must be in [0, 1), got ",
+                    polyak_beta());
+  TORCH_CHECK_VALUE(polyak_eps() > 0.0, "ScheduleFree: polyak_eps must be > 0, got ", polyak_eps());
+  TORCH_CHECK_VALUE(std::isfinite(polyak_f_star()), "ScheduleFree: polyak_f_star must be finite, got ",
+                    polyak_f_star());
 }
 
 ScheduleFree::ScheduleFree(std::shared_ptr<torch::optim::Optimizer> base, ScheduleFreeOptions options)
@@ -349,22 +355,23 @@ ScheduleFree::ScheduleFree(std::shared_ptr<torch::optim::Optimizer> base, Schedu
   TORCH_CHECK_VALUE(base_ != nullptr, "ScheduleFree: base optimizer must not be null");
   options_.validate();
   mode_ = functional::schedulefree_weighting_mode(options_.weighting_mode());
+  polyak_state_ = at::tensor({0.0, 0.0, 1.0}, at::TensorOptions().dtype(at::kDouble));
 }
 
 const at::Tensor& ScheduleFree::sf_state(size_t group) {
   while (sf_state_.size() <= group) {
-    sf_state_.push_back(at::tensor({0.0, 0.0, 0.0, options_.b1()}, at::TensorOptions().dtype(at::kDouble)));
+    sf_state_.push_back(
+        at::tensor({0.0, 0.0, options_.lr_max_init(), options_.b1()}, at::TensorOptions().dtype(at::kDouble)));
   }
   return sf_state_[group];
 }
 
 void ScheduleFree::zero_grad(bool set_to_none) { base_->zero_grad(set_to_none); }
 
-at::Tensor ScheduleFree::step(torch::optim::Optimizer::LossClosure closure) {
+at::Tensor ScheduleFree::step(torch::optim::Optimizer::LossClosure closure, at::Tensor loss) {
   TORCH_CHECK(train_mode_,
               "ScheduleFree.step() called in eval mode: the params hold the averaged point x; call train() before "
               "training steps");
-  at::Tensor loss;
   if (closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
@@ -386,11 +393,43 @@ at::Tensor ScheduleFree::step(torch::optim::Optimizer::LossClosure closure) {
       params[g].push_back(param);
       zs[g].push_back(z);
     }
-    lrs[g] = at::scalar_tensor(groups[g].options().get_lr(), at::kDouble);
+  }
+  double rho = 1.0;
+  if (options_.polyak()) {
+    TORCH_CHECK_VALUE(loss.defined(), "ScheduleFree(polyak=true).step() needs the loss: pass a closure or loss");
+    std::vector<at::Tensor> all_params, all_grads, all_zs;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      for (size_t i = 0; i < params[g].size(); ++i) {
+        all_params.push_back(params[g][i]);
+        all_grads.push_back(params[g][i].grad());
+        all_zs.push_back(zs[g][i]);
+      }
+    }
+    functional::schedulefree_polyak_(all_params, all_grads, all_zs, polyak_state_,
+                                     loss.detach().to(at::kCPU).reshape({}), sf_state(0), options_.b1(),
+                                     options_.b1_anneal_steps(), options_.b1_max(), options_.polyak_f_star(),
+                                     options_.polyak_beta(), options_.polyak_eps());
+    rho = polyak_state_[2].item<double>();  // CPU tensor: no device sync
+  }
+  std::vector<double> base_lrs(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) {
+    base_lrs[g] = groups[g].options().get_lr();
+    lrs[g] = at::scalar_tensor(base_lrs[g] * rho, at::kDouble);
     functional::schedulefree_wrapper_pre_(params[g], zs[g], sf_state(g), lrs[g], options_.weight_decay_at_y(),
                                           options_.adamc_weight_decay());
   }
-  base_->step();
+  if (options_.polyak()) {
+    // gamma_eff = rho * gamma for the base step too (exact for updates linear in lr); restored after.
+    for (size_t g = 0; g < groups.size(); ++g) {
+      groups[g].options().set_lr(base_lrs[g] * rho);
+    }
+    base_->step();
+    for (size_t g = 0; g < groups.size(); ++g) {
+      groups[g].options().set_lr(base_lrs[g]);
+    }
+  } else {
+    base_->step();
+  }
   for (size_t g = 0; g < groups.size(); ++g) {
     functional::schedulefree_wrapper_post_(params[g], zs[g], sf_state(g), lrs[g], mode_, options_.b1(), options_.r(),
                                            options_.weight_lr_power(), options_.use_lr_max(), options_.c_warmup(),
@@ -431,6 +470,7 @@ void ScheduleFree::save(torch::serialize::OutputArchive& archive) const {
   base_->save(base_archive);
   archive.write("base", base_archive);
   archive.write("train_mode", torch::IValue(train_mode_));
+  archive.write("polyak_state", polyak_state_);
   const auto& groups = base_->param_groups();
   archive.write("num_groups", torch::IValue(static_cast<int64_t>(groups.size())));
   int64_t index = 0;
@@ -455,6 +495,10 @@ void ScheduleFree::load(torch::serialize::InputArchive& archive) {
   torch::IValue value;
   archive.read("train_mode", value);
   train_mode_ = value.toBool();
+  at::Tensor polyak;
+  if (archive.try_read("polyak_state", polyak)) {
+    polyak_state_ = polyak.to(at::kDouble).contiguous().clone();
+  }
   archive.read("num_groups", value);
   auto& groups = base_->param_groups();
   TORCH_CHECK_VALUE(value.toInt() == static_cast<int64_t>(groups.size()), "ScheduleFree::load: the checkpoint has ",
@@ -480,23 +524,82 @@ void ScheduleFree::load(torch::serialize::InputArchive& archive) {
   }
 }
 
-ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
-                                             ScheduleFreeAdamWConfig config) {
-  auto base = std::make_shared<AdamW>(std::move(params), AdamWOptions(lr)
-                                                             .betas(std::make_tuple(config.b1(), config.b2()))
-                                                             .eps(config.eps())
-                                                             .weight_decay(0.0)
-                                                             .state_dtype(config.state_dtype()));
+ScheduleFreeWithSchedule schedule_free_with_wsd(std::shared_ptr<torch::optim::Optimizer> base,
+                                                schedules::WSDOptions schedule, const std::string& weighting_mode,
+                                                double sf_b1, std::optional<at::ScalarType> state_dtype,
+                                                double weight_decay, std::optional<bool> use_adamc,
+                                                const ScheduleFreePlusKnobs& knobs, double lr_max_init) {
+  const bool plus = knobs.schedule_free_plus();
+  const bool adamc = use_adamc.value_or(plus);
   ScheduleFreeWithSchedule result;
-  result.optimizer =
-      std::make_shared<ScheduleFree>(base, ScheduleFreeOptions()
-                                               .b1(config.sf_b1())
-                                               .weighting_mode(config.weighting_mode())
-                                               .weight_decay_at_y(config.use_adamc() ? 0.0 : config.weight_decay())
-                                               .adamc_weight_decay(config.use_adamc() ? config.weight_decay() : 0.0)
-                                               .state_dtype(config.state_dtype()));
+  result.optimizer = std::make_shared<ScheduleFree>(base, ScheduleFreeOptions()
+                                                              .b1(sf_b1)
+                                                              .weighting_mode(weighting_mode)
+                                                              .r(knobs.sf_r())
+                                                              .weight_lr_power(knobs.sf_weight_lr_power())
+                                                              .use_lr_max(knobs.sf_use_lr_max().value_or(plus))
+                                                              .c_warmup(knobs.sf_c_warmup())
+                                                              .b1_anneal_steps(knobs.sf_b1_anneal_steps())
+                                                              .b1_max(knobs.sf_b1_max())
+                                                              .weight_decay_at_y(adamc ? 0.0 : weight_decay)
+                                                              .adamc_weight_decay(adamc ? weight_decay : 0.0)
+                                                              .state_dtype(state_dtype)
+                                                              .lr_max_init(lr_max_init)
+                                                              .polyak(knobs.polyak().value_or(plus))
+                                                              .polyak_beta(knobs.polyak_beta())
+                                                              .polyak_f_star(knobs.polyak_f_star()));
   result.scheduler = std::make_unique<schedules::WSD>(result.optimizer->base(), std::move(schedule));
   return result;
+}
+
+ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                             ScheduleFreeAdamWConfig config) {
+  const bool plus = config.sf_plus().schedule_free_plus();
+  auto base = std::make_shared<AdamW>(
+      std::move(params),
+      AdamWOptions(lr)
+          .betas(std::make_tuple(config.b1().value_or(plus ? 0.9 : 0.0), config.b2().value_or(plus ? 0.95 : 0.999)))
+          .eps(config.eps())
+          .weight_decay(0.0)
+          .state_dtype(config.state_dtype()));
+  return schedule_free_with_wsd(base, std::move(schedule), config.weighting_mode(), config.sf_b1(),
+                                config.state_dtype(), config.weight_decay(), config.use_adamc(), config.sf_plus(),
+                                /*lr_max_init=*/config.eps());
+}
+
+ScheduleFreeWithSchedule schedule_free_prism(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                             ScheduleFreePrismConfig config) {
+  const bool plus = config.sf_plus().schedule_free_plus();
+  PRISMOptions options = config.prism();
+  options.lr(lr)
+      .b1(config.prism_b1())
+      .nesterov(false)
+      .weight_decay(0.0)
+      .mu_dtype(config.state_dtype())
+      .use_magma(false)
+      .use_prism(std::nullopt)
+      .adam_lr(std::nullopt)
+      .initial_lr(std::nullopt)
+      .adam_betas(
+          std::make_tuple(config.adam_b1().value_or(plus ? 0.9 : 0.0), config.adam_b2().value_or(plus ? 0.95 : 0.999)))
+      .adam_eps(config.adam_eps());
+  std::vector<at::Tensor> matrices, others;
+  for (auto& p : params) {
+    (p.dim() == 2 ? matrices : others).push_back(p);
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!matrices.empty()) {
+    groups.emplace_back(matrices, std::make_unique<PRISMOptions>(options));
+  }
+  if (!others.empty()) {
+    // Its own group at its own peak lr: the fallback's WSD and SF weights.
+    PRISMOptions fallback = options;
+    fallback.lr(config.adam_lr().value_or(lr)).use_prism(false);
+    groups.emplace_back(others, std::make_unique<PRISMOptions>(fallback));
+  }
+  auto base = std::make_shared<PRISM>(groups, options);
+  return schedule_free_with_wsd(base, std::move(schedule), config.weighting_mode(), config.sf_b1(),
+                                config.state_dtype(), config.weight_decay(), config.use_adamc(), config.sf_plus());
 }
 
 }  // namespace torchopt_ext::optim

@@ -98,10 +98,10 @@ def _op_call_of(opt):
     else:
         lists = [[] for _ in range(len(signature) - 4)]
     opt._init_group(group, params, grads, steps, *lists)
-    state_lists = lists[: len(opt._state_keys)]
+    op, state_lists, extra = opt._op_for(group, lists[: len(opt._state_keys)])
     args = (params, grads, *state_lists, steps, torch.tensor(group["lr"], dtype=torch.float64))
-    kwargs = dict(opt._op_kwargs(group), stochastic_rounding=group["stochastic_rounding"], seed=group["seed"])
-    return getattr(torch.ops.torchopt_ext, opt._op).default, args, kwargs
+    kwargs = dict(opt._op_kwargs(group), stochastic_rounding=group["stochastic_rounding"], seed=group["seed"], **extra)
+    return getattr(torch.ops.torchopt_ext, op).default, args, kwargs
 
 
 @pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
@@ -123,4 +123,6 @@ def test_every_registered_op_is_covered():
         if name.startswith("torchopt_ext::") and name.endswith("_step_")
     }
     covered = {getattr(tox, name)._op for name in ALL_OPTIMIZERS}
+    # Adam/AdamW with use_magma=True (opcheck in test_magma_adam.py).
+    covered.add("adam_magma_step_")
     assert registered == covered

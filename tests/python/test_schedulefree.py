@@ -160,6 +160,8 @@ WEIGHTING_CASES = {
     "c_warmup": dict(weighting_mode="practical", c_warmup=3),
     "b1_anneal": dict(weighting_mode="schedulet", b1_anneal_steps=10, b1_max=0.99),
     "adamc": dict(weighting_mode="practical", adamc_weight_decay=0.5),
+    # lr_max starts above every lr of the schedule: the weights stay constant.
+    "lr_max_init": dict(weighting_mode="practical", use_lr_max=True, lr_max_init=0.5),
 }
 
 
@@ -534,3 +536,237 @@ def test_schedule_free_adamw_convenience_matches_spec_with_wsd(use_adamc):
     opt.eval()
     for p, x in zip(params, ref.x()):
         torch.testing.assert_close(p, x, rtol=1e-10, atol=1e-12)
+
+
+# -- Schedule-Free+ Polyak scalar ------------------------------------------------
+
+POLYAK_CASES = {
+    "plain": dict(polyak=True),
+    "ema_fstar": dict(polyak=True, polyak_beta=0.9, polyak_f_star=0.25),
+    "anneal_adamc": dict(polyak=True, polyak_beta=0.5, b1_anneal_steps=6, b1_max=0.99, adamc_weight_decay=0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POLYAK_CASES))
+def test_polyak_matches_spec_reference(case):
+    dtype = torch.float64
+    base_lr = 0.05
+    torch.manual_seed(4)
+    ps = make_params(WRAPPER_SHAPES, dtype)
+    ref = ScheduleFreeSGDReference(ps, lr=lambda k: base_lr * _lr_factor(k), **POLYAK_CASES[case])
+    ours = tox.ScheduleFree(torch.optim.SGD(ps, lr=base_lr), **POLYAK_CASES[case])
+    sched = torch.optim.lr_scheduler.LambdaLR(ours, _lr_factor)
+    rhos = []
+    for k in range(STEPS):
+        grads = [torch.randn_like(p) for p in ps]
+        loss = 1.0 + 0.5 * math.sin(k)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        if k % 2:
+            ours.step(loss=torch.tensor(loss, dtype=torch.float64))
+        else:
+            ours.step(lambda loss=loss: loss)  # closure form
+        ref.step(grads, loss=loss)
+        sched.step()
+        rhos.append(ours.polyak_state[2].item())
+        assert rhos[-1] == pytest.approx(ref.rho, rel=1e-12)
+        for p, y in zip(ps, ref.y):
+            torch.testing.assert_close(p, y, rtol=1e-12, atol=1e-12)
+        # The base lr is the scheduler's again after the step.
+        assert ours.param_groups[0]["lr"] == pytest.approx(base_lr * _lr_factor(k + 1), rel=1e-15)
+    ours.eval()
+    for p, x in zip(ps, ref.x()):
+        torch.testing.assert_close(p, x, rtol=1e-12, atol=1e-12)
+    assert len(set(round(r, 9) for r in rhos)) > STEPS // 2  # rho really varies (not stuck at 1)
+    state = ours.param_groups[0]["sf_state"]
+    assert state[2].item() == pytest.approx(ref.lr_max, rel=1e-14)
+    assert state[1].item() == pytest.approx(ref.weight_sum, rel=1e-12)
+
+
+def test_polyak_rho_is_zero_below_f_star_and_freezes_z():
+    p = torch.randn(6, dtype=torch.float64)
+    opt = tox.ScheduleFree(torch.optim.SGD([p], lr=0.1), polyak=True, polyak_f_star=10.0)
+    p.grad = torch.randn(6, dtype=torch.float64)
+    before = p.clone()
+    opt.step(loss=1.0)  # f - f* < 0 and z = y at the first step: rho = 0
+    assert opt.polyak_state[2].item() == 0.0
+    assert torch.equal(p, before)
+
+
+def test_polyak_needs_the_loss():
+    p = torch.randn(3)
+    opt = tox.ScheduleFree(torch.optim.SGD([p], lr=0.1), polyak=True)
+    p.grad = torch.randn(3)
+    with pytest.raises(ValueError, match="needs the loss"):
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_polyak_checkpoint_resumes_bitwise_in_both_modes(mode):
+    torch.manual_seed(8)
+    shapes = [(5, 3), (4,)]
+    params = make_params(shapes, torch.float32)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(12)]
+
+    def make(ps):
+        return tox.ScheduleFree(tox.AdamW(ps, lr=1e-2), polyak=True, polyak_beta=0.8, b1_anneal_steps=4)
+
+    def run(opt, ps, gs, start):
+        for k, g in enumerate(gs):
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step(loss=2.0 + start + k)
+
+    opt = make(params)
+    run(opt, params, grads[:6], 0)
+    if mode == "eval":
+        opt.eval()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    opt.train()
+    run(opt, params, grads[6:], 6)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_params = [p.clone() for p in saved["params"]]
+    resumed = make(resumed_params)
+    resumed.load_state_dict(saved["opt"])
+    assert torch.equal(resumed.polyak_state, saved["opt"]["polyak_state"])
+    resumed.train()
+    run(resumed, resumed_params, grads[6:], 6)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
+    assert torch.equal(opt.polyak_state, resumed.polyak_state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(polyak_beta=1.0), "polyak_beta"),
+        (dict(polyak_eps=0.0), "polyak_eps"),
+        (dict(lr_max_init=-1.0), "lr_max_init"),
+        (dict(polyak_f_star=float("nan")), "polyak_f_star"),
+    ],
+)
+def test_wrapper_rejects_bad_sf_plus_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tox.ScheduleFree(torch.optim.SGD([torch.randn(2)], lr=0.1), **kwargs)
+
+
+def test_polyak_op_passes_opcheck():
+    params = [torch.randn(3, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    args = (
+        params,
+        [torch.randn_like(p) for p in params],
+        [p + 0.1 for p in params],
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64),
+        torch.tensor(1.5),
+        torch.tensor([2.0, 0.1, 0.1, 0.9], dtype=torch.float64),
+    )
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.schedulefree_polyak_.default,
+        args,
+        dict(b1=0.9, polyak_beta=0.5),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+# -- schedule_free_prism -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_adamc", [False, True])
+def test_schedule_free_prism_convenience_matches_spec(use_adamc):
+    # rollfast's schedule_free_prism: PRISM(b1 = 0, no Nesterov) with an AdamW
+    # fallback (b1 = 0) at its own peak lr, one WSD shape for both groups, the
+    # wrapper weighting and decaying each group with its own lr. References:
+    # the float64 PRISM branch (run at lr 1 on stand-ins to get clip(O)),
+    # AdamW's direction written out, and one float64 wrapper per group.
+    from reference.prism import PrismReference
+
+    torch.manual_seed(6)
+    shapes, total, lr, adam_lr, wd, b2, eps = [(6, 4), (5,), (4, 6), ()], 24, 0.02, 0.005, 0.1, 0.999, 1e-8
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    opt, sched = tox.schedule_free_prism(
+        params,
+        lr,
+        total,
+        decay_fraction=0.25,
+        weight_decay=wd,
+        adam_lr=adam_lr,
+        use_adamc=use_adamc,
+        ns_dtype=torch.float64,
+    )
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr * sched.lr_factor(0), adam_lr * sched.lr_factor(0)])
+    mats = [i for i, p in enumerate(params) if p.dim() == 2]
+    vecs = [i for i, p in enumerate(params) if p.dim() != 2]
+    decay = dict(adamc_weight_decay=wd if use_adamc else 0.0)
+    ref_m = ScheduleFreeSGDReference([params[i] for i in mats], lr=lambda k: lr * sched.lr_factor(k), **decay)
+    ref_v = ScheduleFreeSGDReference([params[i] for i in vecs], lr=lambda k: adam_lr * sched.lr_factor(k), **decay)
+    stand_ins = [torch.zeros(shapes[i], dtype=torch.float64) for i in mats]
+    prism = PrismReference(stand_ins, lr=1.0, b1=0.0, nesterov=False)
+    v = [torch.zeros(shapes[i], dtype=torch.float64) for i in vecs]
+    for k in range(total):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        before = [t.clone() for t in stand_ins]
+        for t, i in zip(stand_ins, mats):
+            t.grad = grads[i].clone()
+        prism.step()
+        dir_m = [b - t for b, t in zip(before, stand_ins)]
+        dir_v = []
+        for j, i in enumerate(vecs):
+            v[j] = b2 * v[j] + (1 - b2) * grads[i] * grads[i]
+            dir_v.append(grads[i] / (v[j].sqrt() / math.sqrt(1 - b2 ** (k + 1)) + eps))
+        if not use_adamc:
+            dir_m = [d + wd * y for d, y in zip(dir_m, ref_m.y)]
+            dir_v = [d + wd * y for d, y in zip(dir_v, ref_v.y)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+        ref_m.step(dir_m)
+        ref_v.step(dir_v)
+    for i, y in zip(mats + vecs, ref_m.y + ref_v.y):
+        torch.testing.assert_close(params[i], y, rtol=1e-10, atol=1e-12)
+    opt.eval()
+    for i, x in zip(mats + vecs, ref_m.x() + ref_v.x()):
+        torch.testing.assert_close(params[i], x, rtol=1e-10, atol=1e-12)
+
+
+def test_sf_plus_knobs_inherit_schedule_free_plus():
+    ps = [torch.randn(4, 3), torch.randn(3)]
+    opt, _ = tox.schedule_free_prism(ps, 0.01, 10, schedule_free_plus=True, weight_decay=0.1)
+    assert opt.defaults["polyak"] and opt.defaults["use_lr_max"]
+    assert opt.defaults["adamc_weight_decay"] == 0.1 and opt.defaults["weight_decay_at_y"] == 0.0
+    assert opt.base_optimizer.param_groups[1]["adam_betas"] == (0.9, 0.95)
+    opt, _ = tox.schedule_free_prism(ps, 0.01, 10, schedule_free_plus=True, polyak=False, use_adamc=False)
+    assert not opt.defaults["polyak"] and opt.defaults["use_lr_max"] and opt.defaults["adamc_weight_decay"] == 0.0
+    opt, _ = tox.schedule_free_adamw(ps, 0.01, 10, schedule_free_plus=True, sf_b1_anneal_steps=5)
+    assert opt.base_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.defaults["b1_anneal_steps"] == 5 and opt.defaults["lr_max_init"] == 1e-8
+    plain, _ = tox.schedule_free_adamw(ps, 0.01, 10)
+    assert plain.base_optimizer.param_groups[0]["betas"] == (0.0, 0.999) and not plain.defaults["polyak"]
+
+
+def test_schedule_free_prism_polyak_runs_with_the_loss():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, target = torch.randn(32, 5), torch.randn(32, 1)
+    opt, sched = tox.schedule_free_prism(model.parameters(), 0.02, 20, schedule_free_plus=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    for _ in range(20):
+        opt.step(closure)
+        sched.step()
+    opt.eval()
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(model(x), target).item() < first
+    assert opt.polyak_state[1].item() == 20
+
+
+def test_schedule_free_prism_rejects_what_it_sets():
+    with pytest.raises(TypeError, match="nesterov"):
+        tox.schedule_free_prism([torch.randn(3, 3)], 0.01, 10, nesterov=True)

@@ -1,5 +1,6 @@
 """The generic Schedule-Free wrapper in float64, written from rollfast.md §4.2
-with rho = 1 (no Polyak), over plain SGD (delta = -gamma * g) as the base."""
+(with the SF+ Polyak scalar rho of step 3 when polyak=True, else rho = 1),
+over plain SGD (delta = -gamma_eff * g) as the base."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ class ScheduleFreeSGDReference:
         b1_anneal_steps=0,
         b1_max=0.965,
         adamc_weight_decay=0.0,
+        lr_max_init=1e-8,
+        polyak=False,
+        polyak_beta=0.0,
+        polyak_f_star=0.0,
+        polyak_eps=1e-30,
     ):
         self.y = [p.detach().double().clone() for p in params]
         self.z = [p.clone() for p in self.y]
@@ -36,11 +42,18 @@ class ScheduleFreeSGDReference:
             anneal=b1_anneal_steps,
             b1_max=b1_max,
             adamc=adamc_weight_decay,
+            polyak=polyak,
+            polyak_beta=polyak_beta,
+            f_star=polyak_f_star,
+            polyak_eps=polyak_eps,
         )
         self.k = 0
         self.weight_sum = 0.0
-        self.lr_max = 0.0
+        self.lr_max = lr_max_init
         self.b1 = b1
+        self.g1_ema = 0.0
+        self.polyak_count = 0
+        self.rho = 1.0
 
     def _beta_next(self) -> float:
         c = self.cfg
@@ -49,11 +62,22 @@ class ScheduleFreeSGDReference:
         frac = min((self.k + 1) / c["anneal"], 1.0)
         return 1.0 - math.exp((1 - frac) * math.log(1 - c["b1"]) + frac * math.log(1 - c["b1_max"]))
 
-    def step(self, grads):
+    def step(self, grads, loss=None):
         c = self.cfg
         gamma = self.lr(self.k)
         beta_prev = max(self.b1, 1e-8)
         beta_next = self._beta_next()
+        rho = 1.0
+        if c["polyak"]:
+            inner = sum(float((g.double() * (z - y)).sum()) for g, y, z in zip(grads, self.y, self.z))
+            l1 = sum(float(g.double().abs().sum()) for g in grads)
+            self.polyak_count += 1
+            b = c["polyak_beta"]
+            self.g1_ema = b * self.g1_ema + (1 - b) * math.sqrt(math.pi / 2) * l1
+            g1_hat = self.g1_ema / (1 - b**self.polyak_count)
+            rho = max(0.0, float(loss) - c["f_star"] + (beta_next / beta_prev) * inner) / max(g1_hat, c["polyak_eps"])
+            self.rho = rho
+        gamma = rho * gamma
         self.lr_max = max(self.lr_max, gamma)
         g_hat = self.lr_max if (c["use_lr_max"] or c["mode"] == "power") else gamma
         w = {"schedulet": g_hat, "practical": g_hat ** c["p"], "power": g_hat ** c["p"], "theoretical": 1.0}[c["mode"]]

@@ -11,7 +11,14 @@ from .nadamw import NAdamW
 from .prism import PRISM
 from .qhadamw import QHAdamW
 from .radam import RAdam
-from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD, schedule_free_adamw
+from .schedulefree import (
+    ScheduleFree,
+    ScheduleFreeAdamW,
+    ScheduleFreeSGD,
+    schedule_free_adamw,
+    schedule_free_prism,
+    schedule_free_with_wsd,
+)
 from .sgd import SGD
 from .soap import SOAP
 from .sophia import SophiaG, SophiaH
@@ -34,6 +41,8 @@ __all__ = [
     "ScheduleFreeSGD",
     "ScheduleFree",
     "schedule_free_adamw",
+    "schedule_free_prism",
+    "schedule_free_with_wsd",
     "SophiaH",
     "SophiaG",
 ]

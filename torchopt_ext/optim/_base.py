@@ -74,6 +74,20 @@ def check_adam_like(group: dict[str, Any]) -> None:
     check_state_dtype(group["state_dtype"])
 
 
+# XOR-ed into the seed of a matrix optimizer's AdamW fallback when Magma is
+# on, so its keep/drop draws (keyed by tensor index within an op call) are
+# independent of the matrix branch's. Same constant in C++
+# (common::kMagmaFallbackSeedSalt).
+MAGMA_FALLBACK_SEED_SALT = 0x2545F4914F6CDD1D
+
+
+def check_magma(group: dict[str, Any]) -> None:
+    """Magma options (rollfast.md §5) of a param group that offers them."""
+    check_range("magma_p value", group["magma_p"], 0.0, 1.0, high_inclusive=True)
+    if not group["magma_tau"] > 0:
+        raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (writes to it land in the DTensor), else t."""
     if DTensor is not None and isinstance(t, DTensor):
@@ -166,21 +180,20 @@ def adamw_fallback_step(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    magma_scores: Optional[list[torch.Tensor]] = None,
+    magma_p: float = 0.5,
+    magma_tau: float = 2.0,
     **extra: Any,
 ) -> None:
     """The AdamW branch of the matrix optimizers (MARS's 1-D branch, Muon's
-    fallback): ``adam_step_`` with decoupled decay and no amsgrad. ``extra``
-    carries the rounding and AMP keyword arguments."""
+    and PRISM's fallback): ``adam_step_`` with decoupled decay and no amsgrad,
+    or ``adam_magma_step_`` when ``magma_scores`` is given (rollfast masks
+    every leaf, fallback included; the caller salts the seed with
+    ``MAGMA_FALLBACK_SEED_SALT`` so these draws are not the matrix branch's).
+    ``extra`` carries the rounding and AMP keyword arguments."""
     if not params:
         return
-    torch.ops.torchopt_ext.adam_step_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        [],
-        state_steps,
-        lr,
+    kwargs = dict(
         beta1=betas[0],
         beta2=betas[1],
         eps=eps,
@@ -190,6 +203,22 @@ def adamw_fallback_step(
         maximize=maximize,
         **extra,
     )
+    if magma_scores is not None:
+        torch.ops.torchopt_ext.adam_magma_step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            magma_scores,
+            state_steps,
+            lr,
+            magma_p=magma_p,
+            magma_tau=magma_tau,
+            **kwargs,
+        )
+        return
+    torch.ops.torchopt_ext.adam_step_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, lr, **kwargs)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -304,25 +333,34 @@ class FusedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = self._run_closure(closure)
         amp = self._amp_args()
-        op = getattr(torch.ops.torchopt_ext, self._op)
         for group in self.param_groups:
             params, grads, state_steps = [], [], []
             state_lists = [[] for _ in self._state_keys]
             self._init_group(group, params, grads, state_steps, *state_lists)
             if not params:
                 continue
-            op(
-                params,
-                grads,
-                *state_lists,
-                state_steps,
-                lr_tensor(group),
-                **self._rounding_args(group),
-                **self._op_kwargs(group),
-                **amp,
-            )
+            self._run_op(group, params, grads, state_lists, state_steps, amp)
             self._whole_tensors.write_back()
         return loss
+
+    def _op_for(self, group: dict[str, Any], state_lists: list) -> tuple[str, list, dict[str, Any]]:
+        """The op a group's step calls, the state lists it takes and extra
+        keyword arguments (a subclass may pick another op per group)."""
+        return self._op, state_lists, {}
+
+    def _run_op(self, group, params, grads, state_lists, state_steps, amp) -> None:
+        name, op_state_lists, extra = self._op_for(group, state_lists)
+        getattr(torch.ops.torchopt_ext, name)(
+            params,
+            grads,
+            *op_state_lists,
+            state_steps,
+            lr_tensor(group),
+            **self._rounding_args(group),
+            **self._op_kwargs(group),
+            **extra,
+            **amp,
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]

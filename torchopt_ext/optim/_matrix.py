@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._base import FusedOptimizer, adamw_fallback_step, is_dtensor, local, lr_tensor
+from ._base import MAGMA_FALLBACK_SEED_SALT, FusedOptimizer, adamw_fallback_step, is_dtensor, local, lr_tensor
 from ._ownership import OwnershipPlan
 
 _DISTRIBUTED_MODES = ("owner", "replicated", "gather")
@@ -102,6 +102,12 @@ class MatrixOptimizer(FusedOptimizer):
         matrices = [p for p in group["params"] if p.grad is not None and self._is_matrix(group, p)]
         if self._distributed_mode == "owner" and not any(is_dtensor(p) for p in matrices):
             return None  # plain tensors: the single-process step (torch.compile sees only this)
+        if group["use_magma"] and any(
+            is_dtensor(p) and p.grad is not None and not self._is_matrix(group, p) for p in group["params"]
+        ):
+            # The Magma-masked AdamW fallback needs whole-tensor cosines, which the
+            # ownership path's local shards do not give: gather this group.
+            return None
         if self._distributed_mode == "replicated":
             import torch.distributed as dist
 
@@ -152,6 +158,7 @@ class MatrixOptimizer(FusedOptimizer):
         steps_adam,
         exp_avgs,
         exp_avg_sqs,
+        magma_scores_adam,
     ):
         self._prepare_group(group)
         name = type(self).__name__
@@ -182,9 +189,28 @@ class MatrixOptimizer(FusedOptimizer):
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
                     out.append(local(state[key]))
+                if group["use_magma"]:
+                    if "magma_score" not in state:
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                    magma_scores_adam.append(state["magma_score"])
                 params_adam.append(local(p))
                 grads_adam.append(local(p.grad))
                 steps_adam.append(state["step"])
+
+    @staticmethod
+    def _fallback_magma(group: dict[str, Any], scores: list, rounding: dict[str, Any]) -> dict[str, Any]:
+        """Rounding and Magma arguments of the AdamW fallback: rollfast masks
+        every leaf, so with ``use_magma`` the fallback is masked too, with
+        its own draws (salted seed; this also moves its rounding stream)."""
+        if not group["use_magma"]:
+            return rounding
+        return dict(
+            rounding,
+            seed=rounding["seed"] ^ MAGMA_FALLBACK_SEED_SALT,
+            magma_scores=scores,
+            magma_p=group["magma_p"],
+            magma_tau=group["magma_tau"],
+        )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -192,7 +218,7 @@ class MatrixOptimizer(FusedOptimizer):
         amp = self._amp_args()
         op = getattr(torch.ops.torchopt_ext, self._op)
         for group in self.param_groups:
-            lists = [[] for _ in range(10)]
+            lists = [[] for _ in range(11)]
             plan = self._ownership_plan(group)
             self._local_only = plan is not None
             try:
@@ -200,7 +226,7 @@ class MatrixOptimizer(FusedOptimizer):
             finally:
                 self._local_only = False
             params, grads, state_steps, moments, magma_scores = lists[:5]
-            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs = lists[5:]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs, magma_scores_adam = lists[5:]
             lr = lr_tensor(group)
             rounding = self._rounding_args(group)
             if params:
@@ -224,7 +250,7 @@ class MatrixOptimizer(FusedOptimizer):
                 eps=group["adam_eps"],
                 weight_decay=self._adam_weight_decay(group),
                 maximize=group["maximize"],
-                **rounding,
+                **self._fallback_magma(group, magma_scores_adam, rounding),
                 **amp,
             )
         return loss

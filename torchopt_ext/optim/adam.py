@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, draw_seed
+from ._base import FusedOptimizer, check_adam_like, check_magma, draw_seed
 
 
 class Adam(FusedOptimizer):
@@ -17,10 +17,24 @@ class Adam(FusedOptimizer):
     params are rounded stochastically after each update) and ``seed`` (its
     random stream; default drawn from torch's generator). Weight decay is
     coupled (added to the gradient) unless ``decoupled_weight_decay=True``.
+
+    Magma (``use_magma``, ``magma_p``, ``magma_tau``; rollfast.md §5, defaults
+    False / 0.5 / 2.0): per param tensor and step, the cosine between the raw
+    gradient (negated with ``maximize``) and ``exp_avg`` after this step's
+    update (no bias correction) smooths a score ``s <- 0.9 s + 0.1
+    sigmoid(cos / tau)`` (fp32 state ``magma_score``, 0.5 at first), and a
+    Bernoulli(p) draw ``z`` from a counter-based hash of (``seed``, tensor
+    index in the group, step) keeps or drops the tensor's update: the whole
+    update, decoupled decay included, is scaled by ``z * s`` (no 1/p
+    rescaling: expect ~0.25x attenuation, rollfast suggests ~4x the lr). The
+    moments are updated every step. With coupled decay (Adam) the decay is
+    already inside the moments. One fused op (``adam_magma_step_``);
+    ``use_magma=False`` runs the plain ``adam_step_`` kernel.
     """
 
     _op = "adam_step_"
-    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "magma_score")
+    _scalar_state_keys = ("magma_score",)
 
     def __init__(
         self,
@@ -36,6 +50,9 @@ class Adam(FusedOptimizer):
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        use_magma: bool = False,
+        magma_p: float = 0.5,
+        magma_tau: float = 2.0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -47,15 +64,31 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
-            seed=draw_seed(seed, stochastic_rounding),
+            seed=draw_seed(seed, stochastic_rounding or use_magma),
+            use_magma=use_magma,
+            magma_p=magma_p,
+            magma_tau=magma_tau,
         )
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_adam_like(group)
+        check_magma(group)
 
     def _uses_state(self, group: dict[str, Any], key: str) -> bool:
+        if key == "magma_score":
+            return group["use_magma"]
         return key != "max_exp_avg_sq" or group["amsgrad"]
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        if key == "magma_score":
+            return torch.full((), 0.5, dtype=torch.float32)
+        return super()._new_state(p, group, key)
+
+    def _op_for(self, group: dict[str, Any], state_lists: list) -> tuple[str, list, dict[str, Any]]:
+        if group["use_magma"]:
+            return "adam_magma_step_", state_lists, {"magma_p": group["magma_p"], "magma_tau": group["magma_tau"]}
+        return "adam_step_", state_lists[:3], {}
 
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return group["decoupled_weight_decay"]

@@ -12,7 +12,8 @@ from .adam import Adam
 class AdamW(Adam):
     """Drop-in for ``torch.optim.AdamW`` (weight_decay=1e-2, applied as
     ``p *= 1 - lr * weight_decay`` before the update). Extra arguments as in
-    :class:`torchopt_ext.optim.Adam`."""
+    :class:`torchopt_ext.optim.Adam`, Magma included (the decoupled decay is
+    part of the masked update: a dropped step also skips the decay)."""
 
     def __init__(
         self,
@@ -27,6 +28,9 @@ class AdamW(Adam):
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        use_magma: bool = False,
+        magma_p: float = 0.5,
+        magma_tau: float = 2.0,
     ) -> None:
         super().__init__(
             params,
@@ -40,6 +44,9 @@ class AdamW(Adam):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            use_magma=use_magma,
+            magma_p=magma_p,
+            magma_tau=magma_tau,
         )
 
     def _decoupled(self, group: dict[str, Any]) -> bool:

@@ -68,7 +68,8 @@ class Muon(MatrixOptimizer):
     ``z ~ Bernoulli(p)`` drawn per tensor and step from a counter-based hash of
     ``seed`` (drawn from torch's generator when None), so runs repeat and all
     ranks agree. Expect ~0.25x attenuation with the defaults (rollfast suggests
-    ~4x the lr). The AdamW fallback is not masked. State keys follow
+    ~4x the lr). The AdamW fallback is masked too, as rollfast masks every
+    leaf (Magma of :class:`AdamW`, its own draws). State keys follow
     torch: ``momentum_buffer`` (plus ``step``), and ``exp_avg``/``exp_avg_sq``
     for AdamW-routed params.
     """

@@ -77,7 +77,8 @@ class PRISM(MatrixOptimizer):
     NaN norm as no spike), as rollfast. Magma (``use_magma``, ``magma_p``,
     ``magma_tau``) as in :class:`Muon`, with the decay folded in. State keys:
     ``mu`` (+ ``magma_score``) for PRISM params, ``exp_avg`` / ``exp_avg_sq``
-    for AdamW ones, and ``step``.
+    (+ ``magma_score``: the fallback is masked too, rollfast §3.4) for AdamW
+    ones, and ``step``.
     """
 
     _op = "prism_step_"

@@ -18,6 +18,8 @@ the two are the same apart from that check).
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -261,7 +263,22 @@ class ScheduleFree(torch.optim.Optimizer):
     always weights with ``lr_max^2``, i.e. ``"practical"`` with
     ``use_lr_max=True``; the default here follows rollfast and weights by the
     *current* lr squared, so steps taken at a decayed lr count less.
-    ``b1_anneal_steps > 0`` moves ``1 - b1`` log-linearly to ``1 - b1_max``.
+    ``b1_anneal_steps > 0`` moves ``1 - b1`` log-linearly to ``1 - b1_max``
+    (``frac = min((k+1) / b1_anneal_steps, 1)``). ``lr_max`` starts at
+    ``lr_max_init`` (rollfast's 1e-8).
+
+    Schedule-Free+ Polyak scalar (``polyak=True``; rollfast.md §4.2 step 3):
+    ``rho = max(0, f - polyak_f_star + (b1_next / b1_prev) <g, z - y>) /
+    max(g1, polyak_eps)`` with ``f`` the loss at y (from ``step(closure)`` or
+    ``step(loss=...)``), ``g1`` the bias-corrected EMA (``polyak_beta``) of
+    ``sqrt(pi/2) ||g||_1``, both sums over every param of the wrapper. The
+    step then uses ``gamma_eff = rho * gamma`` everywhere: the base optimizer
+    steps with its groups' lr scaled by rho for this step (so
+    ``z_{k+1} = z_k + rho * delta_k`` exactly when the base update is linear in
+    lr, as for every optimizer here and in torch.optim), and ``lr_max``, the
+    weights and AdamC use ``gamma_eff``. The Polyak state
+    ``[g1 EMA, count, rho]`` is in ``state_dict``. ``rho`` is read on the host
+    to scale the lr (CPU tensors: no device sync).
     ``weight_decay_at_y`` (the package's) and ``adamc_weight_decay`` (AdamC:
     ``z -= lr^2 * lambda * y``) decay z towards zero at y; give the base
     optimizer no weight decay of its own when using them.
@@ -293,6 +310,12 @@ class ScheduleFree(torch.optim.Optimizer):
         weight_decay_at_y: float = 0.0,
         adamc_weight_decay: float = 0.0,
         state_dtype: Optional[torch.dtype] = None,
+        *,
+        lr_max_init: float = 1e-8,
+        polyak: bool = False,
+        polyak_beta: float = 0.0,
+        polyak_f_star: float = 0.0,
+        polyak_eps: float = 1e-30,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -312,8 +335,16 @@ class ScheduleFree(torch.optim.Optimizer):
         check_non_negative("weight_decay_at_y", weight_decay_at_y)
         check_non_negative("adamc_weight_decay", adamc_weight_decay)
         check_state_dtype(state_dtype)
+        check_non_negative("lr_max_init", lr_max_init)
+        check_range("polyak_beta", polyak_beta, 0.0, 1.0)
+        if not polyak_eps > 0:
+            raise ValueError(f"Invalid polyak_eps: must be > 0, got {polyak_eps}")
+        if not math.isfinite(polyak_f_star):
+            raise ValueError(f"Invalid polyak_f_star: must be finite, got {polyak_f_star}")
         self.base_optimizer = base_optimizer
         self.train_mode = True
+        # [g1 EMA, count, rho] of the Polyak scalar (SF+).
+        self.polyak_state = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
         defaults = dict(
             b1=b1,
             weighting_mode=weighting_mode.lower(),
@@ -326,6 +357,11 @@ class ScheduleFree(torch.optim.Optimizer):
             weight_decay_at_y=weight_decay_at_y,
             adamc_weight_decay=adamc_weight_decay,
             state_dtype=state_dtype,
+            lr_max_init=lr_max_init,
+            polyak=polyak,
+            polyak_beta=polyak_beta,
+            polyak_f_star=polyak_f_star,
+            polyak_eps=polyak_eps,
         )
         # torch.optim.Optimizer.__init__ sets up the hooks; the groups stay the
         # base optimizer's (see the param_groups property), so it is given none.
@@ -354,7 +390,8 @@ class ScheduleFree(torch.optim.Optimizer):
     def _sf_state(self, group: dict[str, Any]) -> torch.Tensor:
         if "sf_state" not in group:
             # [k, weight sum, lr_max, b1 used to form y]
-            group["sf_state"] = torch.tensor([0.0, 0.0, 0.0, self.defaults["b1"]], dtype=torch.float64)
+            lr_max = self.defaults.get("lr_max_init", 0.0)
+            group["sf_state"] = torch.tensor([0.0, 0.0, lr_max, self.defaults["b1"]], dtype=torch.float64)
         return group["sf_state"]
 
     def _active(self, group: dict[str, Any], create: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -379,23 +416,53 @@ class ScheduleFree(torch.optim.Optimizer):
             return lr.detach().to(device="cpu", dtype=torch.float64).reshape(())
         return torch.tensor(lr, dtype=torch.float64)
 
+    def _polyak_rho(self, loss: Any, active: list) -> float:
+        """Runs the Polyak op over every active param and returns rho."""
+        if loss is None:
+            raise ValueError("ScheduleFree(polyak=True).step() needs the loss: pass a closure or loss=")
+        opts = self.defaults
+        loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+        params = [p for ps, _ in active for p in ps]
+        zs = [z for _, zs in active for z in zs]
+        # The same params, in the same order, as _active(create=True) took.
+        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        torch.ops.torchopt_ext.schedulefree_polyak_(
+            params,
+            grads,
+            zs,
+            self.polyak_state,
+            loss_t.to(device="cpu").reshape(()),
+            self._sf_state(self.param_groups[0]),
+            b1=opts["b1"],
+            b1_anneal_steps=opts["b1_anneal_steps"],
+            b1_max=opts["b1_max"],
+            f_star=opts["polyak_f_star"],
+            polyak_beta=opts["polyak_beta"],
+            polyak_eps=opts["polyak_eps"],
+        )
+        return float(self.polyak_state[2])
+
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss: Any = None) -> Any:
+        """One step. With ``polyak=True`` the loss at y is needed: from
+        ``closure`` or the ``loss`` argument (a float or one-element tensor)."""
         if not self.train_mode:
             raise RuntimeError(
                 "ScheduleFree.step() called in eval mode: the params hold the averaged point x; "
                 "call optimizer.train() before training steps"
             )
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         opts = self.defaults
         ops = torch.ops.torchopt_ext
+        active = [self._active(group, create=True) for group in self.param_groups]
+        rho = self._polyak_rho(loss, active) if opts.get("polyak") else None
         pending = []
-        for group in self.param_groups:
-            params, zs = self._active(group, create=True)
+        for group, (params, zs) in zip(self.param_groups, active):
             lr = self._lr_tensor(group)
+            if rho is not None:
+                lr = lr * rho
             sf_state = self._sf_state(group)
             ops.schedulefree_wrapper_pre_(
                 params,
@@ -406,7 +473,18 @@ class ScheduleFree(torch.optim.Optimizer):
                 adamc_weight_decay=opts["adamc_weight_decay"],
             )
             pending.append((params, zs, sf_state, lr))
-        self.base_optimizer.step()
+        if rho is None:
+            self.base_optimizer.step()
+        else:
+            # gamma_eff = rho * gamma for the base step too; restored after.
+            saved = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = group["lr"] * rho
+            try:
+                self.base_optimizer.step()
+            finally:
+                for group, lr in zip(self.param_groups, saved):
+                    group["lr"] = lr
         for params, zs, sf_state, lr in pending:
             ops.schedulefree_wrapper_post_(
                 params,
@@ -453,6 +531,7 @@ class ScheduleFree(torch.optim.Optimizer):
             "z": zs,
             "train_mode": self.train_mode,
             "options": dict(self.defaults),
+            "polyak_state": self.polyak_state.clone(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -470,6 +549,94 @@ class ScheduleFree(torch.optim.Optimizer):
                 group["sf_state"] = group["sf_state"].detach().to(device="cpu", dtype=torch.float64).clone()
         self.defaults.update(state_dict.get("options", {}))
         self.train_mode = bool(state_dict["train_mode"])
+        if "polyak_state" in state_dict:
+            self.polyak_state = state_dict["polyak_state"].detach().to(device="cpu", dtype=torch.float64).clone()
+
+
+def _inherit(value: Optional[bool], schedule_free_plus: bool) -> bool:
+    """rollfast's SF+ knobs: None means "as schedule_free_plus"."""
+    return schedule_free_plus if value is None else bool(value)
+
+
+def schedule_free_with_wsd(
+    base: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    decay_fraction: float = 0.1,
+    weighting_mode: str = "practical",
+    sf_b1: float = 0.9,
+    state_dtype: Optional[torch.dtype] = None,
+    weight_decay: float = 0.0,
+    *,
+    schedule_free_plus: bool = False,
+    sf_r: float = 0.0,
+    sf_c_warmup: int = 0,
+    sf_weight_lr_power: float = 2.0,
+    sf_use_lr_max: Optional[bool] = None,
+    polyak: Optional[bool] = None,
+    use_adamc: Optional[bool] = None,
+    sf_b1_anneal_steps: int = 0,
+    sf_b1_max: float = 0.965,
+    polyak_beta: float = 0.0,
+    polyak_f_star: float = 0.0,
+    lr_max_init: float = 1e-8,
+    **wsd_options: Any,
+) -> tuple[ScheduleFree, Any]:
+    """The part rollfast's convenience wrappers share (rollfast.md §4.4):
+    :class:`ScheduleFree` around ``base`` (built with no weight decay of its
+    own and its groups at their peak lrs) plus one
+    :class:`torchopt_ext.schedules.WSD` on the base's groups, so the schedule
+    drives the step size of every group and, through each group's lr, the
+    averaging weights. ``weight_decay`` acts at y (rollfast's
+    ``add_decayed_weights``: ``lr_group * wd * y`` per step) or, with
+    ``use_adamc``, as AdamC (``lr_group^2 * wd * y``). SF+ knobs:
+    ``sf_use_lr_max``, ``polyak`` and ``use_adamc`` default to
+    ``schedule_free_plus``. Returns ``(optimizer, scheduler)``; call
+    ``scheduler.step()`` after each ``optimizer.step()``."""
+    from ..schedules import WSD
+
+    adamc = _inherit(use_adamc, schedule_free_plus)
+    optimizer = ScheduleFree(
+        base,
+        b1=sf_b1,
+        weighting_mode=weighting_mode,
+        r=sf_r,
+        weight_lr_power=sf_weight_lr_power,
+        use_lr_max=_inherit(sf_use_lr_max, schedule_free_plus),
+        c_warmup=sf_c_warmup,
+        b1_anneal_steps=sf_b1_anneal_steps,
+        b1_max=sf_b1_max,
+        weight_decay_at_y=0.0 if adamc else weight_decay,
+        adamc_weight_decay=weight_decay if adamc else 0.0,
+        state_dtype=state_dtype,
+        lr_max_init=lr_max_init,
+        polyak=_inherit(polyak, schedule_free_plus),
+        polyak_beta=polyak_beta,
+        polyak_f_star=polyak_f_star,
+    )
+    scheduler = WSD(optimizer, total_steps, warmup_fraction, decay_fraction, **wsd_options)
+    return optimizer, scheduler
+
+
+_SF_PLUS_KNOBS = (
+    "schedule_free_plus",
+    "sf_r",
+    "sf_c_warmup",
+    "sf_weight_lr_power",
+    "sf_use_lr_max",
+    "polyak",
+    "use_adamc",
+    "sf_b1_anneal_steps",
+    "sf_b1_max",
+    "polyak_beta",
+    "polyak_f_star",
+)
+
+
+def _split_knobs(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SF+ knobs, the rest: WSD options)."""
+    knobs = {k: options.pop(k) for k in _SF_PLUS_KNOBS if k in options}
+    return knobs, options
 
 
 def schedule_free_adamw(
@@ -485,9 +652,7 @@ def schedule_free_adamw(
     b2: Optional[float] = None,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    *,
-    use_adamc: bool = False,
-    **wsd_options: Any,
+    **options: Any,
 ) -> tuple[ScheduleFree, Any]:
     """rollfast's ``schedule_free_adam`` for torch: Schedule-Free around AdamW
     with one WSD schedule driving both the step size and the averaging weights.
@@ -495,27 +660,123 @@ def schedule_free_adamw(
     Returns ``(optimizer, scheduler)``: a :class:`ScheduleFree` wrapping
     ``torchopt_ext.optim.AdamW(params, lr, betas=(b1, b2), eps)`` (``b1``
     defaults to 0.0 and ``b2`` to 0.999, as rollfast's: the averaging replaces
-    momentum), and a :class:`torchopt_ext.schedules.WSD` on it with
-    ``total_steps``, ``warmup_fraction`` and ``decay_fraction`` (plus any
-    other ``WSD`` option in ``wsd_options``). Call ``scheduler.step()`` after
+    momentum; 0.9 / 0.95 with ``schedule_free_plus=True``), and a
+    :class:`torchopt_ext.schedules.WSD` on it with ``total_steps``,
+    ``warmup_fraction`` and ``decay_fraction``. Call ``scheduler.step()`` after
     each ``optimizer.step()``. With the default ``"practical"`` weighting each
     step's weight is its scheduled lr squared, so the WSD decay also fades the
     average. ``weight_decay`` acts at y, inside the step (rollfast's
     ``add_decayed_weights``), or as AdamC (``z -= lr^2 * wd * y``) with
-    ``use_adamc=True``. ``sf_b1`` is the interpolation's beta.
+    ``use_adamc=True``. ``sf_b1`` is the interpolation's beta; ``lr_max``
+    starts at ``eps`` (rollfast). Keyword-only extras: the SF+ knobs of
+    :func:`schedule_free_with_wsd` (``schedule_free_plus``, ``sf_r``,
+    ``sf_c_warmup``, ``sf_weight_lr_power``, ``sf_use_lr_max``, ``polyak``,
+    ``use_adamc``, ``sf_b1_anneal_steps``, ``sf_b1_max``, ``polyak_beta``,
+    ``polyak_f_star``) and any other ``WSD`` option.
     """
-    from ..schedules import WSD
     from .adamw import AdamW
 
-    betas = (0.0 if b1 is None else b1, 0.999 if b2 is None else b2)
-    base = AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, state_dtype=state_dtype)
-    optimizer = ScheduleFree(
-        base,
-        b1=sf_b1,
-        weighting_mode=weighting_mode,
-        weight_decay_at_y=0.0 if use_adamc else weight_decay,
-        adamc_weight_decay=weight_decay if use_adamc else 0.0,
-        state_dtype=state_dtype,
+    knobs, wsd_options = _split_knobs(dict(options))
+    plus = knobs.get("schedule_free_plus", False)
+    betas = (
+        (0.9 if plus else 0.0) if b1 is None else b1,
+        (0.95 if plus else 0.999) if b2 is None else b2,
     )
-    scheduler = WSD(optimizer, total_steps, warmup_fraction, decay_fraction, **wsd_options)
-    return optimizer, scheduler
+    base = AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, state_dtype=state_dtype)
+    return schedule_free_with_wsd(
+        base,
+        total_steps,
+        warmup_fraction,
+        decay_fraction,
+        weighting_mode,
+        sf_b1,
+        state_dtype,
+        weight_decay,
+        lr_max_init=eps,
+        **knobs,
+        **wsd_options,
+    )
+
+
+def schedule_free_prism(
+    params: Iterable[Any],
+    lr: float,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    decay_fraction: float = 0.1,
+    weighting_mode: str = "practical",
+    sf_b1: float = 0.9,
+    state_dtype: Optional[torch.dtype] = None,
+    prism_b1: float = 0.0,
+    weight_decay: float = 0.0,
+    adam_lr: Optional[float] = None,
+    adam_b1: Optional[float] = None,
+    adam_b2: Optional[float] = None,
+    adam_eps: float = 1e-8,
+    **options: Any,
+) -> tuple[ScheduleFree, Any]:
+    """rollfast's ``schedule_free_prism`` (rollfast.md §4.4): Schedule-Free
+    around :class:`torchopt_ext.optim.PRISM` (``b1=prism_b1=0``,
+    ``nesterov=False``, no Magma; with b1 = 0, D = 0 and the shaping is
+    NS(g)) with WSD driving the step sizes and the averaging weights.
+
+    ``params`` is split into two base groups: the 2-D params (PRISM, peak lr
+    ``lr``) and the others (AdamW fallback, peak lr ``adam_lr`` or ``lr``,
+    betas ``(adam_b1, adam_b2)`` defaulting to (0.0, 0.999), or (0.9, 0.95)
+    with ``schedule_free_plus=True``): the WSD scheduler scales each group from
+    its own peak, so the fallback runs on its own WSD, and the wrapper weights
+    and decays each group with its own lr, as rollfast's dual schedule does.
+    ``weight_decay`` acts at y (or AdamC with ``use_adamc``); ``state_dtype``
+    is z's and the PRISM momentum's. Other keyword arguments: PRISM options
+    (``gamma``, ``ns_iters``, ``ns_coeffs``, ``mode``, ``grad_clip_max_amps``,
+    ``raw_global_grad_clip``, ``permissive_spike_protection``, ...), the SF+
+    knobs of :func:`schedule_free_with_wsd` and WSD options.
+    """
+    from ..schedules import WSD
+    from .prism import PRISM
+
+    knobs, rest = _split_knobs(dict(options))
+    plus = knobs.get("schedule_free_plus", False)
+    wsd_names = set(inspect.signature(WSD.__init__).parameters) - {"self", "optimizer"}
+    wsd_options = {k: rest.pop(k) for k in list(rest) if k in wsd_names}
+    for forbidden in ("b1", "nesterov", "use_magma", "adam_betas", "adam_lr", "lr", "weight_decay"):
+        if forbidden in rest:
+            raise TypeError(f"schedule_free_prism() sets PRISM's {forbidden!r} itself")
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        raise TypeError("schedule_free_prism() takes a flat iterable of params (it builds the groups itself)")
+    matrices = [p for p in params if p.dim() == 2]
+    others = [p for p in params if p.dim() != 2]
+    adam_peak = lr if adam_lr is None else adam_lr
+    groups = []
+    if matrices:
+        groups.append({"params": matrices, "lr": lr, "use_prism": None})
+    if others:
+        # A group of its own at its own peak lr: the fallback's WSD and SF weights.
+        groups.append({"params": others, "lr": adam_peak, "use_prism": False, "adam_lr_ratio": 1.0})
+    base = PRISM(
+        groups,
+        lr=lr,
+        b1=prism_b1,
+        nesterov=False,
+        weight_decay=0.0,
+        mu_dtype=state_dtype,
+        adam_betas=(
+            (0.9 if plus else 0.0) if adam_b1 is None else adam_b1,
+            (0.95 if plus else 0.999) if adam_b2 is None else adam_b2,
+        ),
+        adam_eps=adam_eps,
+        **rest,
+    )
+    return schedule_free_with_wsd(
+        base,
+        total_steps,
+        warmup_fraction,
+        decay_fraction,
+        weighting_mode,
+        sf_b1,
+        state_dtype,
+        weight_decay,
+        **knobs,
+        **wsd_options,
+    )

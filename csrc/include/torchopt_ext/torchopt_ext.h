@@ -33,4 +33,5 @@
 #include "torchopt_ext/optim/sgd.h"
 #include "torchopt_ext/optim/soap.h"
 #include "torchopt_ext/optim/sophia.h"
+#include "torchopt_ext/optim/spike_guard.h"
 #include "torchopt_ext/schedules/wsd.h"

@@ -26,7 +26,13 @@
 // and `std::array<double, K> norms` in TensorScalars: a read-only first pass
 // sums each term squared over the tensor (runs of lanes, then double, in a
 // fixed chunk order, so the result does not depend on the thread count), stores the norms there and
-// recomputes the coefficients before `update` runs.
+// recomputes the coefficients before `update` runs. It may also define
+//
+//     static void after_norms(const Hyper&, TensorScalars&);
+//
+// run once per tensor, on the calling thread, between the two passes: per-tensor
+// values derived from the norms (Magma's score and mask multiplier) are
+// computed there once instead of in every chunk's `coeffs`.
 //
 // An algorithm that only reads some state (Sophia's Hessian estimate) sets
 // bit k of `static constexpr unsigned kReadOnlyState` for state k: it is
@@ -42,6 +48,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/elementwise_options.h"
@@ -55,6 +62,13 @@ template <typename Algo, typename = void>
 struct NumNorms : std::integral_constant<int, 0> {};
 template <typename Algo>
 struct NumNorms<Algo, std::void_t<decltype(Algo::kNumNorms)>> : std::integral_constant<int, Algo::kNumNorms> {};
+
+template <typename Algo, typename = void>
+struct HasAfterNorms : std::false_type {};
+template <typename Algo>
+struct HasAfterNorms<Algo, std::void_t<decltype(Algo::after_norms(std::declval<const typename Algo::Hyper&>(),
+                                                                  std::declval<typename Algo::TensorScalars&>()))>>
+    : std::true_type {};
 
 template <typename Algo, typename = void>
 struct ReadOnlyState : std::integral_constant<unsigned, 0u> {};
@@ -324,6 +338,9 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
     for (size_t i = 0; i < n; ++i) {
       for (int k = 0; k < K; ++k) {
         tasks[i].scalars.norms[k] = std::sqrt(sums[i][k]);
+      }
+      if constexpr (HasAfterNorms<Algo>::value) {
+        Algo::after_norms(hp, tasks[i].scalars);
       }
     }
   }

@@ -35,6 +35,12 @@ struct RawClipResult {
 // and with permissive = false the step is to be skipped. max_norm > 0.
 RawClipResult raw_global_clip(at::TensorList grads, double max_norm, bool permissive);
 
+// The same clip with no host read, for the standalone spike guard: the
+// grads are multiplied in place by where(spike, max_norm / (norm + tiny), 1)
+// (a multiply by 1 leaves them bitwise unchanged) and the 0-d bool spike flag
+// is returned on the grads' device. max_norm > 0.
+at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm);
+
 enum class GradClipMode { PerTensorRMS, GlobalRMS };
 
 // "per_tensor_rms" or "global_rms"; anything else is an error naming `argument`.

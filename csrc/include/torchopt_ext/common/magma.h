@@ -16,6 +16,11 @@ struct MagmaOptions {
   int64_t seed = 0;
 };
 
+// XOR-ed into the seed of a matrix optimizer's AdamW fallback (Muon, PRISM)
+// when Magma is on, so its draws, keyed by tensor index within one op call,
+// are independent of the matrix branch's. Python: MAGMA_FALLBACK_SEED_SALT.
+constexpr int64_t kMagmaFallbackSeedSalt = 0x2545F4914F6CDD1D;
+
 // Errors name `op` and the option (magma_p, magma_tau).
 void check_magma_options(const char* op, const MagmaOptions& options);
 

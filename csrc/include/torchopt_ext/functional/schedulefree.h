@@ -43,7 +43,7 @@ void schedulefree_set_mode_(at::TensorList params, at::TensorList zs, double bet
 
 // Generic wrapper (rollfast.md §4.2). sf_state is a float64 CPU tensor of 4
 // values per param group: [k, weight_sum S, lr_max, beta used to form y]
-// (start: [0, 0, 0, b1]).
+// (start: [0, 0, lr_max_init, b1]).
 //
 // schedulefree_wrapper_pre_ runs before the base optimizer's step: params (y)
 // become z - decay * y (decay = lr * weight_decay_at_y + lr^2 * adamc_weight_decay),
@@ -63,6 +63,18 @@ void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const 
                                 const at::Tensor& lr, c10::string_view weighting_mode, double b1, double r,
                                 double weight_lr_power, bool use_lr_max, int64_t c_warmup, int64_t b1_anneal_steps,
                                 double b1_max);
+
+// Schedule-Free+ Polyak scalar (rollfast.md §4.2 step 3), run before
+// schedulefree_wrapper_pre_ over every param of the wrapper (params hold y,
+// zs z): rho = max(0, f - f_star + (beta_next / beta_prev) <g, z - y>) /
+// max(g1_hat, polyak_eps), with g1_hat the bias-corrected EMA (polyak_beta)
+// of sqrt(pi/2) ||g||_1, beta_prev = max(sf_state[3], 1e-8) and beta_next
+// this step's (anneal included). polyak_state is a float64 CPU tensor
+// [g1 EMA, count, rho] (start [0, 0, 1]); rho is written to polyak_state[2]
+// (a NaN rho becomes 0). The caller scales the step's lr by rho.
+void schedulefree_polyak_(at::TensorList params, at::TensorList grads, at::TensorList zs,
+                          const at::Tensor& polyak_state, const at::Tensor& loss, const at::Tensor& sf_state, double b1,
+                          int64_t b1_anneal_steps, double b1_max, double f_star, double polyak_beta, double polyak_eps);
 
 // The canonical lowercase name of a weighting mode given in any case; throws
 // naming `weighting_mode` for anything else.

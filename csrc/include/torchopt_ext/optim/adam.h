@@ -27,6 +27,12 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   // Round bf16 params stochastically after each update (unbiased; others ignore it).
   TORCH_ARG(bool, stochastic_rounding) = false;
   TORCH_ARG(int64_t, seed) = 0;
+  // Magma masking (rollfast.md §5; see functional::adam_magma_step_): the
+  // update, decoupled decay included, scaled by z * score per tensor, z a
+  // Bernoulli(magma_p) draw keyed by (seed, tensor index, step).
+  TORCH_ARG(bool, use_magma) = false;
+  TORCH_ARG(double, magma_p) = 0.5;
+  TORCH_ARG(double, magma_tau) = 2.0;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -48,6 +54,7 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
   TORCH_ARG(at::Tensor, exp_avg);
   TORCH_ARG(at::Tensor, exp_avg_sq);
   TORCH_ARG(at::Tensor, max_exp_avg_sq) = {};
+  TORCH_ARG(at::Tensor, magma_score) = {};  // 0-d float32, with use_magma
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -65,6 +72,7 @@ std::unique_ptr<AdamParamState> new_adam_state(const at::Tensor& param, const st
 // grads and their state, in the order the functional steps take them.
 struct AdamGroupLists {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  std::vector<at::Tensor> magma_scores;  // only when asked for (created at 0.5)
 };
 }  // namespace detail
 
@@ -76,7 +84,7 @@ class AdamFamilyOptimizer : public OptimizerBase<Options> {
   using OptimizerBase<Options>::OptimizerBase;
 
  protected:
-  detail::AdamGroupLists adam_lists(torch::optim::OptimizerParamGroup& group, bool amsgrad) {
+  detail::AdamGroupLists adam_lists(torch::optim::OptimizerParamGroup& group, bool amsgrad, bool magma = false) {
     const auto& options = this->options_of(group);
     detail::AdamGroupLists lists;
     for (auto& param : group.params()) {
@@ -95,6 +103,12 @@ class AdamFamilyOptimizer : public OptimizerBase<Options> {
         lists.max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
       }
       lists.steps.push_back(state.step());
+      if (magma) {
+        if (!state.magma_score().defined()) {  // also when Magma is turned on later
+          state.magma_score(at::full({}, 0.5, at::kFloat));
+        }
+        lists.magma_scores.push_back(state.magma_score());
+      }
     }
     return lists;
   }

@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
@@ -24,7 +25,7 @@ namespace torchopt_ext::optim {
 // Magma, scores) and the AdamW branch's.
 struct MatrixGroupLists {
   std::vector<at::Tensor> params, grads, moments, scores, steps;
-  std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam;
+  std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam, scores_adam;
 };
 
 template <typename Derived, typename Options, typename ParamState>
@@ -76,6 +77,17 @@ class MatrixOptimizer : public OptimizerBase<Options> {
       }
       if (!lists.params_adam.empty()) {
         const auto [beta1, beta2] = options.adam_betas();
+        if (options.use_magma()) {
+          // rollfast masks every leaf, the fallback's too, with its own draws.
+          functional::adam_magma_step_(
+              lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {}, lists.scores_adam,
+              lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2,
+              options.adam_eps(), Derived::adam_weight_decay(options), /*decoupled_weight_decay=*/true,
+              /*amsgrad=*/false, options.maximize(), options.magma_p(), options.magma_tau(),
+              options.stochastic_rounding(), options.seed() ^ common::kMagmaFallbackSeedSalt, std::nullopt,
+              std::nullopt);
+          continue;
+        }
         functional::adam_step_(lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {},
                                lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2,
                                options.adam_eps(), Derived::adam_weight_decay(options),
@@ -131,6 +143,12 @@ class MatrixOptimizer : public OptimizerBase<Options> {
         lists.exp_avgs.push_back(state.exp_avg());
         lists.exp_avg_sqs.push_back(state.exp_avg_sq());
         lists.steps_adam.push_back(state.step());
+        if (options.use_magma()) {
+          if (!state.magma_score().defined()) {
+            state.magma_score(at::full({}, 0.5, at::kFloat));
+          }
+          lists.scores_adam.push_back(state.magma_score());
+        }
       }
     }
     return lists;

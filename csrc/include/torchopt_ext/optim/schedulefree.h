@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "torchopt_ext/optim/optimizer_base.h"
+#include "torchopt_ext/optim/prism.h"
 #include "torchopt_ext/schedules/wsd.h"
 
 namespace torchopt_ext::optim {
@@ -126,6 +127,14 @@ struct ScheduleFreeOptions {
   TORCH_ARG(double, weight_decay_at_y) = 0.0;
   TORCH_ARG(double, adamc_weight_decay) = 0.0;
   TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  // Start of the running lr max (rollfast's lr_max_init).
+  TORCH_ARG(double, lr_max_init) = 1e-8;
+  // Schedule-Free+ Polyak scalar rho (functional::schedulefree_polyak_): the
+  // step needs the loss (closure or the loss argument of step()).
+  TORCH_ARG(bool, polyak) = false;
+  TORCH_ARG(double, polyak_beta) = 0.0;
+  TORCH_ARG(double, polyak_f_star) = 0.0;
+  TORCH_ARG(double, polyak_eps) = 1e-30;
 
  public:
   void validate() const;
@@ -139,7 +148,9 @@ class ScheduleFree {
  public:
   explicit ScheduleFree(std::shared_ptr<torch::optim::Optimizer> base, ScheduleFreeOptions options = {});
 
-  at::Tensor step(torch::optim::Optimizer::LossClosure closure = nullptr);
+  // With polyak(true) the loss at y comes from the closure or, without one,
+  // from `loss` (a one-element CPU tensor).
+  at::Tensor step(torch::optim::Optimizer::LossClosure closure = nullptr, at::Tensor loss = {});
   void zero_grad(bool set_to_none = true);
   void eval();
   void train();
@@ -148,6 +159,8 @@ class ScheduleFree {
   const ScheduleFreeOptions& options() const { return options_; }
   // The group's [k, weight_sum, lr_max, b1] (float64, created on first use).
   const at::Tensor& sf_state(size_t group);
+  // [g1 EMA, count, rho] of the Polyak scalar (rho = 1 until a Polyak step).
+  const at::Tensor& polyak_state() const { return polyak_state_; }
 
   // Saves the base optimizer under "base", z by flat param index, the group
   // scalars and the mode.
@@ -163,21 +176,65 @@ class ScheduleFree {
   bool train_mode_ = true;
   std::unordered_map<c10::TensorImpl*, at::Tensor> z_;
   std::vector<at::Tensor> sf_state_;
+  at::Tensor polyak_state_;
+};
+
+// The Schedule-Free+ knobs of rollfast's convenience wrappers (rollfast.md
+// §4.4). sf_use_lr_max and polyak (and the configs' use_adamc) default to
+// schedule_free_plus.
+struct ScheduleFreePlusKnobs {
+  TORCH_ARG(bool, schedule_free_plus) = false;
+  TORCH_ARG(double, sf_r) = 0.0;
+  TORCH_ARG(int64_t, sf_c_warmup) = 0;
+  TORCH_ARG(double, sf_weight_lr_power) = 2.0;
+  TORCH_ARG(std::optional<bool>, sf_use_lr_max) = std::nullopt;
+  TORCH_ARG(std::optional<bool>, polyak) = std::nullopt;
+  TORCH_ARG(int64_t, sf_b1_anneal_steps) = 0;
+  TORCH_ARG(double, sf_b1_max) = 0.965;
+  TORCH_ARG(double, polyak_beta) = 0.0;
+  TORCH_ARG(double, polyak_f_star) = 0.0;
 };
 
 // rollfast's schedule_free_adam: Schedule-Free around AdamW(betas = (b1, b2),
-// no decay of its own) with one WSD schedule driving both the step size and
+// no decay of its own; b1/b2 default to 0 / 0.999, or 0.9 / 0.95 with
+// schedule_free_plus) with one WSD schedule driving both the step size and
 // the "practical" averaging weights. weight_decay acts at y inside the step
-// (weight_decay_at_y), or as AdamC with use_adamc.
+// (weight_decay_at_y), or as AdamC with use_adamc. lr_max starts at eps.
 struct ScheduleFreeAdamWConfig {
   TORCH_ARG(std::string, weighting_mode) = "practical";
   TORCH_ARG(double, sf_b1) = 0.9;
-  TORCH_ARG(double, b1) = 0.0;
-  TORCH_ARG(double, b2) = 0.999;
+  TORCH_ARG(std::optional<double>, b1) = std::nullopt;
+  TORCH_ARG(std::optional<double>, b2) = std::nullopt;
   TORCH_ARG(double, eps) = 1e-8;
   TORCH_ARG(double, weight_decay) = 0.0;
-  TORCH_ARG(bool, use_adamc) = false;
+  TORCH_ARG(std::optional<bool>, use_adamc) = std::nullopt;
   TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(ScheduleFreePlusKnobs, sf_plus) = {};
+};
+
+// rollfast's schedule_free_prism: Schedule-Free around PRISM(b1 = prism_b1 = 0,
+// nesterov = false, no Magma) whose params are split into two groups: the
+// 2-D params (PRISM, peak lr `lr`) and the others (AdamW fallback, peak lr
+// adam_lr or lr, betas (adam_b1, adam_b2) defaulting to (0, 0.999), or
+// (0.9, 0.95) with schedule_free_plus). The WSD scheduler scales each group
+// from its own peak (the fallback's own WSD) and the wrapper weights and
+// decays each group with its own lr. `prism` carries the other PRISM options
+// (gamma, ns_iters, mode, clipping, ns_dtype, ...); lr, b1, nesterov,
+// weight_decay, mu_dtype (= state_dtype), use_magma, use_prism and the adam_*
+// options are set here.
+struct ScheduleFreePrismConfig {
+  TORCH_ARG(std::string, weighting_mode) = "practical";
+  TORCH_ARG(double, sf_b1) = 0.9;
+  TORCH_ARG(double, prism_b1) = 0.0;
+  TORCH_ARG(double, weight_decay) = 0.0;
+  TORCH_ARG(std::optional<bool>, use_adamc) = std::nullopt;
+  TORCH_ARG(std::optional<double>, adam_lr) = std::nullopt;
+  TORCH_ARG(std::optional<double>, adam_b1) = std::nullopt;
+  TORCH_ARG(std::optional<double>, adam_b2) = std::nullopt;
+  TORCH_ARG(double, adam_eps) = 1e-8;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(PRISMOptions, prism) = PRISMOptions();
+  TORCH_ARG(ScheduleFreePlusKnobs, sf_plus) = {};
 };
 
 // The optimizer and its schedule; call scheduler->step() after each
@@ -189,5 +246,19 @@ struct ScheduleFreeWithSchedule {
 
 ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
                                              ScheduleFreeAdamWConfig config = {});
+
+ScheduleFreeWithSchedule schedule_free_prism(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                             ScheduleFreePrismConfig config = {});
+
+// The part the convenience constructors share: ScheduleFree around `base`
+// (built at its peak lrs with no weight decay of its own) with the SF+ knobs,
+// weight_decay at y (or AdamC with use_adamc, default: schedule_free_plus),
+// and a WSD scheduler on the base's groups. A new wrapper (Kron, ...) only
+// builds its base.
+ScheduleFreeWithSchedule schedule_free_with_wsd(std::shared_ptr<torch::optim::Optimizer> base,
+                                                schedules::WSDOptions schedule, const std::string& weighting_mode,
+                                                double sf_b1, std::optional<at::ScalarType> state_dtype,
+                                                double weight_decay, std::optional<bool> use_adamc,
+                                                const ScheduleFreePlusKnobs& knobs, double lr_max_init = 1e-8);
 
 }  // namespace torchopt_ext::optim
