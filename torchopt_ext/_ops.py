@@ -112,6 +112,22 @@ def _prism_step_fake(params, grads, momentum_buffers, magma_scores, state_steps,
     )
 
 
+@torch.library.register_fake("torchopt_ext::kron_step_")
+def _kron_step_fake(params, grads, momentum_buffers, preconditioners, lipschitz, magma_scores, state_steps, lr, **kw):
+    _check_lengths(
+        "kron_step_",
+        params,
+        grads=grads,
+        preconditioners=preconditioners,
+        lipschitz=lipschitz,
+        state_steps=state_steps,
+    )
+    if momentum_buffers and len(momentum_buffers) != len(params):
+        raise ValueError(
+            f"kron_step_: momentum_buffers has {len(momentum_buffers)} tensors, expected 0 or {len(params)}"
+        )
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

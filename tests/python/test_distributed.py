@@ -41,7 +41,7 @@ ELEMENTWISE = [
 # clip uses an all-reduced sum of squares). Adafactor's factored state
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
-WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor"]
+WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor", "Kron"]
 # SOAP's eigenbases of rank-deficient Gram factors (non-square layers) depend on ulp-level
 # differences in the gradient (classic.md §10), so an all-reduced gradient (summed in another
 # order than one process's) gives a different but equally valid trajectory: a single process
