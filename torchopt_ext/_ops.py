@@ -118,14 +118,12 @@ def _kron_step_fake(params, grads, momentum_buffers, preconditioners, lipschitz,
         "kron_step_",
         params,
         grads=grads,
+        momentum_buffers=momentum_buffers,
         preconditioners=preconditioners,
         lipschitz=lipschitz,
+        magma_scores=magma_scores,
         state_steps=state_steps,
     )
-    if momentum_buffers and len(momentum_buffers) != len(params):
-        raise ValueError(
-            f"kron_step_: momentum_buffers has {len(momentum_buffers)} tensors, expected 0 or {len(params)}"
-        )
 
 
 @torch.library.register_fake("torchopt_ext::newton_schulz")

@@ -259,8 +259,9 @@ def test_spike_skip_matches_reference_over_a_run():
     ours = [torch.randn(s, dtype=torch.float64, generator=gen) for s in [(5, 4), (6,)]]
     ref = [p.clone() for p in ours]
     opt = tox.Kron(ours, lr=0.02, raw_global_grad_clip=4.0, permissive_spike_protection=False, seed=2)
-    reference = KronReference(ref, lr=0.02, raw_global_grad_clip=4.0, permissive_spike_protection=False, seed=2,
-                              draw_dtype=torch.float64)  # fmt: skip
+    reference = KronReference(
+        ref, lr=0.02, raw_global_grad_clip=4.0, permissive_spike_protection=False, seed=2, draw_dtype=torch.float64
+    )
     skipped = 0
     for k in range(20):
         scale = 3.0 if k % 4 == 3 else 0.3
@@ -393,11 +394,29 @@ def test_op_rejects_bad_input_by_name():
     with pytest.raises(ValueError, match="lipschitz\\[0\\]"):
         op([p], [p.grad], [state["mu"]], [state["Q"]], [torch.zeros(3)], [], [state["step"]], lr, **kw)
     with pytest.raises(ValueError, match="preconditioner_mode"):
-        op([p], [p.grad], [state["mu"]], [state["Q"]], [state["L"]], [], [state["step"]], lr,
-           **dict(kw, preconditioner_mode="nope"))  # fmt: skip
+        op(
+            [p],
+            [p.grad],
+            [state["mu"]],
+            [state["Q"]],
+            [state["L"]],
+            [],
+            [state["step"]],
+            lr,
+            **dict(kw, preconditioner_mode="nope"),
+        )
     with pytest.raises(ValueError, match="rng_state"):
-        op([p], [p.grad], [state["mu"]], [state["Q"]], [state["L"]], [], [state["step"]], lr,
-           **dict(kw, rng_state=torch.zeros(3)))  # fmt: skip
+        op(
+            [p],
+            [p.grad],
+            [state["mu"]],
+            [state["Q"]],
+            [state["L"]],
+            [],
+            [state["step"]],
+            lr,
+            **dict(kw, rng_state=torch.zeros(3)),
+        )
 
 
 def test_nan_grads_propagate():
@@ -414,8 +433,12 @@ def test_step_compiles_with_callable_schedule():
     def run(compiled):
         torch.manual_seed(0)
         p = torch.randn(6, 4)
-        opt = tox.Kron([p], lr=0.01, seed=3,
-                       preconditioner_update_probability=tox.precond_update_prob_schedule(flat_start=1, decay=0.5))  # fmt: skip
+        opt = tox.Kron(
+            [p],
+            lr=0.01,
+            seed=3,
+            preconditioner_update_probability=tox.precond_update_prob_schedule(flat_start=1, decay=0.5),
+        )
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
         for _ in range(4):
             p.grad = torch.randn(6, 4)

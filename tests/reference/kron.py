@@ -248,10 +248,20 @@ class KronReference:
                     t2 = gram(conj_b, f, dense) if conj_b is not None else torch.tensor(G.numel() / q.shape[0])
                     t2 = t2.to(torch.float64)
                     q_new, l_new = update_factor(
-                        q, t1, t2, self.L[i][f], mode, o["preconditioner_lr"], o["beta_lipschitz"],
-                        o["track_lipschitz"], o["damping"], o["newton_schulz_iters"], self.gen, self.draw_dtype,
+                        q,
+                        t1,
+                        t2,
+                        self.L[i][f],
+                        mode,
+                        o["preconditioner_lr"],
+                        o["beta_lipschitz"],
+                        o["track_lipschitz"],
+                        o["damping"],
+                        o["newton_schulz_iters"],
+                        self.gen,
+                        self.draw_dtype,
                         self.eps,
-                    )  # fmt: skip
+                    )
                     new_qs.append(q_new)
                     if o["track_lipschitz"]:
                         new_l[f] = l_new
