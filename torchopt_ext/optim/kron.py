@@ -15,6 +15,7 @@ from ._base import (
     check_range,
     check_state_dtype,
     draw_seed,
+    is_dtensor,
     lr_tensor,
 )
 from .prism import _clip_amps
@@ -255,10 +256,19 @@ class Kron(FusedOptimizer):
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "mu":
-            return torch.zeros(p.shape, dtype=self._state_dtype(p, group, key), device=p.device)
+            # zeros_like keeps a DTensor param's mesh and placements.
+            return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.preserve_format)
         shape = self._state_shape(p, key)
         # Zeros: the op sets the factors on the param's first step.
-        return torch.zeros(shape, dtype=self._state_dtype(p, group, key), device=p.device)
+        zeros = torch.zeros(shape, dtype=self._state_dtype(p, group, key), device=p.device)
+        if is_dtensor(p):
+            # The flat factors are sharded with the param's placements (as
+            # Adafactor's factored state), so DCP reshards them like any
+            # DTensor; the step gathers them whole (_whole_tensor_op).
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(zeros, p.device_mesh, p.placements, src_data_rank=None)
+        return zeros
 
     def _init_group(self, group, params, grads, state_steps, mus, qs, ls, magma_scores):
         name = type(self).__name__
@@ -276,8 +286,8 @@ class Kron(FusedOptimizer):
             for key in ("Q", "L"):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
-            qs.append(state["Q"])
-            ls.append(state["L"])
+            qs.append(unwrap(state["Q"]))
+            ls.append(unwrap(state["L"]))
             if group["b1"] > 0:
                 if "mu" not in state:
                     state["mu"] = self._new_state(p, group, "mu")
