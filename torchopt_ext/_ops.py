@@ -166,6 +166,20 @@ def _matrix_apply_fake(params, updates, magma_scores, state_steps, lr, *, matrix
         )
 
 
+@torch.library.register_fake("torchopt_ext::kron_step_")
+def _kron_step_fake(params, grads, momentum_buffers, preconditioners, lipschitz, magma_scores, state_steps, lr, **kw):
+    _check_lengths(
+        "kron_step_",
+        params,
+        grads=grads,
+        momentum_buffers=momentum_buffers,
+        preconditioners=preconditioners,
+        lipschitz=lipschitz,
+        magma_scores=magma_scores,
+        state_steps=state_steps,
+    )
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

@@ -76,6 +76,8 @@ ALL_OPTIMIZERS = {
     "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
     "Muon": dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2),
     "PRISM": dict(lr=2e-2, weight_decay=0.1, adam_lr=1e-2, raw_global_grad_clip=100.0, seed=3),
+    # Magma and the raw clip on so their state and paths are exercised too.
+    "Kron": dict(lr=1e-2, weight_decay=0.1, raw_global_grad_clip=100.0, use_magma=True, seed=3),
     "ScheduleFreeAdamW": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, r=0.5),
     "ScheduleFreeSGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=2),
     # h stays 0 in the generic tests (they never call update_hessian): sign steps.

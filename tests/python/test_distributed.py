@@ -41,7 +41,7 @@ ELEMENTWISE = [
 # clip uses an all-reduced sum of squares). Adafactor's factored state
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
-WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor"]
+WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor", "Kron"]
 # Matrix-optimizer variants (name -> class, options, distributed_mode). The
 # plain names take whole-matrix ownership ("owner", the default) except
 # PRISM, whose raw global clip keeps it on the gather path; "_gather" keeps

@@ -3,6 +3,7 @@
 from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
+from .kron import Kron, precond_update_prob_schedule
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
@@ -36,6 +37,8 @@ __all__ = [
     "Adafactor",
     "Muon",
     "PRISM",
+    "Kron",
+    "precond_update_prob_schedule",
     "SOAP",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",

@@ -2,9 +2,12 @@
 #pragma once
 
 #include "torchopt_ext/common/clipping.h"
+#include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/common/psgd.h"
 #include "torchopt_ext/functional/adafactor.h"
 #include "torchopt_ext/functional/adam.h"
+#include "torchopt_ext/functional/kron.h"
 #include "torchopt_ext/functional/lamb.h"
 #include "torchopt_ext/functional/lion.h"
 #include "torchopt_ext/functional/mars.h"
@@ -21,6 +24,7 @@
 #include "torchopt_ext/optim/adafactor.h"
 #include "torchopt_ext/optim/adam.h"
 #include "torchopt_ext/optim/adamw.h"
+#include "torchopt_ext/optim/kron.h"
 #include "torchopt_ext/optim/lamb.h"
 #include "torchopt_ext/optim/lion.h"
 #include "torchopt_ext/optim/mars.h"

@@ -1,0 +1,337 @@
+#include "torchopt_ext/common/psgd.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace torchopt_ext::common::psgd {
+
+namespace {
+
+constexpr int64_t kMaxAxes = 13;       // rollfast's einsum letter budget
+constexpr int64_t kNormProbes = 32;    // rows of the random probe (LX k=32)
+constexpr int64_t kNormHalfIters = 2;  // LX half_iters=2
+
+double smallest_normal(at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+}
+
+double epsilon(at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
+}
+
+at::Tensor symmetrize(const at::Tensor& a) { return (a + a.t()) * 0.5; }
+
+// Shared body of the SPD / skew lower bounds once A is normalized by `scale`.
+at::Tensor norm_lower_bound_scaled(const at::Tensor& A, const at::Tensor& scale, at::Generator& gen) {
+  const double tiny = smallest_normal(A.scalar_type());
+  const at::Tensor a = A / scale;
+  const at::Tensor j = at::argmax(at::linalg_vector_norm(a, 2, {1}, false, std::nullopt)).reshape({1});
+  const at::Tensor heavy = a.index_select(0, j);  // (1, n)
+  at::Tensor v = at::randn({kNormProbes, a.size(1)}, gen, a.options());
+  v = heavy + at::sign((heavy * v).sum(1, true)) * v;
+  for (int64_t i = 0; i < kNormHalfIters; ++i) {
+    v = v.mm(a);
+    v = v / (at::linalg_vector_norm(v, 2, {1}, true, std::nullopt) + tiny);
+    v = v.mm(a);
+  }
+  return scale * at::linalg_vector_norm(v, 2, {1}, false, std::nullopt).amax();
+}
+
+}  // namespace
+
+MemorySaveMode parse_memory_save_mode(const std::optional<std::string>& name, const char* argument) {
+  if (!name || name->empty()) {
+    return MemorySaveMode::None;
+  }
+  if (*name == "one_diag") {
+    return MemorySaveMode::OneDiag;
+  }
+  if (*name == "all_diag") {
+    return MemorySaveMode::AllDiag;
+  }
+  TORCH_CHECK_VALUE(false, argument, " must be None, 'one_diag' or 'all_diag', got '", *name, "'");
+}
+
+std::vector<bool> factor_layout(at::IntArrayRef shape, const LayoutOptions& options) {
+  const auto rank = static_cast<int64_t>(shape.size());
+  if (rank == 0) {
+    return {false};
+  }
+  TORCH_CHECK_VALUE(rank <= kMaxAxes, "Kron preconditioners support tensors of at most ", kMaxAxes, " dims, got shape ",
+                    shape);
+  int64_t numel = 1;
+  for (const auto d : shape) {
+    numel *= d;
+  }
+  std::vector<bool> forced(rank, options.memory_save_mode == MemorySaveMode::AllDiag);
+  if (options.memory_save_mode == MemorySaveMode::OneDiag) {
+    // The largest axis; among equal ones the last (numpy's reversed argsort).
+    int64_t largest = 0;
+    for (int64_t i = 1; i < rank; ++i) {
+      if (shape[i] >= shape[largest]) {
+        largest = i;
+      }
+    }
+    forced[largest] = true;
+  }
+  std::vector<bool> dense(rank);
+  for (int64_t i = 0; i < rank; ++i) {
+    const int64_t d = shape[i];
+    const bool diagonal =
+        d <= 1 || d > options.max_size_triangular ||
+        static_cast<double>(d) * static_cast<double>(d) > options.max_skew_triangular * static_cast<double>(numel) ||
+        rank < options.min_ndim_triangular || forced[i];
+    dense[i] = !diagonal;
+  }
+  return dense;
+}
+
+int64_t factors_numel(at::IntArrayRef shape, const std::vector<bool>& dense) {
+  if (shape.empty()) {
+    return 1;
+  }
+  int64_t total = 0;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    total += dense[i] ? shape[i] * shape[i] : shape[i];
+  }
+  return total;
+}
+
+std::vector<at::Tensor> unflatten_factors(const at::Tensor& flat, at::IntArrayRef shape,
+                                          const std::vector<bool>& dense) {
+  TORCH_CHECK_VALUE(flat.dim() == 1 && flat.numel() == factors_numel(shape, dense),
+                    "Kron: a preconditioner of a param of shape ", shape, " must be 1-D with ",
+                    factors_numel(shape, dense), " elements, got shape ", flat.sizes());
+  if (shape.empty()) {
+    return {flat};
+  }
+  std::vector<at::Tensor> factors;
+  int64_t offset = 0;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    const int64_t d = shape[i];
+    if (dense[i]) {
+      factors.push_back(flat.narrow(0, offset, d * d).view({d, d}));
+      offset += d * d;
+    } else {
+      factors.push_back(flat.narrow(0, offset, d));
+      offset += d;
+    }
+  }
+  return factors;
+}
+
+void init_factors_(const at::Tensor& flat, at::IntArrayRef shape, const std::vector<bool>& dense, double scale) {
+  auto factors = unflatten_factors(flat, shape, dense);
+  const double per_factor = std::pow(scale, 1.0 / static_cast<double>(factors.size()));
+  for (auto& q : factors) {
+    if (q.dim() == 2) {
+      q.copy_(at::eye(q.size(0), q.options()) * per_factor);
+    } else {
+      q.fill_(per_factor);
+    }
+  }
+}
+
+at::Tensor apply_factor(const at::Tensor& x, const at::Tensor& q, int64_t axis, bool transpose) {
+  if (x.dim() == 0) {
+    return x * q.reshape({});
+  }
+  if (q.dim() == 1) {
+    std::vector<int64_t> view(x.dim(), 1);
+    view[axis] = q.size(0);
+    return x * q.view(view);
+  }
+  const at::Tensor moved = x.movedim(axis, 0);
+  const auto sizes = moved.sizes().vec();
+  const at::Tensor out = (transpose ? q.t() : q).mm(moved.reshape({sizes[0], -1}));
+  return out.reshape(sizes).movedim(0, axis);
+}
+
+at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors) {
+  at::Tensor out = x;
+  for (size_t i = 0; i < factors.size(); ++i) {
+    out = apply_factor(out, factors[i], static_cast<int64_t>(i), false);
+  }
+  return out;
+}
+
+at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors) {
+  at::Tensor out = x;
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const auto axis = static_cast<int64_t>(i);
+    out = apply_factor(apply_factor(out, factors[i], axis, false), factors[i], axis, true);
+  }
+  return out;
+}
+
+at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& factors) {
+  if (x.dim() == 0) {
+    return x / factors[0].reshape({});
+  }
+  at::Tensor out = x;
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const auto axis = static_cast<int64_t>(i);
+    const at::Tensor& q = factors[i];
+    if (q.dim() == 1) {
+      std::vector<int64_t> view(x.dim(), 1);
+      view[axis] = q.size(0);
+      out = out / q.view(view);
+      continue;
+    }
+    const at::Tensor moved = out.movedim(axis, -1);
+    const auto sizes = moved.sizes().vec();
+    const at::Tensor rows = moved.reshape({-1, q.size(0)});
+    // rows q^{-1}: solve y q = rows with q upper-triangular.
+    const at::Tensor solved = at::linalg_solve_triangular(q, rows, /*upper=*/true, /*left=*/false);
+    out = solved.reshape(sizes).movedim(-1, axis);
+  }
+  return out;
+}
+
+at::Tensor factor_gram(const at::Tensor& x, int64_t axis, bool dense) {
+  if (x.dim() == 0) {
+    return x.square().reshape({1});
+  }
+  const at::Tensor moved = x.movedim(axis, 0);
+  const at::Tensor rows = moved.reshape({moved.size(0), -1});
+  if (dense) {
+    return rows.mm(rows.t());
+  }
+  return rows.square().sum(1);
+}
+
+at::Tensor norm_lower_bound_spd(const at::Tensor& A, at::Generator& gen) {
+  const at::Tensor scale = A.diagonal().amax() + smallest_normal(A.scalar_type());
+  return norm_lower_bound_scaled(A, scale, gen);
+}
+
+at::Tensor norm_lower_bound_skh(const at::Tensor& A, at::Generator& gen) {
+  const at::Tensor scale = A.abs().amax() + smallest_normal(A.scalar_type());
+  return norm_lower_bound_scaled(A, scale, gen);
+}
+
+void procrustes_step_(at::Tensor& q, at::Generator& gen, double max_step) {
+  at::Tensor r = q.t() - q;
+  r = r / (norm_lower_bound_skh(r, gen) + smallest_normal(q.scalar_type()));
+  const at::Tensor rq = r.mm(q);
+  const at::Tensor rrq = r.mm(rq);
+  const at::Tensor tr_rq = rq.diagonal().sum();
+  const at::Tensor tr_rrq = rrq.diagonal().sum();
+  // Where tr(RRQ) >= 0 the division is unused (and may be inf/nan).
+  const at::Tensor a =
+      at::where(tr_rrq < 0, at::clamp_max(-tr_rq / tr_rrq, max_step), at::scalar_tensor(max_step, q.options()));
+  q = q + a * (rq + 0.5 * a * rrq);
+}
+
+Geometry parse_geometry(const std::string& name, const char* argument) {
+  if (name == "EQ") return Geometry::EQ;
+  if (name == "Q0.5EQ1.5" || name == "Q0p5EQ1p5") return Geometry::Q0p5EQ1p5;
+  if (name == "QUAD") return Geometry::QUAD;
+  if (name == "NS") return Geometry::NS;
+  if (name == "EXP") return Geometry::EXP;
+  if (name == "TAYLOR2") return Geometry::TAYLOR2;
+  if (name == "HYPER") return Geometry::HYPER;
+  TORCH_CHECK_VALUE(false, argument,
+                    " must be one of 'EQ', 'Q0.5EQ1.5' ('Q0p5EQ1p5'), 'QUAD', 'NS', 'EXP', 'TAYLOR2', 'HYPER', got '",
+                    name, "'");
+}
+
+bool probes_with_q(Geometry geometry) { return geometry == Geometry::EQ || geometry == Geometry::TAYLOR2; }
+
+void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, at::Tensor& lipschitz,
+                    const FactorUpdateOptions& options, at::Generator& gen) {
+  const double tiny = smallest_normal(q.scalar_type());
+  const bool dense = q.dim() == 2;
+  const bool eq = options.geometry == Geometry::EQ;
+  // EQ: T1 and the conjB Gram T2; the others: T1 + damping (every entry,
+  // rollfast) against the scalar T2 = numel / d.
+  const at::Tensor t1r = eq ? t1 : t1 + options.damping;
+  at::Tensor ell;
+  if (eq) {
+    const at::Tensor sum = t1 + t2;
+    ell = dense ? norm_lower_bound_spd(sum, gen) : sum.amax();
+  } else {
+    ell = (dense ? norm_lower_bound_spd(t1r, gen) : t1r.abs().amax()) + t2;
+  }
+  at::Tensor eta;
+  if (options.track_lipschitz) {
+    const at::Tensor ell_f = ell.to(lipschitz.scalar_type());
+    const at::Tensor tracked =
+        at::maximum(lipschitz * options.beta_lipschitz + ell_f * (1.0 - options.beta_lipschitz), ell_f);
+    lipschitz.copy_(tracked);
+    eta = options.lr / tracked.to(q.scalar_type());
+  } else {
+    eta = options.lr / (ell + tiny);
+  }
+  if (!dense) {
+    q = (q * (1.0 - eta * (t1r - t2))).abs();
+    return;
+  }
+  const int64_t d = q.size(0);
+  const at::Tensor eye = at::eye(d, q.options());
+  switch (options.geometry) {
+    case Geometry::EQ:
+      q = q - eta * at::triu(t1 - t2).mm(q);
+      return;
+    case Geometry::Q0p5EQ1p5:
+      q = q - eta * (t1r.mm(q) - t2 * q);
+      procrustes_step_(q, gen);
+      return;
+    case Geometry::QUAD: {
+      const at::Tensor s = eta * (t1r.mm(q) - t2 * q);
+      at::Tensor p = q - 0.5 * s;
+      p = p - 0.5 * eta * (p.mm(t1r) - p * t2);
+      q = symmetrize(p);
+      return;
+    }
+    case Geometry::NS: {
+      const at::Tensor qp = q - eta * (t1r.mm(q) - t2 * q);
+      const at::Tensor sigma = norm_lower_bound_spd(qp.t().mm(qp), gen).sqrt();
+      at::Tensor x = qp / (sigma + epsilon(q.scalar_type()));
+      for (int64_t i = 0; i < options.ns_iters; ++i) {
+        x = 0.5 * x.mm(3.0 * eye - x.t().mm(x));
+      }
+      q = symmetrize(x.t().mm(qp));
+      return;
+    }
+    case Geometry::EXP: {
+      const at::Tensor g_sym = symmetrize(t1r) - t2 * eye;
+      q = symmetrize(q.mm(at::linalg_matrix_exp(-eta * g_sym)));
+      return;
+    }
+    case Geometry::TAYLOR2: {
+      const at::Tensor g_sym = symmetrize(t1r) - t2 * eye;
+      const at::Tensor step = at::minimum(eta, 0.5 / (ell - t2 + tiny));
+      const at::Tensor h = step * g_sym;
+      q = symmetrize(q.mm(eye - h.mm(eye - 0.5 * h)));
+      return;
+    }
+    case Geometry::HYPER: {
+      const at::Tensor g_sym = symmetrize(t1r) - t2 * eye;
+      const at::Tensor step = at::minimum(eta, 0.9 / (ell - t2 + tiny));
+      q = symmetrize(q.mm(eye - step * g_sym));
+      return;
+    }
+  }
+}
+
+void balance_factors_(std::vector<at::Tensor>& factors) {
+  if (factors.size() < 2) {
+    return;
+  }
+  std::vector<at::Tensor> norms;
+  at::Tensor product;
+  for (const auto& q : factors) {
+    norms.push_back(q.abs().amax());
+    product = product.defined() ? product * norms.back() : norms.back();
+  }
+  const at::Tensor mean = product.pow(1.0 / static_cast<double>(factors.size()));
+  for (size_t i = 0; i < factors.size(); ++i) {
+    factors[i] = factors[i] * (mean / norms[i]);
+  }
+}
+
+}  // namespace torchopt_ext::common::psgd

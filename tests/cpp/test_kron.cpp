@@ -1,0 +1,242 @@
+// Kron in LibTorch: parity with a float64 reference written here from
+// rollfast.md §2.3-2.4 on plain ATen ops (default geometry "Q0.5EQ1.5", a
+// mixed dense/diagonal matrix and a vector, with the generator draws in the
+// documented order), spike skips, options validation and checkpoints.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "test_utils.h"
+#include "torchopt_ext/common/psgd.h"
+#include "torchopt_ext/optim/kron.h"
+
+namespace {
+
+using namespace torchopt_ext;
+using namespace torchopt_ext::testing;
+
+constexpr double kTiny = std::numeric_limits<double>::min();
+
+torch::Tensor lower_bound(const torch::Tensor& a_in, const torch::Tensor& scale, at::Generator& gen) {
+  const auto a = a_in / scale;
+  const auto j = a.norm(2, {1}).argmax().item<int64_t>();
+  auto v = at::randn({32, a.size(1)}, gen, a.options());
+  v = a[j] + torch::sign((a[j] * v).sum(1, true)) * v;
+  for (int i = 0; i < 2; ++i) {
+    v = v.mm(a);
+    v = v / (v.norm(2, {1}, true) + kTiny);
+    v = v.mm(a);
+  }
+  return scale * v.norm(2, {1}).max();
+}
+
+// One param's factors, one entry per axis (dense: matrix, diagonal: vector).
+struct RefParam {
+  torch::Tensor p, mu;
+  std::vector<torch::Tensor> q;
+  std::vector<double> lip;
+};
+
+torch::Tensor along(const torch::Tensor& x, const torch::Tensor& q, int64_t axis, bool transpose) {
+  if (q.dim() == 1) {
+    auto shape = std::vector<int64_t>(x.dim(), 1);
+    shape[axis] = q.size(0);
+    return x * q.view(shape);
+  }
+  return torch::tensordot(transpose ? q.t() : q, x, {1}, {axis}).movedim(0, axis);
+}
+
+torch::Tensor precondition(torch::Tensor x, const std::vector<torch::Tensor>& q) {
+  for (size_t i = 0; i < q.size(); ++i) {
+    x = along(along(x, q[i], i, false), q[i], i, true);
+  }
+  return x;
+}
+
+// rollfast's Kron step with default options (lr, b1 = 0.9, p = 1, lazy init).
+void reference_step(std::vector<RefParam>& ps, const std::vector<torch::Tensor>& grads, int64_t t, double lr,
+                    at::Generator& gen) {
+  const double damping = 1e-9;
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double beta = std::min(static_cast<double>(t) / (1.0 + t), 0.9);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    ps[i].mu = (1 - beta) * grads[i] + beta * ps[i].mu;
+  }
+  if (t == 0) {
+    double largest = 0;
+    for (const auto& g : grads) {
+      largest = std::max(largest, g.abs().pow(4).mean().item<double>());
+    }
+    const double s = std::pow(largest + std::pow(damping, 4), -1.0 / 8.0);
+    for (auto& rp : ps) {
+      const double per = std::pow(s, 1.0 / rp.q.size());
+      for (auto& q : rp.q) {
+        q = q * per;
+      }
+    }
+  }
+  EXPECT_LT(at::rand({}, gen, torch::kFloat64).item<double>(), 1.0);  // the gate draw (p = 1)
+  for (size_t i = 0; i < ps.size(); ++i) {
+    auto& rp = ps[i];
+    const auto& g = grads[i];
+    const auto v = at::randn(g.sizes(), gen, g.options());
+    const auto x = precondition(g + (damping + eps * g.abs()) * v, rp.q);
+    for (size_t f = 0; f < rp.q.size(); ++f) {
+      auto& q = rp.q[f];
+      const auto rows = x.movedim(f, 0).reshape({x.size(f), -1});
+      const double t2 = static_cast<double>(g.numel()) / q.size(0);
+      const bool dense = q.dim() == 2;
+      const auto t1 = (dense ? rows.mm(rows.t()) : rows.square().sum(1)) + damping;
+      const double ell = dense ? lower_bound(t1, t1.diagonal().max() + kTiny, gen).item<double>() + t2
+                               : t1.abs().max().item<double>() + t2;
+      rp.lip[f] = std::max(0.9 * rp.lip[f] + 0.1 * ell, ell);
+      const double eta = 0.1 / rp.lip[f];
+      if (!dense) {
+        q = (q * (1 - eta * (t1 - t2))).abs();
+        continue;
+      }
+      q = q - eta * (t1.mm(q) - t2 * q);
+      auto r = q.t() - q;
+      r = r / (lower_bound(r, r.abs().max() + kTiny, gen) + kTiny);
+      const auto rq = r.mm(q);
+      const auto rrq = r.mm(rq);
+      const double tr_rq = rq.trace().item<double>();
+      const double tr_rrq = rrq.trace().item<double>();
+      const double a = tr_rrq < 0 ? std::min(-tr_rq / tr_rrq, 0.125) : 0.125;
+      q = q + a * (rq + 0.5 * a * rrq);
+    }
+  }
+  at::rand({}, gen, torch::kFloat64);  // the balancing draw (rarely < 0.01)
+  for (auto& rp : ps) {
+    auto d = precondition(rp.mu, rp.q);
+    d = (d * std::min(1.0, 2.0 / (d.square().mean().sqrt().item<double>() + std::numeric_limits<float>::min())))
+            .clamp(-10.0, 10.0);
+    rp.p = rp.p - lr * d;
+  }
+}
+
+TEST(Kron, MatchesSpecReferenceInFloat64) {
+  torch::manual_seed(0);
+  // (5, 4): 25 > 20 makes axis 0 diagonal, axis 1 dense; (3,): one diagonal factor.
+  std::vector<torch::Tensor> params{torch::randn({5, 4}, torch::kFloat64), torch::randn({3}, torch::kFloat64)};
+  std::vector<RefParam> ref;
+  ref.push_back({params[0].clone(),
+                 torch::zeros({5, 4}, torch::kFloat64),
+                 {torch::ones({5}, torch::kFloat64), torch::eye(4, torch::kFloat64)},
+                 {0.0, 0.0}});
+  ref.push_back({params[1].clone(), torch::zeros({3}, torch::kFloat64), {torch::ones({3}, torch::kFloat64)}, {0.0}});
+  const auto grads = make_grads(params, 20);
+  optim::Kron opt(params, optim::KronOptions(0.01).seed(11));
+  run(opt, params, grads);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    reference_step(ref, grads[t], static_cast<int64_t>(t), 0.01, gen);
+  }
+  expect_close_within(params, {ref[0].p, ref[1].p}, 1e-12, 1e-12, "kron fp64");
+  EXPECT_TRUE(torch::equal(opt.rng_state(), gen.get_state()));
+}
+
+TEST(Kron, LayoutAndStateShapes) {
+  common::psgd::LayoutOptions layout;
+  EXPECT_EQ(common::psgd::factor_layout({5, 9}, layout), (std::vector<bool>{true, false}));
+  EXPECT_EQ(common::psgd::factor_layout({}, layout), (std::vector<bool>{false}));
+  layout.memory_save_mode = common::psgd::MemorySaveMode::OneDiag;
+  EXPECT_EQ(common::psgd::factor_layout({4, 4, 2}, layout), (std::vector<bool>{true, false, true}));
+  std::vector<torch::Tensor> params{torch::randn({5, 9}), torch::randn({})};
+  optim::Kron opt(params, optim::KronOptions(0.01));
+  run(opt, params, make_grads(params, 1));
+  const auto& s = static_cast<const optim::KronParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+  EXPECT_EQ(s.Q().numel(), 25 + 9);
+  EXPECT_EQ(s.L().numel(), 2);
+  EXPECT_EQ(s.Q().scalar_type(), torch::kFloat32);
+}
+
+TEST(Kron, StrictSpikeSkipLeavesEverythingUntouched) {
+  std::vector<torch::Tensor> params{torch::randn({4, 3}), torch::randn({5})};
+  optim::Kron opt(params, optim::KronOptions(0.05).raw_global_grad_clip(1.0).permissive_spike_protection(false));
+  auto small = make_grads(params, 2);
+  for (auto& step : small) {
+    for (auto& g : step) {
+      g = g * 0.01;
+    }
+  }
+  run(opt, params, small);
+  const auto before = clone_all(params);
+  const auto rng = opt.rng_state().clone();
+  const auto& s = static_cast<const optim::KronParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+  const auto q = s.Q().clone();
+  const auto mu = s.mu().clone();
+  run(opt, params, make_grads(params, 1, 9));  // norm ~ 4 > 1: a spike
+  expect_bitwise_equal(params, before);
+  EXPECT_TRUE(torch::equal(opt.rng_state(), rng));
+  EXPECT_TRUE(torch::equal(s.Q(), q));
+  EXPECT_TRUE(torch::equal(s.mu(), mu));
+  EXPECT_EQ(s.step().item<double>(), 2.0);
+}
+
+TEST(Kron, EveryGeometryRunsAndDiffers) {
+  std::vector<torch::Tensor> finals;
+  for (const std::string mode : {"Q0.5EQ1.5", "EQ", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER"}) {
+    torch::manual_seed(0);
+    std::vector<torch::Tensor> params{torch::randn({4, 4}, torch::kFloat64)};
+    optim::Kron opt(params, optim::KronOptions(0.05).preconditioner_mode(mode).seed(1));
+    run(opt, params, make_grads(params, 5));
+    const auto& s = static_cast<const optim::KronParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+    ASSERT_TRUE(torch::isfinite(s.Q()).all().item<bool>()) << mode;
+    for (const auto& other : finals) {
+      EXPECT_GT((other - s.Q()).abs().max().item<double>(), 1e-6) << mode;
+    }
+    finals.push_back(s.Q().clone());
+  }
+}
+
+TEST(Kron, CheckpointRoundTrip) {
+  std::vector<torch::Tensor> params{torch::randn({6, 5}), torch::randn({7}), torch::randn({2, 3, 4})};
+  const auto options = optim::KronOptions(0.01)
+                           .weight_decay(0.1)
+                           .preconditioner_update_probability(0.7)
+                           .memory_save_mode("one_diag")
+                           .raw_global_grad_clip(50.0)
+                           .mu_dtype(torch::kBFloat16)
+                           .preconditioner_mode("QUAD")
+                           .grad_clip_mode("global_rms")
+                           .use_magma(true)
+                           .seed(3);
+  check_checkpoint_round_trip<optim::Kron, optim::KronOptions, optim::KronParamState>(
+      options, optim::KronOptions(0.5).seed(8), params, 4, 4);
+}
+
+TEST(Kron, LRSchedulerDrivesLr) {
+  std::vector<torch::Tensor> params{torch::randn({3, 3})};
+  optim::Kron opt(params, optim::KronOptions(0.1));
+  torch::optim::StepLR scheduler(opt, 1, 0.5);
+  run(opt, params, make_grads(params, 1));
+  scheduler.step();  // LibTorch's StepLR counts its first call as epoch 0
+  scheduler.step();
+  EXPECT_DOUBLE_EQ(opt.param_groups()[0].options().get_lr(), 0.05);
+}
+
+TEST(Kron, BadOptionsNameTheArgument) {
+  const std::vector<torch::Tensor> params{torch::randn({3, 3})};
+  using optim::Kron;
+  using optim::KronOptions;
+  expect_throws_mentioning([&] { Kron(params, KronOptions(-1.0)); }, "lr");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().b1(1.0)); }, "b1");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().preconditioner_mode("QEQ")); }, "preconditioner_mode");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().memory_save_mode("x")); }, "memory_save_mode");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().grad_clip_mode("x")); }, "grad_clip_mode");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().preconditioner_update_probability(2.0)); },
+                           "preconditioner_update_probability");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().preconditioner_lr(0.0)); }, "preconditioner_lr");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().raw_global_grad_clip(-1.0)); }, "raw_global_grad_clip");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().whiten_grad(false).b1(0.0)); }, "whiten_grad");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().newton_schulz_iters(0)); }, "newton_schulz_iters");
+  expect_throws_mentioning([&] { Kron(params, KronOptions().grad_clip_max_amps(std::make_tuple(0.0, 1.0))); },
+                           "grad_clip_max_amps");
+}
+
+}  // namespace

@@ -1,0 +1,378 @@
+"""PSGD Kron (rollfast's ``kron``): a Kronecker-factored Lie-group
+preconditioner per tensor, one dense or diagonal factor per axis."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+from ._base import (
+    FusedOptimizer,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_state_dtype,
+    draw_seed,
+    is_dtensor,
+    lr_tensor,
+)
+from .prism import _clip_amps
+
+_MODES = ("EQ", "Q0.5EQ1.5", "Q0p5EQ1p5", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER")
+_MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+_CLIP_MODES = ("per_tensor_rms", "global_rms")
+
+
+def precond_update_prob_schedule(
+    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001, flat_start: float = 500.0
+) -> Callable[[Any], Any]:
+    """rollfast's schedule p(n) = clamp(exp(-decay (n - flat_start)), min_prob,
+    max_prob) of the 1-based step n. Works on tensors (no host sync), so a
+    compiled step stays one graph. The default (``None``) is this schedule with
+    its defaults, evaluated inside the op."""
+
+    def schedule(n: Any) -> Any:
+        n = torch.as_tensor(n, dtype=torch.float64)
+        return torch.clamp(torch.exp(-decay * (n - flat_start)), min_prob, max_prob)
+
+    return schedule
+
+
+def _math_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class Kron(FusedOptimizer):
+    """PSGD Kron (argument names and defaults of rollfast's ``kron``, with ``lr``
+    as the learning rate; math in docs/design.md and rollfast.md §2).
+
+    Per param group and step (t = step count before this step, g = grad):
+
+    - optional raw global clip of the group's grads (``raw_global_grad_clip``
+      c): a spike ``||g|| > c`` scales them by ``c / ||g||``; it skips the step
+      instead when ``permissive_spike_protection=False``, or when the update
+      probability p is below 1 (rollfast: permissive protection only holds
+      during the flat start). A skipped step changes nothing: params, every
+      state tensor, step counts and the generator stay as they were;
+    - momentum ``m = (1 - beta) g + beta m`` with ``beta = min(t / (1 + t), b1)``
+      (none when ``b1 == 0``);
+    - on a param's first step its factors are set to ``s^(1/k) I`` (k factors)
+      with ``s = preconditioner_init_scale`` or, when None, rollfast's lazy
+      ``(max over the group's new params of mean |g|^4 + damping^4)^(-1/8)``;
+    - with probability p (``preconditioner_update_probability``: None = the
+      default schedule ``clamp(exp(-0.001 (n - 500)), 0.03, 1)`` of the 1-based
+      step n, a float, or a callable of the step tensor, e.g.
+      :func:`precond_update_prob_schedule`) the factors take one
+      Lipschitz-normalized step of ``preconditioner_mode`` ("Q0.5EQ1.5"
+      default, "EQ", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER") fitted on g
+      (``whiten_grad=True``) or m, with noise ``(damping + eps |G|) V``;
+      with probability 0.01 the factor norms are then balanced;
+    - ``d = P m`` (``P g`` without momentum), with the new factors when
+      ``update_preconditioner_first``;
+    - post-clip ``grad_clip_max_amps=(a_rms, a_el)``: ``per_tensor_rms``
+      (``d *= min(1, a_rms / (rms(d) + tiny))``, clamp to ``±a_el``) or
+      ``global_rms`` (one factor over the group, no element cap); None: off;
+    - ``p -= lr * (d + weight_decay * p)`` (Magma, when on, scales this).
+
+    Factors: axis i of a param gets a dense ``d_i x d_i`` factor unless
+    ``d_i <= 1``, ``d_i > max_size_triangular``, ``d_i^2 > max_skew_triangular *
+    numel``, ``ndim < min_ndim_triangular`` or ``memory_save_mode`` ("one_diag":
+    the largest axis; "all_diag": all) makes it diagonal. Every param is
+    preconditioned (no AdamW fallback); 0-d params have one scalar factor.
+
+    State per param: ``Q`` (all factors flattened back to back, in
+    ``precond_dtype``, default float32), ``L`` (one Lipschitz estimate per
+    factor), ``mu`` (``mu_dtype``, default float32; bf16 is stored with
+    stochastic rounding), ``magma_score`` with ``use_magma``, ``step``. Math is
+    float32 (float64 for float64 params). The generator (``seed``; None draws
+    one from torch's default generator) is one ``torch.Generator`` state per
+    optimizer, kept in every param group as ``rng_state`` (the same tensor) and
+    saved with ``state_dict``; the order of its draws is documented in
+    ``csrc/include/torchopt_ext/functional/kron.h``. The group's step is its
+    first param's count. NaN/Inf grads propagate (a NaN norm is no spike).
+    """
+
+    _op = "kron_step_"
+    _state_keys = ("mu", "Q", "L", "magma_score")
+    _scalar_state_keys = ("magma_score",)
+    _whole_tensor_op = True  # factors act on whole axes
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, torch.Tensor] = 1e-3,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: Union[None, float, Callable[[Any], Any]] = None,
+        max_size_triangular: int = 8192,
+        max_skew_triangular: float = 1.0,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: Optional[str] = None,
+        whiten_grad: bool = True,
+        update_preconditioner_first: bool = True,
+        preconditioner_lr: float = 0.1,
+        preconditioner_init_scale: Optional[float] = None,
+        mu_dtype: Optional[torch.dtype] = None,
+        precond_dtype: Optional[torch.dtype] = None,
+        preconditioner_mode: str = "Q0.5EQ1.5",
+        beta_lipschitz: float = 0.9,
+        track_lipschitz: bool = True,
+        damping: float = 1e-9,
+        grad_clip_max_amps: Any = (2.0, 10.0),
+        grad_clip_mode: str = "per_tensor_rms",
+        raw_global_grad_clip: Optional[float] = None,
+        permissive_spike_protection: bool = True,
+        newton_schulz_iters: int = 5,
+        use_magma: bool = False,
+        magma_p: float = 0.5,
+        magma_tau: float = 2.0,
+        seed: Optional[int] = None,
+        *,
+        maximize: bool = False,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        seed = draw_seed(seed, True)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            preconditioner_update_probability=preconditioner_update_probability,
+            max_size_triangular=max_size_triangular,
+            max_skew_triangular=max_skew_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            whiten_grad=whiten_grad,
+            update_preconditioner_first=update_preconditioner_first,
+            preconditioner_lr=preconditioner_lr,
+            preconditioner_init_scale=preconditioner_init_scale,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+            state_dtype=mu_dtype,
+            preconditioner_mode=preconditioner_mode,
+            beta_lipschitz=beta_lipschitz,
+            track_lipschitz=track_lipschitz,
+            damping=damping,
+            grad_clip_max_amps=grad_clip_max_amps,
+            grad_clip_mode=grad_clip_mode,
+            raw_global_grad_clip=raw_global_grad_clip,
+            permissive_spike_protection=permissive_spike_protection,
+            newton_schulz_iters=newton_schulz_iters,
+            use_magma=use_magma,
+            magma_p=magma_p,
+            magma_tau=magma_tau,
+            maximize=maximize,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            # One generator per optimizer: every group holds this same tensor.
+            rng_state=generator.get_state(),
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("b1 value", group["b1"], 0.0, 1.0)
+        check_non_negative("weight_decay value", group["weight_decay"])
+        prob = group["preconditioner_update_probability"]
+        if prob is not None and not callable(prob):
+            if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+                raise ValueError(
+                    "Invalid preconditioner_update_probability: must be None, a float in [0, 1] or a callable "
+                    f"of the step, got {prob!r}"
+                )
+        for name in ("max_size_triangular", "min_ndim_triangular"):
+            value = group[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Invalid {name}: must be an int >= 0, got {value!r}")
+        check_non_negative("max_skew_triangular value", group["max_skew_triangular"])
+        if group["memory_save_mode"] not in _MEMORY_SAVE_MODES:
+            raise ValueError(
+                f"Invalid memory_save_mode: must be one of {_MEMORY_SAVE_MODES}, got {group['memory_save_mode']!r}"
+            )
+        if not group["whiten_grad"] and group["b1"] == 0:
+            raise ValueError("Invalid whiten_grad=False: fitting on the momentum needs b1 > 0")
+        if not (math.isfinite(group["preconditioner_lr"]) and group["preconditioner_lr"] > 0):
+            raise ValueError(f"Invalid preconditioner_lr: must be > 0, got {group['preconditioner_lr']}")
+        scale = group["preconditioner_init_scale"]
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"Invalid preconditioner_init_scale: must be None or > 0, got {scale}")
+        check_state_dtype(group["mu_dtype"])
+        check_state_dtype(group["precond_dtype"])
+        group["state_dtype"] = group["mu_dtype"]
+        if group["preconditioner_mode"] not in _MODES:
+            raise ValueError(
+                f"Invalid preconditioner_mode: must be one of {_MODES}, got {group['preconditioner_mode']!r}"
+            )
+        check_range("beta_lipschitz value", group["beta_lipschitz"], 0.0, 1.0)
+        check_non_negative("damping value", group["damping"])
+        _clip_amps(group["grad_clip_max_amps"])
+        if group["grad_clip_mode"] not in _CLIP_MODES:
+            raise ValueError(f"Invalid grad_clip_mode: must be one of {_CLIP_MODES}, got {group['grad_clip_mode']!r}")
+        clip = group["raw_global_grad_clip"]
+        if clip is not None and not clip > 0:
+            raise ValueError(f"Invalid raw_global_grad_clip: must be None or > 0, got {clip}")
+        iters = group["newton_schulz_iters"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or not 1 <= iters < 100:
+            raise ValueError(f"Invalid newton_schulz_iters: must be an int in [1, 100), got {iters!r}")
+        check_range("magma_p value", group["magma_p"], 0.0, 1.0, high_inclusive=True)
+        if not group["magma_tau"] > 0:
+            raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
+        if group["use_magma"] and group["b1"] == 0:
+            raise ValueError("Invalid use_magma=True: Magma needs momentum (b1 > 0)")
+
+    # -- state ------------------------------------------------------------------
+
+    def _layout(self, p: torch.Tensor, group: dict[str, Any]) -> list[int]:
+        return list(
+            torch.ops.torchopt_ext.kron_factor_layout(
+                list(p.shape),
+                max_size_triangular=group["max_size_triangular"],
+                max_skew_triangular=float(group["max_skew_triangular"]),
+                min_ndim_triangular=group["min_ndim_triangular"],
+                memory_save_mode=group["memory_save_mode"],
+            )
+        )
+
+    def _state_shape(self, p: torch.Tensor, key: str) -> Optional[tuple[int, ...]]:
+        if key == "mu":
+            return tuple(p.shape)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        dense = self._layout(p, group)
+        if key == "L":
+            return (len(dense),)
+        if p.dim() == 0:
+            return (1,)
+        return (sum(d * d if flag else d for d, flag in zip(p.shape, dense)),)
+
+    def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
+        if key == "mu":
+            return group["mu_dtype"] or _math_dtype(p)
+        if key == "Q":
+            return group["precond_dtype"] or _math_dtype(p)
+        return _math_dtype(p)
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        if key == "mu":
+            # zeros_like keeps a DTensor param's mesh and placements.
+            return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.preserve_format)
+        shape = self._state_shape(p, key)
+        # Zeros: the op sets the factors on the param's first step.
+        zeros = torch.zeros(shape, dtype=self._state_dtype(p, group, key), device=p.device)
+        if is_dtensor(p):
+            # The flat factors are sharded with the param's placements (as
+            # Adafactor's factored state), so DCP reshards them like any
+            # DTensor; the step gathers them whole (_whole_tensor_op).
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(zeros, p.device_mesh, p.placements, src_data_rank=None)
+        return zeros
+
+    def _init_group(self, group, params, grads, state_steps, mus, qs, ls, magma_scores):
+        name = type(self).__name__
+        unwrap, unwrap_input = self._unwrappers()
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{name} does not support complex parameters")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            for key in ("Q", "L"):
+                if key not in state:
+                    state[key] = self._new_state(p, group, key)
+            qs.append(unwrap(state["Q"]))
+            ls.append(unwrap(state["L"]))
+            if group["b1"] > 0:
+                if "mu" not in state:
+                    state["mu"] = self._new_state(p, group, "mu")
+                mus.append(unwrap(state["mu"]))
+            if group["use_magma"]:
+                if "magma_score" not in state:  # also when Magma is turned on later
+                    state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                magma_scores.append(state["magma_score"])
+            params.append(unwrap(p))
+            grads.append(unwrap_input(p.grad))
+            state_steps.append(state["step"])
+
+    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            rng_state=group["rng_state"],
+            b1=group["b1"],
+            weight_decay=group["weight_decay"],
+            max_size_triangular=group["max_size_triangular"],
+            max_skew_triangular=float(group["max_skew_triangular"]),
+            min_ndim_triangular=group["min_ndim_triangular"],
+            memory_save_mode=group["memory_save_mode"],
+            whiten_grad=group["whiten_grad"],
+            update_preconditioner_first=group["update_preconditioner_first"],
+            preconditioner_lr=group["preconditioner_lr"],
+            preconditioner_init_scale=group["preconditioner_init_scale"],
+            preconditioner_mode=group["preconditioner_mode"],
+            beta_lipschitz=group["beta_lipschitz"],
+            track_lipschitz=group["track_lipschitz"],
+            damping=group["damping"],
+            grad_clip_max_amps=_clip_amps(group["grad_clip_max_amps"]),
+            grad_clip_mode=group["grad_clip_mode"],
+            raw_global_grad_clip=group["raw_global_grad_clip"],
+            permissive_spike_protection=group["permissive_spike_protection"],
+            newton_schulz_iters=group["newton_schulz_iters"],
+            maximize=group["maximize"],
+            use_magma=group["use_magma"],
+            magma_p=group["magma_p"],
+            magma_tau=group["magma_tau"],
+        )
+
+    @staticmethod
+    def _update_probability(group: dict[str, Any], state_steps: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        prob = group["preconditioner_update_probability"]
+        if prob is None:
+            return None  # the default schedule, evaluated in the op
+        if callable(prob):
+            # A tensor of the 1-based step: no host sync, compiles into the graph.
+            return torch.as_tensor(prob(state_steps[0] + 1), dtype=torch.float64).reshape(())
+        return torch.tensor(float(prob), dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
+        for group in self.param_groups:
+            params, grads, state_steps, mus, qs, ls, magma_scores = [], [], [], [], [], [], []
+            self._init_group(group, params, grads, state_steps, mus, qs, ls, magma_scores)
+            if not params:
+                continue
+            torch.ops.torchopt_ext.kron_step_(
+                params,
+                grads,
+                mus,
+                qs,
+                ls,
+                magma_scores,
+                state_steps,
+                lr_tensor(group),
+                update_probability=self._update_probability(group, state_steps),
+                stochastic_rounding=group["stochastic_rounding"],
+                seed=group["seed"],
+                **self._op_kwargs(group),
+                **amp,
+            )
+            self._whole_tensors.write_back()
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self.param_groups:
+            self.param_groups[-1]["rng_state"] = self.param_groups[0]["rng_state"]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # One generator per optimizer: every group shares the first group's state.
+        shared = self.param_groups[0]["rng_state"]
+        for group in self.param_groups:
+            group["rng_state"] = shared
