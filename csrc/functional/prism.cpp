@@ -14,6 +14,7 @@
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
 
 namespace torchopt_ext::functional {
@@ -74,10 +75,11 @@ at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double 
 
 void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
-                 double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
-                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
-                 std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov, bool shape_nesterov,
-                 bool bias_correction, c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
+                 double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view ns_preset,
+                 at::IntArrayRef matrix_dims, c10::string_view mode, c10::string_view preconditioning,
+                 int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram, std::optional<double> gamma_l,
+                 std::optional<double> gamma_r, bool nesterov, bool shape_nesterov, bool bias_correction,
+                 c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
                  std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                  std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
                  double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
@@ -102,8 +104,9 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   check_hyperparameter(op, "gamma_l", g_l, std::isfinite(g_l) && g_l >= 0.0, ">= 0");
   check_hyperparameter(op, "gamma_r", g_r, std::isfinite(g_r) && g_r >= 0.0, ">= 0");
   common::NewtonSchulzOptions ns;
-  ns.coefficients = common::ns_coefficients_from_flat(ns_coeffs.vec(), "ns_coeffs");
   ns.steps = ns_iters;
+  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
+  ns.coefficients = common::resolve_ns_coefficients(std::string(ns_preset), ns_coeffs.vec(), ns_iters, "ns_coeffs");
   // rollfast's quintic NS: X / (|X|_F + 1e-8).
   ns.eps = 1e-8;
   ns.eps_clamp = false;
@@ -130,9 +133,12 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
+  const auto specs = common::decode_matrix_dims(matrix_dims, params.size(), "matrix_dims");
+  std::vector<common::MatrixLayout> layouts;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
+    TORCH_CHECK_VALUE(specs[i] || params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
                       " dims; PRISM shapes matrices (route other tensors to the AdamW fallback)");
+    layouts.push_back(common::matrix_layout(params[i].sizes(), specs[i], "matrix_dims"));
   }
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
@@ -199,25 +205,47 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
       target = m;
     }
     const at::Tensor innovation = g - m;
-    const int64_t rows = param.size(0);
-    const at::Tensor M = target.reshape({rows, -1});
-    const at::Tensor D = innovation.reshape({rows, -1});
-    const int64_t cols = M.size(1);
+    // (rows, cols) matrices, or (batch, rows, cols) under a spec.
+    const auto& layout = layouts[i];
+    const at::Tensor M = common::to_matrices(target, layout);
+    const at::Tensor D = common::to_matrices(innovation, layout);
+    const int64_t cols = layout.cols;
     at::Tensor update;
     if (bidirectional) {
       const auto dtype = ns_dtype.value_or(math);
-      update = prism_bidirectional(M.to(dtype), D.to(dtype), g_l, g_r, inv_steps, inv_eps, inv_scale, eps_gram);
+      auto shape = [&](const at::Tensor& m2, const at::Tensor& d2) {
+        return prism_bidirectional(m2.to(dtype), d2.to(dtype), g_l, g_r, inv_steps, inv_eps, inv_scale, eps_gram);
+      };
+      if (layout.batched) {
+        std::vector<at::Tensor> outs;
+        for (int64_t b = 0; b < layout.batch; ++b) {
+          outs.push_back(shape(M.select(0, b), D.select(0, b)));
+        }
+        update = outs.empty() ? at::empty_like(M, M.options().dtype(dtype)) : at::stack(outs);
+      } else {
+        update = shape(M, D);
+      }
     } else {
-      // [M, gamma D] along the input features; the first `cols` columns.
-      update = common::newton_schulz(at::cat({M, D * gamma}, 1), ns).narrow(1, 0, cols);
+      // [M, gamma D] along the input features (reduction axes); the first `cols` columns.
+      update = common::newton_schulz(at::cat({M, D * gamma}, -1), ns).narrow(-1, 0, cols);
     }
-    update = update.to(math).reshape(param.sizes());
+    update = update.to(math);
     if (nesterov && !shape_nesterov) {
-      update = lookahead(update);
+      const at::Tensor g_mat = common::to_matrices(g, layout);
+      update = ema ? at::lerp(g_mat, update, b1) : update * b1 + g_mat;
     }
     if (post_clip) {
-      common::clip_update_per_tensor_rms_(update, *post_clip);
+      // Per matrix: a spec'd param's matrices are clipped independently.
+      if (layout.batched) {
+        for (int64_t b = 0; b < layout.batch; ++b) {
+          at::Tensor slice = update.select(0, b);
+          common::clip_update_per_tensor_rms_(slice, *post_clip);
+        }
+      } else {
+        common::clip_update_per_tensor_rms_(update, *post_clip);
+      }
     }
+    update = common::from_matrices(update, layout, param.sizes());
     // -lr (u + lambda p); Magma scales both (decay folded in before masking).
     double multiplier = 1.0;
     if (use_magma) {
@@ -234,6 +262,56 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     } else {
       param.mul_(decay);
       param.add_(update.to(param.scalar_type()), alpha);
+    }
+  }
+  group->finish();
+}
+
+void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
+                        double beta2, double eps, double weight_decay, bool maximize, bool stochastic_rounding,
+                        int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "prism_nadamw_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "beta1", beta1, beta1 >= 0.0 && beta1 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "beta2", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  auto group =
+      common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
+                                           state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  for (size_t i = 0; i < group->params.size(); ++i) {
+    at::Tensor& param = group->params[i];
+    at::Tensor& exp_avg = group->state[0][i];
+    at::Tensor& exp_avg_sq = group->state[1][i];
+    const auto math = exp_avg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor g = group->grads[i].to(math);
+    if (group->amp.grad_scale) {
+      g = g / *group->amp.grad_scale;
+    }
+    if (maximize) {
+      g = g.neg();
+    }
+    const at::Tensor m = at::lerp(exp_avg.to(math), g, 1.0 - beta1);
+    const at::Tensor v = exp_avg_sq.to(math) * beta2 + g.square() * (1.0 - beta2);
+    exp_avg.copy_(m);
+    exp_avg_sq.copy_(v);
+    const double t = group->steps[i];
+    const at::Tensor m_hat =
+        m * (beta1 / (1.0 - std::pow(beta1, t + 1.0))) + g * ((1.0 - beta1) / (1.0 - std::pow(beta1, t)));
+    const at::Tensor update = m_hat / ((v / (1.0 - std::pow(beta2, t))).sqrt() + eps);
+    const double decay = 1.0 - group->lr * weight_decay;
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(param, update.contiguous(), decay, -group->lr, stochastic_rounding,
+                                              stream);
+    } else {
+      param.mul_(decay);
+      param.add_(update.to(param.scalar_type()), -group->lr);
     }
   }
   group->finish();

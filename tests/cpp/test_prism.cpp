@@ -151,6 +151,37 @@ TEST(PRISM, NonMatricesTakeTheAdamWFallback) {
   expect_close({params[1]}, vec);
 }
 
+// rollfast §3.4 with nesterov, written here in float64: Nesterov-corrected
+// first moment, bias-corrected second moment, decoupled decay.
+TEST(PRISM, AdamNesterovFallbackMatchesReference) {
+  torch::manual_seed(5);
+  std::vector<torch::Tensor> params{torch::randn({6}, torch::kFloat64), torch::randn({2, 3, 4}, torch::kFloat64)};
+  auto ref = std::vector<torch::Tensor>{params[0].clone(), params[1].clone()};
+  std::vector<torch::Tensor> m{torch::zeros_like(ref[0]), torch::zeros_like(ref[1])};
+  std::vector<torch::Tensor> v{torch::zeros_like(ref[0]), torch::zeros_like(ref[1])};
+  const double lr = 0.003, b1 = 0.8, b2 = 0.99, eps = 1e-8, wd = 0.1;
+  optim::PRISM opt(params, optim::PRISMOptions(lr)
+                               .weight_decay(wd)
+                               .adam_betas(std::make_tuple(b1, b2))
+                               .adam_nesterov(true)
+                               .mu_dtype(at::kDouble));
+  for (int t = 1; t <= 20; ++t) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto g = torch::randn_like(params[i]);
+      params[i].mutable_grad() = g;
+      m[i] = (1 - b1) * g + b1 * m[i];
+      v[i] = (1 - b2) * g * g + b2 * v[i];
+      const auto m_hat = b1 * m[i] / (1 - std::pow(b1, t + 1)) + (1 - b1) * g / (1 - std::pow(b1, t));
+      const auto u = m_hat / ((v[i] / (1 - std::pow(b2, t))).sqrt() + eps);
+      ref[i] = ref[i] - lr * (u + wd * ref[i]);
+    }
+    opt.step();
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_LT((params[i] - ref[i]).abs().max().item<double>(), 1e-12);
+  }
+}
+
 TEST(PRISM, CheckpointRoundTrip) {
   std::vector<torch::Tensor> params{torch::randn({6, 5}), torch::randn({7}), torch::randn({5, 9})};
   const auto options = optim::PRISMOptions(0.01)
@@ -162,6 +193,7 @@ TEST(PRISM, CheckpointRoundTrip) {
                            .raw_global_grad_clip(50.0)
                            .momentum_accumulator("heavy_ball")
                            .adam_lr(0.003)
+                           .adam_nesterov(true)
                            .initial_lr(0.01)
                            .use_magma(true)
                            .seed(3);

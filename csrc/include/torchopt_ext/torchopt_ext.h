@@ -2,6 +2,7 @@
 #pragma once
 
 #include "torchopt_ext/common/clipping.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
 #include "torchopt_ext/functional/adafactor.h"
 #include "torchopt_ext/functional/adam.h"
