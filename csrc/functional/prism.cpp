@@ -81,9 +81,9 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
                  std::optional<double> gamma_r, bool nesterov, bool shape_nesterov, bool bias_correction,
                  c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
                  std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
-                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
-                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& raw_grad_norm, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                 bool use_magma, double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "prism_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -154,7 +154,11 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   // Raw global clip over this call's grads (before maximize: the norm is sign-blind).
   double raw_scale = 1.0;
   if (raw_global_grad_clip) {
-    const auto clip = common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
+    const auto clip = raw_grad_norm
+                          ? common::raw_global_clip_from_norm(
+                                group->amp.grad_scale ? *raw_grad_norm / *group->amp.grad_scale : *raw_grad_norm,
+                                *raw_global_grad_clip, permissive_spike_protection)
+                          : common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
     if (clip.skip) {
       // Strict protection: nothing changes, the step counters included
       // (rollfast 1.1 restores the whole state on a skip).

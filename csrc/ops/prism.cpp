@@ -12,7 +12,8 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "str preconditioning='frobenius', int inv_steps=6, float inv_eps=1e-5, float inv_scale=1.001, "
       "float eps_gram=1e-6, float? gamma_l=None, float? gamma_r=None, bool nesterov=True, bool shape_nesterov=True, "
       "bool bias_correction=False, str momentum_accumulator='ema', float[] grad_clip_max_amps=[2.0, 10.0], "
-      "float? raw_global_grad_clip=None, bool permissive_spike_protection=True, ScalarType? ns_dtype=None, "
+      "float? raw_global_grad_clip=None, bool permissive_spike_protection=True, Tensor? raw_grad_norm=None, "
+      "ScalarType? ns_dtype=None, "
       "bool maximize=False, bool use_magma=False, float magma_p=0.5, float magma_tau=2.0, "
       "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(

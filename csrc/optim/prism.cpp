@@ -251,9 +251,9 @@ void PRISM::matrix_step(PRISMOptions& options, MatrixGroupLists& lists) {
       options.ns_preset(), lists.matrix_dims, options.mode(), options.preconditioning(), options.inv_steps(),
       options.inv_eps(), options.inv_scale(), options.eps_gram(), options.gamma_l(), options.gamma_r(),
       options.nesterov(), options.shape_nesterov(), options.bias_correction(), options.momentum_accumulator(), amps,
-      options.raw_global_grad_clip(), options.permissive_spike_protection(), options.ns_dtype(), options.maximize(),
-      options.use_magma(), options.magma_p(), options.magma_tau(), options.stochastic_rounding(), options.seed(),
-      std::nullopt, std::nullopt);
+      options.raw_global_grad_clip(), options.permissive_spike_protection(), raw_grad_norm_, options.ns_dtype(),
+      options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(), options.stochastic_rounding(),
+      options.seed(), std::nullopt, std::nullopt);
 }
 
 void PRISM::fallback_step(PRISMOptions& options, MatrixGroupLists& lists) {
@@ -266,6 +266,25 @@ void PRISM::fallback_step(PRISMOptions& options, MatrixGroupLists& lists) {
                                  lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1,
                                  beta2, options.adam_eps(), options.weight_decay(), options.maximize(),
                                  options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+}
+
+void PRISM::before_groups() {
+  raw_grad_norm_.reset();
+  std::vector<at::Tensor> grads;
+  for (auto& group : param_groups_) {
+    const auto& options = options_of(group);
+    if (!options.raw_global_grad_clip()) {
+      continue;
+    }
+    for (const auto& param : group.params()) {
+      if (param.grad().defined() && routes_to_matrix(options, param)) {
+        grads.push_back(param.grad());
+      }
+    }
+  }
+  if (!grads.empty()) {
+    raw_grad_norm_ = common::global_l2_norm(grads);
+  }
 }
 
 }  // namespace torchopt_ext::optim

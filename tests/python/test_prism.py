@@ -264,3 +264,38 @@ def test_adam_nesterov_fallback_matches_reference(dtype):
 def test_adam_nesterov_rejects_non_bool():
     with pytest.raises(ValueError, match="adam_nesterov"):
         tox.PRISM([torch.randn(3)], adam_nesterov="yes")
+
+
+def test_raw_global_clip_spans_all_groups():
+    # Each group's grads alone stay under the threshold; together they spike.
+    # One norm over both groups: the same result as one group with all params.
+    torch.manual_seed(11)
+    shapes = [(6, 5), (4, 7)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) * 3 for s in shapes] for _ in range(4)]
+    norms = [max(float(g.norm()) for g in step) for step in grads]
+    joint = [float(torch.stack([g.norm() for g in step]).norm()) for step in grads]
+    clip = 0.5 * (max(norms) + min(joint))
+    assert max(norms) < clip < min(joint)
+
+    def run(make):
+        params = [p.clone() for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    kw = dict(lr=0.02, ns_dtype=torch.float64, raw_global_grad_clip=clip)
+    split, _ = run(lambda ps: tox.PRISM([dict(params=[ps[0]]), dict(params=[ps[1]])], **kw))
+    joined, _ = run(lambda ps: tox.PRISM(ps, **kw))
+    unclipped, _ = run(lambda ps: tox.PRISM(ps, **{**kw, "raw_global_grad_clip": None}))
+    assert _max_err(split, joined) < 1e-13
+    assert _max_err(split, unclipped) > 1e-6  # the clip did bind
+    # Strict protection skips every group on a joint spike.
+    strict, opt = run(
+        lambda ps: tox.PRISM([dict(params=[ps[0]]), dict(params=[ps[1]])], permissive_spike_protection=False, **kw)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(strict, start))
+    assert all(float(opt.state[p]["step"]) == 0 for p in strict)

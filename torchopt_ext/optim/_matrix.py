@@ -164,6 +164,10 @@ class MatrixOptimizer(FusedOptimizer):
     def _adam_weight_decay(self, group: dict[str, Any]) -> float:
         return group["weight_decay"]
 
+    def _shared_op_kwargs(self) -> dict[str, Any]:
+        """Op keyword arguments computed once per step over all groups."""
+        return {}
+
     def _fallback_step(self, group: dict[str, Any]) -> Callable[..., None]:
         """The non-matrix branch's step function (AdamW; PRISM may pick NAdamW)."""
         return adamw_fallback_step
@@ -225,6 +229,7 @@ class MatrixOptimizer(FusedOptimizer):
         loss = self._run_closure(closure)
         amp = self._amp_args()
         op = getattr(torch.ops.torchopt_ext, self._op)
+        shared = self._shared_op_kwargs()
         for group in self.param_groups:
             lists = [[] for _ in range(11)]
             self._init_group(group, *lists)
@@ -243,6 +248,7 @@ class MatrixOptimizer(FusedOptimizer):
                     state_steps,
                     lr,
                     matrix_dims=matrix_dims,
+                    **shared,
                     **self._op_kwargs(group),
                     **rounding,
                     **amp,

@@ -14,6 +14,8 @@ from ._base import (
     check_range,
     check_state_dtype,
     draw_seed,
+    is_dtensor,
+    sharded_sum_of_squares,
 )
 from ._matrix import MatrixOptimizer
 from .muon import _coefficient_args
@@ -48,7 +50,8 @@ class PRISM(MatrixOptimizer):
     ``lr`` as the learning rate).
 
     Matrix params, per step (t = step count, beta = ``b1``): optional raw global
-    clip of this group's PRISM grads (``raw_global_grad_clip``: a spike
+    clip (``raw_global_grad_clip``; one norm per step over the PRISM grads of
+    every group that sets it, compared with each group's threshold: a spike
     ``||g|| > c`` scales them by ``c / ||g||``; with
     ``permissive_spike_protection=False`` the step is skipped instead: params,
     momentum, Magma scores and step counts stay as they were); momentum
@@ -235,6 +238,29 @@ class PRISM(MatrixOptimizer):
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         dtype = group["mu_dtype"] or p.dtype
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _shared_op_kwargs(self) -> dict[str, Any]:
+        """The raw global norm over the PRISM grads of every group that sets
+        ``raw_global_grad_clip`` (rollfast's partition sees all PRISM leaves at
+        once), in float64; each such group compares it with its own threshold."""
+        grads = [
+            p.grad
+            for group in self.param_groups
+            if group["raw_global_grad_clip"] is not None
+            for i, p in enumerate(group["params"])
+            if p.grad is not None and self._is_matrix(group, p, i)
+        ]
+        if not grads:
+            return {}
+        plain = [g for g in grads if not is_dtensor(g)]
+        replicated = [g.to_local() for g in grads if is_dtensor(g) and not any(pl.is_shard() for pl in g.placements)]
+        total = torch.zeros((), dtype=torch.float64)
+        for g in plain + replicated:
+            total = total + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        sharded = sharded_sum_of_squares(grads)
+        if sharded is not None:
+            total = total + sharded
+        return {"raw_grad_norm": total.sqrt()}
 
     def _fallback_step(self, group: dict[str, Any]) -> Any:
         return _nadamw_fallback_step if group["adam_nesterov"] else super()._fallback_step(group)

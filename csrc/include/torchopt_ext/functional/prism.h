@@ -28,7 +28,9 @@ namespace torchopt_ext::functional {
 // reduction axes) and post-clipped on its own, as rollfast's vmap does.
 // grad_clip_max_amps: (a_rms, a_el) or empty (no post-clip).
 // raw_global_grad_clip: the spike threshold over this call's grads (nullopt:
-// off); a strict (non-permissive) skip leaves params, momentum, Magma scores
+// off), or over `raw_grad_norm` when given (the front ends pass the norm of
+// every param group's PRISM grads, scaled as the grads they pass: it is
+// divided by grad_scale here); a strict (non-permissive) skip leaves params, momentum, Magma scores
 // and step counters untouched. ns_dtype: dtype of the shaping iterations
 // (nullopt: the momentum math dtype; rollfast uses float32). Momentum math is
 // float32 (float64 for float64 buffers); bfloat16 buffers are stored with
@@ -41,9 +43,9 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
                  std::optional<double> gamma_r, bool nesterov, bool shape_nesterov, bool bias_correction,
                  c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
                  std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
-                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
-                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf);
+                 const std::optional<at::Tensor>& raw_grad_norm, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                 bool use_magma, double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
 // PRISM's NAdamW-style fallback (rollfast §3.4 with nesterov): per tensor,
 // m = lerp(m, g, 1 - b1), v = b2 v + (1 - b2) g^2 (fp32 math, fp64 for fp64

@@ -73,6 +73,7 @@ class MatrixOptimizer : public OptimizerBase<Options> {
   at::Tensor step(LossClosure closure = nullptr) override {
     torch::NoGradGuard no_grad;
     at::Tensor loss = this->run_closure(closure);
+    static_cast<Derived*>(this)->before_groups();
     for (auto& group : this->param_groups_) {
       auto& options = this->options_of(group);
       if (!options.initial_lr()) {  // a group added after construction
@@ -88,6 +89,9 @@ class MatrixOptimizer : public OptimizerBase<Options> {
     }
     return loss;
   }
+
+  // Runs once per step before the groups (a derived class may shadow it).
+  void before_groups() {}
 
   // The AdamW branch (a derived class may shadow this, e.g. PRISM's NAdamW form).
   void fallback_step(Options& options, MatrixGroupLists& lists) {

@@ -108,6 +108,12 @@ class PRISM : public MatrixOptimizer<PRISM, PRISMOptions, PRISMParamState> {
   static double adam_weight_decay(const PRISMOptions& options) { return options.weight_decay(); }
   void matrix_step(PRISMOptions& options, MatrixGroupLists& lists);
   void fallback_step(PRISMOptions& options, MatrixGroupLists& lists);
+  // The raw global norm over the PRISM grads of every group that sets
+  // raw_global_grad_clip (rollfast's partition sees all PRISM leaves at once).
+  void before_groups();
+
+ private:
+  std::optional<at::Tensor> raw_grad_norm_;
 };
 
 }  // namespace torchopt_ext::optim
