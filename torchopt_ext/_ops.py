@@ -180,6 +180,13 @@ def _kron_step_fake(params, grads, momentum_buffers, preconditioners, lipschitz,
     )
 
 
+@torch.library.register_fake("torchopt_ext::prism_nadamw_step_")
+def _prism_nadamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "prism_nadamw_step_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

@@ -33,9 +33,13 @@ at::Tensor global_l2_norm(at::TensorList tensors) {
 }
 
 RawClipResult raw_global_clip(at::TensorList grads, double max_norm, bool permissive) {
+  return raw_global_clip_from_norm(global_l2_norm(grads), max_norm, permissive);
+}
+
+RawClipResult raw_global_clip_from_norm(const at::Tensor& norm_tensor, double max_norm, bool permissive) {
   TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0, "raw_global_grad_clip must be > 0, got ", max_norm);
   RawClipResult result;
-  result.norm = global_l2_norm(grads);
+  result.norm = norm_tensor;
   // One host read (see the header): the skip decision gates every state write.
   const double norm = result.norm.item<double>();
   result.spike = norm > max_norm;

@@ -4,8 +4,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
+#include <limits>
+#include <utility>
 
 namespace torchopt_ext::common {
 
@@ -29,6 +32,135 @@ NSNormalization parse_ns_normalization(const std::string& name, const char* argu
 }
 
 NSCoefficients standard_ns_coefficients() { return {{3.4445, -4.7750, 2.0315}}; }
+
+NSCoefficients dion_ns_coefficients() {
+  return {{4.0848, -6.8946, 2.9270},
+          {3.9505, -6.3029, 2.6377},
+          {3.7418, -5.5913, 2.3037},
+          {2.8769, -3.1427, 1.2046},
+          {2.8366, -3.0525, 1.2012}};
+}
+
+namespace {
+
+// Solves the 4x4 system `a x = rhs` by Gaussian elimination with partial pivoting.
+std::array<double, 4> solve4(std::array<std::array<double, 4>, 4> a, std::array<double, 4> rhs) {
+  for (int col = 0; col < 4; ++col) {
+    int pivot = col;
+    for (int row = col + 1; row < 4; ++row) {
+      if (std::abs(a[row][col]) > std::abs(a[pivot][col])) {
+        pivot = row;
+      }
+    }
+    std::swap(a[col], a[pivot]);
+    std::swap(rhs[col], rhs[pivot]);
+    for (int row = col + 1; row < 4; ++row) {
+      const double f = a[row][col] / a[col][col];
+      for (int k = col; k < 4; ++k) {
+        a[row][k] -= f * a[col][k];
+      }
+      rhs[row] -= f * rhs[col];
+    }
+  }
+  std::array<double, 4> x{};
+  for (int row = 3; row >= 0; --row) {
+    double sum = rhs[row];
+    for (int k = row + 1; k < 4; ++k) {
+      sum -= a[row][k] * x[k];
+    }
+    x[row] = sum / a[row][row];
+  }
+  return x;
+}
+
+// The odd quintic p(x) = a x + b x^3 + c x^5 that equioscillates around 1 on
+// [l, u]: p(x) - 1 = +-E at l, the two interior extrema q < r, and u (Remez).
+std::array<double, 3> optimal_quintic(double l, double u) {
+  TORCH_CHECK_VALUE(l > 0.0 && l <= u, "polar_express: need 0 < l <= u, got l=", l, ", u=", u);
+  if (l / u >= 1.0 - 1e-5) {  // a tiny interval: the classic quintic Newton-Schulz step, scaled to u
+    return {(15.0 / 8.0) / u, (-10.0 / 8.0) / (u * u * u), (3.0 / 8.0) / std::pow(u, 5)};
+  }
+  double q = (3.0 * l + u) / 4.0;
+  double r = (l + 3.0 * u) / 4.0;
+  double err = std::numeric_limits<double>::infinity();
+  std::array<double, 4> x{};
+  for (int it = 0; it < 1000; ++it) {
+    const double old_err = err;
+    const std::array<double, 4> pts{l, q, r, u};
+    std::array<std::array<double, 4>, 4> lhs{};
+    for (int i = 0; i < 4; ++i) {
+      const double p = pts[i];
+      lhs[i] = {p, p * p * p, std::pow(p, 5), (i % 2 == 0) ? 1.0 : -1.0};
+    }
+    x = solve4(lhs, {1.0, 1.0, 1.0, 1.0});
+    err = x[3];
+    // New interior extrema: roots of p'(x) = a + 3 b x^2 + 5 c x^4.
+    const double disc = std::sqrt(9.0 * x[1] * x[1] - 20.0 * x[0] * x[2]);
+    q = std::sqrt((-3.0 * x[1] - disc) / (10.0 * x[2]));
+    r = std::sqrt((-3.0 * x[1] + disc) / (10.0 * x[2]));
+    if (it > 0 && std::abs(old_err - err) <= 1e-15) {
+      break;
+    }
+  }
+  return {x[0], x[1], x[2]};
+}
+
+}  // namespace
+
+NSCoefficients polar_express_coefficients(int64_t num_iters, double lower, double safety_eps, double cushion) {
+  TORCH_CHECK_VALUE(num_iters >= 1, "polar_express: num_iters must be >= 1, got ", num_iters);
+  TORCH_CHECK_VALUE(lower > 0.0 && lower <= 1.0, "polar_express: l must be in (0, 1], got ", lower);
+  TORCH_CHECK_VALUE(safety_eps >= 0.0 && cushion >= 0.0 && cushion <= 1.0,
+                    "polar_express: need safety_eps >= 0 and cushion in [0, 1]");
+  const double safety = 1.0 + safety_eps;
+  double l = lower;
+  double u = 1.0;
+  NSCoefficients rows;
+  auto poly = [](const std::array<double, 3>& c, double x) {
+    return c[0] * x + c[1] * x * x * x + c[2] * std::pow(x, 5);
+  };
+  for (int64_t i = 0; i < num_iters; ++i) {
+    std::array<double, 3> c = optimal_quintic(std::max(l, cushion * u), u);
+    if (cushion * u > l) {
+      // Fitted on the cushioned interval: rescale so 1 - p(l) = p(u) - 1 on [l, u].
+      const double rescale = 2.0 / (poly(c, l) + poly(c, u));
+      for (auto& v : c) {
+        v *= rescale;
+      }
+    }
+    if (i + 1 < num_iters) {  // headroom for rounding; the last step keeps its exact fit
+      c[0] /= safety;
+      c[1] /= std::pow(safety, 3);
+      c[2] /= std::pow(safety, 5);
+    }
+    rows.push_back(c);
+    l = poly(c, l);
+    u = 2.0 - l;
+  }
+  return rows;
+}
+
+NSCoefficients ns_coefficients_preset(const std::string& name, int64_t steps, const char* argument) {
+  std::string lower(name);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (lower == "standard") {
+    return standard_ns_coefficients();
+  }
+  if (lower == "dion") {
+    return dion_ns_coefficients();
+  }
+  if (lower == "polar_express") {
+    TORCH_CHECK_VALUE(steps >= 1 && steps < 100, "invalid ", argument,
+                      " 'polar_express': the iteration count must be in [1, 100), got ", steps);
+    return polar_express_coefficients(steps);
+  }
+  TORCH_CHECK_VALUE(false, "invalid ", argument, " '", name, "': expected 'standard', 'dion' or 'polar_express'");
+}
+
+NSCoefficients resolve_ns_coefficients(const std::string& preset, const std::vector<double>& flat, int64_t steps,
+                                       const char* argument) {
+  return preset.empty() ? ns_coefficients_from_flat(flat, argument) : ns_coefficients_preset(preset, steps, argument);
+}
 
 NSCoefficients ns_coefficients_from_flat(const std::vector<double>& flat, const char* argument) {
   TORCH_CHECK_VALUE(!flat.empty() && flat.size() % 3 == 0, "invalid ", argument,

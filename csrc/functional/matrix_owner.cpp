@@ -70,15 +70,27 @@ PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const P
 at::Tensor prism_shape(const at::Tensor& M, const at::Tensor& D, const at::Tensor& grad, const PrismOptions& options,
                        const PrismShaping& shaping) {
   const auto math = M.scalar_type();
-  const int64_t cols = M.size(1);
+  const int64_t cols = M.size(-1);
+  const bool batched = M.dim() == 3;
   at::Tensor update;
   if (shaping.bidirectional) {
     const auto dtype = shaping.ns_dtype.value_or(math);
-    update = prism_bidirectional(M.to(dtype), D.to(dtype), shaping.gamma_l, shaping.gamma_r, shaping.inv_steps,
+    auto shape = [&](const at::Tensor& m2, const at::Tensor& d2) {
+      return prism_bidirectional(m2.to(dtype), d2.to(dtype), shaping.gamma_l, shaping.gamma_r, shaping.inv_steps,
                                  shaping.inv_eps, shaping.inv_scale, shaping.eps_gram);
+    };
+    if (batched) {
+      std::vector<at::Tensor> outs;
+      for (int64_t b = 0; b < M.size(0); ++b) {
+        outs.push_back(shape(M.select(0, b), D.select(0, b)));
+      }
+      update = outs.empty() ? at::empty_like(M, M.options().dtype(dtype)) : at::stack(outs);
+    } else {
+      update = shape(M, D);
+    }
   } else {
-    // [M, gamma D] along the input features; the first `cols` columns.
-    update = common::newton_schulz(at::cat({M, D * shaping.gamma}, 1), shaping.ns).narrow(1, 0, cols);
+    // [M, gamma D] along the input features (reduction axes); the first `cols` columns.
+    update = common::newton_schulz(at::cat({M, D * shaping.gamma}, -1), shaping.ns).narrow(-1, 0, cols);
   }
   update = update.to(math);
   if (options.nesterov && !options.shape_nesterov) {
@@ -86,7 +98,14 @@ at::Tensor prism_shape(const at::Tensor& M, const at::Tensor& D, const at::Tenso
     update = options.ema ? at::lerp(grad, update, options.b1) : update * options.b1 + grad;
   }
   if (shaping.post_clip) {
-    common::clip_update_per_tensor_rms_(update, *shaping.post_clip);
+    if (batched) {  // per matrix: a spec'd param's matrices are clipped independently
+      for (int64_t b = 0; b < update.size(0); ++b) {
+        at::Tensor slice = update.select(0, b);
+        common::clip_update_per_tensor_rms_(slice, *shaping.post_clip);
+      }
+    } else {
+      common::clip_update_per_tensor_rms_(update, *shaping.post_clip);
+    }
   }
   return update;
 }
@@ -230,8 +249,8 @@ at::Tensor prism_shape(const at::Tensor& target, const at::Tensor& innovation, c
                     ": momentum_accumulator must be 'ema' or 'heavy_ball', got '", momentum_accumulator, "'");
   const detail::PrismOptions options{b1, momentum_accumulator == "ema", nesterov, shape_nesterov, false, false};
   const auto shaping =
-      detail::make_prism_shaping(op, gamma, ns_iters, ns_coeffs, mode, preconditioning, inv_steps, inv_eps, inv_scale,
-                                 eps_gram, gamma_l, gamma_r, grad_clip_max_amps, ns_dtype);
+      detail::make_prism_shaping(op, gamma, ns_iters, ns_coeffs, "", mode, preconditioning, inv_steps, inv_eps,
+                                 inv_scale, eps_gram, gamma_l, gamma_r, grad_clip_max_amps, ns_dtype);
   at::Tensor g;
   if (grad) {
     TORCH_CHECK_VALUE(grad->sizes() == target.sizes(), op, ": grad has shape ", grad->sizes(), " but target has ",

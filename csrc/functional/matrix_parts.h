@@ -47,7 +47,8 @@ struct PrismMomentum {
 PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const PrismOptions& options, double raw_scale,
                              int64_t seed, int64_t index, double step);
 
-// PRISM's whole-matrix part: shaping of (rows, cols) M and D ("original":
+// PRISM's whole-matrix part: shaping of (rows, cols) M and D (or a
+// (batch, rows, cols) stack, each matrix shaped and clipped on its own) ("original":
 // Newton-Schulz of [M, gamma D], first cols columns; "bidirectional"), the
 // look-ahead after shaping (nesterov without shape_nesterov: needs `grad`,
 // the (rows, cols) clipped grad), and the per-tensor post-clip. Returns the
@@ -67,10 +68,10 @@ struct PrismShaping {
 };
 // Validates the shaping options (errors name `op`) and builds them.
 PrismShaping make_prism_shaping(const char* op, double gamma, int64_t ns_iters, at::ArrayRef<double> ns_coeffs,
-                                c10::string_view mode, c10::string_view preconditioning, int64_t inv_steps,
-                                double inv_eps, double inv_scale, double eps_gram, std::optional<double> gamma_l,
-                                std::optional<double> gamma_r, at::ArrayRef<double> grad_clip_max_amps,
-                                std::optional<at::ScalarType> ns_dtype);
+                                c10::string_view ns_preset, c10::string_view mode, c10::string_view preconditioning,
+                                int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
+                                std::optional<double> gamma_l, std::optional<double> gamma_r,
+                                at::ArrayRef<double> grad_clip_max_amps, std::optional<at::ScalarType> ns_dtype);
 at::Tensor prism_shape(const at::Tensor& M, const at::Tensor& D, const at::Tensor& grad, const PrismOptions& options,
                        const PrismShaping& shaping);
 

@@ -11,6 +11,7 @@
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
 
 namespace torchopt_ext::functional {
@@ -31,18 +32,19 @@ double muon_lr_scale(c10::string_view adjust_lr_fn, int64_t rows, int64_t cols) 
 void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                 at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double weight_decay,
                 double momentum, bool nesterov, at::ArrayRef<double> ns_coefficients, int64_t ns_steps, double eps,
-                c10::string_view adjust_lr_fn, c10::string_view ns_normalization,
-                std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p, double magma_tau,
-                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                c10::string_view adjust_lr_fn, c10::string_view ns_normalization, c10::string_view ns_preset,
+                at::IntArrayRef matrix_dims, std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma,
+                double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "muon_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "momentum", momentum, momentum >= 0.0 && momentum < 1.0, "in [0, 1)");
   check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
   muon_lr_scale(adjust_lr_fn, 1, 1);  // validates the name
   common::NewtonSchulzOptions ns;
-  ns.coefficients = common::ns_coefficients_from_flat(ns_coefficients.vec(), "ns_coefficients");
   ns.steps = ns_steps;
+  ns.coefficients =
+      common::resolve_ns_coefficients(std::string(ns_preset), ns_coefficients.vec(), ns_steps, "ns_coefficients");
   ns.eps = eps;
   ns.normalization = common::parse_ns_normalization(std::string(ns_normalization), "ns_normalization");
   ns.dtype = ns_dtype;
@@ -54,9 +56,12 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
+  const auto specs = common::decode_matrix_dims(matrix_dims, params.size(), "matrix_dims");
+  std::vector<common::MatrixLayout> layouts;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
+    TORCH_CHECK_VALUE(specs[i] || params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
                       " dims; Muon orthogonalizes matrices (route other tensors to the AdamW fallback)");
+    layouts.push_back(common::matrix_layout(params[i].sizes(), specs[i], "matrix_dims"));
   }
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
@@ -75,9 +80,11 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     }
     at::Tensor& buffer = group->state[0][i];
     const auto parts = detail::muon_momentum(grad, buffer, momentum, nesterov, maximize);
-    const int64_t rows = param.size(0);
-    // A param with more dims is the (shape[0], rest) matrix.
-    const at::Tensor update = common::newton_schulz(parts.ns_input.reshape({rows, -1}), ns);
+    // A param with more dims is the (shape[0], rest) matrix, or the batch of
+    // matrices its spec describes.
+    const auto& layout = layouts[i];
+    const at::Tensor update = common::from_matrices(
+        common::newton_schulz(common::to_matrices(parts.ns_input, layout), ns), layout, param.sizes());
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
@@ -85,7 +92,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       // Host read of a CPU scalar: no device sync (the functional is CPU-only).
       multiplier = common::magma_multiplier(parts.grad, buffer, score, keep, magma_tau).item<double>();
     }
-    const double scale = muon_lr_scale(adjust_lr_fn, rows, param.numel() / std::max<int64_t>(rows, 1));
+    const double scale = muon_lr_scale(adjust_lr_fn, layout.rows, layout.cols);
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, scale, stochastic_rounding, seed,
                                 static_cast<int64_t>(i), group->steps[i]);
   }

@@ -15,6 +15,7 @@
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
 
 namespace torchopt_ext::functional {
@@ -76,10 +77,10 @@ at::Tensor prism_bidirectional(const at::Tensor& M, const at::Tensor& D, double 
 namespace detail {
 
 PrismShaping make_prism_shaping(const char* op, double gamma, int64_t ns_iters, at::ArrayRef<double> ns_coeffs,
-                                c10::string_view mode, c10::string_view preconditioning, int64_t inv_steps,
-                                double inv_eps, double inv_scale, double eps_gram, std::optional<double> gamma_l,
-                                std::optional<double> gamma_r, at::ArrayRef<double> grad_clip_max_amps,
-                                std::optional<at::ScalarType> ns_dtype) {
+                                c10::string_view ns_preset, c10::string_view mode, c10::string_view preconditioning,
+                                int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
+                                std::optional<double> gamma_l, std::optional<double> gamma_r,
+                                at::ArrayRef<double> grad_clip_max_amps, std::optional<at::ScalarType> ns_dtype) {
   using common::check_hyperparameter;
   check_hyperparameter(op, "gamma", gamma, std::isfinite(gamma) && gamma >= 0.0, ">= 0");
   TORCH_CHECK_VALUE(mode == "original" || mode == "bidirectional", op,
@@ -102,14 +103,15 @@ PrismShaping make_prism_shaping(const char* op, double gamma, int64_t ns_iters, 
   shaping.inv_scale = inv_scale;
   shaping.eps_gram = eps_gram;
   shaping.ns_dtype = ns_dtype;
-  shaping.ns.coefficients = common::ns_coefficients_from_flat(ns_coeffs.vec(), "ns_coeffs");
+  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
+  shaping.ns.coefficients =
+      common::resolve_ns_coefficients(std::string(ns_preset), ns_coeffs.vec(), ns_iters, "ns_coeffs");
   shaping.ns.steps = ns_iters;
   // rollfast's quintic NS: X / (|X|_F + 1e-8).
   shaping.ns.eps = 1e-8;
   shaping.ns.eps_clamp = false;
   shaping.ns.normalization = common::parse_ns_normalization(std::string(preconditioning), "preconditioning");
   shaping.ns.dtype = ns_dtype;
-  TORCH_CHECK_VALUE(ns_iters >= 1 && ns_iters < 100, op, ": ns_iters must be in [1, 100), got ", ns_iters);
   common::check_newton_schulz_options(op, shaping.ns);
   TORCH_CHECK_VALUE(grad_clip_max_amps.empty() || grad_clip_max_amps.size() == 2, op,
                     ": grad_clip_max_amps must be (rms_cap, element_cap) or empty, got ", grad_clip_max_amps.size(),
@@ -125,14 +127,15 @@ PrismShaping make_prism_shaping(const char* op, double gamma, int64_t ns_iters, 
 
 void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  at::TensorList magma_scores, at::TensorList state_steps, const at::Tensor& lr, double b1, double gamma,
-                 double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view mode,
-                 c10::string_view preconditioning, int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram,
-                 std::optional<double> gamma_l, std::optional<double> gamma_r, bool nesterov, bool shape_nesterov,
-                 bool bias_correction, c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
+                 double weight_decay, int64_t ns_iters, at::ArrayRef<double> ns_coeffs, c10::string_view ns_preset,
+                 at::IntArrayRef matrix_dims, c10::string_view mode, c10::string_view preconditioning,
+                 int64_t inv_steps, double inv_eps, double inv_scale, double eps_gram, std::optional<double> gamma_l,
+                 std::optional<double> gamma_r, bool nesterov, bool shape_nesterov, bool bias_correction,
+                 c10::string_view momentum_accumulator, at::ArrayRef<double> grad_clip_max_amps,
                  std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
-                 std::optional<at::ScalarType> ns_dtype, bool maximize, bool use_magma, double magma_p,
-                 double magma_tau, bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& raw_grad_norm, std::optional<at::ScalarType> ns_dtype, bool maximize,
+                 bool use_magma, double magma_p, double magma_tau, bool stochastic_rounding, int64_t seed,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "prism_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -142,8 +145,8 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   const detail::PrismOptions options{b1,      momentum_accumulator == "ema", nesterov, shape_nesterov, bias_correction,
                                      maximize};
   const auto shaping =
-      detail::make_prism_shaping(op, gamma, ns_iters, ns_coeffs, mode, preconditioning, inv_steps, inv_eps, inv_scale,
-                                 eps_gram, gamma_l, gamma_r, grad_clip_max_amps, ns_dtype);
+      detail::make_prism_shaping(op, gamma, ns_iters, ns_coeffs, ns_preset, mode, preconditioning, inv_steps, inv_eps,
+                                 inv_scale, eps_gram, gamma_l, gamma_r, grad_clip_max_amps, ns_dtype);
   if (raw_global_grad_clip) {
     check_hyperparameter(op, "raw_global_grad_clip", *raw_global_grad_clip,
                          std::isfinite(*raw_global_grad_clip) && *raw_global_grad_clip > 0.0, "> 0");
@@ -155,9 +158,12 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
+  const auto specs = common::decode_matrix_dims(matrix_dims, params.size(), "matrix_dims");
+  std::vector<common::MatrixLayout> layouts;
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
+    TORCH_CHECK_VALUE(specs[i] || params[i].dim() >= 2, op, ": params[", i, "] has ", params[i].dim(),
                       " dims; PRISM shapes matrices (route other tensors to the AdamW fallback)");
+    layouts.push_back(common::matrix_layout(params[i].sizes(), specs[i], "matrix_dims"));
   }
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
@@ -173,7 +179,11 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   // Raw global clip over this call's grads (before maximize: the norm is sign-blind).
   double raw_scale = 1.0;
   if (raw_global_grad_clip) {
-    const auto clip = common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
+    const auto clip = raw_grad_norm
+                          ? common::raw_global_clip_from_norm(
+                                group->amp.grad_scale ? *raw_grad_norm / *group->amp.grad_scale : *raw_grad_norm,
+                                *raw_global_grad_clip, permissive_spike_protection)
+                          : common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
     if (clip.skip) {
       // Strict protection: nothing changes, the step counters included
       // (rollfast 1.1 restores the whole state on a skip).
@@ -191,10 +201,12 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     const auto index = static_cast<int64_t>(i);
     const auto parts =
         detail::prism_momentum(group->grads[i], buffer, options, raw_scale, seed, index, group->steps[i]);
-    const int64_t rows = param.size(0);
-    const at::Tensor update =
-        detail::prism_shape(parts.target.reshape({rows, -1}), parts.innovation.reshape({rows, -1}),
-                            parts.grad.reshape({rows, -1}), options, shaping);
+    // (rows, cols) matrices, or (batch, rows, cols) under a spec.
+    const auto& layout = layouts[i];
+    const at::Tensor update = common::from_matrices(
+        detail::prism_shape(common::to_matrices(parts.target, layout), common::to_matrices(parts.innovation, layout),
+                            common::to_matrices(parts.grad, layout), options, shaping),
+        layout, param.sizes());
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
@@ -204,6 +216,56 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     }
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, 1.0, stochastic_rounding, seed,
                                 index, group->steps[i]);
+  }
+  group->finish();
+}
+
+void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
+                        double beta2, double eps, double weight_decay, bool maximize, bool stochastic_rounding,
+                        int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "prism_nadamw_step_";
+  using common::check_hyperparameter;
+  check_hyperparameter(op, "beta1", beta1, beta1 >= 0.0 && beta1 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "beta2", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  auto group =
+      common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
+                                           state_steps, lr, grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  for (size_t i = 0; i < group->params.size(); ++i) {
+    at::Tensor& param = group->params[i];
+    at::Tensor& exp_avg = group->state[0][i];
+    at::Tensor& exp_avg_sq = group->state[1][i];
+    const auto math = exp_avg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor g = group->grads[i].to(math);
+    if (group->amp.grad_scale) {
+      g = g / *group->amp.grad_scale;
+    }
+    if (maximize) {
+      g = g.neg();
+    }
+    const at::Tensor m = at::lerp(exp_avg.to(math), g, 1.0 - beta1);
+    const at::Tensor v = exp_avg_sq.to(math) * beta2 + g.square() * (1.0 - beta2);
+    exp_avg.copy_(m);
+    exp_avg_sq.copy_(v);
+    const double t = group->steps[i];
+    const at::Tensor m_hat =
+        m * (beta1 / (1.0 - std::pow(beta1, t + 1.0))) + g * ((1.0 - beta1) / (1.0 - std::pow(beta1, t)));
+    const at::Tensor update = m_hat / ((v / (1.0 - std::pow(beta2, t))).sqrt() + eps);
+    const double decay = 1.0 - group->lr * weight_decay;
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(param, update.contiguous(), decay, -group->lr, stochastic_rounding,
+                                              stream);
+    } else {
+      param.mul_(decay);
+      param.add_(update.to(param.scalar_type()), -group->lr);
+    }
   }
   group->finish();
 }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "torchopt_ext/common/magma.h"
@@ -18,6 +19,12 @@ void MuonOptions::validate() const {
   TORCH_CHECK_VALUE(weight_decay() >= 0.0, "Muon: weight_decay must be >= 0, got ", weight_decay());
   TORCH_CHECK_VALUE(momentum() >= 0.0 && momentum() < 1.0, "Muon: momentum must be in [0, 1), got ", momentum());
   common::ns_coefficients_from_flat(ns_coefficients(), "ns_coefficients");
+  if (!ns_preset().empty()) {
+    common::ns_coefficients_preset(ns_preset(), std::max<int64_t>(ns_steps(), 1), "ns_preset");
+  }
+  if (matrix_dims()) {
+    common::check_matrix_dims(*matrix_dims(), "matrix_dims");
+  }
   TORCH_CHECK_VALUE(eps() >= 0.0, "Muon: eps must be >= 0, got ", eps());
   TORCH_CHECK_VALUE(ns_steps() >= 1 && ns_steps() < 100, "Muon: ns_steps must be in [1, 100), got ", ns_steps());
   TORCH_CHECK_VALUE(adjust_lr_fn() == "original" || adjust_lr_fn() == "match_rms_adamw",
@@ -42,7 +49,8 @@ void MuonOptions::validate() const {
 
 bool operator==(const MuonOptions& lhs, const MuonOptions& rhs) {
   return lhs.lr() == rhs.lr() && lhs.weight_decay() == rhs.weight_decay() && lhs.momentum() == rhs.momentum() &&
-         lhs.nesterov() == rhs.nesterov() && lhs.ns_coefficients() == rhs.ns_coefficients() && lhs.eps() == rhs.eps() &&
+         lhs.nesterov() == rhs.nesterov() && lhs.ns_coefficients() == rhs.ns_coefficients() &&
+         lhs.ns_preset() == rhs.ns_preset() && lhs.matrix_dims() == rhs.matrix_dims() && lhs.eps() == rhs.eps() &&
          lhs.ns_steps() == rhs.ns_steps() && lhs.adjust_lr_fn() == rhs.adjust_lr_fn() &&
          lhs.ns_normalization() == rhs.ns_normalization() && lhs.ns_dtype() == rhs.ns_dtype() &&
          lhs.use_muon() == rhs.use_muon() && lhs.adam_lr() == rhs.adam_lr() && lhs.initial_lr() == rhs.initial_lr() &&
@@ -69,6 +77,8 @@ void MuonOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_coefficients);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_preset);
+  archive.write("matrix_dims", torch::IValue(common::encode_matrix_dims(matrix_dims())));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_steps);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adjust_lr_fn);
@@ -93,6 +103,14 @@ void MuonOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, ns_coefficients);
+  {
+    // Archives written before presets and specs existed have neither key.
+    torch::IValue extra;
+    ns_preset(archive.try_read("ns_preset", extra) ? extra.toStringRef() : std::string());
+    matrix_dims(archive.try_read("matrix_dims", extra)
+                    ? common::decode_matrix_dims(extra.toIntVector(), 1, "matrix_dims")[0]
+                    : std::nullopt);
+  }
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, ns_steps);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, adjust_lr_fn);
@@ -153,12 +171,12 @@ Muon::Muon(std::vector<at::Tensor> params, MuonOptions defaults)
            std::move(defaults)) {}
 
 void Muon::matrix_step(MuonOptions& options, MatrixGroupLists& lists) {
-  functional::muon_step_(lists.params, lists.grads, lists.moments, lists.scores, lists.steps,
-                         at::scalar_tensor(options.lr(), at::kDouble), options.weight_decay(), options.momentum(),
-                         options.nesterov(), options.ns_coefficients(), options.ns_steps(), options.eps(),
-                         options.adjust_lr_fn(), options.ns_normalization(), options.ns_dtype(), options.maximize(),
-                         options.use_magma(), options.magma_p(), options.magma_tau(), options.stochastic_rounding(),
-                         options.seed(), std::nullopt, std::nullopt);
+  functional::muon_step_(
+      lists.params, lists.grads, lists.moments, lists.scores, lists.steps, at::scalar_tensor(options.lr(), at::kDouble),
+      options.weight_decay(), options.momentum(), options.nesterov(), options.ns_coefficients(), options.ns_steps(),
+      options.eps(), options.adjust_lr_fn(), options.ns_normalization(), options.ns_preset(), lists.matrix_dims,
+      options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(),
+      options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
 }
 
 }  // namespace torchopt_ext::optim

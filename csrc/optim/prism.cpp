@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "torchopt_ext/common/clipping.h"
@@ -22,6 +23,12 @@ void PRISMOptions::validate() const {
   TORCH_CHECK_VALUE(weight_decay() >= 0.0, name, ": weight_decay must be >= 0, got ", weight_decay());
   TORCH_CHECK_VALUE(ns_iters() >= 1 && ns_iters() < 100, name, ": ns_iters must be in [1, 100), got ", ns_iters());
   common::ns_coefficients_from_flat(ns_coeffs(), "ns_coeffs");
+  if (!ns_preset().empty()) {
+    common::ns_coefficients_preset(ns_preset(), std::max<int64_t>(ns_iters(), 1), "ns_preset");
+  }
+  if (matrix_dims()) {
+    common::check_matrix_dims(*matrix_dims(), "matrix_dims");
+  }
   TORCH_CHECK_VALUE(mode() == "original" || mode() == "bidirectional", name,
                     ": mode must be 'original' or 'bidirectional', got '", mode(), "'");
   common::parse_ns_normalization(preconditioning(), "preconditioning");
@@ -58,12 +65,15 @@ void PRISMOptions::validate() const {
   TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, name, ": adam_betas[1] must be in [0, 1), got ", beta2);
   TORCH_CHECK_VALUE(adam_eps() >= 0.0, name, ": adam_eps must be >= 0, got ", adam_eps());
   common::check_magma_options(name, {magma_p(), magma_tau(), seed()});
+  TORCH_CHECK_VALUE(!(adam_nesterov() && use_magma()), name,
+                    ": Invalid adam_nesterov=true with use_magma=true: the NAdamW fallback has no Magma masking");
 }
 
 bool operator==(const PRISMOptions& lhs, const PRISMOptions& rhs) {
   return lhs.lr() == rhs.lr() && lhs.b1() == rhs.b1() && lhs.gamma() == rhs.gamma() &&
          lhs.weight_decay() == rhs.weight_decay() && lhs.ns_iters() == rhs.ns_iters() &&
-         lhs.ns_coeffs() == rhs.ns_coeffs() && lhs.mode() == rhs.mode() &&
+         lhs.ns_coeffs() == rhs.ns_coeffs() && lhs.ns_preset() == rhs.ns_preset() &&
+         lhs.matrix_dims() == rhs.matrix_dims() && lhs.mode() == rhs.mode() &&
          lhs.preconditioning() == rhs.preconditioning() && lhs.inv_steps() == rhs.inv_steps() &&
          lhs.inv_eps() == rhs.inv_eps() && lhs.inv_scale() == rhs.inv_scale() && lhs.eps_gram() == rhs.eps_gram() &&
          lhs.gamma_l() == rhs.gamma_l() && lhs.gamma_r() == rhs.gamma_r() && lhs.nesterov() == rhs.nesterov() &&
@@ -74,9 +84,10 @@ bool operator==(const PRISMOptions& lhs, const PRISMOptions& rhs) {
          lhs.permissive_spike_protection() == rhs.permissive_spike_protection() && lhs.mu_dtype() == rhs.mu_dtype() &&
          lhs.ns_dtype() == rhs.ns_dtype() && lhs.use_prism() == rhs.use_prism() && lhs.adam_lr() == rhs.adam_lr() &&
          lhs.initial_lr() == rhs.initial_lr() && lhs.adam_betas() == rhs.adam_betas() &&
-         lhs.adam_eps() == rhs.adam_eps() && lhs.maximize() == rhs.maximize() && lhs.use_magma() == rhs.use_magma() &&
-         lhs.magma_p() == rhs.magma_p() && lhs.magma_tau() == rhs.magma_tau() &&
-         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed();
+         lhs.adam_eps() == rhs.adam_eps() && lhs.adam_nesterov() == rhs.adam_nesterov() &&
+         lhs.maximize() == rhs.maximize() && lhs.use_magma() == rhs.use_magma() && lhs.magma_p() == rhs.magma_p() &&
+         lhs.magma_tau() == rhs.magma_tau() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
+         lhs.seed() == rhs.seed();
 }
 
 namespace {
@@ -99,6 +110,8 @@ void PRISMOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_iters);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_coeffs);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(ns_preset);
+  archive.write("matrix_dims", torch::IValue(common::encode_matrix_dims(matrix_dims())));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(mode);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(preconditioning);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(inv_steps);
@@ -125,6 +138,7 @@ void PRISMOptions::serialize(torch::serialize::OutputArchive& archive) const {
   archive.write("initial_lr", torch::IValue(encode_optional(initial_lr())));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_betas);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adam_nesterov);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(use_magma);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(magma_p);
@@ -140,6 +154,14 @@ void PRISMOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, ns_iters);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::vector<double>, ns_coeffs);
+  {
+    // Archives written before presets and specs existed have neither key.
+    torch::IValue extra;
+    ns_preset(archive.try_read("ns_preset", extra) ? extra.toStringRef() : std::string());
+    matrix_dims(archive.try_read("matrix_dims", extra)
+                    ? common::decode_matrix_dims(extra.toIntVector(), 1, "matrix_dims")[0]
+                    : std::nullopt);
+  }
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mode);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, preconditioning);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, inv_steps);
@@ -174,6 +196,10 @@ void PRISMOptions::serialize(torch::serialize::InputArchive& archive) {
   initial_lr(decode_optional(value));
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, adam_betas);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, adam_eps);
+  {
+    torch::IValue flag;  // absent in archives written before the option existed
+    adam_nesterov(archive.try_read("adam_nesterov", flag) && flag.toBool());
+  }
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, use_magma);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, magma_p);
@@ -223,12 +249,44 @@ void PRISM::matrix_step(PRISMOptions& options, MatrixGroupLists& lists) {
   }
   functional::prism_step_(
       lists.params, lists.grads, lists.moments, lists.scores, lists.steps, at::scalar_tensor(options.lr(), at::kDouble),
-      options.b1(), options.gamma(), options.weight_decay(), options.ns_iters(), options.ns_coeffs(), options.mode(),
-      options.preconditioning(), options.inv_steps(), options.inv_eps(), options.inv_scale(), options.eps_gram(),
-      options.gamma_l(), options.gamma_r(), options.nesterov(), options.shape_nesterov(), options.bias_correction(),
-      options.momentum_accumulator(), amps, options.raw_global_grad_clip(), options.permissive_spike_protection(),
-      options.ns_dtype(), options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(),
-      options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+      options.b1(), options.gamma(), options.weight_decay(), options.ns_iters(), options.ns_coeffs(),
+      options.ns_preset(), lists.matrix_dims, options.mode(), options.preconditioning(), options.inv_steps(),
+      options.inv_eps(), options.inv_scale(), options.eps_gram(), options.gamma_l(), options.gamma_r(),
+      options.nesterov(), options.shape_nesterov(), options.bias_correction(), options.momentum_accumulator(), amps,
+      options.raw_global_grad_clip(), options.permissive_spike_protection(), raw_grad_norm_, options.ns_dtype(),
+      options.maximize(), options.use_magma(), options.magma_p(), options.magma_tau(), options.stochastic_rounding(),
+      options.seed(), std::nullopt, std::nullopt);
+}
+
+void PRISM::fallback_step(PRISMOptions& options, MatrixGroupLists& lists) {
+  if (!options.adam_nesterov()) {
+    MatrixOptimizer::fallback_step(options, lists);
+    return;
+  }
+  const auto [beta1, beta2] = options.adam_betas();
+  functional::prism_nadamw_step_(lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs,
+                                 lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1,
+                                 beta2, options.adam_eps(), options.weight_decay(), options.maximize(),
+                                 options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+}
+
+void PRISM::before_groups() {
+  raw_grad_norm_.reset();
+  std::vector<at::Tensor> grads;
+  for (auto& group : param_groups_) {
+    const auto& options = options_of(group);
+    if (!options.raw_global_grad_clip()) {
+      continue;
+    }
+    for (const auto& param : group.params()) {
+      if (param.grad().defined() && routes_to_matrix(options, param)) {
+        grads.push_back(param.grad());
+      }
+    }
+  }
+  if (!grads.empty()) {
+    raw_grad_norm_ = common::global_l2_norm(grads);
+  }
 }
 
 }  // namespace torchopt_ext::optim

@@ -146,8 +146,8 @@ void check_muon(bool use_magma) {
     }
     functional::muon_step_(ref, ref_grads, ref_buffers, use_magma ? ref_scores : std::vector<torch::Tensor>{},
                            ref_steps, torch::tensor(0.02, torch::kFloat64), 0.1, 0.9, true, kCoefficients, 5, 1e-7,
-                           "original", "frobenius", at::kBFloat16, false, use_magma, 0.6, 2.0, false, 11, std::nullopt,
-                           std::nullopt);
+                           "original", "frobenius", "", {}, at::kBFloat16, false, use_magma, 0.6, 2.0, false, 11,
+                           std::nullopt, std::nullopt);
   }
   for (size_t j = 0; j < params.size(); ++j) {
     if (use_magma) {
@@ -225,10 +225,10 @@ void check_prism(const std::string& mode, bool shape_nesterov) {
     for (auto& t : ref_grads) {
       t = t.clone();
     }
-    functional::prism_step_(ref, ref_grads, ref_buffers, {}, ref_steps, lr, 0.9, 0.7, 0.1, 5, kCoefficients, mode,
-                            "frobenius", 6, 1e-5, 1.001, 1e-6, std::nullopt, std::nullopt, true, shape_nesterov, false,
-                            "ema", amps, std::nullopt, true, at::kFloat, false, false, 0.5, 2.0, false, 0, std::nullopt,
-                            std::nullopt);
+    functional::prism_step_(ref, ref_grads, ref_buffers, {}, ref_steps, lr, 0.9, 0.7, 0.1, 5, kCoefficients, "", {},
+                            mode, "frobenius", 6, 1e-5, 1.001, 1e-6, std::nullopt, std::nullopt, true, shape_nesterov,
+                            false, "ema", amps, std::nullopt, true, std::nullopt, at::kFloat, false, false, 0.5, 2.0,
+                            false, 0, std::nullopt, std::nullopt);
   }
   for (size_t j = 0; j < params.size(); ++j) {
     EXPECT_TRUE(torch::equal(params[j], ref[j])) << mode << " " << j;

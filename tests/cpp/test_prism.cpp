@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -151,6 +152,87 @@ TEST(PRISM, NonMatricesTakeTheAdamWFallback) {
   expect_close({params[1]}, vec);
 }
 
+// rollfast §3.4 with nesterov, written here in float64: Nesterov-corrected
+// first moment, bias-corrected second moment, decoupled decay.
+TEST(PRISM, AdamNesterovFallbackMatchesReference) {
+  torch::manual_seed(5);
+  std::vector<torch::Tensor> params{torch::randn({6}, torch::kFloat64), torch::randn({2, 3, 4}, torch::kFloat64)};
+  auto ref = std::vector<torch::Tensor>{params[0].clone(), params[1].clone()};
+  std::vector<torch::Tensor> m{torch::zeros_like(ref[0]), torch::zeros_like(ref[1])};
+  std::vector<torch::Tensor> v{torch::zeros_like(ref[0]), torch::zeros_like(ref[1])};
+  const double lr = 0.003, b1 = 0.8, b2 = 0.99, eps = 1e-8, wd = 0.1;
+  optim::PRISM opt(params, optim::PRISMOptions(lr)
+                               .weight_decay(wd)
+                               .adam_betas(std::make_tuple(b1, b2))
+                               .adam_nesterov(true)
+                               .mu_dtype(at::kDouble));
+  for (int t = 1; t <= 20; ++t) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto g = torch::randn_like(params[i]);
+      params[i].mutable_grad() = g;
+      m[i] = (1 - b1) * g + b1 * m[i];
+      v[i] = (1 - b2) * g * g + b2 * v[i];
+      const auto m_hat = b1 * m[i] / (1 - std::pow(b1, t + 1)) + (1 - b1) * g / (1 - std::pow(b1, t));
+      const auto u = m_hat / ((v[i] / (1 - std::pow(b2, t))).sqrt() + eps);
+      ref[i] = ref[i] - lr * (u + wd * ref[i]);
+    }
+    opt.step();
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_LT((params[i] - ref[i]).abs().max().item<double>(), 1e-12);
+  }
+}
+
+// The raw global clip's norm spans every group that enables it: two groups
+// whose grads each stay under the threshold but spike together behave as one
+// group holding all the params.
+TEST(PRISM, RawGlobalClipSpansAllGroups) {
+  torch::manual_seed(12);
+  const std::vector<torch::Tensor> start{torch::randn({6, 5}, torch::kFloat64), torch::randn({4, 7}, torch::kFloat64)};
+  std::vector<std::vector<torch::Tensor>> grads;
+  double max_single = 0.0, min_joint = 1e300;
+  for (int k = 0; k < 4; ++k) {
+    // Per group at most 3.9, together at least sqrt(18) ~ 4.24.
+    auto a_grad = torch::randn({6, 5}, torch::kFloat64);
+    auto b_grad = torch::randn({4, 7}, torch::kFloat64);
+    // Varying scales (1, 1.1, 1.2, 1.3): the clip's per-step factor then matters.
+    const double scale = 3.0 * (1.0 + 0.1 * k);
+    grads.push_back({scale * a_grad / a_grad.norm(), scale * b_grad / b_grad.norm()});
+    const double a = grads.back()[0].norm().item<double>(), b = grads.back()[1].norm().item<double>();
+    max_single = std::max({max_single, a, b});
+    min_joint = std::min(min_joint, std::sqrt(a * a + b * b));
+  }
+  ASSERT_LT(max_single, min_joint);
+  const double clip = 0.5 * (max_single + min_joint);
+  const auto options = optim::PRISMOptions(0.02).ns_dtype(at::kDouble).raw_global_grad_clip(clip);
+  auto run = [&](bool split, const optim::PRISMOptions& opts) {
+    std::vector<torch::Tensor> params{start[0].clone(), start[1].clone()};
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    if (split) {
+      groups.emplace_back(std::vector<torch::Tensor>{params[0]});
+      groups.emplace_back(std::vector<torch::Tensor>{params[1]});
+    } else {
+      groups.emplace_back(params);
+    }
+    optim::PRISM opt(groups, opts);
+    for (const auto& step : grads) {
+      params[0].mutable_grad() = step[0].clone();
+      params[1].mutable_grad() = step[1].clone();
+      opt.step();
+    }
+    return params;
+  };
+  const auto split = run(true, options);
+  const auto joined = run(false, options);
+  const auto unclipped = run(true, optim::PRISMOptions(options).raw_global_grad_clip(std::nullopt));
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_LT((split[i] - joined[i]).abs().max().item<double>(), 1e-13);
+    EXPECT_GT((split[i] - unclipped[i]).abs().max().item<double>(), 1e-6);
+  }
+  const auto strict = run(true, optim::PRISMOptions(options).permissive_spike_protection(false));
+  EXPECT_TRUE(torch::equal(strict[0], start[0]) && torch::equal(strict[1], start[1]));
+}
+
 TEST(PRISM, CheckpointRoundTrip) {
   std::vector<torch::Tensor> params{torch::randn({6, 5}), torch::randn({7}), torch::randn({5, 9})};
   const auto options = optim::PRISMOptions(0.01)
@@ -174,6 +256,8 @@ TEST(PRISM, BadOptionsNameTheArgument) {
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions(-1.0)); }, "lr");
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().b1(1.0)); }, "b1");
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().gamma(-0.1)); }, "gamma");
+  expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().adam_nesterov(true).use_magma(true)); },
+                           "adam_nesterov");
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().mode("both")); }, "mode");
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().ns_iters(0)); }, "ns_iters");
   expect_throws_mentioning([&] { optim::PRISM(params, optim::PRISMOptions().ns_coeffs({1.0})); }, "ns_coeffs");

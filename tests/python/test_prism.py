@@ -212,3 +212,93 @@ def test_magma_never_keep_freezes_and_scores_move():
         opt.step()
     assert torch.equal(p, start)
     assert float(opt.state[p]["magma_score"]) != 0.5
+
+
+def _nadamw_reference(params, grads_per_step, lr, b1, b2, eps, wd):
+    """rollfast §3.4's scale_by_adam with nesterov, then decayed weights and
+    -lr, in float64."""
+    out = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            m[i] = (1 - b1) * g + b1 * m[i]
+            v[i] = (1 - b2) * g * g + b2 * v[i]
+            m_hat = b1 * m[i] / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
+            v_hat = v[i] / (1 - b2**t)
+            u = m_hat / (torch.sqrt(v_hat) + eps)
+            out[i] = out[i] - lr * (u + wd * out[i])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adam_nesterov_fallback_matches_reference(dtype):
+    torch.manual_seed(7)
+    shapes = [(7,), (), (3, 4, 5), (6, 5)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    start = [p.detach().double().clone() for p in params[:3]]
+    opt = tox.PRISM(params, lr=0.01, weight_decay=0.1, adam_lr=0.003, adam_betas=(0.8, 0.99), adam_nesterov=True)
+    grads_per_step = []
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        grads_per_step.append([g.double() for g in grads[:3]])
+        opt.step()
+    expected = _nadamw_reference(start, grads_per_step, 0.003, 0.8, 0.99, 1e-8, 0.1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    err = _max_err([p.double() for p in params[:3]], expected)
+    assert err < tol, err
+    # And it is not plain AdamW: the same run without the flag differs.
+    torch.manual_seed(7)
+    params2 = [torch.randn(s, dtype=dtype) for s in shapes]
+    opt2 = tox.PRISM(params2, lr=0.01, weight_decay=0.1, adam_lr=0.003, adam_betas=(0.8, 0.99))
+    for grads in grads_per_step:
+        for p, g in zip(params2[:3], grads):
+            p.grad = g.to(dtype)
+        params2[3].grad = torch.randn_like(params2[3])
+        opt2.step()
+    assert _max_err([p.double() for p in params2[:3]], expected) > 1e-4
+
+
+def test_adam_nesterov_rejects_non_bool():
+    with pytest.raises(ValueError, match="adam_nesterov"):
+        tox.PRISM([torch.randn(3)], adam_nesterov="yes")
+    # The NAdamW fallback has no Magma masking: the combination is refused.
+    with pytest.raises(ValueError, match="adam_nesterov=True with use_magma"):
+        tox.PRISM([torch.randn(3)], adam_nesterov=True, use_magma=True)
+
+
+def test_raw_global_clip_spans_all_groups():
+    # Each group's grads alone stay under the threshold; together they spike.
+    # One norm over both groups: the same result as one group with all params.
+    torch.manual_seed(11)
+    shapes = [(6, 5), (4, 7)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) * 3 for s in shapes] for _ in range(4)]
+    norms = [max(float(g.norm()) for g in step) for step in grads]
+    joint = [float(torch.stack([g.norm() for g in step]).norm()) for step in grads]
+    clip = 0.5 * (max(norms) + min(joint))
+    assert max(norms) < clip < min(joint)
+
+    def run(make):
+        params = [p.clone() for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    kw = dict(lr=0.02, ns_dtype=torch.float64, raw_global_grad_clip=clip)
+    split, _ = run(lambda ps: tox.PRISM([dict(params=[ps[0]]), dict(params=[ps[1]])], **kw))
+    joined, _ = run(lambda ps: tox.PRISM(ps, **kw))
+    unclipped, _ = run(lambda ps: tox.PRISM(ps, **{**kw, "raw_global_grad_clip": None}))
+    assert _max_err(split, joined) < 1e-13
+    assert _max_err(split, unclipped) > 1e-6  # the clip did bind
+    # Strict protection skips every group on a joint spike.
+    strict, opt = run(
+        lambda ps: tox.PRISM([dict(params=[ps[0]]), dict(params=[ps[1]])], permissive_spike_protection=False, **kw)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(strict, start))
+    assert all(float(opt.state[p]["step"]) == 0 for p in strict)

@@ -1,5 +1,6 @@
 """torch.optim drop-ins backed by the fused torchopt_ext kernels."""
 
+from ._matrix import MatrixDims
 from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
@@ -7,7 +8,7 @@ from .kron import Kron, precond_update_prob_schedule
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
-from .muon import Muon
+from .muon import NS_PRESETS, Muon, ns_coefficient_table
 from .nadamw import NAdamW
 from .prism import PRISM
 from .qhadamw import QHAdamW
@@ -35,7 +36,10 @@ __all__ = [
     "MARS",
     "LAMB",
     "Adafactor",
+    "MatrixDims",
     "Muon",
+    "NS_PRESETS",
+    "ns_coefficient_table",
     "PRISM",
     "Kron",
     "precond_update_prob_schedule",

@@ -7,7 +7,8 @@ supplies ``_op_kwargs`` and the ``_owner_*`` hooks of the ownership path."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -15,6 +16,80 @@ from ._base import MAGMA_FALLBACK_SEED_SALT, FusedOptimizer, adamw_fallback_step
 from ._ownership import OwnershipPlan
 
 _DISTRIBUTED_MODES = ("owner", "replicated", "gather")
+
+
+@dataclass(frozen=True)
+class MatrixDims:
+    """A dimension spec (rollfast's dimension numbers): which axes of a param
+    are reduction (input-feature) axes, output-feature axes and batch axes.
+
+    The matrix step sees the param as a batch of ``(prod(output),
+    prod(reduction))`` matrices (torch's ``(out, in)`` orientation; an
+    ``nn.Linear`` weight is ``MatrixDims(reduction=1, output=0)``), each
+    shaped on its own. Examples: a stacked ``(L, in, out)`` weight is
+    ``MatrixDims(reduction=1, output=2, batch=0)``; a conv kernel ``(out, in,
+    kh, kw)`` is ``MatrixDims(reduction=(1, 2, 3), output=0)`` (one matrix) or
+    ``MatrixDims(reduction=1, output=0, batch=(2, 3))`` (one per tap). Axes are
+    non-negative, each used once, and together ``0 .. ndim-1``.
+    """
+
+    reduction: Union[int, Sequence[int]]
+    output: Union[int, Sequence[int]]
+    batch: Union[int, Sequence[int]] = ()
+
+
+_SpecTuple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _axes(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(a, int) and not isinstance(a, bool) for a in value):
+        raise ValueError(f"Invalid matrix_dims: axes must be ints or sequences of ints, got {value!r}")
+    return tuple(value)
+
+
+def normalize_matrix_dims(spec: Any) -> _SpecTuple:
+    """A spec (MatrixDims, a dict with reduction/output/batch keys, or a
+    (reduction, output[, batch]) tuple) as plain tuples, validated: state_dicts
+    then hold only plain data."""
+    if isinstance(spec, MatrixDims):
+        parts = (spec.reduction, spec.output, spec.batch)
+    elif isinstance(spec, dict):
+        unknown = set(spec) - {"reduction", "output", "batch"}
+        if unknown or "reduction" not in spec or "output" not in spec:
+            raise ValueError(
+                f"Invalid matrix_dims: a dict spec needs 'reduction' and 'output' (and 'batch'), got {spec!r}"
+            )
+        parts = (spec["reduction"], spec["output"], spec.get("batch", ()))
+    elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        parts = (*spec, ()) if len(spec) == 2 else tuple(spec)
+    else:
+        raise ValueError(
+            f"Invalid matrix_dims: expected a MatrixDims, dict or (reduction, output[, batch]), got {spec!r}"
+        )
+    red, out, batch = (_axes(p) for p in parts)
+    if not red or not out:
+        raise ValueError(f"Invalid matrix_dims: reduction and output axes must not be empty, got {spec!r}")
+    axes = red + out + batch
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"Invalid matrix_dims: reduction, output and batch axes overlap in {spec!r}")
+    if sorted(axes) != list(range(len(axes))):
+        missing = sorted(set(range(max(axes) + 1)) - set(axes)) if min(axes) >= 0 else []
+        raise ValueError(
+            f"Invalid matrix_dims: the axes must be exactly 0..{len(axes) - 1} (non-negative, none missing), got "
+            f"{spec!r}" + (f"; missing {missing}" if missing else "")
+        )
+    return red, out, batch
+
+
+def _encode_spec(spec: Optional[_SpecTuple], out: list[int]) -> None:
+    if spec is None:
+        out.append(-1)
+        return
+    for axes in spec:
+        out.append(len(axes))
+        out.extend(axes)
 
 
 class MatrixOptimizer(FusedOptimizer):
@@ -64,12 +139,69 @@ class MatrixOptimizer(FusedOptimizer):
             if group[key] and p.dim() < 2:
                 raise ValueError(f"Invalid {key}=True: a param of shape {tuple(p.shape)} is not a matrix")
 
-    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+    def _check_matrix_dims(self, group: dict[str, Any]) -> None:
+        """Validates ``matrix_dims`` and stores it as plain data: None, one spec
+        tuple (for the group's params with that many dims), or a list of spec
+        tuples / None aligned with ``group["params"]`` (from a {param: spec}
+        dict)."""
+        value = group.get("matrix_dims")
+        if value is None:
+            return
+        if isinstance(value, dict) and not set(value) <= {"reduction", "output", "batch"}:
+            specs = {id(p): normalize_matrix_dims(spec) for p, spec in value.items()}
+            if "params" not in group:  # the constructor's defaults: checked in __init__
+                return
+            from_defaults = value is getattr(self, "defaults", {}).get("matrix_dims")
+            ids = {id(p) for p in group["params"]}
+            if not from_defaults and not set(specs) <= ids:
+                raise ValueError("Invalid matrix_dims: a key of the {param: spec} dict is not a param of this group")
+            per_param = [specs.get(id(p)) for p in group["params"]]
+            for p, spec in zip(group["params"], per_param):
+                if spec is not None and sum(map(len, spec)) != p.dim():
+                    raise ValueError(
+                        f"Invalid matrix_dims: the spec {spec} has {sum(map(len, spec))} axes but its param has "
+                        f"shape {tuple(p.shape)}"
+                    )
+            group["matrix_dims"] = per_param
+        elif isinstance(value, list) and "params" in group and len(value) == len(group["params"]):
+            group["matrix_dims"] = [None if v is None else normalize_matrix_dims(v) for v in value]
+        else:
+            group["matrix_dims"] = normalize_matrix_dims(value)
+
+    def _check_spec_keys(self) -> None:
+        """A {param: spec} dict given as a default must name params of this optimizer."""
+        value = self.defaults.get("matrix_dims")
+        if isinstance(value, dict) and not set(value) <= {"reduction", "output", "batch"}:
+            ids = {id(p) for group in self.param_groups for p in group["params"]}
+            if not {id(p) for p in value} <= ids:
+                raise ValueError(
+                    "Invalid matrix_dims: a key of the {param: spec} dict is not a param of this optimizer"
+                )
+
+    def _spec_of(self, group: dict[str, Any], p: torch.Tensor, index: int) -> Optional[_SpecTuple]:
+        value = group.get("matrix_dims")
+        if isinstance(value, list):
+            return value[index]
+        if value is not None and sum(map(len, value)) == p.dim():
+            return value
+        return None
+
+    def _is_matrix(self, group: dict[str, Any], p: torch.Tensor, index: int = 0) -> bool:
         route = group[self._route_key]
-        return p.dim() == 2 if route is None else route
+        if route is not None:
+            return route
+        return self._spec_of(group, p, index) is not None or p.dim() == 2
 
     def _adam_weight_decay(self, group: dict[str, Any]) -> float:
         return group["weight_decay"]
+
+    def _shared_op_kwargs(self) -> dict[str, Any]:
+        """Op keyword arguments computed once per step over all groups."""
+        return {}
+
+    def _fallback_step(self, group: dict[str, Any]) -> Callable[..., None]:
+        """The non-matrix branch's step function (AdamW; PRISM may pick NAdamW)."""
+        return adamw_fallback_step
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         """Runs at the start of every ``_init_group`` (a hook for subclasses)."""
@@ -99,11 +231,14 @@ class MatrixOptimizer(FusedOptimizer):
     def _ownership_plan(self, group: dict[str, Any]) -> Optional[OwnershipPlan]:
         if self._distributed_mode == "gather" or not self._owner_supported(group):
             return None
-        matrices = [p for p in group["params"] if p.grad is not None and self._is_matrix(group, p)]
+        matrices = [p for i, p in enumerate(group["params"]) if p.grad is not None and self._is_matrix(group, p, i)]
+        if any(self._spec_of(group, p, i) is not None for i, p in enumerate(group["params"])):
+            return None  # dimension specs (batches of matrices) take the gather path
         if self._distributed_mode == "owner" and not any(is_dtensor(p) for p in matrices):
             return None  # plain tensors: the single-process step (torch.compile sees only this)
         if group["use_magma"] and any(
-            is_dtensor(p) and p.grad is not None and not self._is_matrix(group, p) for p in group["params"]
+            is_dtensor(p) and p.grad is not None and not self._is_matrix(group, p, i)
+            for i, p in enumerate(group["params"])
         ):
             # The Magma-masked AdamW fallback needs whole-tensor cosines, which the
             # ownership path's local shards do not give: gather this group.
@@ -159,11 +294,12 @@ class MatrixOptimizer(FusedOptimizer):
         exp_avgs,
         exp_avg_sqs,
         magma_scores_adam,
+        matrix_dims,
     ):
         self._prepare_group(group)
         name = type(self).__name__
         unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
+        for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -173,7 +309,8 @@ class MatrixOptimizer(FusedOptimizer):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-            if self._is_matrix(group, p):
+            if self._is_matrix(group, p, index):
+                _encode_spec(self._spec_of(group, p, index), matrix_dims)
                 if self._momentum_key not in state:
                     state[self._momentum_key] = self._new_state(p, group, self._momentum_key)
                 moments.append(unwrap(state[self._momentum_key]))
@@ -217,8 +354,9 @@ class MatrixOptimizer(FusedOptimizer):
         loss = self._run_closure(closure)
         amp = self._amp_args()
         op = getattr(torch.ops.torchopt_ext, self._op)
+        shared = self._shared_op_kwargs()
         for group in self.param_groups:
-            lists = [[] for _ in range(11)]
+            lists = [[] for _ in range(12)]
             plan = self._ownership_plan(group)
             self._local_only = plan is not None
             try:
@@ -226,7 +364,9 @@ class MatrixOptimizer(FusedOptimizer):
             finally:
                 self._local_only = False
             params, grads, state_steps, moments, magma_scores = lists[:5]
-            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs, magma_scores_adam = lists[5:]
+            params_adam, grads_adam, steps_adam, exp_avgs, exp_avg_sqs, magma_scores_adam = lists[5:11]
+            # The op's spec list: empty when every matrix takes the default layout.
+            matrix_dims = lists[11] if any(v != -1 for v in lists[11]) else []
             lr = lr_tensor(group)
             rounding = self._rounding_args(group)
             if params:
@@ -237,9 +377,21 @@ class MatrixOptimizer(FusedOptimizer):
             if params and plan is not None:
                 self._owner_step(group, plan, params, grads, moments, magma_scores, state_steps, lr, amp)
             elif params:
-                op(params, grads, moments, magma_scores, state_steps, lr, **self._op_kwargs(group), **rounding, **amp)
+                op(
+                    params,
+                    grads,
+                    moments,
+                    magma_scores,
+                    state_steps,
+                    lr,
+                    matrix_dims=matrix_dims,
+                    **shared,
+                    **self._op_kwargs(group),
+                    **rounding,
+                    **amp,
+                )
                 self._whole_tensors.write_back()
-            adamw_fallback_step(
+            self._fallback_step(group)(
                 params_adam,
                 grads_adam,
                 exp_avgs,

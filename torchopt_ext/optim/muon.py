@@ -22,6 +22,33 @@ _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 _NORMALIZATIONS = ("frobenius", "spectral", "aol", "schatten")
 
 
+NS_PRESETS = ("standard", "dion", "polar_express")
+
+
+def ns_coefficient_table(preset: str, steps: int = 5) -> torch.Tensor:
+    """The (steps or 5, 3) float64 table of a Newton-Schulz preset: "standard"
+    (3.4445, -4.7750, 2.0315), "dion" (Dion's 5 rows) or "polar_express"
+    (Polar Express coefficients computed in C++ for ``steps`` iterations with
+    rollfast's l = 1e-3, safety 2e-2, cushion 0.0241)."""
+    return torch.ops.torchopt_ext.ns_coefficient_table(preset, steps)
+
+
+def _coefficient_args(coefficients: Any, argument: str) -> tuple[list[float], str]:
+    """(flat table, preset name) for the op; a preset name gives ([], name)."""
+    if isinstance(coefficients, str):
+        name = coefficients.lower()
+        if name not in NS_PRESETS:
+            raise ValueError(
+                f"Invalid {argument}: unknown preset {coefficients!r}; "
+                f"expected one of {NS_PRESETS} or (a, b, c) triples"
+            )
+        return [], name
+    try:
+        return _flatten_coefficients(coefficients), ""
+    except ValueError as e:
+        raise ValueError(str(e).replace("ns_coefficients", argument)) from None
+
+
 def _flatten_coefficients(coefficients: Any) -> list[float]:
     """One (a, b, c) triple or a table of them, as the op's flat list."""
     flat_triple = len(coefficients) > 0 and not isinstance(coefficients[0], Sequence)
@@ -56,7 +83,12 @@ class Muon(MatrixOptimizer):
     ``(shape[0], rest)`` matrices.
 
     Extras: ``ns_coefficients`` may be a table of triples (one per iteration,
-    the last repeated); ``ns_normalization`` ``"frobenius"`` (torch's
+    the last repeated) or a preset name: ``"standard"``, ``"dion"`` (Dion's
+    5 rows) or ``"polar_express"`` (computed for ``ns_steps``, see
+    :func:`ns_coefficient_table`); ``matrix_dims`` (a :class:`MatrixDims` for
+    the group's params with that many dims, or ``{param: spec}``) treats
+    conv kernels or stacked ``(L, in, out)`` weights as batches of matrices,
+    each orthogonalized on its own, with the lr scale of one matrix; ``ns_normalization`` ``"frobenius"`` (torch's
     ``X / max(||X||_F, eps)``), ``"spectral"``, ``"aol"`` or ``"schatten"``;
     ``ns_dtype=torch.float32`` for an fp32 iteration; ``maximize``;
     ``state_dtype`` (momentum storage), ``stochastic_rounding``/``seed`` for
@@ -92,6 +124,7 @@ class Muon(MatrixOptimizer):
         *,
         ns_normalization: str = "frobenius",
         ns_dtype: Optional[torch.dtype] = torch.bfloat16,
+        matrix_dims: Any = None,
         adam_lr: Optional[float] = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -118,6 +151,7 @@ class Muon(MatrixOptimizer):
             adjust_lr_fn=adjust_lr_fn,
             ns_normalization=ns_normalization,
             ns_dtype=ns_dtype,
+            matrix_dims=matrix_dims,
             use_muon=None,
             adam_lr_ratio=1.0 if adam_lr is None else (adam_lr / lr_value if lr_value > 0 else 0.0),
             adam_betas=tuple(adam_betas),
@@ -132,12 +166,13 @@ class Muon(MatrixOptimizer):
             seed=draw_seed(seed, stochastic_rounding or use_magma),
         )
         super().__init__(params, defaults)
+        self._check_spec_keys()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_non_negative("weight_decay value", group["weight_decay"])
         check_range("momentum value", group["momentum"], 0.0, 1.0)
-        _flatten_coefficients(group["ns_coefficients"])
+        _coefficient_args(group["ns_coefficients"], "ns_coefficients")
         check_non_negative("epsilon value (eps)", group["eps"])
         steps = group["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
@@ -160,6 +195,7 @@ class Muon(MatrixOptimizer):
         if not group["magma_tau"] > 0:
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
         check_state_dtype(group["state_dtype"])
+        self._check_matrix_dims(group)
         self._check_routing(group)
 
     def _adam_weight_decay(self, group: dict[str, Any]) -> float:
@@ -170,7 +206,8 @@ class Muon(MatrixOptimizer):
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
             nesterov=group["nesterov"],
-            ns_coefficients=_flatten_coefficients(group["ns_coefficients"]),
+            ns_coefficients=_coefficient_args(group["ns_coefficients"], "ns_coefficients")[0],
+            ns_preset=_coefficient_args(group["ns_coefficients"], "ns_coefficients")[1],
             ns_steps=group["ns_steps"],
             eps=group["eps"],
             adjust_lr_fn=group["adjust_lr_fn"] or "original",
@@ -202,8 +239,10 @@ class Muon(MatrixOptimizer):
         return [[t] for t in inputs], sums
 
     def _owner_compute(self, group, whole):
+        coefficients, preset = _coefficient_args(group["ns_coefficients"], "ns_coefficients")
         kwargs = dict(
-            coefficients=_flatten_coefficients(group["ns_coefficients"]),
+            coefficients=coefficients,
+            preset=preset,
             steps=group["ns_steps"],
             normalization=str(group["ns_normalization"]).lower(),
             eps=group["eps"],

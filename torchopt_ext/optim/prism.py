@@ -14,13 +14,23 @@ from ._base import (
     check_range,
     check_state_dtype,
     draw_seed,
+    is_dtensor,
+    sharded_sum_of_squares,
 )
 from ._matrix import MatrixOptimizer
-from .muon import _flatten_coefficients
+from .muon import _coefficient_args
 
 _MODES = ("original", "bidirectional")
 _ACCUMULATORS = ("ema", "heavy_ball")
 _NORMALIZATIONS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def _nadamw_fallback_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, *, betas, **kwargs) -> None:
+    """PRISM's NAdamW fallback (rollfast §3.4 with nesterov): one op call."""
+    if params:
+        torch.ops.torchopt_ext.prism_nadamw_step_(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1=betas[0], beta2=betas[1], **kwargs
+        )
 
 
 def _clip_amps(amps: Any) -> list[float]:
@@ -40,7 +50,8 @@ class PRISM(MatrixOptimizer):
     ``lr`` as the learning rate).
 
     Matrix params, per step (t = step count, beta = ``b1``): optional raw global
-    clip of this group's PRISM grads (``raw_global_grad_clip``: a spike
+    clip (``raw_global_grad_clip``; one norm per step over the PRISM grads of
+    every group that sets it, compared with each group's threshold: a spike
     ``||g|| > c`` scales them by ``c / ||g||``; with
     ``permissive_spike_protection=False`` the step is skipped instead: params,
     momentum, Magma scores and step counts stay as they were); momentum
@@ -67,8 +78,18 @@ class PRISM(MatrixOptimizer):
     (``adam_lr``, default ``lr`` and following lr schedules in proportion;
     ``adam_betas``, ``adam_eps``; ``weight_decay``). A param group's
     ``use_prism`` overrides this (``True`` sends >= 3-D params as
-    ``(shape[0], rest)`` matrices). The fallback is plain AdamW: rollfast's
-    NAdamW variant (its ``nesterov`` applied to the Adam branch) is not offered.
+    ``(shape[0], rest)`` matrices). The fallback is plain AdamW by default;
+    ``adam_nesterov=True`` gives rollfast's NAdamW form (its ``adamw(nesterov=
+    True)``, the default there): ``m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g /
+    (1 - b1^t)``, ``u = m_hat / (sqrt(v / (1 - b2^t)) + eps)``,
+    ``p <- p - lr (u + weight_decay p)``.
+    ``matrix_dims`` (a :class:`MatrixDims` for the group's params with that
+    many dims, or ``{param: spec}``; rollfast's dimension numbers) makes a
+    param a batch of ``(output, reduction)`` matrices, each shaped and
+    post-clipped on its own; ``original`` stacks ``gamma D`` along the
+    reduction (input-feature) axes, so the damping acts in the output-feature
+    Gram under any spec. ``ns_coeffs`` takes the presets ``"standard"``,
+    ``"dion"`` and ``"polar_express"`` (computed for ``ns_iters``) as rollfast.
 
     Numerics: momentum math in fp32 (fp64 for fp64 state), stored in
     ``mu_dtype`` (bf16 with stochastic rounding); the shaping runs in
@@ -118,7 +139,9 @@ class PRISM(MatrixOptimizer):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         *,
+        adam_nesterov: bool = False,
         ns_dtype: Optional[torch.dtype] = torch.float32,
+        matrix_dims: Any = None,
         maximize: bool = False,
         stochastic_rounding: bool = False,
     ) -> None:
@@ -157,13 +180,16 @@ class PRISM(MatrixOptimizer):
             adam_lr_ratio=1.0 if adam_lr is None else (adam_lr / lr_value if lr_value > 0 else 0.0),
             adam_betas=tuple(adam_betas),
             adam_eps=adam_eps,
+            adam_nesterov=adam_nesterov,
             ns_dtype=ns_dtype,
+            matrix_dims=matrix_dims,
             maximize=maximize,
             stochastic_rounding=stochastic_rounding,
             # bf16 momentum is always stochastically rounded: a seed is always drawn.
             seed=draw_seed(seed, True),
         )
         super().__init__(params, defaults)
+        self._check_spec_keys()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -174,10 +200,7 @@ class PRISM(MatrixOptimizer):
             steps = group[name]
             if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
                 raise ValueError(f"Invalid {name}: must be an int in [1, 100), got {steps!r}")
-        try:
-            _flatten_coefficients(group["ns_coeffs"])
-        except ValueError as e:
-            raise ValueError(str(e).replace("ns_coefficients", "ns_coeffs")) from None
+        _coefficient_args(group["ns_coeffs"], "ns_coeffs")
         if group["mode"] not in _MODES:
             raise ValueError(f"Invalid mode: must be one of {_MODES}, got {group['mode']!r}")
         if str(group["preconditioning"]).lower() not in _NORMALIZATIONS:
@@ -205,14 +228,45 @@ class PRISM(MatrixOptimizer):
             raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
         check_betas(group["adam_betas"])
         check_non_negative("adam_eps value", group["adam_eps"])
+        if not isinstance(group["adam_nesterov"], bool):
+            raise ValueError(f"Invalid adam_nesterov: must be a bool, got {group['adam_nesterov']!r}")
+        if group["adam_nesterov"] and group["use_magma"]:
+            raise ValueError("Invalid adam_nesterov=True with use_magma=True: the NAdamW fallback has no Magma masking")
         check_range("magma_p value", group["magma_p"], 0.0, 1.0, high_inclusive=True)
         if not group["magma_tau"] > 0:
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
+        self._check_matrix_dims(group)
         self._check_routing(group)
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         dtype = group["mu_dtype"] or p.dtype
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _shared_op_kwargs(self) -> dict[str, Any]:
+        """The raw global norm over the PRISM grads of every group that sets
+        ``raw_global_grad_clip`` (rollfast's partition sees all PRISM leaves at
+        once), in float64; each such group compares it with its own threshold."""
+        grads = [
+            p.grad
+            for group in self.param_groups
+            if group["raw_global_grad_clip"] is not None
+            for i, p in enumerate(group["params"])
+            if p.grad is not None and self._is_matrix(group, p, i)
+        ]
+        if not grads:
+            return {}
+        plain = [g for g in grads if not is_dtensor(g)]
+        replicated = [g.to_local() for g in grads if is_dtensor(g) and not any(pl.is_shard() for pl in g.placements)]
+        total = torch.zeros((), dtype=torch.float64)
+        for g in plain + replicated:
+            total = total + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        sharded = sharded_sum_of_squares(grads)
+        if sharded is not None:
+            total = total + sharded
+        return {"raw_grad_norm": total.sqrt()}
+
+    def _fallback_step(self, group: dict[str, Any]) -> Any:
+        return _nadamw_fallback_step if group["adam_nesterov"] else super()._fallback_step(group)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         group["state_dtype"] = group["mu_dtype"]  # load_state_dict restores state in this dtype
@@ -223,7 +277,8 @@ class PRISM(MatrixOptimizer):
             gamma=group["gamma"],
             weight_decay=group["weight_decay"],
             ns_iters=group["ns_iters"],
-            ns_coeffs=_flatten_coefficients(group["ns_coeffs"]),
+            ns_coeffs=_coefficient_args(group["ns_coeffs"], "ns_coeffs")[0],
+            ns_preset=_coefficient_args(group["ns_coeffs"], "ns_coeffs")[1],
             prism_mode=group["mode"],  # "mode" clashes with a torch.compile keyword
             preconditioning=str(group["preconditioning"]).lower(),
             inv_steps=group["inv_steps"],
@@ -295,6 +350,9 @@ class PRISM(MatrixOptimizer):
                 "momentum_accumulator", "grad_clip_max_amps", "ns_dtype",
             )
         }  # fmt: skip
+        if kwargs["ns_preset"]:  # prism_shape takes the table itself
+            table = torch.ops.torchopt_ext.ns_coefficient_table(kwargs["ns_preset"], kwargs["ns_iters"])
+            shape_kwargs["ns_coeffs"] = table.flatten().tolist()
         return [
             torch.ops.torchopt_ext.prism_shape(m, d, tail[0] if tail else None, **shape_kwargs) for m, d, *tail in whole
         ]

@@ -3,6 +3,7 @@
 
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
 #include "torchopt_ext/common/psgd.h"
 #include "torchopt_ext/functional/adafactor.h"

@@ -34,6 +34,9 @@ struct RawClipResult {
 // are scaled by max_norm / (||g|| + tiny) (tiny = float32's smallest normal),
 // and with permissive = false the step is to be skipped. max_norm > 0.
 RawClipResult raw_global_clip(at::TensorList grads, double max_norm, bool permissive);
+// The same decision for a norm computed elsewhere (e.g. over several param
+// groups by the optimizer front end).
+RawClipResult raw_global_clip_from_norm(const at::Tensor& norm, double max_norm, bool permissive);
 
 // The same clip with no host read, for the standalone spike guard: the
 // grads are multiplied in place by where(spike, max_norm / (norm + tiny), 1)

@@ -32,6 +32,28 @@ using NSCoefficients = std::vector<std::array<double, 3>>;
 // Keller Jordan's (3.4445, -4.7750, 2.0315), used by torch.optim.Muon.
 NSCoefficients standard_ns_coefficients();
 
+// Dion's five-row table (microsoft/dion, as rollfast's DION_NS_COEFFS).
+NSCoefficients dion_ns_coefficients();
+
+// Polar Express (Amsel et al. 2025, arXiv 2505.16932): per iteration the
+// odd quintic minimising the worst relative error on [max(l, cushion u), u]
+// (Remez exchange, float64), recentred on [l, u] when the cushion binds, and
+// divided by (1 + safety_eps)^(1, 3, 5) on every iteration but the last; the
+// interval then becomes [p(l), 2 - p(l)]. Defaults are rollfast's
+// polar_express_coeffs; cushion = 0.02 gives the 5-row table published with
+// modded-nanogpt / nanochat.
+NSCoefficients polar_express_coefficients(int64_t num_iters, double lower = 1e-3, double safety_eps = 2e-2,
+                                          double cushion = 0.02407327424182761);
+
+// A coefficient preset by name, for `steps` iterations: "standard",
+// "dion" or "polar_express" (any case). Other names are an error naming
+// `argument`.
+NSCoefficients ns_coefficients_preset(const std::string& name, int64_t steps, const char* argument = "preset");
+
+// The preset when `preset` is non-empty, else the flat table (see below).
+NSCoefficients resolve_ns_coefficients(const std::string& preset, const std::vector<double>& flat, int64_t steps,
+                                       const char* argument);
+
 // A flat list of 3k values as k rows (validated: non-empty, a multiple of
 // three, finite); errors name `argument`.
 NSCoefficients ns_coefficients_from_flat(const std::vector<double>& flat, const char* argument);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "torchopt_ext/common/magma.h"
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/functional/adam.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
@@ -26,6 +27,7 @@ namespace torchopt_ext::optim {
 struct MatrixGroupLists {
   std::vector<at::Tensor> params, grads, moments, scores, steps;
   std::vector<at::Tensor> params_adam, grads_adam, exp_avgs, exp_avg_sqs, steps_adam, scores_adam;
+  std::vector<int64_t> matrix_dims;  // the matrix params' specs, common/matrix_dims.h encoding
 };
 
 template <typename Derived, typename Options, typename ParamState>
@@ -48,10 +50,16 @@ class MatrixOptimizer : public OptimizerBase<Options> {
     }
   }
 
-  // Whether `param` takes the matrix step under `options` (else AdamW).
+  // Whether the group's dimension spec applies to `param` (same number of axes).
+  static bool has_spec(const Options& options, const at::Tensor& param) {
+    return options.matrix_dims() && common::matrix_dims_ndim(*options.matrix_dims()) == param.dim();
+  }
+
+  // Whether `param` takes the matrix step under `options` (else AdamW): the
+  // route option when set, else params the spec fits, else 2-D params.
   static bool routes_to_matrix(const Options& options, const at::Tensor& param) {
     const auto route = Derived::route(options);
-    return route ? *route : param.dim() == 2;
+    return route ? *route : (has_spec(options, param) || param.dim() == 2);
   }
 
   // The AdamW branch's current lr: adam_lr scaled as lr moved from initial_lr.
@@ -66,6 +74,7 @@ class MatrixOptimizer : public OptimizerBase<Options> {
   at::Tensor step(LossClosure closure = nullptr) override {
     torch::NoGradGuard no_grad;
     at::Tensor loss = this->run_closure(closure);
+    static_cast<Derived*>(this)->before_groups();
     for (auto& group : this->param_groups_) {
       auto& options = this->options_of(group);
       if (!options.initial_lr()) {  // a group added after construction
@@ -76,26 +85,33 @@ class MatrixOptimizer : public OptimizerBase<Options> {
         static_cast<Derived*>(this)->matrix_step(options, lists);
       }
       if (!lists.params_adam.empty()) {
-        const auto [beta1, beta2] = options.adam_betas();
-        if (options.use_magma()) {
-          // rollfast masks every leaf, the fallback's too, with its own draws.
-          functional::adam_magma_step_(
-              lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {}, lists.scores_adam,
-              lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2,
-              options.adam_eps(), Derived::adam_weight_decay(options), /*decoupled_weight_decay=*/true,
-              /*amsgrad=*/false, options.maximize(), options.magma_p(), options.magma_tau(),
-              options.stochastic_rounding(), options.seed() ^ common::kMagmaFallbackSeedSalt, std::nullopt,
-              std::nullopt);
-          continue;
-        }
-        functional::adam_step_(lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {},
-                               lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2,
-                               options.adam_eps(), Derived::adam_weight_decay(options),
-                               /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
-                               options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
+        static_cast<Derived*>(this)->fallback_step(options, lists);
       }
     }
     return loss;
+  }
+
+  // Runs once per step before the groups (a derived class may shadow it).
+  void before_groups() {}
+
+  // The AdamW branch (a derived class may shadow this, e.g. PRISM's NAdamW form).
+  void fallback_step(Options& options, MatrixGroupLists& lists) {
+    const auto [beta1, beta2] = options.adam_betas();
+    if (options.use_magma()) {
+      // rollfast masks every leaf, the fallback's too, with its own draws.
+      functional::adam_magma_step_(
+          lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {}, lists.scores_adam,
+          lists.steps_adam, at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2, options.adam_eps(),
+          Derived::adam_weight_decay(options), /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
+          options.magma_p(), options.magma_tau(), options.stochastic_rounding(),
+          options.seed() ^ common::kMagmaFallbackSeedSalt, std::nullopt, std::nullopt);
+      return;
+    }
+    functional::adam_step_(lists.params_adam, lists.grads_adam, lists.exp_avgs, lists.exp_avg_sqs, {}, lists.steps_adam,
+                           at::scalar_tensor(adam_branch_lr(options), at::kDouble), beta1, beta2, options.adam_eps(),
+                           Derived::adam_weight_decay(options),
+                           /*decoupled_weight_decay=*/true, /*amsgrad=*/false, options.maximize(),
+                           options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt);
   }
 
   void save(torch::serialize::OutputArchive& archive) const override {
@@ -128,6 +144,7 @@ class MatrixOptimizer : public OptimizerBase<Options> {
       });
       if (matrix) {
         lists.params.push_back(param);
+        common::encode_matrix_dims(has_spec(options, param) ? options.matrix_dims() : std::nullopt, lists.matrix_dims);
         lists.grads.push_back(param.grad());
         lists.moments.push_back(Derived::momentum(state));
         if (options.use_magma()) {

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/optim/matrix_optimizer.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
@@ -27,6 +28,14 @@ struct MuonOptions : public torch::optim::OptimizerCloneableOptions<MuonOptions>
   TORCH_ARG(int64_t, ns_steps) = 5;
   TORCH_ARG(std::string, adjust_lr_fn) = "original";  // or "match_rms_adamw"
   TORCH_ARG(std::string, ns_normalization) = "frobenius";
+  // A named coefficient preset ("standard", "dion", "polar_express": the
+  // tables of common/newton_schulz.h for this iteration count); when set it
+  // replaces ns_coefficients. Empty: use ns_coefficients.
+  TORCH_ARG(std::string, ns_preset) = "";
+  // A dimension spec (common/matrix_dims.h) for this group's params with as
+  // many dims as the spec has axes: each is a batch of (output, reduction)
+  // matrices and takes the matrix step unless the route option says false.
+  TORCH_ARG(std::optional<common::MatrixDims>, matrix_dims) = std::nullopt;
   TORCH_ARG(std::optional<at::ScalarType>, ns_dtype) = at::kBFloat16;  // nullopt: the param's dtype
   // nullopt: 2-D params take Muon; true: every >= 2-D param; false: none.
   TORCH_ARG(std::optional<bool>, use_muon) = std::nullopt;

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/optim/matrix_optimizer.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 
@@ -27,6 +28,14 @@ struct PRISMOptions : public torch::optim::OptimizerCloneableOptions<PRISMOption
   TORCH_ARG(std::vector<double>, ns_coeffs) = std::vector<double> { 3.4445, -4.775, 2.0315 };
   TORCH_ARG(std::string, mode) = "original";  // or "bidirectional"
   TORCH_ARG(std::string, preconditioning) = "frobenius";
+  // A named coefficient preset ("standard", "dion", "polar_express": the
+  // tables of common/newton_schulz.h for this iteration count); when set it
+  // replaces ns_coeffs. Empty: use ns_coeffs.
+  TORCH_ARG(std::string, ns_preset) = "";
+  // A dimension spec (common/matrix_dims.h) for this group's params with as
+  // many dims as the spec has axes: each is a batch of (output, reduction)
+  // matrices and takes the matrix step unless the route option says false.
+  TORCH_ARG(std::optional<common::MatrixDims>, matrix_dims) = std::nullopt;
   TORCH_ARG(int64_t, inv_steps) = 6;
   TORCH_ARG(double, inv_eps) = 1e-5;
   TORCH_ARG(double, inv_scale) = 1.001;
@@ -55,6 +64,9 @@ struct PRISMOptions : public torch::optim::OptimizerCloneableOptions<PRISMOption
   typedef std::tuple<double, double> betas_t;
   TORCH_ARG(betas_t, adam_betas) = std::make_tuple(0.9, 0.999);
   TORCH_ARG(double, adam_eps) = 1e-8;
+  // The fallback's Nesterov (NAdamW) form, rollfast's adamw(nesterov=True);
+  // false: plain AdamW.
+  TORCH_ARG(bool, adam_nesterov) = false;
   TORCH_ARG(bool, maximize) = false;
   TORCH_ARG(bool, use_magma) = false;
   TORCH_ARG(double, magma_p) = 0.5;
@@ -95,6 +107,13 @@ class PRISM : public MatrixOptimizer<PRISM, PRISMOptions, PRISMParamState> {
   static at::Tensor& momentum(PRISMParamState& state) { return state.mu(); }
   static double adam_weight_decay(const PRISMOptions& options) { return options.weight_decay(); }
   void matrix_step(PRISMOptions& options, MatrixGroupLists& lists);
+  void fallback_step(PRISMOptions& options, MatrixGroupLists& lists);
+  // The raw global norm over the PRISM grads of every group that sets
+  // raw_global_grad_clip (rollfast's partition sees all PRISM leaves at once).
+  void before_groups();
+
+ private:
+  std::optional<at::Tensor> raw_grad_norm_;
 };
 
 }  // namespace torchopt_ext::optim
