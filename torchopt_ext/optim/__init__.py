@@ -3,6 +3,7 @@
 from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
+from .kron_psgd import KronPSGD
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
@@ -15,6 +16,7 @@ from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD, sche
 from .sgd import SGD
 from .soap import SOAP
 from .sophia import SophiaG, SophiaH
+from .white_kron import Quad, Skew, WhiteKron
 
 __all__ = [
     "SGD",
@@ -29,6 +31,10 @@ __all__ = [
     "Adafactor",
     "Muon",
     "PRISM",
+    "KronPSGD",
+    "WhiteKron",
+    "Skew",
+    "Quad",
     "SOAP",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
