@@ -13,6 +13,7 @@ echo "== dependencies"
 # lion-pytorch, qhoptim, schedulefree and sophia-opt are oracles for the parity tests; torch stays pinned in the same resolve.
 python -m pip install -q --disable-pip-version-check torch==2.13.0 pytest ruff==0.17.6 clang-format==23.1.5 ninja \
   lion-pytorch==0.2.5 qhoptim==1.1.0 schedulefree==1.4.1 sophia-opt==0.2.2 pytorch-optimizer==4.1.0
+python -m pip install -q --disable-pip-version-check --no-deps kron-torch==0.3.3  # benchmarks/bench_white_kron.py only
 if ! [ -f /usr/include/gtest/gtest.h ] || ! command -v ccache >/dev/null; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"

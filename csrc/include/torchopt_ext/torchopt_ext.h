@@ -36,4 +36,5 @@
 #include "torchopt_ext/optim/sgd.h"
 #include "torchopt_ext/optim/soap.h"
 #include "torchopt_ext/optim/sophia.h"
+#include "torchopt_ext/optim/white_kron.h"
 #include "torchopt_ext/schedules/wsd.h"
