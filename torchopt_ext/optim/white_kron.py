@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed
+from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, local
 
 _STYLES = ("skew", "quad")
 _LR_STYLES = ("adam", None)
@@ -129,8 +129,12 @@ class WhiteKron(FusedOptimizer):
         return key != "mu" or group["b1"] > 0
 
     def _fresh(self, p: torch.Tensor, group: dict[str, Any]) -> list[torch.Tensor]:
+        # A storage-free stand-in with p's shape / dtype / device: the factors
+        # are whole-matrix tensors, also for DTensor params (no DTensor dispatch).
+        device = p.device if p.device.type == "meta" else local(p).device
+        shape_only = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
         return torch.ops.torchopt_ext.white_kron_init_state(
-            p.detach(), group["max_size_dense"], group["block_size"], group["preconditioner_init_scale"], group["dtype"]
+            shape_only, group["max_size_dense"], group["block_size"], group["preconditioner_init_scale"], group["dtype"]
         )
 
     def _state_shape(self, p: torch.Tensor, key: str) -> Optional[tuple[int, ...]]:
