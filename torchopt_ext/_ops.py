@@ -187,6 +187,33 @@ def _prism_nadamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, l
     )
 
 
+@torch.library.register_fake("torchopt_ext::kron_psgd_step_")
+def _kron_psgd_step_fake(params, grads, momentum_buffers, ql, qr, state_steps, lr, **kwargs) -> None:
+    _check_lengths("kron_psgd_step_", params, grads=grads, momentum_buffers=momentum_buffers, state_steps=state_steps)
+    matrices = sum(1 for p in params if p.dim() == 2)
+    if len(ql) != matrices or len(qr) != matrices:
+        raise ValueError(
+            f"kron_psgd_step_: ql and qr need one factor per 2-D param ({matrices}), got {len(ql)} and {len(qr)}"
+        )
+
+
+@torch.library.register_fake("torchopt_ext::white_kron_step_")
+def _white_kron_step_fake(params, grads, mus, ql, qr, lip_l, lip_r, state_steps, lr, **kwargs) -> None:
+    _check_lengths(
+        "white_kron_step_",
+        params,
+        grads=grads,
+        mus=mus,
+        ql=ql,
+        qr=qr,
+        lip_l=lip_l,
+        lip_r=lip_r,
+        state_steps=state_steps,
+    )
+    if len(ql) != len(params):
+        raise ValueError(f"white_kron_step_: ql has {len(ql)} tensors but params has {len(params)}")
+
+
 @torch.library.register_fake("torchopt_ext::newton_schulz")
 def _newton_schulz_fake(input, *, dtype=None, **kwargs):
     if input.dim() < 2:

@@ -87,6 +87,10 @@ ALL_OPTIMIZERS = {
     "Adafactor": dict(lr=1e-2, weight_decay=0.1, beta1=0.9),
     # Refresh every 2 steps so the QR path runs within the short generic runs;
     # precondition_1d so 1-D params get a factor too.
+    "KronPSGD": dict(lr=1e-2, weight_decay=0.01, seed=3),
+    # block_size 4 so the generic shapes get several padded tiles; Quad keeps bf16 factors.
+    "WhiteKron": dict(lr=1e-2, block_size=4, dtype=torch.float32, seed=3),
+    "Quad": dict(lr=1e-2, block_size=4, seed=3),
     "SOAP": dict(lr=1e-2, weight_decay=0.1, precondition_frequency=2, precondition_1d=True),
 }
 

@@ -5,6 +5,7 @@ from .adafactor import Adafactor
 from .adam import Adam
 from .adamw import AdamW
 from .kron import Kron, precond_update_prob_schedule
+from .kron_psgd import KronPSGD
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
@@ -24,6 +25,7 @@ from .schedulefree import (
 from .sgd import SGD
 from .soap import SOAP
 from .sophia import SophiaG, SophiaH
+from .white_kron import Quad, Skew, WhiteKron
 
 __all__ = [
     "SGD",
@@ -43,6 +45,10 @@ __all__ = [
     "PRISM",
     "Kron",
     "precond_update_prob_schedule",
+    "KronPSGD",
+    "WhiteKron",
+    "Skew",
+    "Quad",
     "SOAP",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",

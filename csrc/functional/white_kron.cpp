@@ -1,0 +1,514 @@
+#include "torchopt_ext/functional/white_kron.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/tensor_lists.h"
+#include "kernels/cpu/muon.h"
+#include "kernels/cpu/stochastic_rounding.h"
+
+namespace torchopt_ext::functional {
+
+namespace {
+
+constexpr double kBetaLipschitz = 0.95;
+constexpr int64_t kProbes = 4;          // norm_lower_bound: k
+constexpr int64_t kPowerIters = 5;      // norm_lower_bound: iters
+constexpr double kMaxRotation = 0.125;  // procrustes max_step_size
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::Tensor bcast(const at::Tensor& per_tile) { return per_tile.view({-1, 1, 1}); }
+
+// Randomised lower bound of the spectral norm of each A[t] (symmetric PSD, or
+// skew-symmetric with skew=true), eformer's power iteration on k probes.
+at::Tensor norm_lower_bound(at::Tensor a, const at::Tensor& probe, bool skew) {
+  const at::Tensor scale = skew ? a.abs().amax({1, 2}) : a.diagonal(0, 1, 2).amax(1);
+  a = a / bcast(scale);
+  const at::Tensor energies = (a * a).mean(2);  // (T, n)
+  const at::Tensor j = energies.argmax(1);      // (T,)
+  const at::Tensor power = energies.gather(1, j.unsqueeze(1)).squeeze(1);
+  const at::Tensor rows = at::arange(a.size(0), j.options());
+  const at::Tensor max_vec = a.index({rows, j});  // (T, n)
+  at::Tensor x = at::matmul((max_vec * power.rsqrt().unsqueeze(1)).unsqueeze(1) + probe, a);
+  for (int64_t i = 0; i < kPowerIters; ++i) {
+    x = at::matmul(x / bcast(x.abs().amax({1, 2})), a);
+  }
+  x = at::matmul(x / at::linalg_vector_norm(x, 2, {2}, true), a);
+  return at::linalg_vector_norm(x, 2, {2}).amax(1) * scale;
+}
+
+at::Tensor batched_trace(const at::Tensor& a) { return a.diagonal(0, 1, 2).sum(1); }
+
+// One Procrustes rotation of each Q[t] towards orthogonality (eformer's
+// _procrustes_step): skipped per tile when Q^T - Q vanishes or tr(R Q) <= 0.
+at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe) {
+  at::Tensor r = q.transpose(1, 2) - q;
+  const at::Tensor max_abs = r.abs().amax({1, 2});
+  const double tiny =
+      q.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const at::Tensor rotate = max_abs > tiny;
+  r = r / bcast(at::where(rotate, max_abs, at::ones_like(max_abs)));
+  const at::Tensor rq = at::matmul(r, q);
+  const at::Tensor tr_rq = batched_trace(rq);
+  at::Tensor a = kMaxRotation / norm_lower_bound(r, probe, /*skew=*/true);
+  const at::Tensor rrq = at::matmul(r, rq);
+  const at::Tensor tr_rrq = batched_trace(rrq);
+  a = at::where(tr_rrq < 0, at::minimum(a, -tr_rq / tr_rrq), a);
+  const at::Tensor rotated = q + bcast(a) * (rq + 0.5 * bcast(a) * rrq);
+  return at::where(bcast(rotate & (tr_rq > 0)), rotated, q);
+}
+
+at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math) {
+  return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(math);
+}
+
+// Dense factor update (QUAD or skew) of each tile; returns the new Q and L.
+std::pair<at::Tensor, at::Tensor> dense_update(const at::Tensor& term1, const at::Tensor& term2, const at::Tensor& lip,
+                                               const at::Tensor& q, const at::Tensor& plr, bool skew,
+                                               at::Generator& gen) {
+  const int64_t t = q.size(0);
+  const int64_t n = q.size(1);
+  const at::Tensor ell_probe = draw(gen, {t, kProbes, n}, q.scalar_type());
+  const at::Tensor rot_probe = skew ? draw(gen, {t, kProbes, n}, q.scalar_type()) : at::Tensor();
+  const at::Tensor ell = norm_lower_bound(term1, ell_probe, false) + term2;
+  const at::Tensor new_lip = at::maximum(kBetaLipschitz * lip + (1 - kBetaLipschitz) * ell, ell);
+  const at::Tensor t2 = bcast(term2);
+  if (skew) {
+    const at::Tensor z = bcast(plr / new_lip);
+    const at::Tensor stepped = q - z * (at::matmul(term1, q) - t2 * q);
+    return {procrustes(stepped, rot_probe), new_lip};
+  }
+  const at::Tensor z = bcast(plr / (2.0 * new_lip));
+  at::Tensor p = q - z * (at::matmul(term1, q) - t2 * q);
+  p = p - z * (at::matmul(p, term1) - p * t2);
+  return {(p + p.transpose(1, 2)) * 0.5, new_lip};
+}
+
+// Diagonal factor update of each row of q (T, n).
+std::pair<at::Tensor, at::Tensor> diag_update(const at::Tensor& term1, const at::Tensor& term2, const at::Tensor& lip,
+                                              const at::Tensor& q, const at::Tensor& plr, bool skew) {
+  const at::Tensor ell = term1.amax(1) + term2;
+  const at::Tensor new_lip = at::maximum(kBetaLipschitz * lip + (1 - kBetaLipschitz) * ell, ell);
+  const at::Tensor z = (skew ? plr / new_lip : plr / (2.0 * new_lip)).unsqueeze(1);
+  const at::Tensor gain = 1.0 - z * (term1 - term2.unsqueeze(1));
+  return {skew ? q * gain : q * gain * gain, new_lip};
+}
+
+// Factors of a batch of (T, R, C) blocks; a side is dense (T, s, s) or
+// diagonal (T, s). Updates ql/qr/lip_l/lip_r and returns the preconditioned
+// blocks (of the un-noised g).
+struct Batch {
+  at::Tensor ql, qr, lip_l, lip_r;
+  bool diag_left = false, diag_right = false;
+};
+
+at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& valid_rows, const at::Tensor& valid_cols,
+                        const at::Tensor& plr, double noise_scale, bool skew, at::Generator& gen) {
+  const auto math = g.scalar_type();
+  const at::Tensor noise = draw(gen, g.sizes(), math);
+  const at::Tensor rmask = at::arange(g.size(1), valid_rows.options()).unsqueeze(0) < valid_rows.unsqueeze(1);
+  const at::Tensor cmask = at::arange(g.size(2), valid_cols.options()).unsqueeze(0) < valid_cols.unsqueeze(1);
+  const at::Tensor mask = (rmask.unsqueeze(2) & cmask.unsqueeze(1)).to(math);
+  const at::Tensor gn = g + noise * noise_scale * mask;
+  const at::Tensor m = valid_rows.to(math);
+  const at::Tensor n = valid_cols.to(math);
+  // term2: N / m = n for the left side, N / m... = m for the right side.
+  auto left_apply = [&](const at::Tensor& ql, const at::Tensor& x) {
+    return b.diag_left ? (ql * ql).unsqueeze(2) * x : at::matmul(ql.transpose(1, 2), at::matmul(ql, x));
+  };
+  auto right_apply = [&](const at::Tensor& qr, const at::Tensor& x) {
+    return b.diag_right ? x * (qr * qr).unsqueeze(1) : at::matmul(at::matmul(x, qr.transpose(1, 2)), qr);
+  };
+  const at::Tensor pg = right_apply(b.qr, left_apply(b.ql, gn));
+  const at::Tensor pg2 = b.diag_left || b.diag_right ? pg * pg : at::Tensor();
+  if (b.diag_left) {
+    std::tie(b.ql, b.lip_l) = diag_update(pg2.sum(2), n, b.lip_l, b.ql, plr, skew);
+  } else {
+    std::tie(b.ql, b.lip_l) = dense_update(at::matmul(pg, pg.transpose(1, 2)), n, b.lip_l, b.ql, plr, skew, gen);
+  }
+  if (b.diag_right) {
+    std::tie(b.qr, b.lip_r) = diag_update(pg2.sum(1), m, b.lip_r, b.qr, plr, skew);
+  } else {
+    std::tie(b.qr, b.lip_r) = dense_update(at::matmul(pg.transpose(1, 2), pg), m, b.lip_r, b.qr, plr, skew, gen);
+  }
+  return right_apply(b.qr, left_apply(b.ql, g));
+}
+
+// (m, n) -> (tiles_r * tiles_c, bs, bs), zero-padded, row-major tile order.
+at::Tensor to_tiles(const at::Tensor& x, int64_t bs) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const int64_t tr = ceil_div(m, bs), tc = ceil_div(n, bs);
+  const at::Tensor padded = at::constant_pad_nd(x, {0, tc * bs - n, 0, tr * bs - m});
+  return padded.view({tr, bs, tc, bs}).permute({0, 2, 1, 3}).reshape({tr * tc, bs, bs});
+}
+
+at::Tensor from_tiles(const at::Tensor& tiles, int64_t m, int64_t n, int64_t bs) {
+  const int64_t tr = ceil_div(m, bs), tc = ceil_div(n, bs);
+  return tiles.view({tr, tc, bs, bs}).permute({0, 2, 1, 3}).reshape({tr * bs, tc * bs}).narrow(0, 0, m).narrow(1, 0, n);
+}
+
+// Valid extent of each of `count` blocks of size bs covering `size`.
+at::Tensor valid_extents(int64_t size, int64_t bs, int64_t count_along, int64_t repeat_inner, int64_t repeat_outer) {
+  std::vector<int64_t> out;
+  for (int64_t o = 0; o < repeat_outer; ++o) {
+    for (int64_t i = 0; i < count_along; ++i) {
+      for (int64_t r = 0; r < repeat_inner; ++r) {
+        out.push_back(std::min(bs, size - i * bs));
+      }
+    }
+  }
+  return at::tensor(out, at::kLong);
+}
+
+at::Tensor padded_identity(int64_t bs, int64_t valid, const at::TensorOptions& options) {
+  at::Tensor eye = at::zeros({bs, bs}, options);
+  eye.narrow(0, 0, valid).narrow(1, 0, valid).copy_(at::eye(valid, options));
+  return eye;
+}
+
+// Shapes of {ql, qr, lip_l, lip_r} for a layout.
+std::vector<std::vector<int64_t>> state_shapes(const WhiteKronLayout& lay, int64_t bs) {
+  const int64_t t = lay.tiles;
+  switch (lay.kind) {
+    case WhiteKronLayout::kOneD:
+      return {{lay.rows}, {0}, {1}, {1}};
+    case WhiteKronLayout::kDense:
+      return {{t, bs, bs}, {t, bs, bs}, {t}, {t}};
+    case WhiteKronLayout::kLargeDiag:
+      return {{lay.rows}, {lay.cols}, {1}, {1}};
+    case WhiteKronLayout::kRowStrips:
+      return {{t, bs, bs}, {t, lay.cols}, {t}, {t}};
+    case WhiteKronLayout::kColStrips:
+      return {{t, lay.rows}, {t, bs, bs}, {t}, {t}};
+  }
+  return {};
+}
+
+at::ScalarType math_of(const at::Tensor& p) { return p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+WhiteKronLayout white_kron_layout(at::IntArrayRef shape, int64_t max_size_dense, int64_t block_size) {
+  WhiteKronLayout out{WhiteKronLayout::kOneD};
+  const int64_t numel = std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+  const int64_t largest = shape.empty() ? 1 : *std::max_element(shape.begin(), shape.end());
+  if (shape.size() < 2 || numel == largest) {
+    out.rows = numel;
+    out.cols = 1;
+    return out;
+  }
+  int64_t m = shape[0], n = shape[1];
+  if (shape.size() > 2) {
+    // The split that makes the two products most alike (first best wins).
+    double best = std::numeric_limits<double>::infinity();
+    for (size_t s = 1; s < shape.size(); ++s) {
+      const int64_t lp = std::accumulate(shape.begin(), shape.begin() + s, int64_t{1}, std::multiplies<>());
+      const int64_t rp = std::accumulate(shape.begin() + s, shape.end(), int64_t{1}, std::multiplies<>());
+      const double ratio = static_cast<double>(std::max(lp, rp)) / static_cast<double>(std::min(lp, rp));
+      if (ratio < best) {
+        best = ratio;
+        m = lp;
+        n = rp;
+      }
+    }
+  }
+  out.rows = m;
+  out.cols = n;
+  const bool large_m = m > max_size_dense;
+  const bool large_n = n > max_size_dense;
+  if (!large_m && !large_n) {
+    out.kind = WhiteKronLayout::kDense;
+    out.tiles = ceil_div(m, block_size) * ceil_div(n, block_size);
+  } else if (large_m && large_n) {
+    out.kind = WhiteKronLayout::kLargeDiag;
+    out.tiles = 1;
+  } else if (large_n) {
+    out.kind = WhiteKronLayout::kRowStrips;  // m is the small side: row strips
+    out.tiles = ceil_div(m, block_size);
+  } else {
+    out.kind = WhiteKronLayout::kColStrips;
+    out.tiles = ceil_div(n, block_size);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> white_kron_init_state(const at::Tensor& param, int64_t max_size_dense, int64_t block_size,
+                                              double preconditioner_init_scale, at::ScalarType dtype) {
+  const auto layout = white_kron_layout(param.sizes(), max_size_dense, block_size);
+  const auto math = math_of(param);
+  const auto storage = param.scalar_type() == at::kDouble ? at::kDouble : dtype;
+  const auto opts = param.options().dtype(storage);
+  const auto lip_opts = param.options().dtype(math);
+  const double s = preconditioner_init_scale;
+  const int64_t bs = block_size;
+  auto identity_tiles = [&](const at::Tensor& valid) {
+    std::vector<at::Tensor> tiles;
+    for (int64_t i = 0; i < valid.size(0); ++i) {
+      tiles.push_back(padded_identity(bs, valid[i].item<int64_t>(), param.options().dtype(math)) * s);
+    }
+    return at::stack(tiles).to(storage);
+  };
+  const int64_t m = layout.rows, n = layout.cols;
+  switch (layout.kind) {
+    case WhiteKronLayout::kOneD:
+      return {at::full({m}, s, opts), at::empty({0}, opts), at::zeros({1}, lip_opts), at::zeros({1}, lip_opts)};
+    case WhiteKronLayout::kDense: {
+      const int64_t tr = ceil_div(m, bs), tc = ceil_div(n, bs);
+      return {identity_tiles(valid_extents(m, bs, tr, tc, 1)), identity_tiles(valid_extents(n, bs, tc, 1, tr)),
+              at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
+    }
+    case WhiteKronLayout::kLargeDiag:
+      return {at::full({m}, s, opts), at::full({n}, s, opts), at::zeros({1}, lip_opts), at::zeros({1}, lip_opts)};
+    case WhiteKronLayout::kRowStrips:
+      return {identity_tiles(valid_extents(m, bs, layout.tiles, 1, 1)), at::full({layout.tiles, n}, s, opts),
+              at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
+    case WhiteKronLayout::kColStrips:
+      return {at::full({layout.tiles, m}, s, opts), identity_tiles(valid_extents(n, bs, layout.tiles, 1, 1)),
+              at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
+  }
+  TORCH_CHECK(false, "white_kron_init_state: unknown layout");
+}
+
+uint64_t white_kron_stream_seed(int64_t seed, int64_t step, int64_t path, int64_t index) {
+  using kernels::cpu::mix64;
+  return mix64(mix64(static_cast<uint64_t>(seed)) ^
+               mix64(static_cast<uint64_t>(step) * 8 + static_cast<uint64_t>(path)) ^
+               (static_cast<uint64_t>(index) << 1));
+}
+
+void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mus, at::TensorList ql,
+                      at::TensorList qr, at::TensorList lip_l, at::TensorList lip_r, at::TensorList state_steps,
+                      const at::Tensor& lr, c10::string_view update_style, double b1, double weight_decay,
+                      c10::string_view lr_style, bool normalize_grads, int64_t max_size_dense, double preconditioner_lr,
+                      int64_t block_size, double noise_scale, int64_t balance_every, bool maximize,
+                      bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "white_kron_step_";
+  using common::check_hyperparameter;
+  TORCH_CHECK_VALUE(update_style == "skew" || update_style == "quad", op,
+                    ": update_style must be 'skew' or 'quad', got '", update_style, "'");
+  const bool skew = update_style == "skew";
+  TORCH_CHECK_VALUE(lr_style == "adam" || lr_style == "none", op, ": lr_style must be 'adam' or 'none', got '",
+                    lr_style, "'");
+  check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
+  check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
+  check_hyperparameter(op, "preconditioner_lr", preconditioner_lr,
+                       std::isfinite(preconditioner_lr) && preconditioner_lr > 0.0, "> 0");
+  check_hyperparameter(op, "noise_scale", noise_scale, std::isfinite(noise_scale) && noise_scale >= 0.0, ">= 0");
+  TORCH_CHECK_VALUE(max_size_dense >= 1, op, ": max_size_dense must be >= 1, got ", max_size_dense);
+  TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  TORCH_CHECK_VALUE(balance_every >= 1, op, ": balance_every must be >= 1, got ", balance_every);
+  const size_t count = params.size();
+  for (const auto& [name, list] :
+       {std::pair<const char*, at::TensorList>{"ql", ql}, {"qr", qr}, {"lip_l", lip_l}, {"lip_r", lip_r}}) {
+    TORCH_CHECK_VALUE(list.size() == count, op, ": ", name, " must have one tensor per param (", count, "), got ",
+                      list.size());
+  }
+  std::vector<WhiteKronLayout> layouts;
+  for (size_t i = 0; i < count; ++i) {
+    layouts.push_back(white_kron_layout(params[i].sizes(), max_size_dense, block_size));
+    // The state must be the one white_kron_init_state makes for these options.
+    const auto expected = state_shapes(layouts.back(), block_size);
+    const at::Tensor* got[] = {&ql[i], &qr[i], &lip_l[i], &lip_r[i]};
+    const char* names[] = {"ql", "qr", "lip_l", "lip_r"};
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK_VALUE(got[k]->defined() && got[k]->sizes() == at::IntArrayRef(expected[k]), op, ": ", names[k], "[",
+                        i, "] does not match params[", i, "] (shape ", params[i].sizes(), ", block_size ", block_size,
+                        ", max_size_dense ", max_size_dense, "), which needs ", at::IntArrayRef(expected[k]));
+    }
+    const auto math = math_of(params[i]);
+    TORCH_CHECK_VALUE(lip_l[i].scalar_type() == math && lip_r[i].scalar_type() == math, op, ": lip_l[", i,
+                      "] and lip_r[", i, "] must be ", math);
+    TORCH_CHECK_VALUE(
+        ql[i].scalar_type() == qr[i].scalar_type() &&
+            (math == at::kDouble ? ql[i].scalar_type() == at::kDouble
+                                 : (ql[i].scalar_type() == at::kFloat || ql[i].scalar_type() == at::kBFloat16)),
+        op, ": ql[", i, "] / qr[", i, "] must be float32 or bfloat16 (float64 for float64 params), got ",
+        ql[i].scalar_type());
+  }
+  auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"mus", mus, b1 > 0.0}}}, state_steps, lr,
+                                                    grad_scale, found_inf);
+  if (!group) {
+    return;
+  }
+  if (group->amp.grad_scale) {
+    for (auto& grad : group->grads) {
+      grad.div_(*group->amp.grad_scale);
+    }
+  }
+  const int64_t bs = block_size;
+  // 1. The (bias-corrected, optionally normalised) momentum of every param.
+  std::vector<at::Tensor> u(count);
+  for (size_t i = 0; i < count; ++i) {
+    const auto math = math_of(group->params[i]);
+    at::Tensor g = group->grads[i].to(math);
+    if (maximize) {
+      g = g.neg();
+    }
+    if (b1 > 0.0) {
+      at::Tensor& mu = group->state[0][i];
+      const at::Tensor m = mu.to(math) * b1 + g * (1.0 - b1);
+      mu.copy_(m);
+      u[i] = m / (1.0 - std::pow(b1, group->steps[i]));
+    } else {
+      u[i] = g;
+    }
+    if (normalize_grads) {
+      u[i] = u[i] / (at::linalg_vector_norm(u[i]) + 1e-6);
+    }
+  }
+  auto plr_of = [&](double t) { return std::max(preconditioner_lr / std::sqrt(1.0 + t / 10000.0), 0.4); };
+  std::vector<at::Tensor> out(count);
+  // 2. All dense tiles of this call as one stack.
+  std::vector<size_t> dense;
+  for (size_t i = 0; i < count; ++i) {
+    if (layouts[i].kind == WhiteKronLayout::kDense) {
+      dense.push_back(i);
+    }
+  }
+  if (!dense.empty()) {
+    const auto math = math_of(group->params[dense[0]]);
+    std::vector<at::Tensor> g_tiles, ql_tiles, qr_tiles, ll, lr_, vr, vc, tile_steps;
+    for (size_t i : dense) {
+      const auto& lay = layouts[i];
+      const int64_t tr = ceil_div(lay.rows, bs), tc = ceil_div(lay.cols, bs);
+      g_tiles.push_back(to_tiles(u[i].reshape({lay.rows, lay.cols}).to(math), bs));
+      ql_tiles.push_back(ql[i].to(math));
+      qr_tiles.push_back(qr[i].to(math));
+      ll.push_back(lip_l[i].to(math));
+      lr_.push_back(lip_r[i].to(math));
+      vr.push_back(valid_extents(lay.rows, bs, tr, tc, 1));
+      vc.push_back(valid_extents(lay.cols, bs, tc, 1, tr));
+      tile_steps.push_back(at::full({lay.tiles}, group->steps[i], at::TensorOptions().dtype(at::kDouble)));
+    }
+    Batch b{at::cat(ql_tiles), at::cat(qr_tiles), at::cat(ll), at::cat(lr_)};
+    const at::Tensor steps = at::cat(tile_steps);
+    const at::Tensor plr = ((preconditioner_lr / (1.0 + steps / 10000.0).sqrt()).clamp_min(0.4)).to(math);
+    // Balance the two factors of a tile every balance_every steps (before the update).
+    const at::Tensor balance = at::fmod(steps, static_cast<double>(balance_every)) == 0;
+    if (balance.any().item<bool>()) {
+      const at::Tensor nl = b.ql.abs().amax({1, 2});
+      const at::Tensor nr = b.qr.abs().amax({1, 2});
+      const at::Tensor s = (nl * nr).sqrt();
+      b.ql = at::where(bcast(balance), b.ql * bcast(s / nl), b.ql);
+      b.qr = at::where(bcast(balance), b.qr * bcast(s / nr), b.qr);
+    }
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(
+        white_kron_stream_seed(seed, static_cast<int64_t>(group->steps[dense[0]]), 0, 0));
+    const at::Tensor pg = precondition(b, at::cat(g_tiles), at::cat(vr), at::cat(vc), plr, noise_scale, skew, gen);
+    int64_t offset = 0;
+    for (size_t i : dense) {
+      const auto& lay = layouts[i];
+      out[i] = from_tiles(pg.narrow(0, offset, lay.tiles), lay.rows, lay.cols, bs).reshape(group->params[i].sizes());
+      ql[i].copy_(b.ql.narrow(0, offset, lay.tiles));
+      qr[i].copy_(b.qr.narrow(0, offset, lay.tiles));
+      lip_l[i].copy_(b.lip_l.narrow(0, offset, lay.tiles));
+      lip_r[i].copy_(b.lip_r.narrow(0, offset, lay.tiles));
+      offset += lay.tiles;
+    }
+  }
+  // 3. The per-param paths.
+  for (size_t i = 0; i < count; ++i) {
+    const auto& lay = layouts[i];
+    if (lay.kind == WhiteKronLayout::kDense) {
+      continue;
+    }
+    const auto math = math_of(group->params[i]);
+    const double t = group->steps[i];
+    const at::Tensor plr =
+        at::full({lay.kind == WhiteKronLayout::kOneD ? 1 : lay.tiles}, plr_of(t), at::TensorOptions().dtype(math));
+    const int64_t path = lay.kind == WhiteKronLayout::kLargeDiag   ? 1
+                         : lay.kind == WhiteKronLayout::kRowStrips ? 2
+                         : lay.kind == WhiteKronLayout::kColStrips ? 3
+                                                                   : 4;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(
+        white_kron_stream_seed(seed, static_cast<int64_t>(t), path, static_cast<int64_t>(i)));
+    if (lay.kind == WhiteKronLayout::kOneD) {
+      const at::Tensor g = u[i].reshape({1, -1});
+      const at::Tensor q = ql[i].to(math).unsqueeze(0);
+      const at::Tensor gn = g + draw(gen, g.sizes(), math) * noise_scale;
+      const at::Tensor pg = q * q * gn;
+      auto [q_new, l_new] = diag_update(pg * pg, at::ones({1}, g.options()), lip_l[i], q, plr, skew);
+      out[i] = (q_new * q_new * g).reshape(group->params[i].sizes());
+      ql[i].copy_(q_new.squeeze(0));
+      lip_l[i].copy_(l_new);
+      continue;
+    }
+    const at::Tensor g2 = u[i].reshape({lay.rows, lay.cols}).to(math);
+    Batch b;
+    b.lip_l = lip_l[i];
+    b.lip_r = lip_r[i];
+    at::Tensor blocks, vr, vc;
+    if (lay.kind == WhiteKronLayout::kLargeDiag) {
+      b.diag_left = b.diag_right = true;
+      b.ql = ql[i].to(math).unsqueeze(0);
+      b.qr = qr[i].to(math).unsqueeze(0);
+      blocks = g2.unsqueeze(0);
+      vr = at::full({1}, lay.rows, at::kLong);
+      vc = at::full({1}, lay.cols, at::kLong);
+    } else if (lay.kind == WhiteKronLayout::kRowStrips) {
+      b.diag_right = true;
+      b.ql = ql[i].to(math);
+      b.qr = qr[i].to(math);
+      blocks = at::constant_pad_nd(g2, {0, 0, 0, lay.tiles * bs - lay.rows}).view({lay.tiles, bs, lay.cols});
+      vr = valid_extents(lay.rows, bs, lay.tiles, 1, 1);
+      vc = at::full({lay.tiles}, lay.cols, at::kLong);
+    } else {
+      b.diag_left = true;
+      b.ql = ql[i].to(math);
+      b.qr = qr[i].to(math);
+      blocks = at::constant_pad_nd(g2, {0, lay.tiles * bs - lay.cols})
+                   .view({lay.rows, lay.tiles, bs})
+                   .permute({1, 0, 2})
+                   .contiguous();
+      vr = at::full({lay.tiles}, lay.rows, at::kLong);
+      vc = valid_extents(lay.cols, bs, lay.tiles, 1, 1);
+    }
+    const at::Tensor pg = precondition(b, blocks, vr, vc, plr, noise_scale, skew, gen);
+    at::Tensor full;
+    if (lay.kind == WhiteKronLayout::kLargeDiag) {
+      full = pg.squeeze(0);
+      ql[i].copy_(b.ql.squeeze(0));
+      qr[i].copy_(b.qr.squeeze(0));
+    } else {
+      full = lay.kind == WhiteKronLayout::kRowStrips
+                 ? pg.reshape({lay.tiles * bs, lay.cols}).narrow(0, 0, lay.rows)
+                 : pg.permute({1, 0, 2}).reshape({lay.rows, lay.tiles * bs}).narrow(1, 0, lay.cols);
+      ql[i].copy_(b.ql);
+      qr[i].copy_(b.qr);
+    }
+    lip_l[i].copy_(b.lip_l);
+    lip_r[i].copy_(b.lip_r);
+    out[i] = full.reshape(group->params[i].sizes());
+  }
+  // 4. RMS clip at 1.1, lr_style "adam", decoupled decay, -lr.
+  for (size_t i = 0; i < count; ++i) {
+    at::Tensor upd = out[i];
+    const at::Tensor rms = upd.square().mean().sqrt();
+    upd = upd * (1.1 / at::clamp_min(rms, 1.1));
+    if (lr_style == "adam") {
+      upd = upd / 5.0;
+    }
+    at::Tensor& param = group->params[i];
+    const double decay = 1.0 - group->lr * weight_decay;
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      kernels::cpu::muon_apply_update_reduced(param, upd.to(at::kFloat).contiguous(), decay, -group->lr,
+                                              stochastic_rounding, stream);
+    } else {
+      param.mul_(decay).add_(upd.to(param.scalar_type()), -group->lr);
+    }
+  }
+  group->finish();
+}
+
+}  // namespace torchopt_ext::functional

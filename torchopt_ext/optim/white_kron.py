@@ -1,0 +1,185 @@
+"""White-Kron "skew" / "quad": eformer's blocked Kronecker PSGD (white_kron.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, local
+
+_STYLES = ("skew", "quad")
+_LR_STYLES = ("adam", None)
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class WhiteKron(FusedOptimizer):
+    """eformer's ``skew`` / ``quad`` optimizers (argument names and defaults of
+    white_kron.md, ``lr`` as the learning rate; ``update_style`` picks the
+    preconditioner update: ``"skew"``, Procrustes-regularised, or ``"quad"``).
+
+    Per step t (from 1), per param: ``mu <- b1 mu + (1 - b1) g`` (stored in
+    ``dtype``), ``u = mu / (1 - b1^t)`` (``b1 = 0``: ``u = g``); with
+    ``normalize_grads`` ``u /= ||u|| + 1e-6``. ``u`` is reshaped to eformer's
+    merged 2-D shape and preconditioned by Kronecker factors fitted on it
+    (plus ``noise_scale`` Gaussian noise), with preconditioner step
+    ``plr = max(preconditioner_lr (1 + t/10000)^{-1/2}, 0.4)`` (so never below
+    0.4, as eformer) and Lipschitz-normalised updates:
+
+    - 1-D (and shapes whose product is their largest dim): diagonal ``q``;
+    - both merged dims <= ``max_size_dense``: ``block_size`` tiles with dense
+      ``Ql``/``Qr`` each (zero-padded edges, identity on the valid part); all
+      tiles of the group's dense params are updated as one batch; every
+      ``balance_every`` (100) steps the two factors of a tile are rescaled to
+      equal max-abs before the update;
+    - both dims larger: diagonal factors on both sides;
+    - one dim larger: that side diagonal, the other cut into ``block_size``
+      strips with a dense factor each.
+
+    Then ``u *= 1.1 / max(rms(u), 1.1)``, ``/5`` with ``lr_style="adam"``
+    (``None``: no division), and ``p <- p - lr (u + weight_decay p)``.
+
+    Numerics: math in fp32 (eformer runs it in ``dtype``, bf16 by default);
+    factors and ``mu`` are stored in ``dtype`` (bf16 or fp32; fp64 params keep
+    fp64 state), Lipschitz scalars in fp32. Noise and the randomised norm
+    bounds draw from generators seeded by ``seed`` and the step in the order
+    documented in ``functional/white_kron.h`` (reproducible; the float64
+    reference in ``tests/reference/white_kron.py`` replays it). Not offered:
+    ``scanned_layers`` (stacked tensors are treated as one merged matrix), the
+    pipeline-axis sharding options and the weight-decay mask. NaN/Inf grads
+    propagate into the params. State: ``step``, ``mu`` (with ``b1 > 0``),
+    ``ql``, ``qr``, ``lip_l``, ``lip_r`` (shapes in ``white_kron.h``).
+    """
+
+    _op = "white_kron_step_"
+    _state_keys = ("mu", "ql", "qr", "lip_l", "lip_r")
+    _whole_tensor_op = True  # tiles need the whole matrix
+    _update_style: Optional[str] = None  # fixed by Skew / Quad
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, torch.Tensor] = 1e-3,
+        b1: float = 0.95,
+        weight_decay: float = 0.1,
+        update_style: str = "skew",
+        lr_style: Optional[str] = "adam",
+        normalize_grads: bool = False,
+        max_size_dense: int = 16384,
+        preconditioner_lr: float = 0.7,
+        preconditioner_init_scale: float = 1.0,
+        dtype: torch.dtype = torch.bfloat16,
+        block_size: int = 256,
+        noise_scale: float = 1e-9,
+        seed: Optional[int] = None,
+        *,
+        balance_every: int = 100,
+        maximize: bool = False,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        if self._update_style is not None:
+            update_style = self._update_style
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            update_style=update_style,
+            lr_style=lr_style,
+            normalize_grads=normalize_grads,
+            max_size_dense=max_size_dense,
+            preconditioner_lr=preconditioner_lr,
+            preconditioner_init_scale=preconditioner_init_scale,
+            dtype=dtype,
+            block_size=block_size,
+            noise_scale=noise_scale,
+            balance_every=balance_every,
+            maximize=maximize,
+            state_dtype=None,
+            stochastic_rounding=stochastic_rounding,
+            # The noise and norm-bound draws always need a seed.
+            seed=draw_seed(seed, True),
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("b1 value", group["b1"], 0.0, 1.0)
+        check_non_negative("weight_decay value", group["weight_decay"])
+        style = str(group["update_style"]).lower()
+        if style not in _STYLES:
+            raise ValueError(f"Invalid update_style: must be 'skew' or 'quad', got {group['update_style']!r}")
+        group["update_style"] = style
+        if group["lr_style"] not in _LR_STYLES:
+            raise ValueError(f"Invalid lr_style: must be 'adam' or None, got {group['lr_style']!r}")
+        for name in ("max_size_dense", "block_size", "balance_every"):
+            value = group[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: must be an int >= 1, got {value!r}")
+        if not group["preconditioner_lr"] > 0:
+            raise ValueError(f"Invalid preconditioner_lr: must be > 0, got {group['preconditioner_lr']}")
+        if not group["preconditioner_init_scale"] > 0:
+            raise ValueError(
+                f"Invalid preconditioner_init_scale: must be > 0, got {group['preconditioner_init_scale']}"
+            )
+        if group["dtype"] not in _DTYPES:
+            raise ValueError(f"Invalid dtype: must be torch.bfloat16 or torch.float32, got {group['dtype']}")
+        check_non_negative("noise_scale value", group["noise_scale"])
+
+    def _uses_state(self, group: dict[str, Any], key: str) -> bool:
+        return key != "mu" or group["b1"] > 0
+
+    def _fresh(self, p: torch.Tensor, group: dict[str, Any]) -> list[torch.Tensor]:
+        # A storage-free stand-in with p's shape / dtype / device: the factors
+        # are whole-matrix tensors, also for DTensor params (no DTensor dispatch).
+        device = p.device if p.device.type == "meta" else local(p).device
+        shape_only = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+        return torch.ops.torchopt_ext.white_kron_init_state(
+            shape_only, group["max_size_dense"], group["block_size"], group["preconditioner_init_scale"], group["dtype"]
+        )
+
+    def _state_shape(self, p: torch.Tensor, key: str) -> Optional[tuple[int, ...]]:
+        if key == "mu":
+            return tuple(p.shape)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        fresh = self._fresh(meta, group)
+        return tuple(fresh[self._state_keys.index(key) - 1].shape)
+
+    def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
+        if p.dtype == torch.float64:
+            return torch.float64
+        if key in ("lip_l", "lip_r"):
+            return torch.float32
+        return group["dtype"]
+
+    def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        if key == "mu":
+            return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.contiguous_format)
+        return self._fresh(p, group)[self._state_keys.index(key) - 1]
+
+    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            update_style=group["update_style"],
+            b1=group["b1"],
+            weight_decay=group["weight_decay"],
+            lr_style=group["lr_style"] or "none",
+            normalize_grads=group["normalize_grads"],
+            max_size_dense=group["max_size_dense"],
+            preconditioner_lr=group["preconditioner_lr"],
+            block_size=group["block_size"],
+            noise_scale=group["noise_scale"],
+            balance_every=group["balance_every"],
+            maximize=group["maximize"],
+        )
+
+
+class Skew(WhiteKron):
+    """:class:`WhiteKron` with ``update_style="skew"`` (eformer's ``skew``)."""
+
+    _update_style = "skew"
+
+
+class Quad(WhiteKron):
+    """:class:`WhiteKron` with ``update_style="quad"`` (eformer's ``quad``)."""
+
+    _update_style = "quad"
