@@ -291,10 +291,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
-    def _init_group(self, group, params, grads, state_steps, *state_lists):
+    def _params_with_grad(self, group: dict[str, Any]):
+        """(index, param, state) for each param of ``group`` that has a grad,
+        with its step counter created; sparse grads and complex params are
+        refused (the fused ops take neither)."""
         name = type(self).__name__
-        unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
+        for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -304,6 +306,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
+            yield index, p, state
+
+    def _init_group(self, group, params, grads, state_steps, *state_lists):
+        unwrap, unwrap_input = self._unwrappers()
+        for _, p, state in self._params_with_grad(group):
             for key, out in zip(self._state_keys, state_lists):
                 if not self._uses_state(group, key):
                     continue

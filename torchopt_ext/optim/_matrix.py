@@ -297,18 +297,8 @@ class MatrixOptimizer(FusedOptimizer):
         matrix_dims,
     ):
         self._prepare_group(group)
-        name = type(self).__name__
         unwrap, unwrap_input = self._unwrappers()
-        for index, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{name} does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        for index, p, state in self._params_with_grad(group):
             if self._is_matrix(group, p, index):
                 _encode_spec(self._spec_of(group, p, index), matrix_dims)
                 if self._momentum_key not in state:

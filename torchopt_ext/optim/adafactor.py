@@ -151,16 +151,7 @@ class Adafactor(FusedOptimizer):
         # row_vars/col_vars hold only the factored (dim >= 2) params' state and
         # variances only the others', each in param order: the op's layout.
         unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Adafactor does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("Adafactor does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        for _, p, state in self._params_with_grad(group):
             keys = ("row_var", "col_var") if p.dim() >= 2 else ("variance",)
             if group["beta1"] is not None:
                 keys += ("exp_avg",)

@@ -271,18 +271,8 @@ class Kron(FusedOptimizer):
         return zeros
 
     def _init_group(self, group, params, grads, state_steps, mus, qs, ls, magma_scores):
-        name = type(self).__name__
         unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{name} does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        for _, p, state in self._params_with_grad(group):
             for key in ("Q", "L"):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)

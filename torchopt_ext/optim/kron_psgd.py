@@ -131,18 +131,8 @@ class KronPSGD(FusedOptimizer):
         )
 
     def _init_group(self, group, params, grads, state_steps, buffers, ql, qr):
-        name = type(self).__name__
         unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{name} does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        for _, p, state in self._params_with_grad(group):
             keys = self._state_keys if p.dim() == 2 else self._state_keys[:1]
             for key, out in zip(keys, (buffers, ql, qr)):
                 if key not in state:

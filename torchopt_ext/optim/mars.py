@@ -133,16 +133,7 @@ class MARS(FusedOptimizer):
         exp_avg_sqs_1d,
     ):
         unwrap, unwrap_input = self._unwrappers()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MARS does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("MARS does not support complex parameters")
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        for _, p, state in self._params_with_grad(group):
             if self._is_matrix(group, p):
                 lists = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads)
                 for key, out in zip(self._state_keys, lists):
