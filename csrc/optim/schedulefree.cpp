@@ -602,4 +602,13 @@ ScheduleFreeWithSchedule schedule_free_prism(std::vector<at::Tensor> params, dou
                                 config.state_dtype(), config.weight_decay(), config.use_adamc(), config.sf_plus());
 }
 
+ScheduleFreeWithSchedule schedule_free_kron(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                            ScheduleFreeKronConfig config) {
+  KronOptions options = config.kron();
+  options.lr(lr).b1(0.0).whiten_grad(true).weight_decay(0.0).use_magma(false);
+  auto base = std::make_shared<Kron>(std::move(params), options);
+  return schedule_free_with_wsd(base, std::move(schedule), config.weighting_mode(), config.sf_b1(),
+                                config.state_dtype(), config.weight_decay(), config.use_adamc(), config.sf_plus());
+}
+
 }  // namespace torchopt_ext::optim

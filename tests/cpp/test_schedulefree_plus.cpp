@@ -188,6 +188,37 @@ TEST(ScheduleFreePlus, SchedulFreePrismIsTheCompositionWithTwoGroups) {
   }
 }
 
+// schedule_free_kron is ScheduleFree(Kron with b1 = 0, whiten_grad) + WSD:
+// equal, bitwise, to that composition built by hand.
+TEST(ScheduleFreePlus, ScheduleFreeKronIsTheComposition) {
+  for (const bool adamc : {false, true}) {
+    torch::manual_seed(4);
+    Tensors a{torch::randn({6, 4}), torch::randn({5}), torch::randn({3, 2, 4})};
+    auto b = clone_all(a);
+    const auto wsd = torchopt_ext::schedules::WSDOptions(16).warmup_fraction(0.1).decay_fraction(0.25);
+    const auto kron = optim::KronOptions().preconditioner_mode("QUAD").seed(3);
+    auto made = optim::schedule_free_kron(
+        a, 0.01, wsd, optim::ScheduleFreeKronConfig().weight_decay(0.1).use_adamc(adamc).kron(kron));
+    auto base = std::make_shared<optim::Kron>(b, optim::KronOptions(kron).lr(0.01).b1(0.0));
+    optim::ScheduleFree manual(
+        base, optim::ScheduleFreeOptions().weight_decay_at_y(adamc ? 0.0 : 0.1).adamc_weight_decay(adamc ? 0.1 : 0.0));
+    torchopt_ext::schedules::WSD manual_schedule(*base, wsd);
+    for (int64_t k = 0; k < 16; ++k) {
+      for (size_t i = 0; i < a.size(); ++i) {
+        const auto g = torch::randn_like(a[i]);
+        a[i].mutable_grad() = g.clone();
+        b[i].mutable_grad() = g.clone();
+      }
+      made.optimizer->step();
+      made.scheduler->step();
+      manual.step();
+      manual_schedule.step();
+    }
+    EXPECT_EQ(static_cast<const optim::KronOptions&>(made.optimizer->base().param_groups()[0].options()).b1(), 0.0);
+    expect_bitwise_equal(a, b);
+  }
+}
+
 TEST(ScheduleFreePlus, ConvenienceKnobsInheritScheduleFreePlus) {
   Tensors params{torch::randn({4, 3}), torch::randn({3})};
   const auto wsd = torchopt_ext::schedules::WSDOptions(10);

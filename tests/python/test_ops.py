@@ -123,6 +123,26 @@ def test_every_registered_op_is_covered():
         if name.startswith("torchopt_ext::") and name.endswith("_step_")
     }
     covered = {getattr(tox, name)._op for name in ALL_OPTIMIZERS}
-    # Adam/AdamW with use_magma=True (opcheck in test_magma_adam.py).
-    covered.add("adam_magma_step_")
+    # Adam/AdamW with use_magma=True (opcheck in test_magma_adam.py) and
+    # PRISM's NAdamW fallback (test_prism_nadamw_op_passes_opcheck below).
+    covered |= {"adam_magma_step_", "prism_nadamw_step_"}
     assert registered == covered
+
+
+def test_prism_nadamw_op_passes_opcheck():
+    # PRISM's adam_nesterov fallback, with state past its first step.
+    params = [torch.randn(5), torch.randn(())]
+    args = (
+        params,
+        [torch.randn_like(p) for p in params],
+        [torch.randn_like(p) for p in params],
+        [torch.rand_like(p) for p in params],
+        [torch.tensor(3.0) for _ in params],
+        torch.tensor(0.01, dtype=torch.float64),
+    )
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.prism_nadamw_step_.default,
+        args,
+        dict(beta1=0.8, beta2=0.99, weight_decay=0.1),
+        test_utils=OPCHECK_UTILS,
+    )

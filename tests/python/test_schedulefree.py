@@ -770,3 +770,47 @@ def test_schedule_free_prism_polyak_runs_with_the_loss():
 def test_schedule_free_prism_rejects_what_it_sets():
     with pytest.raises(TypeError, match="nesterov"):
         tox.schedule_free_prism([torch.randn(3, 3)], 0.01, 10, nesterov=True)
+
+
+# -- schedule_free_kron ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_adamc", [False, True])
+def test_schedule_free_kron_is_the_composition(use_adamc):
+    # rollfast's schedule_free_kron: ScheduleFree(Kron(b1 = 0, whiten_grad,
+    # no decay)) + one WSD; equal, bitwise, to that composition built by hand.
+    torch.manual_seed(4)
+    shapes, total, lr, wd = [(6, 4), (5,), (3, 2, 4)], 16, 0.01, 0.1
+    a = [torch.randn(s) for s in shapes]
+    b = [t.clone() for t in a]
+    made, made_sched = tox.schedule_free_kron(
+        a, lr, total, decay_fraction=0.25, weight_decay=wd, use_adamc=use_adamc, seed=3, preconditioner_mode="QUAD"
+    )
+    base = tox.Kron(b, lr=lr, b1=0.0, seed=3, preconditioner_mode="QUAD")
+    manual = tox.ScheduleFree(
+        base,
+        weighting_mode="practical",
+        weight_decay_at_y=0.0 if use_adamc else wd,
+        adamc_weight_decay=wd if use_adamc else 0.0,
+    )
+    from torchopt_ext.schedules import WSD
+
+    manual_sched = WSD(manual, total, 0.1, 0.25)
+    assert made.base_optimizer.param_groups[0]["b1"] == 0.0
+    for _ in range(total):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        made.step()
+        made_sched.step()
+        manual.step()
+        manual_sched.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    made.eval()
+    manual.eval()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_schedule_free_kron_rejects_what_it_sets():
+    with pytest.raises(TypeError, match="whiten_grad"):
+        tox.schedule_free_kron([torch.randn(3, 3)], 0.01, 10, whiten_grad=False)

@@ -19,6 +19,7 @@ from .schedulefree import (
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
     schedule_free_adamw,
+    schedule_free_kron,
     schedule_free_prism,
     schedule_free_with_wsd,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ScheduleFreeSGD",
     "ScheduleFree",
     "schedule_free_adamw",
+    "schedule_free_kron",
     "schedule_free_prism",
     "schedule_free_with_wsd",
     "SophiaH",

@@ -780,3 +780,49 @@ def schedule_free_prism(
         **knobs,
         **wsd_options,
     )
+
+
+def schedule_free_kron(
+    params: Iterable[Any],
+    lr: float,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    decay_fraction: float = 0.1,
+    weighting_mode: str = "practical",
+    sf_b1: float = 0.9,
+    state_dtype: Optional[torch.dtype] = None,
+    weight_decay: float = 0.0,
+    **options: Any,
+) -> tuple[ScheduleFree, Any]:
+    """rollfast's ``schedule_free_kron`` (rollfast.md §4.4): Schedule-Free
+    around :class:`torchopt_ext.optim.Kron` (``b1=0``, ``whiten_grad=True``,
+    no Magma, no decay of its own) with WSD driving the step size and the
+    averaging weights. ``weight_decay`` acts at y (or AdamC with
+    ``use_adamc``); ``state_dtype`` is z's (Kron keeps no momentum with
+    b1 = 0, so rollfast does not forward ``mu_dtype``). Other keyword
+    arguments: Kron options (``preconditioner_mode``, ``preconditioner_lr``,
+    ``grad_clip_max_amps``, ``raw_global_grad_clip``, ``seed``, ...), the SF+
+    knobs of :func:`schedule_free_with_wsd` and WSD options.
+    """
+    from ..schedules import WSD
+    from .kron import Kron
+
+    knobs, rest = _split_knobs(dict(options))
+    wsd_names = set(inspect.signature(WSD.__init__).parameters) - {"self", "optimizer"}
+    wsd_options = {k: rest.pop(k) for k in list(rest) if k in wsd_names}
+    for forbidden in ("b1", "whiten_grad", "use_magma", "mu_dtype", "lr", "weight_decay"):
+        if forbidden in rest:
+            raise TypeError(f"schedule_free_kron() sets Kron's {forbidden!r} itself")
+    base = Kron(params, lr=lr, b1=0.0, whiten_grad=True, weight_decay=0.0, use_magma=False, **rest)
+    return schedule_free_with_wsd(
+        base,
+        total_steps,
+        warmup_fraction,
+        decay_fraction,
+        weighting_mode,
+        sf_b1,
+        state_dtype,
+        weight_decay,
+        **knobs,
+        **wsd_options,
+    )

@@ -17,6 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "torchopt_ext/optim/kron.h"
 #include "torchopt_ext/optim/optimizer_base.h"
 #include "torchopt_ext/optim/prism.h"
 #include "torchopt_ext/schedules/wsd.h"
@@ -237,6 +238,22 @@ struct ScheduleFreePrismConfig {
   TORCH_ARG(ScheduleFreePlusKnobs, sf_plus) = {};
 };
 
+// rollfast's schedule_free_kron: Schedule-Free around Kron(b1 = 0,
+// whiten_grad = true, no Magma, no decay of its own) with one WSD schedule
+// driving the step size and the averaging weights. `kron` carries the other
+// Kron options (preconditioner_mode, preconditioner_lr, clipping, seed, ...);
+// lr, b1, whiten_grad, weight_decay and use_magma are set here (mu_dtype is
+// unused with b1 = 0, as rollfast does not forward it).
+struct ScheduleFreeKronConfig {
+  TORCH_ARG(std::string, weighting_mode) = "practical";
+  TORCH_ARG(double, sf_b1) = 0.9;
+  TORCH_ARG(double, weight_decay) = 0.0;
+  TORCH_ARG(std::optional<bool>, use_adamc) = std::nullopt;
+  TORCH_ARG(std::optional<at::ScalarType>, state_dtype) = std::nullopt;
+  TORCH_ARG(KronOptions, kron) = KronOptions();
+  TORCH_ARG(ScheduleFreePlusKnobs, sf_plus) = {};
+};
+
 // The optimizer and its schedule; call scheduler->step() after each
 // optimizer->step(). The scheduler is declared last so it goes first.
 struct ScheduleFreeWithSchedule {
@@ -249,6 +266,9 @@ ScheduleFreeWithSchedule schedule_free_adamw(std::vector<at::Tensor> params, dou
 
 ScheduleFreeWithSchedule schedule_free_prism(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
                                              ScheduleFreePrismConfig config = {});
+
+ScheduleFreeWithSchedule schedule_free_kron(std::vector<at::Tensor> params, double lr, schedules::WSDOptions schedule,
+                                            ScheduleFreeKronConfig config = {});
 
 // The part the convenience constructors share: ScheduleFree around `base`
 // (built at its peak lrs with no weight decay of its own) with the SF+ knobs,
