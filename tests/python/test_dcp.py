@@ -25,6 +25,8 @@ STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
 # and PRISM on the ownership path (Muon takes it by default).
 NAMES = ELEMENTWISE + WHOLE_TENSOR + ["PRISM_owner"]
+# State every rank keeps whole (replicated plain tensors) for sharded params.
+WHOLE_STATE_KEYS = ("ql", "qr", "lip_l", "lip_r")
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:
@@ -75,7 +77,10 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
             st = opt.state[p]
             assert float(st["step"]) == STEPS_BEFORE, f"{name}: step {float(st['step'])} after loading"
             for key, value in st.items():
-                if torch.is_tensor(value) and value.dim() > 0:
+                if key in WHOLE_STATE_KEYS:
+                    # KronPSGD's / WhiteKron's factors: whole on every rank, as saved.
+                    assert not isinstance(value, DTensor) and torch.isfinite(value).all(), f"{name}: {pname}.{key}"
+                elif torch.is_tensor(value) and value.dim() > 0:
                     assert isinstance(value, DTensor), f"{name}: {pname}.{key} loaded as a plain tensor"
                     assert value.placements == p.placements, f"{name}: {pname}.{key} placements"
                     assert torch.isfinite(value.to_local()).all(), f"{name}: {pname}.{key} not finite"

@@ -236,13 +236,6 @@ class MatrixOptimizer(FusedOptimizer):
             return None  # dimension specs (batches of matrices) take the gather path
         if self._distributed_mode == "owner" and not any(is_dtensor(p) for p in matrices):
             return None  # plain tensors: the single-process step (torch.compile sees only this)
-        if group["use_magma"] and any(
-            is_dtensor(p) and p.grad is not None and not self._is_matrix(group, p, i)
-            for i, p in enumerate(group["params"])
-        ):
-            # The Magma-masked AdamW fallback needs whole-tensor cosines, which the
-            # ownership path's local shards do not give: gather this group.
-            return None
         if self._distributed_mode == "replicated":
             import torch.distributed as dist
 
@@ -312,16 +305,19 @@ class MatrixOptimizer(FusedOptimizer):
                 grads.append(unwrap_input(p.grad))
                 state_steps.append(state["step"])
             else:
+                # The Magma-masked fallback needs whole-tensor cosines: it runs on
+                # gathered tensors; without Magma it is element-wise on the shards.
+                fb_unwrap, fb_input = FusedOptimizer._unwrappers(self) if group["use_magma"] else (local, local)
                 for key, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
-                    out.append(local(state[key]))
+                    out.append(fb_unwrap(state[key]))
                 if group["use_magma"]:
                     if "magma_score" not in state:
                         state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
                     magma_scores_adam.append(state["magma_score"])
-                params_adam.append(local(p))
-                grads_adam.append(local(p.grad))
+                params_adam.append(fb_unwrap(p))
+                grads_adam.append(fb_input(p.grad))
                 steps_adam.append(state["step"])
 
     @staticmethod
@@ -380,7 +376,6 @@ class MatrixOptimizer(FusedOptimizer):
                     **rounding,
                     **amp,
                 )
-                self._whole_tensors.write_back()
             self._fallback_step(group)(
                 params_adam,
                 grads_adam,
@@ -395,4 +390,6 @@ class MatrixOptimizer(FusedOptimizer):
                 **self._fallback_magma(group, magma_scores_adam, rounding),
                 **amp,
             )
+            # Gathered params / state (the gather path, the masked fallback) back to their shards.
+            self._whole_tensors.write_back()
         return loss
