@@ -77,7 +77,8 @@ bool operator==(const KronOptions& lhs, const KronOptions& rhs) {
          lhs.permissive_spike_protection() == rhs.permissive_spike_protection() &&
          lhs.newton_schulz_iters() == rhs.newton_schulz_iters() && lhs.maximize() == rhs.maximize() &&
          lhs.use_magma() == rhs.use_magma() && lhs.magma_p() == rhs.magma_p() && lhs.magma_tau() == rhs.magma_tau() &&
-         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed();
+         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed() &&
+         lhs.stacked() == rhs.stacked();
 }
 
 namespace {
@@ -135,6 +136,7 @@ void KronOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(magma_tau);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stacked);
 }
 
 void KronOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -177,6 +179,8 @@ void KronOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, magma_tau);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, stochastic_rounding);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  // Archives written before `stacked` existed hold unstacked groups.
+  stacked(archive.try_read("stacked", value) && value.toBool());
 }
 
 double KronOptions::get_lr() const { return lr(); }
@@ -225,37 +229,69 @@ at::Tensor Kron::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
+      const bool stacked = options.stacked();
+      TORCH_CHECK_VALUE(!stacked || param.dim() >= 2, "Kron: stacked=true needs params of shape (L, ...) with at ",
+                        "least 2 dims (one preconditioner per slice), got a param of shape ", param.sizes());
+      // The factors precondition the whole param, or one slice when stacked.
+      const auto slice = stacked ? param.sizes().slice(1) : param.sizes();
+      const int64_t layers = stacked ? param.size(0) : 1;
+      auto lead = [&](std::vector<int64_t> shape) {
+        if (stacked) {
+          shape.insert(shape.begin(), layers);
+        }
+        return shape;
+      };
       auto& state = state_of<KronParamState>(param, [&] {
         auto fresh = std::make_unique<KronParamState>();
         fresh->step(detail::new_step_counter());
         const auto dense = functional::kron_factor_layout(
-            param.sizes(), options.max_size_triangular(), options.max_skew_triangular(), options.min_ndim_triangular(),
+            slice, options.max_size_triangular(), options.max_skew_triangular(), options.min_ndim_triangular(),
             memory_save_mode ? std::optional<c10::string_view>(*memory_save_mode) : std::nullopt);
         const std::vector<bool> flags(dense.begin(), dense.end());
         const auto math = math_dtype(param);
         // Zeros: the functional sets the factors on the param's first step.
-        fresh->Q(at::zeros({common::psgd::factors_numel(param.sizes(), flags)},
+        fresh->Q(at::zeros(lead({common::psgd::factors_numel(slice, flags)}),
                            param.options().dtype(options.precond_dtype().value_or(math))));
-        fresh->L(at::zeros({static_cast<int64_t>(flags.size())}, param.options().dtype(math)));
+        fresh->L(at::zeros(lead({static_cast<int64_t>(flags.size())}), param.options().dtype(math)));
         return fresh;
       });
-      if (options.b1() > 0.0) {
-        if (!state.mu().defined()) {
-          state.mu(at::zeros(param.sizes(), param.options().dtype(options.mu_dtype().value_or(math_dtype(param)))));
-        }
-        mus.push_back(state.mu());
+      if (options.b1() > 0.0 && !state.mu().defined()) {
+        state.mu(at::zeros(param.sizes(), param.options().dtype(options.mu_dtype().value_or(math_dtype(param)))));
       }
-      if (options.use_magma()) {
-        if (!state.magma_score().defined()) {  // also when Magma is turned on later
-          state.magma_score(at::full({}, 0.5, at::kFloat));
-        }
-        scores.push_back(state.magma_score());
+      if (options.use_magma() && !state.magma_score().defined()) {  // also when Magma is turned on later
+        state.magma_score(at::full(lead({}), 0.5, at::kFloat));
       }
-      params.push_back(param);
-      grads.push_back(param.grad());
-      qs.push_back(state.Q());
-      ls.push_back(state.L());
-      steps.push_back(state.step());
+      if (!stacked) {
+        params.push_back(param);
+        grads.push_back(param.grad());
+        qs.push_back(state.Q());
+        ls.push_back(state.L());
+        if (options.b1() > 0.0) {
+          mus.push_back(state.mu());
+        }
+        if (options.use_magma()) {
+          scores.push_back(state.magma_score());
+        }
+        steps.push_back(state.step());
+        continue;
+      }
+      // One entry per slice, in order: views, so the functional's in-place
+      // updates land in the stacked tensors.
+      for (int64_t i = 0; i < layers; ++i) {
+        params.push_back(param.select(0, i));
+        grads.push_back(param.grad().select(0, i));
+        qs.push_back(state.Q().select(0, i));
+        ls.push_back(state.L().select(0, i));
+        if (options.b1() > 0.0) {
+          mus.push_back(state.mu().select(0, i));
+        }
+        if (options.use_magma()) {
+          scores.push_back(state.magma_score().select(0, i));
+        }
+        // Every entry's step is counted: later slices get throwaway copies so
+        // the param's counter advances once per step.
+        steps.push_back(i == 0 ? state.step() : state.step().clone());
+      }
     }
     if (params.empty()) {
       continue;

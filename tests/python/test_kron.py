@@ -521,3 +521,153 @@ def test_converges_faster_than_adamw_on_small_mlp():
     kron = min(run(lambda ps, lr=lr: tox.Kron(ps, lr=lr, seed=0)) for lr in grid)
     adamw = min(run(lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)) for lr in grid)
     assert kron < adamw, (kron, adamw)
+
+
+# -- stacked (scanned) layers ---------------------------------------------------
+
+# (L, ...) params: dense/dense, 1-D slices (diagonal), 3-D slices and one layer.
+STACKED_SHAPES = [(3, 5, 4), (4, 6), (2, 3, 2, 4), (1, 4, 4)]
+
+
+def _stacked_vs_separate(dtype, steps=20, **kwargs):
+    """A stacked optimizer over STACKED_SHAPES and Kron over every slice as its
+    own param (slices in order), fed the same grads: both optimizers."""
+    gen = torch.Generator().manual_seed(1)
+    stacked = [torch.randn(s, dtype=dtype, generator=gen) for s in STACKED_SHAPES]
+    separate = [p[i].clone() for p in stacked for i in range(p.shape[0])]
+    opt = tox.Kron(stacked, stacked=True, **kwargs)
+    ref = tox.Kron(separate, **kwargs)
+    for _ in range(steps):
+        for p in stacked:
+            p.grad = torch.randn(p.shape, dtype=dtype, generator=gen)
+        for q, g in zip(separate, [p.grad[i].clone() for p in stacked for i in range(p.shape[0])]):
+            q.grad = g
+        opt.step()
+        ref.step()
+    return stacked, separate, opt, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.02, seed=4),  # the default update schedule: the gate draw is shared
+        dict(lr=0.02, seed=4, use_magma=True, weight_decay=0.1, preconditioner_update_probability=0.5),
+        dict(lr=0.02, seed=4, preconditioner_mode="EQ", grad_clip_mode="global_rms", raw_global_grad_clip=50.0),
+    ],
+)
+def test_stacked_equals_separate_slices(dtype, kwargs):
+    stacked, separate, opt, ref = _stacked_vs_separate(dtype, **kwargs)
+    # Same math and draws in the same order; only BLAS rounding may differ,
+    # since a slice's factors sit at an offset inside the stacked buffer
+    # (measured: one fp64 ulp in Q, params bitwise equal).
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}[dtype]
+    keys = ["Q", "L", "mu"] + (["magma_score"] if kwargs.get("use_magma") else [])
+    k, err = 0, 0.0
+    for p in stacked:
+        state = opt.state[p]
+        assert state["step"].shape == () and float(state["step"]) == 20.0
+        assert state["Q"].shape[0] == p.shape[0] and state["L"].shape[0] == p.shape[0]
+        for i in range(p.shape[0]):
+            other = ref.state[separate[k]]
+            err = max(err, float((p[i] - separate[k]).abs().max()))
+            for key in keys:
+                err = max(err, float((state[key][i].double() - other[key].double()).abs().max()))
+            k += 1
+    assert err <= tol, err
+    # One gate draw per step and the same noise / probe draws: the generators agree.
+    assert torch.equal(opt.param_groups[0]["rng_state"], ref.param_groups[0]["rng_state"])
+    # The slices' preconditioners did move apart.
+    assert (opt.state[stacked[0]]["Q"][0] - opt.state[stacked[0]]["Q"][1]).abs().max() > 1e-3
+
+
+def test_stacked_differs_from_one_preconditioner_per_param():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    a, b = p.clone(), p.clone()
+    opt_a = tox.Kron([a], lr=0.05, seed=1, stacked=True)
+    opt_b = tox.Kron([b], lr=0.05, seed=1)
+    for _ in range(5):
+        g = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    # (4, 5) slices: 5^2 > 20 elements makes the last factor diagonal (max_skew_triangular=1).
+    assert opt_a.state[a]["Q"].shape == (3, 16 + 5) and opt_b.state[b]["Q"].shape == (9 + 16 + 25,)
+    assert (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_stacked_rejects_params_without_a_layer_axis(shape):
+    with pytest.raises(ValueError, match="stacked"):
+        tox.Kron([torch.randn(shape)], stacked=True)
+    opt = tox.Kron([torch.randn(3, 3)], stacked=True)
+    with pytest.raises(ValueError, match="stacked"):
+        opt.add_param_group({"params": [torch.randn(shape)]})
+    with pytest.raises(ValueError, match="stacked"):
+        tox.Kron([torch.randn(3, 3)], stacked=1)
+
+
+def test_stacked_state_dict_round_trip():
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(3, 5, 4, generator=gen), torch.randn(2, 6, generator=gen)]
+    plain = torch.randn(4, 4, generator=gen)
+    kwargs = dict(lr=0.02, seed=6, use_magma=True, preconditioner_update_probability=0.6, mu_dtype=torch.bfloat16)
+    opt = tox.Kron([{"params": params, "stacked": True}, {"params": [plain]}], **kwargs)
+    grads = [[torch.randn(p.shape, generator=gen) for p in [*params, plain]] for _ in range(8)]
+
+    def run(ps, o, steps):
+        for step in steps:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            o.step()
+
+    run([*params, plain], opt, grads[:4])
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["Q"].shape == (3, 5 + 16)  # (5, 4) slices: a diagonal 5, a dense 4 x 4
+    assert saved["state"][1]["L"].shape == (2, 1)
+    assert saved["state"][0]["magma_score"].shape == (3,)
+    assert saved["state"][2]["magma_score"].shape == ()
+    assert saved["param_groups"][0]["stacked"] and not saved["param_groups"][1]["stacked"]
+    resumed_params = [p.detach().clone() for p in [*params, plain]]
+    resumed = tox.Kron(
+        [{"params": resumed_params[:2], "stacked": True}, {"params": resumed_params[2:]}], lr=0.5, seed=0
+    )
+    resumed.load_state_dict(saved)
+    run([*params, plain], opt, grads[4:])
+    run(resumed_params, resumed, grads[4:])
+    for a, b in zip([*params, plain], resumed_params):
+        assert torch.equal(a, b)
+    # A checkpoint of unstacked state does not fit a stacked group.
+    unstacked = tox.Kron([q.detach().clone() for q in params[:1]], lr=0.02)
+    with pytest.raises(ValueError, match="state 'Q' has shape"):
+        unstacked.load_state_dict(
+            {**saved, "param_groups": [{**saved["param_groups"][1], "params": [0]}], "state": {0: saved["state"][0]}}
+        )
+
+
+def test_stacked_step_compiles():
+    torch._dynamo.reset()
+
+    def run(compiled):
+        gen = torch.Generator().manual_seed(3)
+        p = torch.randn(3, 6, 4, generator=gen)
+        opt = tox.Kron(
+            [p],
+            lr=0.01,
+            seed=3,
+            stacked=True,
+            use_magma=True,
+            preconditioner_update_probability=tox.precond_update_prob_schedule(flat_start=1, decay=0.5),
+        )
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for _ in range(4):
+            p.grad = torch.randn(3, 6, 4, generator=gen)
+            step()
+        return p, opt
+
+    eager, e_opt = run(False)
+    compiled, c_opt = run(True)
+    assert torch.equal(eager, compiled)
+    for key in ("Q", "L", "mu", "magma_score", "step"):
+        assert torch.equal(e_opt.state[eager][key], c_opt.state[compiled][key]), key

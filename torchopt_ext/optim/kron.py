@@ -92,11 +92,24 @@ class Kron(FusedOptimizer):
     saved with ``state_dict``; the order of its draws is documented in
     ``csrc/include/torchopt_ext/functional/kron.h``. The group's step is its
     first param's count. NaN/Inf grads propagate (a NaN norm is no spike).
+
+    ``stacked=True`` (a group option, rollfast's scanned layers, §2.6): every
+    param of the group has shape (L, ...) and is L independent layers; slice
+    ``p[i]`` gets its own factors, laid out from ``p.shape[1:]``, so ``Q``,
+    ``L`` and ``magma_score`` carry a leading L axis (``mu`` is param-shaped).
+    The op receives one entry per slice (views, updated in place), slices of a
+    param in order 0..L-1 and params in group order, so the generator draws
+    and the lazy init scale are exactly those of L separate params listed in
+    that order (one update-gate draw per group step, as without stacking).
+    Unlike rollfast, slices do not share one key and the init scale uses every
+    slice, not only ``g[0]``; Magma scores each slice. Params need >= 2 dims;
+    DTensor params are not supported in stacked groups.
     """
 
     _op = "kron_step_"
     _state_keys = ("mu", "Q", "L", "magma_score")
-    _scalar_state_keys = ("magma_score",)
+    # magma_score is one value per param, or per slice with ``stacked``: it
+    # has a _state_shape instead of being a scalar key.
     _whole_tensor_op = True  # factors act on whole axes
 
     def __init__(
@@ -132,6 +145,7 @@ class Kron(FusedOptimizer):
         *,
         maximize: bool = False,
         stochastic_rounding: bool = False,
+        stacked: bool = False,
     ) -> None:
         seed = draw_seed(seed, True)
         generator = torch.Generator()
@@ -167,6 +181,7 @@ class Kron(FusedOptimizer):
             maximize=maximize,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            stacked=stacked,
             # One generator per optimizer: every group holds this same tensor.
             rng_state=generator.get_state(),
         )
@@ -222,13 +237,27 @@ class Kron(FusedOptimizer):
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
         if group["use_magma"] and group["b1"] == 0:
             raise ValueError("Invalid use_magma=True: Magma needs momentum (b1 > 0)")
+        if not isinstance(group["stacked"], bool):
+            raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
+        if group["stacked"]:
+            for i, p in enumerate(group.get("params", [])):
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"Invalid stacked=True: params[{i}] has shape {tuple(p.shape)}; a stacked param is "
+                        "(L, ...) with at least 2 dims (one preconditioner per slice p[i])"
+                    )
 
     # -- state ------------------------------------------------------------------
+
+    @staticmethod
+    def _slice_shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        """The shape the factors precondition: p's, or one slice's when stacked."""
+        return tuple(p.shape[1:]) if group["stacked"] else tuple(p.shape)
 
     def _layout(self, p: torch.Tensor, group: dict[str, Any]) -> list[int]:
         return list(
             torch.ops.torchopt_ext.kron_factor_layout(
-                list(p.shape),
+                list(self._slice_shape(p, group)),
                 max_size_triangular=group["max_size_triangular"],
                 max_skew_triangular=float(group["max_skew_triangular"]),
                 min_ndim_triangular=group["min_ndim_triangular"],
@@ -240,18 +269,25 @@ class Kron(FusedOptimizer):
         if key == "mu":
             return tuple(p.shape)
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        # Stacked: one entry per slice along a leading L axis.
+        lead = (p.shape[0],) if group["stacked"] else ()
+        if key == "magma_score":
+            return lead
+        shape = self._slice_shape(p, group)
         dense = self._layout(p, group)
         if key == "L":
-            return (len(dense),)
-        if p.dim() == 0:
-            return (1,)
-        return (sum(d * d if flag else d for d, flag in zip(p.shape, dense)),)
+            return (*lead, len(dense))
+        if len(shape) == 0:
+            return (*lead, 1)
+        return (*lead, sum(d * d if flag else d for d, flag in zip(shape, dense)))
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
         if key == "mu":
             return group["mu_dtype"] or _math_dtype(p)
         if key == "Q":
             return group["precond_dtype"] or _math_dtype(p)
+        if key == "magma_score":
+            return torch.float32
         return _math_dtype(p)
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
@@ -259,6 +295,9 @@ class Kron(FusedOptimizer):
             # zeros_like keeps a DTensor param's mesh and placements.
             return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.preserve_format)
         shape = self._state_shape(p, key)
+        if key == "magma_score":
+            # A host scalar per param (per slice when stacked), as the op takes it.
+            return torch.full(shape, 0.5, dtype=torch.float32)
         # Zeros: the op sets the factors on the param's first step.
         zeros = torch.zeros(shape, dtype=self._state_dtype(p, group, key), device=p.device)
         if is_dtensor(p):
@@ -271,8 +310,11 @@ class Kron(FusedOptimizer):
         return zeros
 
     def _init_group(self, group, params, grads, state_steps, mus, qs, ls, magma_scores):
+        # Whole tensors, one entry per param (stacked ones too: see _slices).
         unwrap, unwrap_input = self._unwrappers()
         for _, p, state in self._params_with_grad(group):
+            if group["stacked"] and is_dtensor(p):
+                raise NotImplementedError("Kron: stacked=True does not support DTensor params")
             for key in ("Q", "L"):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
@@ -284,11 +326,25 @@ class Kron(FusedOptimizer):
                 mus.append(unwrap(state["mu"]))
             if group["use_magma"]:
                 if "magma_score" not in state:  # also when Magma is turned on later
-                    state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                    state["magma_score"] = self._new_state(p, group, "magma_score")
                 magma_scores.append(state["magma_score"])
             params.append(unwrap(p))
             grads.append(unwrap_input(p.grad))
             state_steps.append(state["step"])
+
+    @staticmethod
+    def _slices(lists: list[list[torch.Tensor]], state_steps: list[torch.Tensor]) -> tuple[list, list]:
+        """Each stacked (L, ...) entry of every list (params first) replaced by
+        its slices 0..L-1: views, so the op's in-place updates land in the
+        stacked tensors. Called from step(), not _init_group, which
+        torch.compile runs untraced (views made there reached the op as
+        unrelated inputs and their writes were lost)."""
+        layers = [p.shape[0] for p in lists[0]]
+        sliced = [[t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else [] for entries in lists]
+        # The op counts every entry's step: slices after the first get
+        # throwaway copies so the param's counter advances once per step.
+        steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
+        return sliced, steps
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(
@@ -337,6 +393,9 @@ class Kron(FusedOptimizer):
             self._init_group(group, params, grads, state_steps, mus, qs, ls, magma_scores)
             if not params:
                 continue
+            if group["stacked"]:
+                lists, state_steps = self._slices([params, grads, mus, qs, ls, magma_scores], state_steps)
+                params, grads, mus, qs, ls, magma_scores = lists
             torch.ops.torchopt_ext.kron_step_(
                 params,
                 grads,

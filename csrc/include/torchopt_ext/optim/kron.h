@@ -52,6 +52,11 @@ struct KronOptions : public torch::optim::OptimizerCloneableOptions<KronOptions>
   TORCH_ARG(bool, stochastic_rounding) = false;  // bf16/fp16 params
   // Seeds the optimizer's generator (and the rounding / Magma hash streams).
   TORCH_ARG(int64_t, seed) = 0;
+  // Scanned layers: every param is (L, ...) and slice p[i] gets its own
+  // factors (laid out from p.shape[1:]); Q, L and magma_score gain a leading
+  // L axis. The functional sees one entry per slice, slices 0..L-1 of each
+  // param in order, so the draws equal those of L separate params.
+  TORCH_ARG(bool, stacked) = false;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -64,7 +69,8 @@ struct KronOptions : public torch::optim::OptimizerCloneableOptions<KronOptions>
 
 struct KronParamState : public torch::optim::OptimizerCloneableParamState<KronParamState> {
   TORCH_ARG(at::Tensor, step);
-  TORCH_ARG(at::Tensor, mu) = {};           // b1 > 0
+  TORCH_ARG(at::Tensor, mu) = {};  // b1 > 0
+  // With stacked, Q, L and magma_score have a leading axis of one entry per slice.
   TORCH_ARG(at::Tensor, Q) = {};            // all factors, flattened back to back
   TORCH_ARG(at::Tensor, L) = {};            // one Lipschitz estimate per factor
   TORCH_ARG(at::Tensor, magma_score) = {};  // use_magma
