@@ -639,6 +639,22 @@ def _split_knobs(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return knobs, options
 
 
+def _split_base_options(
+    options: dict[str, Any], wrapper: str, base_name: str, forbidden: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(SF+ knobs, WSD options, the base optimizer's options) of a convenience
+    wrapper's keyword arguments; the base options it sets itself are refused."""
+    from ..schedules import WSD
+
+    knobs, rest = _split_knobs(dict(options))
+    wsd_names = set(inspect.signature(WSD.__init__).parameters) - {"self", "optimizer"}
+    wsd_options = {k: rest.pop(k) for k in list(rest) if k in wsd_names}
+    for name in forbidden:
+        if name in rest:
+            raise TypeError(f"{wrapper}() sets {base_name}'s {name!r} itself")
+    return knobs, wsd_options, rest
+
+
 def schedule_free_adamw(
     params: Iterable[Any],
     lr: float,
@@ -732,16 +748,15 @@ def schedule_free_prism(
     ``raw_global_grad_clip``, ``permissive_spike_protection``, ...), the SF+
     knobs of :func:`schedule_free_with_wsd` and WSD options.
     """
-    from ..schedules import WSD
     from .prism import PRISM
 
-    knobs, rest = _split_knobs(dict(options))
+    knobs, wsd_options, rest = _split_base_options(
+        options,
+        "schedule_free_prism",
+        "PRISM",
+        ("b1", "nesterov", "use_magma", "adam_betas", "adam_lr", "lr", "weight_decay"),
+    )
     plus = knobs.get("schedule_free_plus", False)
-    wsd_names = set(inspect.signature(WSD.__init__).parameters) - {"self", "optimizer"}
-    wsd_options = {k: rest.pop(k) for k in list(rest) if k in wsd_names}
-    for forbidden in ("b1", "nesterov", "use_magma", "adam_betas", "adam_lr", "lr", "weight_decay"):
-        if forbidden in rest:
-            raise TypeError(f"schedule_free_prism() sets PRISM's {forbidden!r} itself")
     params = list(params)
     if params and isinstance(params[0], dict):
         raise TypeError("schedule_free_prism() takes a flat iterable of params (it builds the groups itself)")
@@ -804,15 +819,11 @@ def schedule_free_kron(
     ``grad_clip_max_amps``, ``raw_global_grad_clip``, ``seed``, ...), the SF+
     knobs of :func:`schedule_free_with_wsd` and WSD options.
     """
-    from ..schedules import WSD
     from .kron import Kron
 
-    knobs, rest = _split_knobs(dict(options))
-    wsd_names = set(inspect.signature(WSD.__init__).parameters) - {"self", "optimizer"}
-    wsd_options = {k: rest.pop(k) for k in list(rest) if k in wsd_names}
-    for forbidden in ("b1", "whiten_grad", "use_magma", "mu_dtype", "lr", "weight_decay"):
-        if forbidden in rest:
-            raise TypeError(f"schedule_free_kron() sets Kron's {forbidden!r} itself")
+    knobs, wsd_options, rest = _split_base_options(
+        options, "schedule_free_kron", "Kron", ("b1", "whiten_grad", "use_magma", "mu_dtype", "lr", "weight_decay")
+    )
     base = Kron(params, lr=lr, b1=0.0, whiten_grad=True, weight_decay=0.0, use_magma=False, **rest)
     return schedule_free_with_wsd(
         base,
