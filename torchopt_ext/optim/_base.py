@@ -47,6 +47,12 @@ def check_state_dtype(state_dtype: Optional[torch.dtype]) -> None:
         raise ValueError(f"Invalid state_dtype: must be one of {_STATE_DTYPES} or None, got {state_dtype}")
 
 
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the C++ math runs in for a tensor of ``t``'s dtype: float64
+    for float64, float32 otherwise (bf16/fp16 storage is widened)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def draw_seed(seed: Optional[int], stochastic_rounding: bool) -> int:
     """The stochastic-rounding seed: the given one, else (when rounding is on)
     one drawn from torch's default generator, so torch.manual_seed makes runs

@@ -17,6 +17,7 @@ from ._base import (
     draw_seed,
     is_dtensor,
     lr_tensor,
+    math_dtype,
 )
 from .prism import _clip_amps
 
@@ -38,10 +39,6 @@ def precond_update_prob_schedule(
         return torch.clamp(torch.exp(-decay * (n - flat_start)), min_prob, max_prob)
 
     return schedule
-
-
-def _math_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class Kron(FusedOptimizer):
@@ -283,12 +280,12 @@ class Kron(FusedOptimizer):
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
         if key == "mu":
-            return group["mu_dtype"] or _math_dtype(p)
+            return group["mu_dtype"] or math_dtype(p)
         if key == "Q":
-            return group["precond_dtype"] or _math_dtype(p)
+            return group["precond_dtype"] or math_dtype(p)
         if key == "magma_score":
             return torch.float32
-        return _math_dtype(p)
+        return math_dtype(p)
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "mu":

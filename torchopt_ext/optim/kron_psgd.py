@@ -6,11 +6,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, lr_tensor
-
-
-def _math_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, lr_tensor, math_dtype
 
 
 class KronPSGD(FusedOptimizer):
@@ -112,10 +108,10 @@ class KronPSGD(FusedOptimizer):
         return (side, side)
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
-        return _math_dtype(p)
+        return math_dtype(p)
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
-        dtype = _math_dtype(p)
+        dtype = math_dtype(p)
         if key == "momentum_buffer":
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         return torch.eye(self._state_shape(p, key)[0], dtype=dtype, device=p.device)

@@ -15,6 +15,7 @@ from ._base import (
     check_state_dtype,
     draw_seed,
     is_dtensor,
+    math_dtype,
     sharded_sum_of_squares,
 )
 from ._matrix import MatrixOptimizer
@@ -311,10 +312,7 @@ class PRISM(MatrixOptimizer):
     def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
         def outputs():
             # Math dtype: float32, float64 for float64 state.
-            return [
-                torch.empty(m.shape, dtype=torch.float64 if m.dtype == torch.float64 else torch.float32)
-                for m in moments
-            ]
+            return [torch.empty(m.shape, dtype=math_dtype(m)) for m in moments]
 
         targets, innovations = outputs(), outputs()
         lookahead = outputs() if group["nesterov"] and not group["shape_nesterov"] else []

@@ -13,6 +13,7 @@ from ._base import (
     check_non_negative,
     check_state_dtype,
     draw_seed,
+    math_dtype,
 )
 
 _DATA_FORMATS = ("channels_first", "channels_last")
@@ -151,7 +152,7 @@ class SOAP(FusedOptimizer):
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
         if key in ("GG", "Q"):
-            return torch.float64 if p.dtype == torch.float64 else torch.float32
+            return math_dtype(p)
         return group["state_dtype"] or p.dtype
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
