@@ -54,7 +54,7 @@ PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const P
   at::Tensor target;
   if (options.nesterov && options.shape_nesterov) {
     if (options.bias_correction && options.ema) {
-      target = m * (b1 / (1.0 - std::pow(b1, step + 1.0))) + g * ((1.0 - b1) / (1.0 - std::pow(b1, step)));
+      target = nesterov_bias_corrected(m, g, b1, step);
     } else {
       // Nesterov look-ahead: ema beta m + (1 - beta) g, heavy-ball beta m + g.
       target = options.ema ? at::lerp(g, m, b1) : m * b1 + g;
@@ -65,6 +65,10 @@ PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const P
     target = m;
   }
   return {raw_g, g, m, target, g - m};
+}
+
+at::Tensor nesterov_bias_corrected(const at::Tensor& m, const at::Tensor& g, double beta, double t) {
+  return m * (beta / (1.0 - std::pow(beta, t + 1.0))) + g * ((1.0 - beta) / (1.0 - std::pow(beta, t)));
 }
 
 at::Tensor prism_shape(const at::Tensor& M, const at::Tensor& D, const at::Tensor& grad, const PrismOptions& options,

@@ -24,6 +24,11 @@ struct MuonMomentum {
 };
 MuonMomentum muon_momentum(const at::Tensor& grad, at::Tensor& buffer, double momentum, bool nesterov, bool maximize);
 
+// The bias-corrected Nesterov look-ahead of an EMA momentum m at step t
+// (NAdamW's m_hat): beta m / (1 - beta^(t+1)) + (1 - beta) g / (1 - beta^t).
+// PRISM's shaping target and its NAdamW fallback share it.
+at::Tensor nesterov_bias_corrected(const at::Tensor& m, const at::Tensor& g, double beta, double t);
+
 // PRISM's element-wise part for one param: momentum (stored, bf16 buffers
 // with stochastic rounding from `seed`, `index`, `step`), the shaping target
 // M and the innovation D = g - m, both in param shape and the math dtype

@@ -254,8 +254,7 @@ void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorL
     exp_avg.copy_(m);
     exp_avg_sq.copy_(v);
     const double t = group->steps[i];
-    const at::Tensor m_hat =
-        m * (beta1 / (1.0 - std::pow(beta1, t + 1.0))) + g * ((1.0 - beta1) / (1.0 - std::pow(beta1, t)));
+    const at::Tensor m_hat = detail::nesterov_bias_corrected(m, g, beta1, t);
     const at::Tensor update = m_hat / ((v / (1.0 - std::pow(beta2, t))).sqrt() + eps);
     const double decay = 1.0 - group->lr * weight_decay;
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
