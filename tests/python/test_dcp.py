@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from distributed_utils import run_distributed
-from test_distributed import ELEMENTWISE, MLP, TOL, WHOLE_TENSOR, _shard, make_optimizer
+from test_distributed import ELEMENTWISE, MLP, TOL, WHOLE_STATE_KEYS, WHOLE_TENSOR, _shard, make_optimizer
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -25,8 +25,6 @@ STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
 # and PRISM on the ownership path (Muon takes it by default).
 NAMES = ELEMENTWISE + WHOLE_TENSOR + ["PRISM_owner"]
-# State every rank keeps whole (replicated plain tensors) for sharded params.
-WHOLE_STATE_KEYS = ("ql", "qr", "lip_l", "lip_r")
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:
@@ -77,9 +75,9 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
             st = opt.state[p]
             assert float(st["step"]) == STEPS_BEFORE, f"{name}: step {float(st['step'])} after loading"
             for key, value in st.items():
-                if key in WHOLE_STATE_KEYS:
-                    # KronPSGD's / WhiteKron's factors: whole on every rank, as saved.
-                    assert not isinstance(value, DTensor) and torch.isfinite(value).all(), f"{name}: {pname}.{key}"
+                if key in WHOLE_STATE_KEYS and not isinstance(value, DTensor):
+                    # Factors kept whole on every rank (KronPSGD, WhiteKron), as saved.
+                    assert torch.isfinite(value).all(), f"{name}: {pname}.{key} not finite"
                 elif torch.is_tensor(value) and value.dim() > 0:
                     assert isinstance(value, DTensor), f"{name}: {pname}.{key} loaded as a plain tensor"
                     assert value.placements == p.placements, f"{name}: {pname}.{key} placements"

@@ -41,6 +41,9 @@ ELEMENTWISE = [
 # clip uses an all-reduced sum of squares). Adafactor's factored state
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
+# State kept whole on every rank for sharded params (SOAP's eigenbases, KronPSGD's
+# and WhiteKron's factors); everything else is a DTensor placed like its param.
+WHOLE_STATE_KEYS = ("GG", "Q", "ql", "qr", "lip_l", "lip_r")
 WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor", "Kron", "KronPSGD", "WhiteKron"]
 # Matrix-optimizer variants (name -> class, options, distributed_mode). The
 # plain names take whole-matrix ownership ("owner", the default) except
@@ -155,11 +158,7 @@ def _fsdp_parity_worker(rank: int, world_size: int, names: list[str], steps: int
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             assert isinstance(p, DTensor), f"{pname} is not sharded"
             for key, value in opt.state[p].items():
-                # Param-shaped state is sharded like its param; SOAP's flat Gram factors and
-                # eigenbases (GG, Q), KronPSGD's and WhiteKron's factors (ql, qr, lip_l, lip_r) are
-                # whole-matrix quantities every rank keeps in full.
-                whole = ("GG", "Q", "ql", "qr", "lip_l", "lip_r")
-                if torch.is_tensor(value) and value.dim() > 0 and key not in whole:
+                if torch.is_tensor(value) and value.dim() > 0 and key not in WHOLE_STATE_KEYS:
                     assert isinstance(value, DTensor), f"{name}: state {key!r} of {pname} is not a DTensor"
                     assert value.placements == p.placements, f"{name}: state {key!r} placements differ"
             full = p.full_tensor()  # collective: every rank calls it

@@ -215,12 +215,12 @@ class MatrixOptimizer(FusedOptimizer):
     def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
         """The element-wise part on local data: ([per matrix, the tensors the
         owner needs], Magma sums)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _owner_momentum (Muon and PRISM do)")
 
     def _owner_compute(self, group, whole: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """The matrix function on the owner: (rows, cols) inputs per matrix ->
         (rows, cols) updates."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _owner_compute (Muon and PRISM do)")
 
     def _owner_result_dtype(self, group: dict[str, Any], input_dtype: torch.dtype) -> torch.dtype:
         return input_dtype
