@@ -5,20 +5,11 @@
 
 #include <cmath>
 
+#include "kernels/algos/adam_magma.h"
+
 namespace torchopt_ext::common {
 
 namespace {
-
-// SplitMix64 finaliser (as the stochastic-rounding stream; a different salt
-// keeps the two streams independent).
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
-constexpr uint64_t kMagmaSalt = 0x4D41474D415F5A00ULL;  // "MAGMA_Z"
 
 // s <- 0.9 s + 0.1 sigmoid(cos / tau); returns z * s.
 at::Tensor score_update(const at::Tensor& raw_cosine, at::Tensor& score, bool keep, double tau) {
@@ -35,11 +26,10 @@ void check_magma_options(const char* op, const MagmaOptions& options) {
   TORCH_CHECK_VALUE(std::isfinite(options.tau) && options.tau > 0.0, op, ": magma_tau must be > 0, got ", options.tau);
 }
 
+// The hash is kernels::magma_keep_draw, which the CUDA kernels run on the
+// device, so both draw the same masks.
 bool magma_keep(const MagmaOptions& options, int64_t tensor_index, double step) {
-  const uint64_t bits = mix(mix(static_cast<uint64_t>(options.seed) ^ kMagmaSalt) ^
-                            mix(static_cast<uint64_t>(tensor_index) << 32) ^ static_cast<uint64_t>(step));
-  const double uniform = static_cast<double>(bits >> 11) * 0x1.0p-53;  // [0, 1)
-  return uniform < options.p;
+  return kernels::magma_keep_draw(options.seed, tensor_index, step, options.p);
 }
 
 at::Tensor magma_multiplier(const at::Tensor& grad, const at::Tensor& moment, at::Tensor& score, bool keep,

@@ -193,12 +193,26 @@ namespace {
 // single matrix matches torch.optim.Muon's arithmetic exactly.
 at::Tensor gram(const at::Tensor& x) { return at::matmul(x, x.mT()); }
 
-// beta * c + alpha * (a @ b), batched or not.
-at::Tensor add_matmul(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
-  if (a.dim() == 2) {
-    return at::addmm(c, a, b, beta, alpha);
+// The same products written into caller-owned buffers (mm / bmm and addmm /
+// baddbmm share their kernels with the allocating forms, so results are
+// bitwise those of gram / addmm): the iteration allocates nothing.
+void gram_into(at::Tensor& out, const at::Tensor& x) {
+  if (x.dim() == 2) {
+    at::mm_out(out, x, x.mT());
+  } else {
+    at::bmm_out(out, x, x.mT());
   }
-  return at::baddbmm(c, a, b, beta, alpha);
+}
+
+// out = beta * c + alpha * (a @ b), batched or not, with alpha / beta fused
+// into the GEMM (cuBLAS / BLAS epilogue), no temporary for the product.
+void add_matmul_into(at::Tensor& out, const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta,
+                     double alpha) {
+  if (a.dim() == 2) {
+    at::addmm_out(out, c, a, b, beta, alpha);
+  } else {
+    at::baddbmm_out(out, c, a, b, beta, alpha);
+  }
 }
 
 }  // namespace
@@ -269,13 +283,29 @@ at::Tensor newton_schulz(const at::Tensor& input, const NewtonSchulzOptions& opt
     }
   }
 
+  // Three buffers for the whole iteration (the Gram A, the polynomial B and
+  // the next X, swapped with X each step): in the GEMM dtype (bf16 by
+  // default), allocated once, so on CUDA an iteration is three cuBLAS calls
+  // with their alpha / beta epilogues and nothing else.
   const auto& rows = options.coefficients;
+  const int64_t small = x.size(-2);
+  std::vector<int64_t> square_shape(x.sizes().begin(), x.sizes().end());
+  square_shape.back() = small;
+  at::Tensor gram_buffer = first_gram ? *first_gram : at::empty(square_shape, x.options());
+  at::Tensor poly = at::empty(square_shape, x.options());
+  at::Tensor next = at::empty(x.sizes(), x.options());
   for (int64_t i = 0; i < options.steps; ++i) {
     const auto& [a, b, c] = rows[std::min<size_t>(static_cast<size_t>(i), rows.size() - 1)];
-    at::Tensor g = (i == 0 && first_gram) ? *first_gram : gram(x);
+    if (i > 0 || !first_gram) {
+      gram_into(gram_buffer, x);
+    }
     // B = b A + c A^2 ; X = a X + B X
-    const at::Tensor poly = add_matmul(g, g, g, b, c);
-    x = add_matmul(x, poly, x, a, 1.0);
+    add_matmul_into(poly, gram_buffer, gram_buffer, gram_buffer, b, c);
+    add_matmul_into(next, x, poly, x, a, 1.0);
+    std::swap(x, next);
+    if (!next.is_contiguous()) {
+      next = at::empty(x.sizes(), x.options());  // the first X may be a transposed view: not a buffer to write
+    }
   }
   if (transposed) {
     x = x.mT();

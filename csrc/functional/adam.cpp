@@ -46,7 +46,21 @@ void adam_magma_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
   const common::MagmaOptions magma{magma_p, magma_tau, seed};
   common::check_magma_options(op, magma);
-  common::check_scalar_list(op, "magma_scores", params, magma_scores);
+  // The scores are read and written by the kernel: on the host for CPU
+  // params, on the params' device for CUDA ones.
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
+  if (on_cuda) {
+    TORCH_CHECK_VALUE(magma_scores.size() == params.size(), op, ": magma_scores must have one tensor per param (",
+                      params.size(), "), got ", magma_scores.size());
+    for (size_t i = 0; i < magma_scores.size(); ++i) {
+      const auto& t = magma_scores[i];
+      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.device() == params[i].device() && t.is_contiguous(), op,
+                        ": magma_scores[", i, "] must be a one-element float32 tensor on ", params[i].device(),
+                        " (CUDA params keep their Magma scores on their device)");
+    }
+  } else {
+    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+  }
   for (size_t i = 0; i < magma_scores.size(); ++i) {
     TORCH_CHECK_VALUE(magma_scores[i].scalar_type() == at::kFloat, op, ": magma_scores[", i, "] must be float32, got ",
                       magma_scores[i].scalar_type());
@@ -58,15 +72,25 @@ void adam_magma_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   if (!group) {
     return;  // found_inf: scores untouched too
   }
+  const auto& s = group->state;
+  const kernels::cpu::AdamMagmaHyperparams hp{
+      {group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize}, magma_tau};
+  const kernels::cpu::ElementwiseOptions options{stochastic_rounding, seed, group->amp.grad_scale};
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (group->on_cuda) {
+    // The draws need the step, which may live on the device: drawn there.
+    kernels::cuda::adam_magma_step(group->params, group->grads, s[0], s[1], s[2], magma_scores, group->steps, hp,
+                                   magma_p, options, group->device);
+    group->finish();
+    return;
+  }
+#endif
   std::vector<bool> keep(group->steps.size());
   for (size_t i = 0; i < keep.size(); ++i) {
     keep[i] = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
   }
-  const auto& s = group->state;
-  kernels::cpu::adam_magma_step(
-      group->params, group->grads, s[0], s[1], s[2], magma_scores, keep, group->steps,
-      {{group->lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize}, magma_tau},
-      {stochastic_rounding, seed, group->amp.grad_scale});
+  kernels::cpu::adam_magma_step(group->params, group->grads, s[0], s[1], s[2], magma_scores, keep, group->steps, hp,
+                                options);
   group->finish();
 }
 

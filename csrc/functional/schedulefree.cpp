@@ -11,7 +11,9 @@
 #include <vector>
 
 #include "common/tensor_lists.h"
+#include "kernels/algos/schedulefree.h"
 #include "kernels/cpu/schedulefree.h"
+#include "kernels/cuda/elementwise.h"
 
 namespace torchopt_ext::functional {
 namespace {
@@ -40,27 +42,51 @@ void check_common(const char* op, double weight_decay, int64_t warmup_steps, dou
   check_hyperparameter(op, "weight_lr_power", weight_lr_power, std::isfinite(weight_lr_power), "finite");
 }
 
-// The schedulefree package's per-step scalars, in its order of operations
-// (Python floats are doubles), for every tensor from its own counters.
+// The schedulefree package's per-step scalars for every tensor from its own
+// host counters (kernels::schedulefree_advance, also run on the device).
 std::vector<kernels::cpu::ScheduleFreeScalars> step_scalars(const std::vector<double>& steps, double lr,
                                                             at::TensorList weight_sums, at::TensorList lr_maxes,
-                                                            int64_t warmup_steps, double r, double weight_lr_power,
-                                                            double beta2) {
+                                                            const kernels::cpu::ScheduleFreeWeighting& weighting) {
   std::vector<kernels::cpu::ScheduleFreeScalars> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    const double k = steps[i] - 1.0;  // steps were already incremented
-    const double sched = k < static_cast<double>(warmup_steps) ? (k + 1.0) / static_cast<double>(warmup_steps) : 1.0;
-    const double scheduled_lr = lr * sched;
-    const double lr_max = std::max(scheduled_lr, read_scalar(lr_maxes[i]));
-    const double weight = std::pow(k + 1.0, r) * std::pow(lr_max, weight_lr_power);
-    const double weight_sum = read_scalar(weight_sums[i]) + weight;
+    double weight_sum = read_scalar(weight_sums[i]);
+    double lr_max = read_scalar(lr_maxes[i]);
+    scalars[i] = kernels::schedulefree_advance(weighting, steps[i], lr, weight_sum, lr_max);
     write_scalar(lr_maxes[i], lr_max);
     write_scalar(weight_sums[i], weight_sum);
-    scalars[i].lr = scheduled_lr;
-    scalars[i].ckp1 = weight_sum != 0.0 ? weight / weight_sum : 0.0;
-    scalars[i].bias_correction2 = 1.0 - std::pow(beta2, k + 1.0);
   }
   return scalars;
+}
+
+// weight_sums / lr_maxes live with the step counters: on the host (read and
+// written here), or, for CUDA params with CUDA counters, as float64 scalars
+// on the params' device (advanced by the CUDA kernel, no sync). Checked
+// before anything is written.
+void check_weighting_state(const char* op, at::TensorList params, at::TensorList weight_sums, at::TensorList lr_maxes,
+                           at::TensorList state_steps, const at::Tensor& lr) {
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
+  const bool device_counters = on_cuda && !state_steps.empty() && state_steps[0].is_cuda();
+  if (!device_counters) {
+    common::check_scalar_list(op, "weight_sums", params, weight_sums);
+    common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
+    TORCH_CHECK_VALUE(!on_cuda || !lr.defined() || !lr.is_cuda(), op,
+                      ": with CPU state_steps the per-tensor weights are computed on the host, so lr must be a CPU "
+                      "tensor (or a float); keep state_steps, weight_sums and lr_maxes on the params' device to use "
+                      "a CUDA lr");
+    return;
+  }
+  for (const auto& [name, list] : {std::pair<const char*, at::TensorList>{"weight_sums", weight_sums},
+                                   std::pair<const char*, at::TensorList>{"lr_maxes", lr_maxes}}) {
+    TORCH_CHECK_VALUE(list.size() == params.size(), op, ": ", name, " must have one tensor per param (", params.size(),
+                      "), got ", list.size());
+    for (size_t i = 0; i < list.size(); ++i) {
+      const auto& t = list[i];
+      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.scalar_type() == at::kDouble &&
+                            t.device() == params[i].device() && t.is_contiguous(),
+                        op, ": ", name, "[", i, "] must be a one-element float64 tensor on ", params[i].device(),
+                        " (with CUDA state_steps the weighting scalars live on the params' device)");
+    }
+  }
 }
 
 double read_state(const char* op, const at::Tensor& sf_state, std::array<double, 4>& out) {
@@ -81,6 +107,15 @@ void check_pairs(const char* op, at::TensorList params, at::TensorList zs) {
   }
   common::check_cpu_kernels_usable(op, params);
 }
+
+// The CPU or (CUDA params) the CUDA kernel of a (param, z) pass.
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+#define TORCHOPT_EXT_RUN_PAIRS(params, name, ...)                                                \
+  (!(params).empty() && (params)[0].is_cuda() ? ::torchopt_ext::kernels::cuda::name(__VA_ARGS__) \
+                                              : ::torchopt_ext::kernels::cpu::name(__VA_ARGS__))
+#else
+#define TORCHOPT_EXT_RUN_PAIRS(params, name, ...) ::torchopt_ext::kernels::cpu::name(__VA_ARGS__)
+#endif
 
 template <typename Fn>
 void with_dense_pairs(at::TensorList params, at::TensorList zs, const Fn& fn) {
@@ -133,18 +168,29 @@ void schedulefree_adamw_step_(at::TensorList params, at::TensorList grads, at::T
   check_hyperparameter(op, "beta2", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
   check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
   check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
-  common::check_scalar_list(op, "weight_sums", params, weight_sums);
-  common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
+  check_weighting_state(op, params, weight_sums, lr_maxes, state_steps, lr);
   auto group = common::prepare_elementwise_group<2>(op, params, grads, {{{"zs", zs}, {"exp_avg_sqs", exp_avg_sqs}}},
                                                     state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
-  const auto scalars =
-      step_scalars(group->steps, group->lr, weight_sums, lr_maxes, warmup_steps, r, weight_lr_power, beta2);
+  const kernels::cpu::ScheduleFreeWeighting weighting{warmup_steps, r, weight_lr_power, beta2};
+  const kernels::cpu::ElementwiseOptions options{stochastic_rounding, seed, group->amp.grad_scale};
+  // Device counters: the CUDA kernel advances the weights itself.
+  const auto scalars = group->device.steps.empty()
+                           ? step_scalars(group->steps, group->lr, weight_sums, lr_maxes, weighting)
+                           : std::vector<kernels::cpu::ScheduleFreeScalars>(group->steps.size());
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (group->on_cuda) {
+    kernels::cuda::schedulefree_adamw_step(group->params, group->grads, group->state[0], group->state[1], weight_sums,
+                                           lr_maxes, scalars, group->steps, {beta1, beta2, eps, weight_decay},
+                                           weighting, group->lr, options, group->device);
+    group->finish();
+    return;
+  }
+#endif
   kernels::cpu::schedulefree_adamw_step(group->params, group->grads, group->state[0], group->state[1], scalars,
-                                        group->steps, {beta1, beta2, eps, weight_decay},
-                                        {stochastic_rounding, seed, group->amp.grad_scale});
+                                        group->steps, {beta1, beta2, eps, weight_decay}, options);
   group->finish();
 }
 
@@ -156,17 +202,28 @@ void schedulefree_sgd_step_(at::TensorList params, at::TensorList grads, at::Ten
   constexpr const char* op = "schedulefree_sgd_step_";
   check_hyperparameter(op, "momentum", momentum, momentum > 0.0 && momentum < 1.0, "in (0, 1)");
   check_common(op, weight_decay, warmup_steps, r, weight_lr_power);
-  common::check_scalar_list(op, "weight_sums", params, weight_sums);
-  common::check_scalar_list(op, "lr_maxes", params, lr_maxes);
+  check_weighting_state(op, params, weight_sums, lr_maxes, state_steps, lr);
   auto group =
       common::prepare_elementwise_group<1>(op, params, grads, {{{"zs", zs}}}, state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
-  const auto scalars =
-      step_scalars(group->steps, group->lr, weight_sums, lr_maxes, warmup_steps, r, weight_lr_power, 0.0);
+  const kernels::cpu::ScheduleFreeWeighting weighting{warmup_steps, r, weight_lr_power, 0.0};
+  const kernels::cpu::ElementwiseOptions options{stochastic_rounding, seed, group->amp.grad_scale};
+  const auto scalars = group->device.steps.empty()
+                           ? step_scalars(group->steps, group->lr, weight_sums, lr_maxes, weighting)
+                           : std::vector<kernels::cpu::ScheduleFreeScalars>(group->steps.size());
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (group->on_cuda) {
+    kernels::cuda::schedulefree_sgd_step(group->params, group->grads, group->state[0], weight_sums, lr_maxes, scalars,
+                                         group->steps, {momentum, weight_decay}, weighting, group->lr, options,
+                                         group->device);
+    group->finish();
+    return;
+  }
+#endif
   kernels::cpu::schedulefree_sgd_step(group->params, group->grads, group->state[0], scalars, group->steps,
-                                      {momentum, weight_decay}, {stochastic_rounding, seed, group->amp.grad_scale});
+                                      {momentum, weight_decay}, options);
   group->finish();
 }
 
@@ -178,8 +235,9 @@ void schedulefree_set_mode_(at::TensorList params, at::TensorList zs, double bet
     return;
   }
   const double weight = to_eval ? 1.0 - 1.0 / beta : 1.0 - beta;
-  with_dense_pairs(params, zs,
-                   [&](at::TensorList p, at::TensorList z) { kernels::cpu::schedulefree_lerp_to_z(p, z, weight); });
+  with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
+    TORCHOPT_EXT_RUN_PAIRS(p, schedulefree_lerp_to_z, p, z, weight);
+  });
 }
 
 void schedulefree_wrapper_pre_(at::TensorList params, at::TensorList zs, const at::Tensor& sf_state,
@@ -196,7 +254,7 @@ void schedulefree_wrapper_pre_(at::TensorList params, at::TensorList zs, const a
   }
   const double decay = lr_value * weight_decay_at_y + lr_value * lr_value * adamc_weight_decay;
   with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
-    kernels::cpu::schedulefree_wrapper_pre(p, z, beta, decay);
+    TORCHOPT_EXT_RUN_PAIRS(p, schedulefree_wrapper_pre, p, z, beta, decay);
   });
 }
 
@@ -233,7 +291,7 @@ void schedulefree_wrapper_post_(at::TensorList params, at::TensorList zs, const 
   const double beta_next = beta_next_of(k, b1, b1_anneal_steps, b1_max);
   if (!params.empty()) {
     with_dense_pairs(params, zs, [&](at::TensorList p, at::TensorList z) {
-      kernels::cpu::schedulefree_wrapper_post(p, z, c, beta_next);
+      TORCHOPT_EXT_RUN_PAIRS(p, schedulefree_wrapper_post, p, z, c, beta_next);
     });
   }
   auto* out = static_cast<double*>(sf_state.data_ptr());
@@ -255,9 +313,10 @@ void schedulefree_polyak_(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK_VALUE(polyak_state.defined() && polyak_state.is_cpu() && polyak_state.scalar_type() == at::kDouble &&
                         polyak_state.numel() == 3 && polyak_state.is_contiguous(),
                     op, ": polyak_state must be a contiguous float64 CPU tensor of 3 values [g1 EMA, count, rho]");
-  TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1 && loss.is_cpu(), op,
-                    ": loss must be a one-element CPU tensor (the loss at y; Polyak needs it: pass step(closure) or "
-                    "step(loss=...))");
+  // A CUDA loss is read on the host like rho itself (one sync per step).
+  TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1 && (loss.is_cpu() || loss.is_cuda()), op,
+                    ": loss must be a one-element CPU or CUDA tensor (the loss at y; Polyak needs it: pass "
+                    "step(closure) or step(loss=...))");
   common::check_params_and_grads(op, params, grads);
   check_pairs(op, params, zs);
   std::array<double, 4> state{};

@@ -57,3 +57,9 @@ TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
   m.impl("muon_step_", &torchopt_ext::functional::muon_step_);
   m.impl("newton_schulz", &newton_schulz_op);
 }
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+// ATen ops only: on CUDA the GEMMs are cuBLAS calls in ns_dtype (bf16 by
+// default), batched inputs as one baddbmm per iteration step.
+TORCH_LIBRARY_IMPL(torchopt_ext, CUDA, m) { m.impl("newton_schulz", &newton_schulz_op); }
+#endif

@@ -28,6 +28,10 @@ CUDA_OPTIMIZERS = {
     "QHAdamW": dict(lr=1e-2, nus=(0.7, 1.0), weight_decay=0.1),
     "Lion": dict(lr=1e-3, weight_decay=0.1),
     "SophiaG": dict(lr=1e-2, weight_decay=0.1, seed=3),
+    "AdamW-magma": dict(lr=1e-2, weight_decay=0.1, use_magma=True, magma_p=0.5, seed=3),
+    "Adam-magma": dict(lr=1e-2, weight_decay=0.01, amsgrad=True, maximize=True, use_magma=True, seed=4),
+    "ScheduleFreeAdamW": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, r=0.5),
+    "ScheduleFreeSGD": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2),
 }
 
 # Odd sizes (scalar tails), one spanning several 65536-element chunks, and a
@@ -99,7 +103,7 @@ def test_cuda_unaligned_tensors_match_cpu(name):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("name", ["AdamW", "Lion", "SGD"])
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "SGD", "ScheduleFreeAdamW", "AdamW-magma"])
 def test_cuda_bf16_params_fp32_state_with_stochastic_rounding_match_cpu(name):
     # Same seed, same counter-based hash: the same rounding decisions.
     extra = dict(state_dtype=torch.float32, stochastic_rounding=True, seed=11)
@@ -310,3 +314,292 @@ def test_cuda_params_and_cpu_state_are_rejected_with_a_clear_error():
     args[2] = [torch.zeros(4)]  # exp_avgs on the CPU
     with pytest.raises(ValueError, match="exp_avgs"):
         torch.ops.torchopt_ext.adam_step_(*args, **kwargs)
+
+
+# -- device-side step counters (the Python classes) ----------------------------
+
+# Classes whose ops take CUDA step counters create them on the param's device.
+DEVICE_STEP_OPTIMIZERS = ["SGD", "Adam", "AdamW", "AdamW-magma", "RAdam", "QHAdamW", "Lion", "SophiaG"]
+DEVICE_STEP_OPTIMIZERS += ["ScheduleFreeAdamW", "ScheduleFreeSGD"]
+
+
+@pytest.mark.parametrize("name", DEVICE_STEP_OPTIMIZERS)
+def test_cuda_params_get_device_step_counters_and_scalar_state(name):
+    _, opt = _run(name, "cuda", torch.float32, steps=2)
+    for state in opt.state.values():
+        assert state["step"].is_cuda and state["step"].dtype == torch.float32
+        assert state["step"].item() == 2.0
+        for key in ("weight_sum", "lr_max", "magma_score"):
+            if key in state:
+                assert state[key].is_cuda, key
+
+
+def test_cuda_nadamw_keeps_host_step_counters():
+    # Its op computes the mu-product scalars on the host and refuses device steps.
+    _, opt = _run("NAdamW", "cuda", torch.float32, steps=2)
+    for state in opt.state.values():
+        assert not state["step"].is_cuda and not state["mu_product"].is_cuda
+
+
+@pytest.mark.parametrize("name", ["AdamW", "ScheduleFreeAdamW", "AdamW-magma"])
+def test_cuda_state_dict_moves_step_counters_to_the_params_device(name):
+    _, cpu_opt = _run(name, "cpu", torch.float32, steps=3)
+    _, cuda_opt = _run(name, "cuda", torch.float32, steps=3)
+    # CPU checkpoint into CUDA params: counters move to the GPU, and back.
+    cuda_opt.load_state_dict(cpu_opt.state_dict())
+    for state in cuda_opt.state.values():
+        assert state["step"].is_cuda and state["step"].item() == 3.0
+        for key in ("weight_sum", "lr_max", "magma_score"):
+            if key in state:
+                assert state[key].is_cuda, key
+    cpu_opt.load_state_dict(cuda_opt.state_dict())
+    for state in cpu_opt.state.values():
+        assert all(not v.is_cuda for v in state.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "ScheduleFreeAdamW", "AdamW-magma"])
+def test_cuda_graph_capture_of_the_optimizer_class_step(name):
+    shapes = [(65536 + 9,), (17, 3), ()]
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(6)]
+
+    def make():
+        params = [x.cuda().requires_grad_() for x in init]
+        return params, _make(name, params)
+
+    eager_params, eager_opt = make()
+    graph_params, graph_opt = make()
+    for p in graph_params:
+        p.grad = torch.zeros_like(p)  # static grads the graph reads
+
+    def load(params, gs):
+        for p, g in zip(params, gs):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    # Warm-up (creates the state) on a side stream, as torch.cuda.graphs advises.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(graph_params, grads[0])
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    load(eager_params, grads[0])
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for gs in grads[1:]:
+        load(graph_params, gs)
+        graph.replay()
+        load(eager_params, gs)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    # The counters advanced on the device at every replay (a host counter
+    # would have been baked into the graph).
+    for state in graph_opt.state.values():
+        assert state["step"].is_cuda and state["step"].item() == len(grads)
+    for a, b in zip(graph_params, eager_params):
+        assert torch.equal(a, b)
+    for p_graph, p_eager in zip(graph_params, eager_params):
+        for key, value in graph_opt.state[p_graph].items():
+            assert torch.equal(value, eager_opt.state[p_eager][key]), key
+
+
+# -- Schedule-Free ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_schedulefree_eval_train_switch_matches_cpu(name, dtype):
+    results = {}
+    for device in ("cpu", "cuda"):
+        _, opt = _run(name, device, dtype, steps=4)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.eval()
+        x = [p.detach().cpu().clone() for p in params]
+        opt.train()
+        results[device] = (x, [p.detach().cpu() for p in params])
+    for a, b in zip(results["cuda"][0] + results["cuda"][1], results["cpu"][0] + results["cpu"][1]):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("polyak", [False, True])
+def test_cuda_schedulefree_wrapper_matches_cpu(polyak):
+    def run(device):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SHAPES]
+        opt = tox.ScheduleFree(tox.AdamW(params, lr=1e-2, weight_decay=0.05), weight_decay_at_y=0.01, polyak=polyak)
+        for _ in range(4):
+            grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            loss = sum((p.float() ** 2).sum() for p in params).detach()
+            opt.step(loss=loss) if polyak else opt.step()
+        return [p.detach().cpu() for p in params]
+
+    for a, b in zip(run("cuda"), run("cpu")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _sf_op_args(device, device_counters, shapes=((65536 + 7,), (5, 3), ())):
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    zs = [p.clone() for p in params]
+    vs = [torch.zeros_like(p) for p in params]
+    where = device if device_counters else "cpu"
+    weight_sums = [torch.zeros((), dtype=torch.float64, device=where) for _ in shapes]
+    lr_maxes = [torch.full((), -1.0, dtype=torch.float64, device=where) for _ in shapes]
+    steps = [torch.zeros((), device=where) for _ in shapes]
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    kwargs = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, warmup_steps=3, r=0.5, weight_lr_power=2.0)
+    return [params, grads, zs, vs, weight_sums, lr_maxes, steps, lr], kwargs
+
+
+def test_cuda_schedulefree_device_counters_match_host_counters():
+    host, kwargs = _sf_op_args("cuda", device_counters=False)
+    dev, _ = _sf_op_args("cuda", device_counters=True)
+    dev[7] = dev[7].cuda()  # and a device lr
+    for _ in range(5):
+        torch.ops.torchopt_ext.schedulefree_adamw_step_(*host, **kwargs)
+        torch.ops.torchopt_ext.schedulefree_adamw_step_(*dev, **kwargs)
+    for k in (0, 2, 3, 4, 5):  # params, z, v, weight sums, lr maxes
+        for a, b in zip(dev[k], host[k]):
+            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-6, atol=1e-9)
+    assert all(s.item() == 5.0 for s in dev[6])
+
+
+@pytest.mark.parametrize("device_counters", [False, True])
+def test_cuda_schedulefree_found_inf_skips_the_whole_step(device_counters):
+    args, kwargs = _sf_op_args("cuda", device_counters)
+    before = _cuda_lists(args)
+    torch.ops.torchopt_ext.schedulefree_adamw_step_(
+        *args, **kwargs, grad_scale=torch.full((), 8.0, device="cuda"), found_inf=torch.ones((), device="cuda")
+    )
+    for now, then in zip(args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+
+
+def test_cuda_schedulefree_host_counters_with_a_cuda_lr_are_rejected_before_touching_state():
+    args, kwargs = _sf_op_args("cuda", device_counters=False)
+    args[7] = args[7].cuda()
+    before = _cuda_lists(args)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        torch.ops.torchopt_ext.schedulefree_adamw_step_(*args, **kwargs)
+    for now, then in zip(args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+
+
+def test_cuda_schedulefree_device_counters_with_host_weights_are_rejected():
+    args, kwargs = _sf_op_args("cuda", device_counters=True)
+    args[4] = [w.cpu() for w in args[4]]
+    with pytest.raises(ValueError, match="weight_sums"):
+        torch.ops.torchopt_ext.schedulefree_adamw_step_(*args, **kwargs)
+
+
+# -- Magma on Adam ----------------------------------------------------------------
+
+
+def _magma_op_args(device, device_counters, dtype=torch.float32):
+    shapes = [(65536 * 2 + 3,), (33, 5), (7,), (), (1,)] + [(4,)] * 30  # > one score batch of tensors
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    m = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    v = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    scores = [torch.full((), 0.5, device=device) for _ in shapes]
+    where = device if device_counters else "cpu"
+    steps = [torch.zeros((), device=where) for _ in shapes]
+    kwargs = dict(
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        maximize=False,
+        magma_p=0.5,
+        magma_tau=2.0,
+        seed=21,
+    )
+    return [params, None, m, v, [], scores, steps, torch.tensor(1e-2, dtype=torch.float64)], kwargs, gen
+
+
+@pytest.mark.parametrize("device_counters", [False, True])
+def test_cuda_magma_masks_agree_with_cpu_bitwise_and_scores_to_rounding(device_counters):
+    cpu_args, kwargs, gen = _magma_op_args("cpu", False)
+    cuda_args, _, _ = _magma_op_args("cuda", device_counters)
+    for _ in range(6):
+        grads = [torch.randn(p.shape, generator=gen) for p in cpu_args[0]]
+        cpu_args[1] = grads
+        cuda_args[1] = [g.cuda() for g in grads]
+        cpu_before = [p.clone() for p in cpu_args[0]]
+        cuda_before = [p.clone() for p in cuda_args[0]]
+        torch.ops.torchopt_ext.adam_magma_step_(*cpu_args, **kwargs)
+        torch.ops.torchopt_ext.adam_magma_step_(*cuda_args, **kwargs)
+        # A dropped tensor is left exactly as it was: the keep/drop pattern
+        # is the counter hash's, the same on both devices.
+        cpu_kept = [not torch.equal(a, b) for a, b in zip(cpu_args[0], cpu_before)]
+        cuda_kept = [not torch.equal(a.cpu(), b.cpu()) for a, b in zip(cuda_args[0], cuda_before)]
+        assert cuda_kept == cpu_kept
+        assert any(cpu_kept) and not all(cpu_kept)
+    for k in (0, 2, 3):
+        for a, b in zip(cuda_args[k], cpu_args[k]):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cuda_args[5], cpu_args[5]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)
+    keep = [torch.ops.torchopt_ext.magma_keep(21, i, 6.0, 0.5) for i in range(len(cpu_args[0]))]
+    assert keep == cpu_kept  # the last step's mask is the public draw
+
+
+def test_cuda_magma_found_inf_leaves_scores_and_state_untouched():
+    args, kwargs, gen = _magma_op_args("cuda", True)
+    args[1] = [torch.randn(p.shape, generator=gen).cuda() for p in args[0]]
+    before = _cuda_lists([a for a in args if a is not None])
+    torch.ops.torchopt_ext.adam_magma_step_(
+        *args, **kwargs, grad_scale=torch.full((), 2.0, device="cuda"), found_inf=torch.ones((), device="cuda")
+    )
+    for now, then in zip([a for a in args if a is not None], before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+
+
+def test_cuda_magma_with_cpu_scores_is_rejected_with_a_clear_error():
+    args, kwargs, gen = _magma_op_args("cuda", True)
+    args[1] = [torch.randn(p.shape, generator=gen).cuda() for p in args[0]]
+    args[5] = [s.cpu() for s in args[5]]
+    with pytest.raises(ValueError, match="magma_scores"):
+        torch.ops.torchopt_ext.adam_magma_step_(*args, **kwargs)
+
+
+# -- Newton-Schulz ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (96, 200), (3, 64, 48)])
+def test_cuda_bf16_newton_schulz_is_close_to_fp32_cpu(shape):
+    # bf16 GEMMs (8 mantissa bits, fp32 accumulation) over 5 quintic steps:
+    # the orthogonalised matrix stays within a few bf16 ulps of the fp32
+    # result; 0.03 relative in the Frobenius norm is ~4 ulps at 2^-8.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    ref = torch.ops.torchopt_ext.newton_schulz(x, dtype=torch.float32)
+    out = torch.ops.torchopt_ext.newton_schulz(x.cuda(), dtype=torch.bfloat16)
+    assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == x.shape
+    diff = (out.float().cpu() - ref).flatten(-2).norm(dim=-1) / ref.flatten(-2).norm(dim=-1)
+    assert diff.max().item() < 0.03, diff
+    # Batched on CUDA (one baddbmm per product) equals each matrix on its own to bf16 rounding.
+    if len(shape) == 3:
+        single = torch.stack([torch.ops.torchopt_ext.newton_schulz(m.cuda(), dtype=torch.bfloat16) for m in x])
+        torch.testing.assert_close(out.float(), single.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_fp32_newton_schulz_matches_cpu():
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(10))
+    for norm in ("frobenius", "aol", "schatten"):
+        ref = torch.ops.torchopt_ext.newton_schulz(x, dtype=torch.float32, normalization=norm)
+        out = torch.ops.torchopt_ext.newton_schulz(x.cuda(), dtype=torch.float32, normalization=norm)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)

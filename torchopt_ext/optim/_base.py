@@ -251,6 +251,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The op needs whole tensors (per-tensor norms, matrix functions): DTensor
     # params and their state are gathered for it (see WholeTensors).
     _whole_tensor_op: bool = False
+    # The op takes step counters (and the other one-element state) on a CUDA
+    # param's device: they are created there, so a step needs no host sync and
+    # can be captured in a CUDA graph (as torch's fused / capturable Adam).
+    # Off for ops whose per-tensor scalars are computed on the host (NAdamW's
+    # mu-product) and for ops without CUDA kernels; CPU params always keep
+    # CPU counters.
+    _device_steps: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
@@ -285,6 +292,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The dtype state `key` of `p` is kept (and reloaded) in."""
         return group["state_dtype"] or p.dtype
 
+    def _scalar_device(self, p: torch.Tensor) -> torch.device:
+        """Where ``p``'s step counter and one-element state live: the param's
+        CUDA device with ``_device_steps``, else the CPU."""
+        if self._device_steps and p.device.type == "cuda":
+            return p.device
+        return torch.device("cpu")
+
+    def _new_step(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self._scalar_device(p))
+
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key in self._scalar_state_keys:
             raise KeyError(f"{type(self).__name__} does not say how to create its scalar state {key!r}")
@@ -311,7 +328,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{name} does not support complex parameters")
             state = self.state[p]
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = self._new_step(p)
             yield index, p, state
 
     def _init_group(self, group, params, grads, state_steps, *state_lists):
@@ -398,7 +415,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not torch.is_tensor(value):
                     continue
                 if key in self._scalar_state_keys:
-                    state[key] = value.detach().to(device="cpu").reshape(())
+                    state[key] = value.detach().to(device=self._scalar_device(p)).reshape(())
                     continue
                 expected = self._state_shape(p, key)
                 if tuple(value.shape) != expected:
@@ -408,4 +425,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 state[key] = value.to(device=p.device, dtype=dtype)
             if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu").reshape(())
+                state["step"] = torch.as_tensor(
+                    state["step"], dtype=torch.float32, device=self._scalar_device(p)
+                ).reshape(())

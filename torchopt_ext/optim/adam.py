@@ -35,6 +35,7 @@ class Adam(FusedOptimizer):
     _op = "adam_step_"
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "magma_score")
     _scalar_state_keys = ("magma_score",)
+    _device_steps = True
 
     def __init__(
         self,
@@ -82,7 +83,7 @@ class Adam(FusedOptimizer):
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "magma_score":
-            return torch.full((), 0.5, dtype=torch.float32)
+            return torch.full((), 0.5, dtype=torch.float32, device=self._scalar_device(p))
         return super()._new_state(p, group, key)
 
     def _op_for(self, group: dict[str, Any], state_lists: list) -> tuple[str, list, dict[str, Any]]:

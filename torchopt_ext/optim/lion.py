@@ -20,6 +20,7 @@ class Lion(FusedOptimizer):
     """
 
     _op = "lion_step_"
+    _device_steps = True
     _state_keys = ("exp_avg",)
 
     def __init__(

@@ -24,6 +24,9 @@ class NAdamW(FusedOptimizer):
     _op = "nadam_step_"
     _state_keys = ("exp_avg", "exp_avg_sq", "mu_product")
     _scalar_state_keys = ("mu_product",)
+    # Host counters even for CUDA params: the op computes each tensor's
+    # mu-product scalars on the host, so its CUDA kernel refuses device steps.
+    _device_steps = False
 
     def __init__(
         self,

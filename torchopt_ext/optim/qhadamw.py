@@ -18,6 +18,7 @@ class QHAdamW(FusedOptimizer):
     modified, and ``maximize`` is available."""
 
     _op = "qhadam_step_"
+    _device_steps = True
     _state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(

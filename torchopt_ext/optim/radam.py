@@ -16,6 +16,7 @@ class RAdam(FusedOptimizer):
     after. Coupled weight decay unless ``decoupled_weight_decay=True``."""
 
     _op = "radam_step_"
+    _device_steps = True
     _state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(

@@ -40,6 +40,7 @@ class _ScheduleFreeFused(FusedOptimizer):
     train/eval switch and the eval-mode check."""
 
     _scalar_state_keys = ("weight_sum", "lr_max")
+    _device_steps = True  # weight_sum / lr_max live with the counter (advanced by the CUDA kernel)
 
     # Subclasses define `_beta(group) -> float`: the b1 / momentum that mixes
     # x and z into y (used by the train/eval switch).
@@ -49,10 +50,10 @@ class _ScheduleFreeFused(FusedOptimizer):
             dtype = group["state_dtype"] or p.dtype
             return p.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
         if key == "weight_sum":
-            return torch.zeros((), dtype=torch.float64)
+            return torch.zeros((), dtype=torch.float64, device=self._scalar_device(p))
         if key == "lr_max":
             # The schedulefree package starts lr_max at -1 (any lr >= 0 replaces it).
-            return torch.full((), -1.0, dtype=torch.float64)
+            return torch.full((), -1.0, dtype=torch.float64, device=self._scalar_device(p))
         return super()._new_state(p, group, key)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -69,9 +70,10 @@ class _ScheduleFreeFused(FusedOptimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "z" in state and "step" not in state:
-                    state["step"] = torch.tensor(float(k), dtype=torch.float32)
-                    state["weight_sum"] = torch.tensor(float(weight_sum), dtype=torch.float64)
-                    state["lr_max"] = torch.tensor(float(lr_max), dtype=torch.float64)
+                    device = self._scalar_device(p)
+                    state["step"] = torch.tensor(float(k), dtype=torch.float32, device=device)
+                    state["weight_sum"] = torch.tensor(float(weight_sum), dtype=torch.float64, device=device)
+                    state["lr_max"] = torch.tensor(float(lr_max), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

@@ -19,6 +19,7 @@ class SGD(FusedOptimizer):
     """
 
     _op = "sgd_step_"
+    _device_steps = True
     _state_keys = ("momentum_buffer",)
 
     def __init__(

@@ -33,6 +33,7 @@ class _Sophia(FusedOptimizer):
     """
 
     _op = "sophia_step_"
+    _device_steps = True
     _state_keys = ("exp_avg", "hessian")
     _gamma_key = "gamma"
 
@@ -86,7 +87,7 @@ class _Sophia(FusedOptimizer):
         # update_hessian may run before the first step: create the whole state.
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = self._new_step(p)
         for key in self._state_keys:
             if key not in state:
                 state[key] = self._new_state(p, group, key)

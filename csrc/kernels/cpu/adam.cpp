@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/algos/adam.h"
+#include "kernels/algos/adam_magma.h"
 #include "kernels/cpu/elementwise_apply.h"
 
 namespace torchopt_ext::kernels::cpu {
@@ -27,11 +28,12 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 namespace torchopt_ext::kernels::cpu {
 namespace {
 
+// The math is AdamMaskedAlgo's (kernels/algos/adam_magma.h, shared with the
+// CUDA kernel); this adds the CPU loop's hooks: the scores live on the host,
+// and after_norms turns the norms into the score and multiplier once per tensor.
 struct AdamMagmaAlgo {
-  static constexpr int kNumState = AdamAlgo::kNumState;
-  // |g|, |m|, |g - m| per tensor: <g, m> = (|g|^2 + |m|^2 - |g - m|^2) / 2,
-  // so the dot product rides the existing sum-of-squares pre-pass.
-  static constexpr int kNumNorms = 3;
+  static constexpr int kNumState = AdamMaskedAlgo::kNumState;
+  static constexpr int kNumNorms = AdamMaskedAlgo::kNumNorms;
   using Hyper = AdamMagmaHyperparams;
   struct TensorScalars {
     double step;
@@ -41,48 +43,29 @@ struct AdamMagmaAlgo {
     double multiplier;  // keep * new score, set by after_norms
   };
   template <typename S>
-  using Coeffs = AdamAlgo::Coeffs<S>;
+  using Coeffs = AdamMaskedAlgo::Coeffs<S>;
 
   template <typename S>
   static Coeffs<S> coeffs(const Hyper& hp, const TensorScalars& t) {
-    auto c = AdamAlgo::coeffs<S>(hp.adam, {t.step});
-    // The decoupled decay is part of the masked update (rollfast folds the
-    // decay into the update before masking), so it is scaled too.
-    const double bias_correction1 = 1.0 - std::pow(hp.adam.beta1, t.step);
-    c.decay_factor = static_cast<S>(1.0 - hp.adam.lr * hp.adam.weight_decay * t.multiplier);
-    c.neg_step_size = static_cast<S>(-(hp.adam.lr / bias_correction1) * t.multiplier);
-    return c;
+    return AdamMaskedAlgo::coeffs<S>(hp.adam, {t.step, t.multiplier});
   }
 
-  // Read-only pass: the moment this step will store, from a copy of the state.
   template <typename V, typename S>
   static std::array<V, kNumNorms> norm_terms(const Coeffs<S>& c, V param, V grad,
                                              const std::array<V, kNumState>& state) {
-    std::array<V, kNumState> next = state;
-    const V g = c.maximize ? vneg(grad) : grad;
-    AdamAlgo::update(c, param, grad, next);
-    return {g, next[0], g - next[0]};
+    return AdamMaskedAlgo::norm_terms(c, param, grad, state);
   }
 
   static void after_norms(const Hyper& hp, TensorScalars& t) {
     const auto [g_norm, m_norm, diff_norm] = t.norms;
-    const double dot = 0.5 * (g_norm * g_norm + m_norm * m_norm - diff_norm * diff_norm);
-    double cosine = dot / std::max(g_norm * m_norm, 1e-12);
-    if (std::isnan(cosine)) {
-      cosine = 0.0;  // nan_to_num; +-inf clip to +-1 below
-    }
-    cosine = std::clamp(cosine, -1.0, 1.0);
-    const double smoothed = 1.0 / (1.0 + std::exp(-cosine / hp.tau));
-    // fp32 state (rollfast's), the EMA evaluated in double and rounded once,
-    // so the result does not depend on FMA contraction.
-    const auto score = static_cast<float>(0.9 * static_cast<double>(*t.score) + 0.1 * smoothed);
+    const float score = magma_score_from_norms(g_norm, m_norm, diff_norm, *t.score, hp.tau);
     *t.score = score;
     t.multiplier = t.keep ? static_cast<double>(score) : 0.0;
   }
 
   template <typename V, typename S>
   static void update(const Coeffs<S>& c, V& param, V grad, std::array<V, kNumState>& state) {
-    AdamAlgo::update(c, param, grad, state);
+    AdamMaskedAlgo::update(c, param, grad, state);
   }
 };
 

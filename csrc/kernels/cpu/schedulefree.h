@@ -16,6 +16,15 @@ struct ScheduleFreeScalars {
   double bias_correction2 = 1.0;  // AdamW only
 };
 
+// What the per-tensor scalars depend on besides lr and the counters
+// (kernels/algos/schedulefree.h: schedulefree_advance).
+struct ScheduleFreeWeighting {
+  int64_t warmup_steps;
+  double r;
+  double weight_lr_power;
+  double beta2;  // 0 for SGD (no second moment)
+};
+
 struct ScheduleFreeAdamWHyperparams {
   double beta1;
   double beta2;

@@ -15,6 +15,7 @@
 #include "kernels/cpu/nadam.h"
 #include "kernels/cpu/qhadam.h"
 #include "kernels/cpu/radam.h"
+#include "kernels/cpu/schedulefree.h"
 #include "kernels/cpu/sgd.h"
 #include "kernels/cpu/sophia.h"
 
@@ -46,6 +47,35 @@ void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const DeviceArgs& device);
 // h <- beta2 h + (1 - beta2) estimate over contiguous CUDA lists of one dtype.
 void sophia_update_hessian(at::TensorList hessians, at::TensorList estimates, double beta2);
+
+// Schedule-Free (schedulefree.cu). With CUDA step counters (device.steps),
+// weight_sums / lr_maxes are float64 scalars on the params' device that a
+// pre-kernel advances (kernels::schedulefree_advance) before the update, and
+// `scalars` is unused; with host counters `scalars` holds the host-computed
+// values. `lr` is the host lr (device.lr, when defined, is read instead).
+void schedulefree_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList exp_avg_sqs,
+                             at::TensorList weight_sums, at::TensorList lr_maxes,
+                             const std::vector<cpu::ScheduleFreeScalars>& scalars, const std::vector<double>& steps,
+                             const cpu::ScheduleFreeAdamWHyperparams& hp, const cpu::ScheduleFreeWeighting& weighting,
+                             double lr, const ElementwiseOptions& options, const DeviceArgs& device);
+void schedulefree_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList zs, at::TensorList weight_sums,
+                           at::TensorList lr_maxes, const std::vector<cpu::ScheduleFreeScalars>& scalars,
+                           const std::vector<double>& steps, const cpu::ScheduleFreeSGDHyperparams& hp,
+                           const cpu::ScheduleFreeWeighting& weighting, double lr, const ElementwiseOptions& options,
+                           const DeviceArgs& device);
+// The (param, z) passes of kernels/cpu/schedulefree.h on contiguous CUDA lists.
+void schedulefree_lerp_to_z(at::TensorList params, at::TensorList zs, double weight);
+void schedulefree_wrapper_pre(at::TensorList params, at::TensorList zs, double beta, double decay);
+void schedulefree_wrapper_post(at::TensorList params, at::TensorList zs, double c, double beta);
+
+// Adam/AdamW with Magma (adam_magma.cu): the per-tensor cosine pre-pass, the
+// score update and the keep/drop draw (the CPU's counter hash of seed, tensor
+// index and step) run on the device; magma_scores are float32 scalars on the
+// params' device.
+void adam_magma_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList scores, const std::vector<double>& steps,
+                     const cpu::AdamMagmaHyperparams& hp, double magma_p, const ElementwiseOptions& options,
+                     const DeviceArgs& device);
 
 }  // namespace torchopt_ext::kernels::cuda
 

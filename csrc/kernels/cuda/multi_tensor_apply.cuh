@@ -65,6 +65,9 @@ struct TensorMeta {
   const float* step;  // device step counter (already incremented), or nullptr
   double host_step;   // the step when the counter lives on the host
   typename Algo::TensorScalars scalars;
+  // This tensor's scalars in device memory (written by an algorithm's
+  // pre-kernel from device counters), or nullptr: then `scalars` holds them.
+  const void* device_scalars;
   int32_t index;  // position in the param group (seeds stochastic rounding)
   bool aligned;   // every pointer 16-byte aligned: packed loads
 };
@@ -132,7 +135,9 @@ __global__ void __launch_bounds__(kBlockSize) elementwise_kernel(const __grid_co
                                   : static_cast<double>(*static_cast<const float*>(args.lr));
       }
     }
-    typename Algo::TensorScalars ts = meta.scalars;
+    typename Algo::TensorScalars ts =
+        meta.device_scalars != nullptr ? *static_cast<const typename Algo::TensorScalars*>(meta.device_scalars)
+                                       : meta.scalars;
     const double step = meta.step != nullptr ? static_cast<double>(*meta.step) : meta.host_step;
     if constexpr (requires { ts.step; }) {
       if (meta.step != nullptr) {
@@ -264,7 +269,8 @@ template <typename Algo, typename P, typename St>
 void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at::TensorList grads,
                   const std::array<at::TensorList, Algo::kNumState>& state,
                   const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
-                  LaunchArgs<Algo>& args, const common::DeviceArgs& dev, cudaStream_t stream) {
+                  LaunchArgs<Algo>& args, const common::DeviceArgs& dev, const void* device_scalars,
+                  cudaStream_t stream) {
   int num_tensors = 0;
   int num_blocks = 0;
   auto flush = [&] {
@@ -297,6 +303,9 @@ void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at:
     meta.step = dev.steps.empty() ? nullptr : dev.steps[i].data_ptr<float>();
     meta.host_step = steps[i];
     meta.scalars = scalars[i];
+    meta.device_scalars = device_scalars == nullptr
+                              ? nullptr
+                              : static_cast<const char*>(device_scalars) + i * sizeof(typename Algo::TensorScalars);
     meta.index = static_cast<int32_t>(i);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
@@ -341,18 +350,22 @@ std::vector<typename Algo::TensorScalars> step_scalars(const std::vector<double>
 
 // Runs Algo over one param group of CUDA tensors (contiguous, one device).
 // `steps` are the host step values (unused when dev.steps holds device
-// counters); `scalars` the host per-tensor scalars.
+// counters); `scalars` the host per-tensor scalars, or, when
+// `device_scalars` is given, a device array of one Algo::TensorScalars per
+// param (in list order) that a pre-kernel on the same stream wrote.
 template <typename Algo>
 void elementwise_step(const char* op, at::TensorList params, at::TensorList grads,
                       const std::array<at::TensorList, Algo::kNumState>& state,
                       const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
                       const typename Algo::Hyper& hp, const cpu::ElementwiseOptions& options,
-                      const common::DeviceArgs& dev) {
+                      const common::DeviceArgs& dev, const void* device_scalars = nullptr) {
   if (params.empty()) {
     return;
   }
   if constexpr (!kScalarsFromStep<Algo>) {
-    require_host_scalars(op, dev);
+    if (device_scalars == nullptr) {
+      require_host_scalars(op, dev);
+    }
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
@@ -394,7 +407,8 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
       using P = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "torchopt_ext_cuda_kernel", [&] {
         if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
-          launch_typed<Algo, P, scalar_t>(indices, params, grads, state, scalars, steps, args, dev, stream);
+          launch_typed<Algo, P, scalar_t>(indices, params, grads, state, scalars, steps, args, dev, device_scalars,
+                                          stream);
           launched = true;
         }
       });
