@@ -9,8 +9,13 @@ device-to-device copy measured in the same run (the practical HBM peak).
 Baselines on the same tensors: torch.optim's fused and foreach AdamW/Adam/SGD,
 torch.compile of torch.optim's foreach step, and lion-pytorch when installed.
 
+Then Newton-Schulz (``torchopt_ext::newton_schulz``, 5 bf16 quintic steps)
+on 4096x4096 and 8192x2048 inputs: TFLOP/s as a fraction of the same GPU's
+bf16 GEMM rate (8192^3 matmul) measured in the same run.
+
     python benchmarks/bench_cuda.py                     # 100M params, fp32
     python benchmarks/bench_cuda.py --params 1e9 --dtype bf16
+    python benchmarks/bench_cuda.py --newton-schulz-only
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ TOX = {
     "QHAdamW": (lambda ps: tox.QHAdamW(ps, lr=1e-3, nus=(0.7, 1.0)), 2),
     "Lion": (lambda ps: tox.Lion(ps, lr=1e-4, weight_decay=0.01), 1),
     "SophiaG": (lambda ps: tox.SophiaG(ps, lr=1e-4), 2),
+    "ScheduleFreeAdamW": (lambda ps: tox.ScheduleFreeAdamW(ps, lr=1e-3), 2),
+    "ScheduleFreeSGD": (lambda ps: tox.ScheduleFreeSGD(ps, lr=1e-2), 1),
+    # Bytes counted as for one fused pass; the norm pre-pass re-reads p, g, m, v,
+    # so its fraction of copy bandwidth shows what Magma costs.
+    "AdamW(magma)": (lambda ps: tox.AdamW(ps, lr=1e-3, weight_decay=0.01, use_magma=True, seed=0), 2),
 }
 
 
@@ -61,6 +71,18 @@ def baselines():
         ),
         "torch.compile RAdam foreach": ("RAdam", lambda ps: torch.optim.RAdam(ps, lr=1e-3, foreach=True)),
     }
+    try:
+        import schedulefree
+
+        def package_sf(ps):
+            opt = schedulefree.AdamWScheduleFree(ps, lr=1e-3, foreach=True)
+            opt.train()  # the package starts in eval mode
+            return opt
+
+        out["schedulefree AdamWScheduleFree foreach"] = ("ScheduleFreeAdamW", package_sf)
+        compiled["torch.compile schedulefree AdamWScheduleFree"] = ("ScheduleFreeAdamW", package_sf)
+    except ImportError:
+        print("schedulefree not installed: no Schedule-Free baseline")
     try:
         from lion_pytorch import Lion
 
@@ -102,6 +124,32 @@ def copy_bandwidth(nbytes: int, warmup: int, iters: int, repeats: int) -> float:
     return 2 * src.numel() * 4 / seconds  # read + write
 
 
+def newton_schulz_rates(warmup: int, iters: int, repeats: int) -> None:
+    """TFLOP/s of bf16 Newton-Schulz vs a bf16 GEMM on this GPU."""
+    n = 8192
+    lhs = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    rhs = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    gemm = 2 * n**3 / time_step(lambda: lhs @ rhs, warmup, iters, repeats)
+    print(f"bf16 GEMM {n}^3: {gemm / 1e12:.0f} TFLOP/s")
+    steps = 5
+    for rows, cols in ((4096, 4096), (8192, 2048)):
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        small, large = min(rows, cols), max(rows, cols)
+        # Per step: A = X X^T (2 s^2 l), B = bA + cA^2 (2 s^3), X = aX + BX (2 s^2 l).
+        flops = steps * (4 * small * small * large + 2 * small**3)
+        seconds = time_step(
+            lambda x=x: torch.ops.torchopt_ext.newton_schulz(x, steps=steps, dtype=torch.bfloat16),
+            warmup,
+            iters,
+            repeats,
+        )
+        rate = flops / seconds
+        print(
+            f"newton_schulz {rows}x{cols} bf16, {steps} steps: {seconds * 1e3:.3f} ms  {rate / 1e12:.0f} TFLOP/s  "
+            f"{rate / gemm:.2f} of the GEMM rate"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=1e8)
@@ -110,10 +158,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--newton-schulz-only", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda.py needs a CUDA device: torch.cuda.is_available() is False. Nothing was measured.")
         return 2
+    if args.newton_schulz_only:
+        newton_schulz_rates(args.warmup, args.iters, args.repeats)
+        return 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     sizes = mixed_sizes(int(args.params), args.tensors)
     numel = sum(sizes)
@@ -155,6 +207,7 @@ def main() -> int:
         print(f"{'':32s} torchopt_ext {algo} is {seconds / timings[algo]:.2f}x faster")
         del opt, ps, step
         torch.cuda.empty_cache()
+    newton_schulz_rates(args.warmup, args.iters, args.repeats)
     return 0
 
 
