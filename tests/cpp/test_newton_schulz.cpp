@@ -67,6 +67,43 @@ TEST(NewtonSchulz, PolarExpressOrthogonalizesFurtherThanStandard) {
   EXPECT_LT(s.max().item<double>(), 1.2);
 }
 
+// The iteration written the allocating way (gram, addmm), as before the
+// buffers: the buffered loop must give the same bits on the CPU.
+torch::Tensor allocating_newton_schulz(const torch::Tensor& input, const common::NSCoefficients& rows, int64_t steps,
+                                       torch::ScalarType dtype) {
+  torch::Tensor x = input.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  const bool transposed = x.size(0) > x.size(1);
+  if (transposed) {
+    x = x.mT();
+  }
+  x.div_(x.norm().clamp_min(1e-7));
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto& [a, b, c] = rows[std::min<size_t>(static_cast<size_t>(i), rows.size() - 1)];
+    const torch::Tensor g = torch::matmul(x, x.mT());
+    const torch::Tensor poly = torch::addmm(g, g, g, b, c);
+    x = torch::addmm(x, poly, x, a, 1.0);
+  }
+  return transposed ? x.mT() : x;
+}
+
+TEST(NewtonSchulz, BufferedIterationEqualsTheAllocatingFormBitwise) {
+  torch::manual_seed(3);
+  for (const auto& shape : {std::vector<int64_t>{33, 17}, std::vector<int64_t>{17, 33}, std::vector<int64_t>{24, 24}}) {
+    const torch::Tensor x = torch::randn(shape, torch::kFloat64);
+    for (const auto dtype : {torch::kFloat32, torch::kFloat64, torch::kBFloat16}) {
+      for (const auto& rows : {common::standard_ns_coefficients(), common::dion_ns_coefficients()}) {
+        common::NewtonSchulzOptions options;
+        options.coefficients = rows;
+        options.steps = 6;
+        options.dtype = dtype;
+        const torch::Tensor got = common::newton_schulz(x, options);
+        const torch::Tensor want = allocating_newton_schulz(x, rows, 6, dtype);
+        EXPECT_TRUE(torch::equal(got, want)) << shape << " " << dtype;
+      }
+    }
+  }
+}
+
 TEST(MatrixDims, ValidationNamesTheArgument) {
   using common::MatrixDims;
   expect_throws_mentioning([] { common::check_matrix_dims(MatrixDims{{0, 1}, {1}, {}}, "matrix_dims"); },
