@@ -16,10 +16,14 @@ optimizer communication), Muon and PRISM with ``distributed_mode="gather"``
 (every rank all-gathers every matrix param, grad and momentum and runs every
 matrix function) and ``"owner"`` (default); and plain replicated params (as
 under DDP) with Muon ``"owner"`` (every rank repeats every Newton-Schulz: no
-communication) vs ``"replicated"`` (ownership + results sent back).
+communication) vs ``"replicated"`` (ownership + results sent back). LAMB and
+MARS under FSDP2: ``distributed_mode="gather"`` (all-gather every param, grad
+and state for the op) vs the default (local shards, one all-reduce of the
+per-tensor squared norms).
 
     python benchmarks/bench_distributed.py           # ~3 min on 2 idle cores
     python benchmarks/bench_distributed.py --quick   # smoke run on small sizes
+    python benchmarks/bench_distributed.py --only LAMB,MARS
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ CONFIGS = [
     ("PRISM owner", "fsdp", "PRISM", dict(lr=1e-2), "owner"),
     ("Muon DDP, every rank", "ddp", "Muon", dict(lr=1e-2), "owner"),
     ("Muon DDP, owner", "ddp", "Muon", dict(lr=1e-2), "replicated"),
+    # Per-tensor norms: all-gather every DTensor vs shards + one norm all-reduce.
+    ("LAMB gather", "fsdp", "LAMB", dict(lr=1e-3), "gather"),
+    ("LAMB shards", "fsdp", "LAMB", dict(lr=1e-3), None),
+    ("MARS gather", "fsdp", "MARS", dict(lr=1e-3), "gather"),
+    ("MARS shards", "fsdp", "MARS", dict(lr=1e-3), None),
 ]
 
 
@@ -74,7 +83,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str, only) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     store = dist.FileStore(store_path, world_size)
@@ -85,6 +94,8 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     mesh = init_device_mesh("cpu", (world_size,))
     rows = []
     for label, layout, cls, options, mode in CONFIGS:
+        if only and not any(label.startswith(prefix) for prefix in only):
+            continue
         torch.manual_seed(0)
         model = Stack(shapes)
         if layout == "fsdp":
@@ -135,11 +146,11 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     dist.destroy_process_group()
 
 
-def _run(world_size: int, shapes, steps: int, out_dir: str) -> list[dict]:
+def _run(world_size: int, shapes, steps: int, out_dir: str, only) -> list[dict]:
     fd, store_path = tempfile.mkstemp(prefix="bench_dist_store_")
     os.close(fd)
     os.unlink(store_path)
-    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir), nprocs=world_size,
+    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir, only), nprocs=world_size,
                        start_method="spawn")  # fmt: skip
     with open(os.path.join(out_dir, f"ws{world_size}.json")) as fh:
         return json.load(fh)
@@ -149,6 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma-separated config label prefixes (e.g. LAMB,MARS)")
     args = parser.parse_args()
     shapes = QUICK if args.quick else FULL
     load = os.getloadavg()[0]
@@ -158,7 +170,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
         for ws in (1, 2, 4):
-            results += _run(ws, shapes, args.steps, out_dir)
+            results += _run(ws, shapes, args.steps, out_dir, [p for p in args.only.split(",") if p])
     print("| config | ranks | path | step (ms, slowest rank) | sent / rank / step (MB) | state / rank (MB) |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -168,7 +180,8 @@ def main() -> None:
         )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "bench_distributed.json").write_text(json.dumps(dict(load=load, results=results), indent=1))
+    name = "bench_distributed" + (f"_{args.only.replace(',', '_')}" if args.only else "")
+    (out / f"{name}.json").write_text(json.dumps(dict(load=load, results=results), indent=1))
     print(f"load after: {os.getloadavg()[0]:.2f}", file=sys.stderr)
 
 

@@ -104,6 +104,36 @@ def _lamb_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwa
     )
 
 
+def _norm_sqs_fake(op: str, params, k: int, **lists) -> torch.Tensor:
+    _check_lengths(op, params, **lists)
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((len(params), k), dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("torchopt_ext::lamb_norm_sqs")
+def _lamb_norm_sqs_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, **kwargs) -> torch.Tensor:
+    return _norm_sqs_fake(
+        "lamb_norm_sqs", params, 2, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps
+    )
+
+
+@torch.library.register_fake("torchopt_ext::mars_norm_sqs")
+def _mars_norm_sqs_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, state_steps, lr, **kwargs
+) -> torch.Tensor:
+    return _norm_sqs_fake(
+        "mars_norm_sqs",
+        params,
+        1,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        last_grads=last_grads,
+        state_steps=state_steps,
+    )
+
+
 @torch.library.register_fake("torchopt_ext::muon_step_")
 def _muon_step_fake(params, grads, momentum_buffers, magma_scores, state_steps, lr, **kwargs) -> None:
     _check_lengths(

@@ -35,7 +35,14 @@ CUDA_OPTIMIZERS = {
     "Adam-magma": dict(lr=1e-2, weight_decay=0.01, amsgrad=True, maximize=True, use_magma=True, seed=4),
     "ScheduleFreeAdamW": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, r=0.5),
     "ScheduleFreeSGD": dict(lr=1e-2, weight_decay=0.1, warmup_steps=2),
+    # Two-stage kernels (per-tensor norms first): the global clip binds with
+    # these grads (divisor read on the device), and so does MARS's unit clip.
+    "LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    "LAMB-decoupled": dict(lr=1e-2, weight_decay=0.1, decoupled_decay=True, trust_clip=True, max_grad_norm=None),
+    "MARS": dict(lr=1e-2, weight_decay=0.1, amsgrad=True, optimize_1d=True),
+    "MARS-lion": dict(lr=1e-3, weight_decay=0.1, mars_type="mars-lion"),
 }
+TWO_STAGE = ["LAMB", "LAMB-decoupled", "MARS", "MARS-lion"]
 
 # Odd sizes (scalar tails), one spanning several 65536-element chunks, and a
 # 0-d tensor.
@@ -262,7 +269,7 @@ def test_cuda_graph_capture_of_a_step_with_tensor_lr():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "LAMB", "MARS"])
 def test_cuda_compiled_step_matches_eager(name):
     def run(compiled):
         torch.manual_seed(1)
@@ -607,3 +614,140 @@ def test_cuda_fp32_newton_schulz_matches_cpu():
         ref = torch.ops.torchopt_ext.newton_schulz(x, dtype=torch.float32, normalization=norm)
         out = torch.ops.torchopt_ext.newton_schulz(x.cuda(), dtype=torch.float32, normalization=norm)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+# --- LAMB / MARS: the norm reduction stage on its own ---------------------
+
+_LAMB_KW = dict(
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-6,
+    weight_decay=0.1,
+    bias_correction=True,
+    grad_averaging=True,
+    trust_clip=False,
+    always_adapt=False,
+    decoupled_decay=False,
+    maximize=False,
+)
+_MARS_KW = dict(
+    beta1=0.95,
+    beta2=0.99,
+    eps=1e-8,
+    weight_decay=0.1,
+    gamma=0.025,
+    mars_type="mars-adamw",
+    amsgrad=False,
+    maximize=False,
+)
+
+
+def _two_stage_args(algo, device, shapes, dtype=torch.float32, device_scalars=False, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    grads = [(3 * torch.randn(s, generator=gen)).to(device=device, dtype=dtype) for s in shapes]
+    scalar_device = device if device_scalars else "cpu"
+    steps = [torch.full((), 2.0, dtype=torch.float32, device=scalar_device) for _ in shapes]
+    lr = torch.tensor(1e-2, dtype=torch.float64, device=scalar_device)
+    state = [[torch.randn(s, generator=gen).abs().to(device=device, dtype=dtype) for s in shapes] for _ in range(2)]
+    if algo == "lamb":
+        return [params, grads, state[0], state[1], steps, lr], dict(_LAMB_KW)
+    last = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    return [params, grads, state[0], state[1], [], last, steps, lr], dict(_MARS_KW)
+
+
+def _to(args, device):
+    return [[t.to(device) for t in x] if isinstance(x, list) else x.to(device) for x in args]
+
+
+@pytest.mark.parametrize("device_scalars", [False, True])
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_cuda_norm_sqs_match_cpu_and_leave_everything_untouched(algo, device_scalars):
+    # More tensors than one norm launch holds (16), a tensor spanning more
+    # chunks than one launch's block table (256), empty and 0-d tensors.
+    shapes = [(3,)] * 20 + [(256 * 65536 + 17,), (0,), (), (5, 7)]
+    cpu_args, kw = _two_stage_args(algo, "cpu", shapes)
+    cuda_args = _to(cpu_args, "cuda")
+    if device_scalars:
+        cuda_args[-2] = [s.cuda() for s in cuda_args[-2]]
+        cuda_args[-1] = cuda_args[-1].cuda()
+    before = _cuda_lists(cuda_args)
+    op = getattr(torch.ops.torchopt_ext, f"{algo}_norm_sqs")
+    cpu = op(*cpu_args, **kw)
+    cuda = op(*cuda_args, **kw)
+    assert cuda.is_cuda and cuda.dtype == torch.float64 and cuda.shape == cpu.shape
+    # CPU sums runs of fp32 squares in double, CUDA squares in double: close, not equal.
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=0)
+    assert cpu[len(shapes) - 3].abs().sum() == 0  # the empty tensor
+    for now, then in zip(cuda_args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)  # nothing written, steps not advanced
+    # Deterministic: no atomics in the reduction.
+    assert torch.equal(op(*cuda_args, **kw), cuda)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_cuda_step_with_given_norm_sqs_is_the_fused_step(algo):
+    # The split the FSDP2 front ends run (stage 1, reduce, stage 2) on one
+    # device: stage 2 with stage 1's sums equals the fused step bit for bit.
+    shapes = [(65536 + 5,), (33, 5), ()]
+    fused, kw = _two_stage_args(algo, "cuda", shapes, device_scalars=True)
+    split = _cuda_lists(fused)
+    step = getattr(torch.ops.torchopt_ext, f"{algo}_step_")
+    norms = getattr(torch.ops.torchopt_ext, f"{algo}_norm_sqs")
+    for _ in range(3):
+        step(*fused, **kw)
+        step(*split, **kw, norm_sqs=norms(*split, **kw))
+    for a, b in zip(fused, split):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_cuda_two_stage_found_inf_skips_the_whole_step(algo, device_steps):
+    args, kw = _two_stage_args(algo, "cuda", [(65536 + 5,), (3, 3)], device_scalars=device_steps)
+    before = _cuda_lists(args)
+    amp = dict(grad_scale=torch.full((), 4.0, device="cuda"), found_inf=torch.ones((), device="cuda"))
+    getattr(torch.ops.torchopt_ext, f"{algo}_step_")(*args, **kw, **amp)
+    sums = getattr(torch.ops.torchopt_ext, f"{algo}_norm_sqs")(*args, **kw, **amp)
+    assert torch.equal(sums, torch.zeros_like(sums))
+    for now, then in zip(args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_cuda_two_stage_grad_scale_matches_cpu(algo):
+    shapes = [(65536 + 5,), (3, 3)]
+    cpu_args, kw = _two_stage_args(algo, "cpu", shapes)
+    cuda_args = _to(cpu_args, "cuda")
+    step = getattr(torch.ops.torchopt_ext, f"{algo}_step_")
+    step(*cpu_args, **kw, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    step(*cuda_args, **kw, grad_scale=torch.full((), 4.0, device="cuda"), found_inf=torch.zeros((), device="cuda"))
+    for k in range(4):  # params, unscaled grads, both moments
+        for a, b in zip(cuda_args[k], cpu_args[k]):
+            torch.testing.assert_close(a.cpu(), b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_cuda_graph_capture_of_a_two_stage_step(algo):
+    args, kw = _two_stage_args(algo, "cuda", [(65536 + 9,), (17, 3)], device_scalars=True)
+    eager = _cuda_lists(args)
+    step = getattr(torch.ops.torchopt_ext, f"{algo}_step_")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*args, **kw)
+        step(*eager, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(*args, **kw)
+    for value in (1e-2, 5e-3):
+        args[-1].fill_(value)
+        eager[-1].fill_(value)
+        graph.replay()
+        step(*eager, **kw)
+    torch.cuda.synchronize()
+    assert all(s.item() == 5.0 for s in args[-2])  # 2 + 1 warm-up + 2 replays
+    for a, b in zip(args[0], eager[0]):
+        assert torch.equal(a, b)

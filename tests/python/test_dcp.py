@@ -12,7 +12,16 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from distributed_utils import run_distributed
-from test_distributed import ELEMENTWISE, MLP, TOL, WHOLE_STATE_KEYS, WHOLE_TENSOR, _shard, make_optimizer
+from test_distributed import (
+    ELEMENTWISE,
+    MLP,
+    SHARDED_NORMS,
+    TOL,
+    WHOLE_STATE_KEYS,
+    WHOLE_TENSOR,
+    _shard,
+    make_optimizer,
+)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -24,7 +33,7 @@ GLOBAL_BATCH = 8  # divisible by 1, 2 and 4
 STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
 # and PRISM on the ownership path (Muon takes it by default).
-NAMES = ELEMENTWISE + WHOLE_TENSOR + ["PRISM_owner"]
+NAMES = ELEMENTWISE + SHARDED_NORMS + WHOLE_TENSOR + ["PRISM_owner"]
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:

@@ -36,15 +36,37 @@ ELEMENTWISE = [
     "ScheduleFreeSGD",
 ]
 
+# Per-tensor norms on shards: the op runs on the local shards, and the
+# whole-tensor norms (LAMB's trust ratio ||p|| / ||r||, MARS's clip of c_t) are
+# local sums of squares all-reduced between two ops (LAMB's global clip uses an
+# all-reduced sum of squares too). Nothing is gathered.
+SHARDED_NORMS = ["LAMB", "MARS"]
+# Option variants of those (name -> class, options, loss multiplier,
+# distributed_mode): the multiplier makes MARS's ||c_t|| exceed 1, so its clip
+# binds; "gather" keeps the all-gather path tested.
+NORM_VARIANTS = {
+    "LAMB": ("LAMB", ALL_OPTIMIZERS["LAMB"], 1.0),
+    "LAMB_gather": ("LAMB", ALL_OPTIMIZERS["LAMB"], 1.0, "gather"),
+    "MARS_gather": ("MARS", ALL_OPTIMIZERS["MARS"], 50.0, "gather"),
+    "LAMB_decoupled_trustclip": (
+        "LAMB",
+        dict(lr=1e-2, weight_decay=0.1, decoupled_decay=True, trust_clip=True, max_grad_norm=None),
+        1.0,
+    ),
+    "LAMB_adapt_nodecay": ("LAMB", dict(lr=1e-2, weight_decay=0.0, always_adapt=True, grad_averaging=False), 1.0),
+    "MARS_clipped": ("MARS", ALL_OPTIMIZERS["MARS"], 50.0),
+    "MARS_lion_1d": ("MARS", dict(lr=1e-3, weight_decay=0.1, mars_type="mars-lion", optimize_1d=True), 50.0),
+    "MARS_adamw_1d": ("MARS", dict(lr=1e-2, weight_decay=0.1, optimize_1d=True), 50.0),
+}
+
 # Optimizers whose op needs whole-tensor quantities: DTensor params and state
-# are gathered for the op and the local slices written back (LAMB's global
-# clip uses an all-reduced sum of squares). Adafactor's factored state
+# are gathered for the op and the local slices written back. Adafactor's factored state
 # (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
 # rank 0 only.
 # State kept whole on every rank for sharded params (SOAP's eigenbases, KronPSGD's
 # and WhiteKron's factors); everything else is a DTensor placed like its param.
 WHOLE_STATE_KEYS = ("GG", "Q", "ql", "qr", "lip_l", "lip_r")
-WHOLE_TENSOR = ["LAMB", "MARS", "Muon", "PRISM", "Adafactor", "Kron", "KronPSGD", "WhiteKron"]
+WHOLE_TENSOR = ["Muon", "PRISM", "Adafactor", "Kron", "KronPSGD", "WhiteKron"]
 # Matrix-optimizer variants (name -> class, options, distributed_mode). The
 # plain names take whole-matrix ownership ("owner", the default) except
 # PRISM, whose raw global clip keeps it on the gather path; "_gather" keeps
@@ -183,6 +205,96 @@ def test_fsdp2_elementwise_matches_single_process(world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp2_whole_tensor_optimizers_match_single_process(world_size):
     run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR + VARIANT_NAMES, STEPS)
+
+
+def _norm_rows(name: str, opt_name: str, options: dict) -> int:
+    """Rows of the per-tensor norm all-reduce in one step of the MLP: LAMB
+    reduces ||p||^2 and ||r||^2 of all 6 params, MARS ||c||^2 of its matrix
+    params (3 weights, or all 6 with optimize_1d)."""
+    if opt_name == "LAMB":
+        return 6 * 2
+    return 6 if options.get("optimize_1d") else 3
+
+
+def _count_full_tensor_calls(fn) -> int:
+    """Runs fn() and returns how many DTensors it gathered with full_tensor()."""
+    from torch.distributed.tensor import DTensor
+
+    calls = []
+    real_full = DTensor.full_tensor
+
+    def counting(self, **kwargs):
+        calls.append(1)
+        return real_full(self, **kwargs)
+
+    DTensor.full_tensor = counting
+    try:
+        fn()
+    finally:
+        DTensor.full_tensor = real_full
+    return len(calls)
+
+
+def _fsdp_sharded_norms_worker(rank: int, world_size: int, names: list[str], steps: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from torchopt_ext.optim import _base
+
+    failures = []
+    for name in names:
+        opt_name, options, loss_scale, *mode = NORM_VARIANTS[name]
+        torch.manual_seed(0)
+        model = MLP()
+        ref = copy.deepcopy(model)
+        _shard(model, world_size)
+        opt = getattr(topt, opt_name)(model.parameters(), **options)
+        gather = mode == ["gather"]
+        if gather:
+            opt.distributed_mode = "gather"
+        ref_opt = getattr(topt, opt_name)(ref.parameters(), **options)
+        data = torch.Generator().manual_seed(1)
+        sent = 0
+        for _ in range(steps):
+            x = torch.randn(world_size * MICRO_BATCH, IN, generator=data)
+            y = torch.randn(world_size * MICRO_BATCH, 3, generator=data)
+            mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+            (torch.nn.functional.mse_loss(model(x[mine]), y[mine]) * loss_scale).backward()
+            before = _base._COMM["bytes"]
+            gathers = _count_full_tensor_calls(opt.step)
+            assert bool(gathers) == gather, f"{name}: the step gathered {gathers} DTensors"
+            sent += _base._COMM["bytes"] - before
+            opt.zero_grad()
+            if rank == 0:
+                (torch.nn.functional.mse_loss(ref(x), y) * loss_scale).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+        # Only the float64 norm rows went out: (world_size - 1) copies per step.
+        expected = steps * _norm_rows(name, opt_name, options) * 8 * (world_size - 1)
+        if not gather:
+            assert sent == expected, f"{name}: sent {sent} bytes, expected {expected} (norm all-reduces only)"
+        max_err = 0.0
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert isinstance(p, DTensor), f"{pname} is not sharded"
+            for key, value in opt.state[p].items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    assert isinstance(value, DTensor), f"{name}: state {key!r} of {pname} is not a DTensor"
+                    assert value.placements == p.placements, f"{name}: state {key!r} placements differ"
+            full = p.full_tensor()
+            if rank == 0:
+                max_err = max(max_err, (full - q).abs().max().item())
+                try:
+                    torch.testing.assert_close(full, q.detach(), **TOL)
+                except AssertionError as e:
+                    failures.append(f"{name} {pname}: {e}")
+        if rank == 0:
+            print(f"[ws={world_size}] {name}: max |sharded - single| = {max_err:.3g}, {sent} bytes sent")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_lamb_mars_run_on_shards_with_reduced_norms(world_size):
+    run_distributed(_fsdp_sharded_norms_worker, world_size, list(NORM_VARIANTS), STEPS)
 
 
 def _ddp_parity_worker(rank: int, world_size: int, names: list[str], steps: int) -> None:

@@ -146,3 +146,79 @@ def test_prism_nadamw_op_passes_opcheck():
         dict(beta1=0.8, beta2=0.99, weight_decay=0.1),
         test_utils=OPCHECK_UTILS,
     )
+
+
+def _two_stage_call(algo):
+    params = [torch.randn(4, 3), torch.randn(5), torch.randn(())]
+    grads = [3 * torch.randn_like(p) for p in params]
+    m = [torch.randn_like(p) for p in params]
+    v = [torch.rand_like(p) for p in params]
+    steps = [torch.tensor(2.0) for _ in params]
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    if algo == "lamb":
+        kwargs = dict(
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-6,
+            weight_decay=0.1,
+            bias_correction=True,
+            grad_averaging=True,
+            trust_clip=False,
+            always_adapt=False,
+            decoupled_decay=False,
+            maximize=False,
+            grad_divisor=torch.tensor(1.5, dtype=torch.float64),
+        )
+        return (params, grads, m, v, steps, lr), kwargs
+    kwargs = dict(
+        beta1=0.95,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        gamma=0.025,
+        mars_type="mars-adamw",
+        amsgrad=False,
+        maximize=False,
+    )
+    last = [torch.randn_like(p) for p in params]
+    return (params, grads, m, v, [], last, steps, lr), kwargs
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_opcheck_two_stage_norm_ops(algo):
+    # Stage 1 (the per-tensor squared norms a sharded step all-reduces) and
+    # stage 2 taking them: both pass opcheck, and stage 1 writes nothing.
+    args, kwargs = _two_stage_call(algo)
+    norms = getattr(torch.ops.torchopt_ext, f"{algo}_norm_sqs").default
+    torch.library.opcheck(norms, args, kwargs, test_utils=OPCHECK_UTILS)
+    before = [[t.clone() for t in x] if isinstance(x, list) else x.clone() for x in args]
+    sums = norms(*args, **kwargs)
+    assert sums.shape == (3, 2 if algo == "lamb" else 1) and sums.dtype == torch.float64
+    assert (sums > 0).all()
+    for now, then in zip(args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+    step = getattr(torch.ops.torchopt_ext, f"{algo}_step_").default
+    torch.library.opcheck(step, args, dict(kwargs, norm_sqs=sums), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "mars"])
+def test_two_stage_step_equals_fused_step_bitwise(algo):
+    fused, kwargs = _two_stage_call(algo)
+    split = [[t.clone() for t in x] if isinstance(x, list) else x.clone() for x in fused]
+    step = getattr(torch.ops.torchopt_ext, f"{algo}_step_")
+    norms = getattr(torch.ops.torchopt_ext, f"{algo}_norm_sqs")
+    for _ in range(3):
+        step(*fused, **kwargs)
+        step(*split, **kwargs, norm_sqs=norms(*split, **kwargs))
+    for a, b in zip(fused, split):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert torch.equal(x, y)
+
+
+def test_norm_sqs_of_the_wrong_shape_or_dtype_is_refused():
+    args, kwargs = _two_stage_call("lamb")
+    with pytest.raises(ValueError, match=r"norm_sqs must have shape \(3, 2\)"):
+        torch.ops.torchopt_ext.lamb_step_(*args, **kwargs, norm_sqs=torch.zeros(3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="norm_sqs must be float64"):
+        torch.ops.torchopt_ext.lamb_step_(*args, **kwargs, norm_sqs=torch.zeros(3, 2))

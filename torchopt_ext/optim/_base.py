@@ -166,6 +166,40 @@ def sharded_sum_of_squares(tensors: list[torch.Tensor]) -> Optional[torch.Tensor
     return total
 
 
+def norm_layout(tensors: list[Any], distributed_mode: str = "shards") -> str:
+    """How a two-stage op (LAMB's trust ratios, MARS's clip: ``*_norm_sqs``
+    then ``*_step_(norm_sqs=...)``) handles these params: "local" (no sharded
+    DTensor: the fused op computes whole norms itself), "sharded" (sharded
+    DTensors on one 1-D mesh: local sums, all-reduced by ``shard_sum_rows``)
+    or "gather" (other meshes, or ``distributed_mode="gather"``: the op runs
+    on gathered whole tensors)."""
+    sharded = [t for t in tensors if is_dtensor(t) and any(pl.is_shard() for pl in t.placements)]
+    if not sharded:
+        return "local"
+    if distributed_mode == "gather":
+        return "gather"
+    mesh = sharded[0].device_mesh
+    if mesh.ndim == 1 and all(t.device_mesh == mesh for t in sharded):
+        return "sharded"
+    return "gather"
+
+
+def shard_sum_rows(tensors: list[Any], sums: torch.Tensor) -> torch.Tensor:
+    """Row i of ``sums`` holds per-tensor sums over ``tensors[i]``'s local
+    shard: rows of sharded DTensors are summed over their (one, 1-D) mesh
+    with one all-reduce; rows of replicated DTensors and plain tensors are
+    whole already and kept."""
+    import torch.distributed as dist
+
+    flags = [is_dtensor(t) and any(pl.is_shard() for pl in t.placements) for t in tensors]
+    mesh = next(t.device_mesh for t, f in zip(tensors, flags) if f)
+    mask = torch.tensor(flags, device=sums.device).unsqueeze(1)
+    reduced = torch.where(mask, sums, torch.zeros_like(sums))
+    dist.all_reduce(reduced, group=mesh.get_group())
+    _COMM["bytes"] += reduced.numel() * reduced.element_size() * (mesh.size() - 1)
+    return torch.where(mask, reduced, sums)
+
+
 def lr_tensor(group: dict[str, Any]) -> torch.Tensor:
     """A group's lr as the ops take it: a tensor lr as is (a scheduler can
     change it without recompiling), a float as float64 so it stays exact, as
@@ -258,6 +292,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # mu-product) and for ops without CUDA kernels; CPU params always keep
     # CPU counters.
     _device_steps: bool = False
+    # Set by two-stage optimizers (LAMB, MARS) for a group whose DTensor
+    # layout they cannot reduce over (see norm_layout): gather it instead.
+    _gather_now: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
@@ -267,7 +304,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _unwrappers(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """(for params/state the op updates, for inputs it only reads): local
         shards, or gathered whole tensors when ``_whole_tensor_op``."""
-        if not self._whole_tensor_op:
+        if not (self._whole_tensor_op or self._gather_now):
             return local, local
         whole = self._whole_tensors
         return whole.full, lambda t: whole.full(t, write_back=False)

@@ -7,7 +7,17 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, draw_seed, is_dtensor, local, sharded_sum_of_squares
+from ._base import (
+    FusedOptimizer,
+    check_adam_like,
+    draw_seed,
+    is_dtensor,
+    local,
+    lr_tensor,
+    norm_layout,
+    shard_sum_rows,
+    sharded_sum_of_squares,
+)
 
 
 def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -44,11 +54,17 @@ class LAMB(FusedOptimizer):
     the fused kernel. ``max_grad_norm`` (None: off) first divides every grad by
     ``max(||all grads|| / max_grad_norm, 1)``, over all param groups, without a
     host sync. Unlike timm, ``p.grad`` is never modified.
+
+    FSDP2 (sharded DTensors on one 1-D mesh): the step runs on the local
+    shards; ``lamb_norm_sqs`` gives each shard's ||p||^2 and ||r||^2, one
+    all-reduce sums them per tensor, and ``lamb_step_`` uses those whole-tensor
+    norms. Other DTensor layouts, or ``opt.distributed_mode = "gather"``,
+    gather the DTensors whole for the op instead.
     """
 
     _op = "lamb_step_"
     _state_keys = ("exp_avg", "exp_avg_sq")
-    _whole_tensor_op = True  # per-tensor trust ratios ||p|| / ||r||
+    distributed_mode = "shards"
 
     def __init__(
         self,
@@ -106,6 +122,26 @@ class LAMB(FusedOptimizer):
             decoupled_decay=group["decoupled_decay"],
             maximize=group["maximize"],
             grad_divisor=self._grad_divisor,
+        )
+
+    def _init_group(self, group, params, grads, state_steps, *state_lists):
+        originals = [p for p in group["params"] if p.grad is not None]
+        gather = norm_layout(originals, self.distributed_mode) == "gather"
+        if gather != self._gather_now:
+            self._gather_now = gather
+        super()._init_group(group, params, grads, state_steps, *state_lists)
+
+    def _run_op(self, group, params, grads, state_lists, state_steps, amp) -> None:
+        lr = lr_tensor(group)
+        kwargs = self._op_kwargs(group)
+        extra = {}
+        originals = [p for p in group["params"] if p.grad is not None]
+        if norm_layout(originals, self.distributed_mode) == "sharded":
+            # Trust ratios need whole-tensor norms: local sums of squares, all-reduced.
+            sums = torch.ops.torchopt_ext.lamb_norm_sqs(params, grads, *state_lists, state_steps, lr, **kwargs, **amp)
+            extra["norm_sqs"] = shard_sum_rows(originals, sums)
+        torch.ops.torchopt_ext.lamb_step_(
+            params, grads, *state_lists, state_steps, lr, **self._rounding_args(group), **kwargs, **extra, **amp
         )
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ from ._base import (
     draw_seed,
     local,
     lr_tensor,
+    norm_layout,
+    shard_sum_rows,
 )
 
 _MARS_TYPES = ("mars-adamw", "mars-lion")
@@ -34,12 +36,18 @@ class MARS(FusedOptimizer):
     ``weight_decay_1d`` and learning rate ``lr * lr_1d / lr_at_construction``
     (so a schedule scales both branches alike).
 
+    FSDP2 (sharded DTensors on one 1-D mesh): the step runs on the local
+    shards; ``mars_norm_sqs`` gives each shard's ||c||^2, one all-reduce sums
+    them per tensor, and ``mars_step_`` clips with the whole-tensor norm.
+    Other DTensor layouts, or ``opt.distributed_mode = "gather"``, gather the
+    DTensors whole for the op instead.
+
     Not provided: ``mars_type="mars-shampoo"`` (needs the Newton-Schulz core of
     the spectral optimizers) and the exact mode ``is_approx=False``.
     """
 
     _op = "mars_step_"
-    _whole_tensor_op = True  # the per-tensor clip of the correction c_t
+    distributed_mode = "shards"
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "last_grad")
 
     def __init__(
@@ -172,24 +180,34 @@ class MARS(FusedOptimizer):
         amp = self._amp_args()
         for group in self.param_groups:
             lists = [[] for _ in range(12)]
+            matrices = [p for p in group["params"] if p.grad is not None and self._is_matrix(group, p)]
+            layout = norm_layout(matrices, self.distributed_mode)
+            if (layout == "gather") != self._gather_now:
+                self._gather_now = layout == "gather"
             self._init_group(group, *lists)
             params, grads, state_steps, exp_avgs, exp_avg_sqs, max_sqs, last_grads = lists[:7]
             params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d = lists[7:]
             lr = lr_tensor(group)
             rounding = self._rounding_args(group)
             if params:
+                state_lists = (exp_avgs, exp_avg_sqs, max_sqs, last_grads)
+                extra = {}
+                if layout == "sharded":
+                    # The clip needs whole-tensor norms: local sums of squares, all-reduced.
+                    sums = torch.ops.torchopt_ext.mars_norm_sqs(
+                        params, grads, *state_lists, state_steps, lr, **self._op_kwargs(group), **amp
+                    )
+                    extra["norm_sqs"] = shard_sum_rows(matrices, sums)
                 torch.ops.torchopt_ext.mars_step_(
                     params,
                     grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    max_sqs,
-                    last_grads,
+                    *state_lists,
                     state_steps,
                     lr,
                     **self._op_kwargs(group),
                     **rounding,
                     **amp,
+                    **extra,
                 )
                 self._whole_tensors.write_back()
             adamw_fallback_step(

@@ -279,23 +279,27 @@ std::array<double, NumNorms<Algo>::value> norm_sq_chunk(const ElementwiseTask<Al
   return totals;
 }
 
-// Runs Algo over one param group. Tensors are contiguous; `state[k]` is
-// either empty (state k unused) or has one tensor per param, all state of a
-// param sharing one dtype; scalars[i] are tensor i's per-step values.
+// The per-tensor state of one call: tasks (pointers, scalars, rounding
+// stream), element counts and state dtypes.
 template <typename Algo>
-void elementwise_step(const char* op, at::TensorList params, at::TensorList grads,
-                      const std::array<at::TensorList, Algo::kNumState>& state,
-                      const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
-                      const typename Algo::Hyper& hp, const ElementwiseOptions& options) {
-  using ChunkFn =
-      void (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&, const ElementwiseOptions&, int64_t, int64_t);
+struct ElementwiseTasks {
+  std::vector<ElementwiseTask<Algo>> tasks;
+  std::vector<int64_t> numels;
+  std::vector<at::ScalarType> state_types;
+};
+
+template <typename Algo>
+ElementwiseTasks<Algo> make_tasks(at::TensorList params, at::TensorList grads,
+                                  const std::array<at::TensorList, Algo::kNumState>& state,
+                                  const std::vector<typename Algo::TensorScalars>& scalars,
+                                  const std::vector<double>& steps, const ElementwiseOptions& options) {
   const auto n = params.size();
-  std::vector<ElementwiseTask<Algo>> tasks(n);
-  std::vector<ChunkFn> fns(n);
-  std::vector<int64_t> numels(n);
-  std::vector<at::ScalarType> state_types(n);
+  ElementwiseTasks<Algo> out;
+  out.tasks.resize(n);
+  out.numels.resize(n);
+  out.state_types.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    auto& task = tasks[i];
+    auto& task = out.tasks[i];
     task.param = params[i].data_ptr();
     task.grad = grads[i].data_ptr();
     at::ScalarType state_type = params[i].scalar_type();
@@ -305,46 +309,101 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
         state_type = state[k][i].scalar_type();
       }
     }
-    state_types[i] = state_type;
+    out.state_types[i] = state_type;
     task.scalars = scalars[i];
     task.rounding_stream = rounding_stream(options.seed, static_cast<int64_t>(i), steps[i]);
-    fns[i] = select_kernel(op, params[i].scalar_type(), state_type,
+    out.numels[i] = params[i].numel();
+  }
+  return out;
+}
+
+// The read-only first pass of a norm-needing Algo: each tensor's sums of
+// squared norm terms (not yet square-rooted), row-major n x K.
+template <typename Algo>
+std::vector<double> norm_sq_pass(const char* op, at::TensorList params, const ElementwiseTasks<Algo>& work,
+                                 const typename Algo::Hyper& hp, const ElementwiseOptions& options) {
+  constexpr int K = NumNorms<Algo>::value;
+  using NormFn = std::array<double, K> (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&,
+                                           const ElementwiseOptions&, int64_t, int64_t);
+  const auto n = params.size();
+  std::vector<NormFn> norm_fns(n);
+  for (size_t i = 0; i < n; ++i) {
+    norm_fns[i] = select_kernel(op, params[i].scalar_type(), work.state_types[i],
+                                [](auto p, auto s) { return &norm_sq_chunk<Algo, decltype(p), decltype(s)>; });
+  }
+  const auto chunks = split_into_chunks(work.numels);
+  std::vector<std::array<double, K>> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const auto& chunk = chunks[c];
+      partial[c] = norm_fns[chunk.tensor](work.tasks[chunk.tensor], hp, options, chunk.begin, chunk.end);
+    }
+  });
+  // Chunks are summed in their fixed order: the same sums for any thread count.
+  std::vector<double> sums(n * K, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    for (int k = 0; k < K; ++k) {
+      sums[chunks[c].tensor * K + k] += partial[c][k];
+    }
+  }
+  return sums;
+}
+
+// Runs Algo over one param group. Tensors are contiguous; `state[k]` is
+// either empty (state k unused) or has one tensor per param, all state of a
+// param sharing one dtype; scalars[i] are tensor i's per-step values.
+// For a norm-needing Algo, `norm_sqs` (n x K, row-major) may hold the squared
+// norms already (computed by elementwise_norm_sqs and reduced across the
+// shards of each tensor by the caller); then the first pass is skipped.
+template <typename Algo>
+void elementwise_step(const char* op, at::TensorList params, at::TensorList grads,
+                      const std::array<at::TensorList, Algo::kNumState>& state,
+                      const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
+                      const typename Algo::Hyper& hp, const ElementwiseOptions& options,
+                      const double* norm_sqs = nullptr) {
+  using ChunkFn =
+      void (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&, const ElementwiseOptions&, int64_t, int64_t);
+  const auto n = params.size();
+  auto work = make_tasks<Algo>(params, grads, state, scalars, steps, options);
+  std::vector<ChunkFn> fns(n);
+  for (size_t i = 0; i < n; ++i) {
+    fns[i] = select_kernel(op, params[i].scalar_type(), work.state_types[i],
                            [](auto p, auto s) { return &elementwise_chunk<Algo, decltype(p), decltype(s)>; });
-    numels[i] = params[i].numel();
   }
   if constexpr (NumNorms<Algo>::value > 0) {
     constexpr int K = NumNorms<Algo>::value;
-    using NormFn = std::array<double, K> (*)(const ElementwiseTask<Algo>&, const typename Algo::Hyper&,
-                                             const ElementwiseOptions&, int64_t, int64_t);
-    std::vector<NormFn> norm_fns(n);
-    for (size_t i = 0; i < n; ++i) {
-      norm_fns[i] = select_kernel(op, params[i].scalar_type(), state_types[i],
-                                  [](auto p, auto s) { return &norm_sq_chunk<Algo, decltype(p), decltype(s)>; });
-    }
-    const auto chunks = split_into_chunks(numels);
-    std::vector<std::array<double, K>> partial(chunks.size());
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        const auto& chunk = chunks[c];
-        partial[c] = norm_fns[chunk.tensor](tasks[chunk.tensor], hp, options, chunk.begin, chunk.end);
-      }
-    });
-    std::vector<std::array<double, K>> sums(n, std::array<double, K>{});
-    for (size_t c = 0; c < chunks.size(); ++c) {
-      for (int k = 0; k < K; ++k) {
-        sums[chunks[c].tensor][k] += partial[c][k];
-      }
+    std::vector<double> computed;
+    if (norm_sqs == nullptr) {
+      computed = norm_sq_pass<Algo>(op, params, work, hp, options);
+      norm_sqs = computed.data();
     }
     for (size_t i = 0; i < n; ++i) {
       for (int k = 0; k < K; ++k) {
-        tasks[i].scalars.norms[k] = std::sqrt(sums[i][k]);
+        work.tasks[i].scalars.norms[k] = std::sqrt(norm_sqs[i * K + k]);
       }
       if constexpr (HasAfterNorms<Algo>::value) {
-        Algo::after_norms(hp, tasks[i].scalars);
+        Algo::after_norms(hp, work.tasks[i].scalars);
       }
     }
   }
-  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, options, begin, end); });
+  const auto& tasks = work.tasks;
+  for_each_chunk(work.numels,
+                 [&](int64_t t, int64_t begin, int64_t end) { fns[t](tasks[t], hp, options, begin, end); });
+}
+
+// The first pass alone: each tensor's sums of squared norm terms (n x K,
+// row-major), with `steps` the values the step will run at. Nothing is
+// written. A sharded caller sums these over the shards of each tensor and
+// passes them to elementwise_step.
+template <typename Algo>
+std::vector<double> elementwise_norm_sqs(const char* op, at::TensorList params, at::TensorList grads,
+                                         const std::array<at::TensorList, Algo::kNumState>& state,
+                                         const std::vector<typename Algo::TensorScalars>& scalars,
+                                         const std::vector<double>& steps, const typename Algo::Hyper& hp,
+                                         const ElementwiseOptions& options) {
+  static_assert(NumNorms<Algo>::value > 0, "elementwise_norm_sqs needs an Algo with kNumNorms");
+  const auto work = make_tasks<Algo>(params, grads, state, scalars, steps, options);
+  return norm_sq_pass<Algo>(op, params, work, hp, options);
 }
 
 }  // namespace torchopt_ext::kernels::cpu

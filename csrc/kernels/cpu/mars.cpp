@@ -1,114 +1,41 @@
 // Fused CPU MARS (approximate mode): variance-reduced, norm-clipped gradient
-// feeding an AdamW (mars-adamw) or Lion (mars-lion) update, following the
-// official implementation's formulas (classic.md §13).
+// feeding an AdamW (mars-adamw) or Lion (mars-lion) update (classic.md §13);
+// the math is MARSAlgo in kernels/algos/mars.h.
 #include "kernels/cpu/mars.h"
 
-#include <cmath>
+#include <algorithm>
 
+#include "kernels/algos/mars.h"
 #include "kernels/cpu/elementwise_apply.h"
 
 namespace torchopt_ext::kernels::cpu {
 namespace {
 
-struct MARSAlgo {
-  static constexpr int kNumState = 4;  // exp_avg, exp_avg_sq, max_exp_avg_sq, last_grad
-  static constexpr int kNumNorms = 1;  // ||c||
-  using Hyper = MARSHyperparams;
-  struct TensorScalars {
-    double step;
-    std::array<double, kNumNorms> norms;  // ||c||, filled in by the norm pass
-  };
-
-  template <typename S>
-  struct Coeffs {
-    S correction;  // gamma * beta1 / (1 - beta1)
-    S beta1;
-    S one_minus_beta1;
-    S beta2;
-    S one_minus_beta2;
-    S bias_correction1;
-    S bias_correction2_sqrt;
-    S eps;
-    S weight_decay;
-    S neg_lr;
-    S norm;
-    bool clip;  // ||c|| > 1
-    bool lion;
-    bool amsgrad;
-    bool maximize;
-  };
-
-  template <typename S>
-  static Coeffs<S> coeffs(const Hyper& hp, const TensorScalars& t) {
-    return {static_cast<S>(hp.gamma * hp.beta1 / (1.0 - hp.beta1)),
-            static_cast<S>(hp.beta1),
-            static_cast<S>(1.0 - hp.beta1),
-            static_cast<S>(hp.beta2),
-            static_cast<S>(1.0 - hp.beta2),
-            static_cast<S>(1.0 - std::pow(hp.beta1, t.step)),
-            static_cast<S>(std::sqrt(1.0 - std::pow(hp.beta2, t.step))),
-            static_cast<S>(hp.eps),
-            static_cast<S>(hp.weight_decay),
-            static_cast<S>(-hp.lr),
-            static_cast<S>(t.norms[0]),
-            t.norms[0] > 1.0,
-            hp.lion,
-            hp.amsgrad,
-            hp.maximize};
+std::vector<MARSAlgo::TensorScalars> mars_scalars(const std::vector<double>& steps) {
+  std::vector<MARSAlgo::TensorScalars> scalars(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    scalars[i] = {steps[i], {0.0}};
   }
-
-  // The variance-reduced gradient before clipping.
-  template <typename V, typename S>
-  static V corrected_grad(const Coeffs<S>& c, const V& grad, const V& last_grad) {
-    return grad + V(c.correction) * (grad - last_grad);
-  }
-
-  template <typename V, typename S>
-  static std::array<V, kNumNorms> norm_terms(const Coeffs<S>& c, V /*param*/, V grad,
-                                             const std::array<V, kNumState>& state) {
-    return {corrected_grad(c, c.maximize ? vneg(grad) : grad, state[3])};
-  }
-
-  template <typename V, typename S>
-  static void update(const Coeffs<S>& c, V& param, V grad, std::array<V, kNumState>& state) {
-    auto& [exp_avg, exp_avg_sq, max_exp_avg_sq, last_grad] = state;
-    if (c.maximize) {
-      grad = vneg(grad);
-    }
-    V corrected = corrected_grad(c, grad, last_grad);
-    if (c.clip) {
-      corrected = corrected / V(c.norm);
-    }
-    exp_avg = exp_avg * V(c.beta1) + V(c.one_minus_beta1) * corrected;
-    V direction;
-    if (c.lion) {
-      direction = vsign(exp_avg);
-    } else {
-      exp_avg_sq = exp_avg_sq * V(c.beta2) + V(c.one_minus_beta2) * corrected * corrected;
-      V second_moment = exp_avg_sq;
-      if (c.amsgrad) {
-        max_exp_avg_sq = vmaximum(max_exp_avg_sq, exp_avg_sq);
-        second_moment = max_exp_avg_sq;
-      }
-      const V denom = (vsqrt(second_moment) / V(c.bias_correction2_sqrt) + V(c.eps)) * V(c.bias_correction1);
-      direction = exp_avg / denom;
-    }
-    param = param + V(c.neg_lr) * (V(c.weight_decay) * param + direction);
-    last_grad = grad;
-  }
-};
+  return scalars;
+}
 
 }  // namespace
 
 void mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
-               const MARSHyperparams& hp, const ElementwiseOptions& options) {
-  std::vector<MARSAlgo::TensorScalars> scalars(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    scalars[i] = {steps[i], {0.0}};
-  }
-  elementwise_step<MARSAlgo>("mars_step_", params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads}, scalars,
-                             steps, hp, options);
+               const MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& norm_sqs) {
+  elementwise_step<MARSAlgo>("mars_step_", params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads},
+                             mars_scalars(steps), steps, hp, options,
+                             norm_sqs.defined() ? norm_sqs.const_data_ptr<double>() : nullptr);
+}
+
+void mars_norm_sqs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
+                   const MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& out) {
+  const auto sums = elementwise_norm_sqs<MARSAlgo>("mars_norm_sqs", params, grads,
+                                                   {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads},
+                                                   mars_scalars(steps), steps, hp, options);
+  std::copy(sums.begin(), sums.end(), out.data_ptr<double>());
 }
 
 }  // namespace torchopt_ext::kernels::cpu

@@ -25,8 +25,15 @@ struct MARSHyperparams {
 // is clipped to unit L2 norm per tensor (a first pass computes the norm), then
 // drives an AdamW- or Lion-style step; last_grads are replaced by the grads.
 // exp_avg_sqs (and max_exp_avg_sqs) are empty for mars-lion (and without amsgrad).
+// A defined `norm_sqs` (float64 (n, 1): ||c||^2 per tensor, e.g. summed over
+// the shards of each tensor) replaces the first pass.
 void mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
-               const MARSHyperparams& hp, const ElementwiseOptions& options);
+               const MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& norm_sqs);
+
+// The first pass alone: writes each tensor's ||c||^2 into `out` (float64 (n, 1), contiguous).
+void mars_norm_sqs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
+                   const MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& out);
 
 }  // namespace torchopt_ext::kernels::cpu

@@ -11,7 +11,9 @@
 #include "common/tensor_lists.h"
 #include "kernels/cpu/adam.h"
 #include "kernels/cpu/elementwise_options.h"
+#include "kernels/cpu/lamb.h"
 #include "kernels/cpu/lion.h"
+#include "kernels/cpu/mars.h"
 #include "kernels/cpu/nadam.h"
 #include "kernels/cpu/qhadam.h"
 #include "kernels/cpu/radam.h"
@@ -47,6 +49,22 @@ void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const DeviceArgs& device);
 // h <- beta2 h + (1 - beta2) estimate over contiguous CUDA lists of one dtype.
 void sophia_update_hessian(at::TensorList hessians, at::TensorList estimates, double beta2);
+// LAMB / MARS (lamb_mars.cu): a per-tensor norm reduction into a device
+// buffer, then the update reading it; norm_sqs (defined) replaces the reduction.
+void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               const std::vector<double>& steps, const cpu::LAMBHyperparams& hp, const ElementwiseOptions& options,
+               const at::Tensor& norm_sqs, const DeviceArgs& device);
+void lamb_norm_sqs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   const std::vector<double>& steps, const cpu::LAMBHyperparams& hp, const ElementwiseOptions& options,
+                   const at::Tensor& out, const DeviceArgs& device);
+void mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
+               const cpu::MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& norm_sqs,
+               const DeviceArgs& device);
+void mars_norm_sqs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList last_grads, const std::vector<double>& steps,
+                   const cpu::MARSHyperparams& hp, const ElementwiseOptions& options, const at::Tensor& out,
+                   const DeviceArgs& device);
 
 // Schedule-Free (schedulefree.cu). With CUDA step counters (device.steps),
 // weight_sums / lr_maxes are float64 scalars on the params' device that a

@@ -26,6 +26,7 @@
 #include <array>
 #include <cstdint>
 #include <new>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -51,10 +52,25 @@ constexpr bool stores_state(int k) {
 
 // Algorithms whose per-tensor scalars are the step count alone (or nothing)
 // can take the step from a device counter; others need host-computed scalars.
+// Two-stage algorithms (LAMB, MARS) hold the step plus per-tensor norms, which
+// the kernel reads from LaunchArgs::norm_sqs (see norm_reduce.cuh).
+template <typename Algo>
+constexpr bool kScalarsFromStepAndNorms = [] {
+  using T = typename Algo::TensorScalars;
+  if constexpr (requires(T t) {
+                  t.step;
+                  t.norms;
+                }) {
+    return sizeof(T) == sizeof(double) * (1 + std::tuple_size_v<decltype(T::norms)>);
+  }
+  return false;
+}();
+
 template <typename Algo>
 constexpr bool kScalarsFromStep =
     std::is_empty_v<typename Algo::TensorScalars> ||
-    (sizeof(typename Algo::TensorScalars) == sizeof(double) && requires(typename Algo::TensorScalars t) { t.step; });
+    (sizeof(typename Algo::TensorScalars) == sizeof(double) && requires(typename Algo::TensorScalars t) { t.step; }) ||
+    kScalarsFromStepAndNorms<Algo>;
 
 template <typename Algo>
 struct TensorMeta {
@@ -83,6 +99,7 @@ struct LaunchArgs {
   bool has_grad_scale;
   bool stochastic_rounding;
   int64_t seed;
+  const double* norm_sqs;  // two-stage algorithms: (group size, kNumNorms) squared norms on the device
   int32_t num_blocks;
   TensorMeta<Algo> tensors[kMaxTensors];
   int16_t block_tensor[kMaxBlocks];
@@ -142,6 +159,12 @@ __global__ void __launch_bounds__(kBlockSize) elementwise_kernel(const __grid_co
     if constexpr (requires { ts.step; }) {
       if (meta.step != nullptr) {
         ts.step = step;
+      }
+    }
+    if constexpr (kScalarsFromStepAndNorms<Algo>) {
+      constexpr int K = std::tuple_size_v<decltype(ts.norms)>;
+      for (int k = 0; k < K; ++k) {
+        ts.norms[k] = ::sqrt(args.norm_sqs[static_cast<int64_t>(meta.index) * K + k]);
       }
     }
     new (coeff_storage) C(Algo::template coeffs<S>(hp, ts));
@@ -352,13 +375,18 @@ std::vector<typename Algo::TensorScalars> step_scalars(const std::vector<double>
 // `steps` are the host step values (unused when dev.steps holds device
 // counters); `scalars` the host per-tensor scalars, or, when
 // `device_scalars` is given, a device array of one Algo::TensorScalars per
-// param (in list order) that a pre-kernel on the same stream wrote.
+// param (in list order) that a pre-kernel on the same stream wrote;
+// `norm_sqs` the two-stage algorithms' per-tensor squared norms on the device.
 template <typename Algo>
 void elementwise_step(const char* op, at::TensorList params, at::TensorList grads,
                       const std::array<at::TensorList, Algo::kNumState>& state,
                       const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
                       const typename Algo::Hyper& hp, const cpu::ElementwiseOptions& options,
-                      const common::DeviceArgs& dev, const void* device_scalars = nullptr) {
+                      const common::DeviceArgs& dev, const void* device_scalars = nullptr,
+                      const double* norm_sqs = nullptr) {
+  if constexpr (kScalarsFromStepAndNorms<Algo>) {
+    TORCH_CHECK(norm_sqs != nullptr, op, ": the per-tensor norms must be computed first (norm_reduce.cuh)");
+  }
   if (params.empty()) {
     return;
   }
@@ -383,6 +411,7 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
   args.host_grad_scale = options.grad_scale.value_or(1.0);
   args.stochastic_rounding = options.stochastic_rounding;
   args.seed = options.seed;
+  args.norm_sqs = norm_sqs;
 
   // One launch sequence per (param dtype, state dtype) pair present.
   std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;

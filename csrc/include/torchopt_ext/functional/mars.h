@@ -13,11 +13,23 @@ namespace torchopt_ext::functional {
 // mars_type "mars-adamw" (exp_avg_sqs used) or "mars-lion" (exp_avg_sqs and
 // max_exp_avg_sqs empty). last_grads hold the previous step's gradients
 // (zeros before the first step, so step 1 sees c = (1 + gamma b1/(1-b1)) g).
+// norm_sqs (float64 (n, 1), optional): ||c||^2 per param, from mars_norm_sqs
+// summed over each tensor's shards, instead of the fused kernel's own pass.
 // AMP arguments as in adam_step_.
 void mars_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList last_grads, at::TensorList state_steps,
                 const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, double gamma,
                 c10::string_view mars_type, bool amsgrad, bool maximize, bool stochastic_rounding, int64_t seed,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& norm_sqs = std::nullopt);
+
+// The first stage of a sharded MARS step: each param's (local) ||c||^2 as
+// mars_step_ with the same arguments would compute it, as a float64 (n, 1)
+// tensor on the params' device. Writes nothing; zeros when found_inf skips.
+at::Tensor mars_norm_sqs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList last_grads,
+                         at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2, double eps,
+                         double weight_decay, double gamma, c10::string_view mars_type, bool amsgrad, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
 }  // namespace torchopt_ext::functional

@@ -1,0 +1,353 @@
+// Per-tensor norm reduction for the two-stage element-wise algorithms on CUDA
+// (LAMB's ||theta|| and ||r||, MARS's ||c||): the device counterpart of the
+// CPU kernels' read-only first pass (kernels/cpu/elementwise_apply.h). Each
+// Algo supplies kNumNorms and norm_terms (kernels/algos/<algo>.h); the sums of
+// squares land in a float64 (group size, kNumNorms) device tensor that the
+// update kernel reads through LaunchArgs::norm_sqs, or that a sharded caller
+// all-reduces first.
+//
+// Deterministic: one block per 64K chunk reduces in double with a fixed tree
+// and writes its own partial row; a second kernel adds each tensor's partial
+// rows in chunk order. No atomics, no host sync (lr, steps, grad_scale and
+// found_inf are read on the device), so it can be captured in a CUDA graph.
+#pragma once
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "kernels/cuda/multi_tensor_apply.cuh"
+
+namespace torchopt_ext::kernels::cuda {
+
+// Fewer tensors per launch than the update kernel: the extra slot table keeps
+// the argument block under 4 KB for MARS's four state lists.
+constexpr int kNormMaxTensors = 16;
+
+template <typename Algo>
+struct NormLaunchArgs {
+  typename Algo::Hyper hyper;
+  const void* lr;  // device lr or nullptr (then hyper.lr holds it)
+  bool lr_is_double;
+  float step_offset;  // added to device step counters (1: not yet advanced for this step)
+  const float* grad_scale;
+  const float* found_inf;
+  double host_grad_scale;
+  bool has_grad_scale;
+  double* partials;  // (total chunks, kNumNorms)
+  int32_t num_blocks;
+  TensorMeta<Algo> tensors[kNormMaxTensors];
+  int32_t first_slot[kNormMaxTensors];  // partial row of the tensor's chunk 0
+  int16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+};
+
+template <typename Algo, typename P, typename St>
+__global__ void __launch_bounds__(kBlockSize) norm_sq_kernel(const __grid_constant__ NormLaunchArgs<Algo> args) {
+  constexpr int N = Algo::kNumState;
+  constexpr int K = Algo::kNumNorms;
+  constexpr int kILP = static_cast<int>(16 / sizeof(P));
+  using S = at::opmath_type<P>;
+  using C = typename Algo::template Coeffs<S>;
+  const int t = args.block_tensor[blockIdx.x];
+  const int64_t chunk = args.block_chunk[blockIdx.x];
+  const TensorMeta<Algo>& meta = args.tensors[t];
+  const int64_t begin = chunk * kChunk;
+  const int64_t end = begin + kChunk < meta.numel ? begin + kChunk : meta.numel;
+  double* out = args.partials + (static_cast<int64_t>(args.first_slot[t]) + chunk) * K;
+  // A skipped (found_inf) step: zero sums, nothing read.
+  const bool skip = args.found_inf != nullptr && *args.found_inf != 0.0f;
+
+  __shared__ alignas(C) unsigned char coeff_storage[sizeof(C)];
+  __shared__ double partial[K][kBlockSize];
+  if (threadIdx.x == 0) {
+    typename Algo::Hyper hp = args.hyper;
+    if (args.lr != nullptr) {
+      hp.lr = args.lr_is_double ? *static_cast<const double*>(args.lr)
+                                : static_cast<double>(*static_cast<const float*>(args.lr));
+    }
+    typename Algo::TensorScalars ts = meta.scalars;
+    ts.step = meta.step != nullptr ? static_cast<double>(*meta.step + args.step_offset) : meta.host_step;
+    new (coeff_storage) C(Algo::template coeffs<S>(hp, ts));
+  }
+  __syncthreads();
+  const C& c = *reinterpret_cast<const C*>(coeff_storage);
+  const S grad_scale =
+      args.grad_scale != nullptr ? static_cast<S>(*args.grad_scale) : static_cast<S>(args.host_grad_scale);
+  const P* param = static_cast<const P*>(meta.param);
+  const P* grad = static_cast<const P*>(meta.grad);
+  const St* state[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    state[k] = static_cast<const St*>(meta.state[k]);
+  }
+
+  double acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    acc[k] = 0.0;
+  }
+  // Grads are unscaled in registers only: the update kernel writes them back.
+  auto add = [&](S p, S g, std::array<S, N>& s) {
+    if (args.has_grad_scale) {
+      g = g / grad_scale;
+    }
+    const auto terms = Algo::norm_terms(c, p, g, s);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const double v = static_cast<double>(terms[k]);
+      acc[k] += v * v;
+    }
+  };
+
+  int64_t packed_end = begin;
+  if (!skip && meta.aligned) {
+    packed_end = begin + (end - begin) / kILP * kILP;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kILP; i < packed_end;
+         i += static_cast<int64_t>(blockDim.x) * kILP) {
+      const auto pp = *reinterpret_cast<const Pack<P, kILP>*>(param + i);
+      const auto gp = *reinterpret_cast<const Pack<P, kILP>*>(grad + i);
+      Pack<St, kILP> sp[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        if (state[k] != nullptr) {
+          sp[k] = *reinterpret_cast<const Pack<St, kILP>*>(state[k] + i);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        std::array<S, N> s;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          s[k] = state[k] != nullptr ? static_cast<S>(sp[k].v[j]) : S(0);
+        }
+        add(static_cast<S>(pp.v[j]), static_cast<S>(gp.v[j]), s);
+      }
+    }
+  }
+  if (!skip) {
+    for (int64_t i = packed_end + threadIdx.x; i < end; i += blockDim.x) {
+      std::array<S, N> s;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        s[k] = state[k] != nullptr ? static_cast<S>(state[k][i]) : S(0);
+      }
+      add(static_cast<S>(param[i]), static_cast<S>(grad[i]), s);
+    }
+  }
+  // Fixed-shape tree over the block: the same sums on every run.
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    partial[k][threadIdx.x] = acc[k];
+  }
+  __syncthreads();
+  for (int width = kBlockSize / 2; width > 0; width /= 2) {
+    if (static_cast<int>(threadIdx.x) < width) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        partial[k][threadIdx.x] += partial[k][threadIdx.x + width];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      out[k] = partial[k][0];
+    }
+  }
+}
+
+// Each tensor's partial rows added in chunk order into its output row.
+struct NormFinalizeBatch {
+  static constexpr int kMax = 128;
+  int32_t first_slot[kMax];
+  int32_t num_chunks[kMax];
+  int32_t row[kMax];
+  int32_t count;
+  int32_t num_norms;
+};
+
+__global__ void norm_finalize_kernel(const __grid_constant__ NormFinalizeBatch batch, const double* partials,
+                                     double* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= batch.count) {
+    return;
+  }
+  const int K = batch.num_norms;
+  for (int k = 0; k < K; ++k) {
+    double sum = 0.0;
+    for (int c = 0; c < batch.num_chunks[i]; ++c) {
+      sum += partials[(static_cast<int64_t>(batch.first_slot[i]) + c) * K + k];
+    }
+    out[static_cast<int64_t>(batch.row[i]) * K + k] = sum;
+  }
+}
+
+template <typename Algo, typename P, typename St>
+void launch_norm_typed(const std::vector<size_t>& indices, at::TensorList params, at::TensorList grads,
+                       const std::array<at::TensorList, Algo::kNumState>& state,
+                       const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
+                       const std::vector<int32_t>& first_slot, NormLaunchArgs<Algo>& args,
+                       const common::DeviceArgs& dev, cudaStream_t stream) {
+  int num_tensors = 0;
+  int num_blocks = 0;
+  auto flush = [&] {
+    if (num_blocks == 0) {
+      return;
+    }
+    args.num_blocks = num_blocks;
+    norm_sq_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    num_blocks = 0;
+  };
+  for (size_t i : indices) {
+    const int64_t numel = params[i].numel();
+    if (numel == 0) {
+      continue;
+    }
+    if (num_tensors == kNormMaxTensors) {
+      flush();
+      num_tensors = 0;
+    }
+    auto& meta = args.tensors[num_tensors];
+    meta.param = params[i].data_ptr();
+    meta.grad = grads[i].data_ptr();
+    meta.aligned = aligned16(meta.param) && aligned16(meta.grad);
+    for (int k = 0; k < Algo::kNumState; ++k) {
+      meta.state[k] = state[k].empty() ? nullptr : state[k][i].data_ptr();
+      meta.aligned = meta.aligned && (meta.state[k] == nullptr || aligned16(meta.state[k]));
+    }
+    meta.numel = numel;
+    meta.step = dev.steps.empty() ? nullptr : dev.steps[i].data_ptr<float>();
+    meta.host_step = steps[i];
+    meta.scalars = scalars[i];
+    meta.index = static_cast<int32_t>(i);
+    args.first_slot[num_tensors] = first_slot[i];
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      args.block_tensor[num_blocks] = static_cast<int16_t>(num_tensors);
+      args.block_chunk[num_blocks] = static_cast<int32_t>(chunk);
+      if (++num_blocks == kMaxBlocks) {
+        flush();
+        // The tensor in flight moves to slot 0 if it has chunks left.
+        if (chunk + 1 < chunks) {
+          args.tensors[0] = meta;
+          args.first_slot[0] = first_slot[i];
+          num_tensors = 0;
+        } else {
+          num_tensors = -1;
+        }
+      }
+    }
+    ++num_tensors;
+  }
+  flush();
+}
+
+// Writes each tensor's sums of squared norm terms into `out` (float64
+// (params.size(), kNumNorms), contiguous, on the params' device). Device step
+// counters are read + step_offset; host `steps` are used as they are.
+template <typename Algo>
+void norm_sqs_into(const char* op, at::TensorList params, at::TensorList grads,
+                   const std::array<at::TensorList, Algo::kNumState>& state,
+                   const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
+                   const typename Algo::Hyper& hp, const cpu::ElementwiseOptions& options,
+                   const common::DeviceArgs& dev, float step_offset, const at::Tensor& out) {
+  constexpr int K = Algo::kNumNorms;
+  if (params.empty()) {
+    return;
+  }
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kDouble && out.numel() == int64_t(params.size()) * K, op,
+              ": internal: bad norm buffer");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
+  std::vector<int32_t> first_slot(params.size());
+  std::vector<int32_t> num_chunks(params.size());
+  int64_t slots = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    first_slot[i] = static_cast<int32_t>(slots);
+    num_chunks[i] = static_cast<int32_t>((params[i].numel() + kChunk - 1) / kChunk);
+    slots += num_chunks[i];
+  }
+  // One row per chunk; at least one so the pointer is valid when all are empty.
+  const auto partials = at::empty({std::max<int64_t>(slots, 1), K}, out.options());
+
+  NormLaunchArgs<Algo> args{};
+  args.hyper = hp;
+  args.lr = dev.lr.defined() ? dev.lr.data_ptr() : nullptr;
+  args.lr_is_double = dev.lr.defined() && dev.lr.scalar_type() == at::kDouble;
+  args.step_offset = step_offset;
+  args.grad_scale = dev.grad_scale.defined() ? dev.grad_scale.data_ptr<float>() : nullptr;
+  args.found_inf = dev.found_inf.defined() ? dev.found_inf.data_ptr<float>() : nullptr;
+  args.has_grad_scale = args.grad_scale != nullptr || options.grad_scale.has_value();
+  args.host_grad_scale = options.grad_scale.value_or(1.0);
+  args.partials = partials.data_ptr<double>();
+
+  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::ScalarType state_type = params[i].scalar_type();
+    for (int k = 0; k < Algo::kNumState; ++k) {
+      if (!state[k].empty()) {
+        state_type = state[k][i].scalar_type();
+      }
+    }
+    const auto key = std::make_pair(params[i].scalar_type(), state_type);
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+    if (it == groups.end()) {
+      groups.push_back({key, {i}});
+    } else {
+      it->second.push_back(i);
+    }
+  }
+  for (const auto& [types, indices] : groups) {
+    bool launched = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.first, "torchopt_ext_cuda_norms", [&] {
+      using P = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "torchopt_ext_cuda_norms", [&] {
+        if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
+          launch_norm_typed<Algo, P, scalar_t>(indices, params, grads, state, scalars, steps, first_slot, args, dev,
+                                               stream);
+          launched = true;
+        }
+      });
+    });
+    TORCH_CHECK(launched, op, ": no CUDA kernel for ", types.first, " params with ", types.second, " state");
+  }
+  for (size_t start = 0; start < params.size(); start += NormFinalizeBatch::kMax) {
+    NormFinalizeBatch batch{};
+    batch.count = static_cast<int32_t>(std::min<size_t>(NormFinalizeBatch::kMax, params.size() - start));
+    batch.num_norms = K;
+    for (int j = 0; j < batch.count; ++j) {
+      batch.first_slot[j] = first_slot[start + j];
+      batch.num_chunks[j] = num_chunks[start + j];
+      batch.row[j] = static_cast<int32_t>(start + j);
+    }
+    norm_finalize_kernel<<<1, NormFinalizeBatch::kMax, 0, stream>>>(batch, partials.data_ptr<double>(),
+                                                                    out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// A two-stage Algo's whole step on CUDA: the norms (unless given, e.g.
+// all-reduced over shards), then the update reading them on the device.
+template <typename Algo>
+void two_stage_step(const char* op, at::TensorList params, at::TensorList grads,
+                    const std::array<at::TensorList, Algo::kNumState>& state, const std::vector<double>& steps,
+                    const typename Algo::Hyper& hp, const cpu::ElementwiseOptions& options, const at::Tensor& norm_sqs,
+                    const common::DeviceArgs& dev) {
+  if (params.empty()) {
+    return;
+  }
+  const auto scalars = step_scalars<Algo>(steps);
+  at::Tensor sums = norm_sqs;
+  if (!sums.defined()) {
+    sums = at::empty({static_cast<int64_t>(params.size()), Algo::kNumNorms}, params[0].options().dtype(at::kDouble));
+    // Device counters advance inside elementwise_step, after this pass.
+    norm_sqs_into<Algo>(op, params, grads, state, scalars, steps, hp, options, dev, 1.0f, sums);
+  }
+  elementwise_step<Algo>(op, params, grads, state, scalars, steps, hp, options, dev, nullptr, sums.data_ptr<double>());
+}
+
+}  // namespace torchopt_ext::kernels::cuda
