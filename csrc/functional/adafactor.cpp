@@ -32,15 +32,12 @@ void check_state(const char* op, const char* name, size_t index, const at::Tenso
                     " param (fp64 params need fp64 state; fp32/bf16/fp16 params take any of fp32/bf16/fp16 state)");
 }
 
-}  // namespace
-
-void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
-                     at::TensorList variances, at::TensorList exp_avgs, at::TensorList state_steps,
-                     const at::Tensor& lr, double beta2_decay, std::optional<double> eps1, double eps2, double d,
-                     double weight_decay, std::optional<double> beta1, bool relative_step, bool scale_parameter,
-                     bool warmup_init, bool maximize, bool stochastic_rounding, int64_t seed,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* op = "adafactor_step_";
+// Hyperparameters and the factored / unfactored state lists, checked before
+// anything (step counters included) is touched.
+void check_adafactor_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                          at::TensorList col_vars, at::TensorList variances, at::TensorList exp_avgs,
+                          double beta2_decay, std::optional<double> eps1, double eps2, double d, double weight_decay,
+                          std::optional<double> beta1, bool relative_step, bool warmup_init) {
   using common::check_hyperparameter;
   check_hyperparameter(op, "beta2_decay", beta2_decay, beta2_decay <= 0.0, "<= 0");
   if (eps1) {
@@ -54,8 +51,6 @@ void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList
   }
   TORCH_CHECK_VALUE(!warmup_init || relative_step, op, ": warmup_init=True requires relative_step=True");
 
-  // The factored/unfactored lists before prepare_elementwise_group, which
-  // increments the steps: a rejected call must leave everything untouched.
   common::check_params_and_grads(op, params, grads);
   size_t factored = 0;
   size_t flat = 0;
@@ -93,7 +88,19 @@ void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList
                     " params have dim >= 2 (only those are factored)");
   TORCH_CHECK_VALUE(flat == variances.size(), op, ": variances has ", variances.size(), " tensors but ", flat,
                     " params have dim < 2 (only those keep a full variance)");
+}
 
+}  // namespace
+
+void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
+                     at::TensorList variances, at::TensorList exp_avgs, at::TensorList state_steps,
+                     const at::Tensor& lr, double beta2_decay, std::optional<double> eps1, double eps2, double d,
+                     double weight_decay, std::optional<double> beta1, bool relative_step, bool scale_parameter,
+                     bool warmup_init, bool maximize, bool stochastic_rounding, int64_t seed,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "adafactor_step_";
+  check_adafactor_args(op, params, grads, row_vars, col_vars, variances, exp_avgs, beta2_decay, eps1, eps2, d,
+                       weight_decay, beta1, relative_step, warmup_init);
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"exp_avgs", exp_avgs, beta1.has_value()}}},
                                                     state_steps, lr, grad_scale, found_inf);
   if (!group) {
@@ -109,6 +116,81 @@ void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList
                                {stochastic_rounding, seed, group->amp.grad_scale});
   factors.finish();
   group->finish();
+}
+
+void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                      at::TensorList col_vars, at::TensorList variances, at::TensorList exp_avgs,
+                      at::TensorList state_steps, const at::Tensor& lr, at::TensorList stats, double beta2_decay,
+                      std::optional<double> eps1, double eps2, double d, double weight_decay,
+                      std::optional<double> beta1, bool relative_step, bool scale_parameter, bool warmup_init,
+                      bool maximize, bool stochastic_rounding, int64_t seed,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "adafactor_stage_";
+  TORCH_CHECK_VALUE(stage >= 1 && stage <= 3, op, ": stage must be 1 (sums), 2 (update RMS) or 3 (apply), got ", stage);
+  check_adafactor_args(op, params, grads, row_vars, col_vars, variances, exp_avgs, beta2_decay, eps1, eps2, d,
+                       weight_decay, beta1, relative_step, warmup_init);
+  TORCH_CHECK_VALUE(stats.size() == params.size(), op, ": stats must have one tensor per param (", params.size(),
+                    "), got ", stats.size());
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const auto& s = stats[i];
+    const int64_t size = kernels::cpu::adafactor_stats_size(params[i]);
+    TORCH_CHECK_VALUE(s.defined() && s.is_cpu() && s.scalar_type() == at::kDouble && s.dim() == 1 &&
+                          s.numel() == size && s.is_contiguous(),
+                      op, ": stats[", i, "] must be a contiguous float64 CPU tensor of shape (", size, ",) for params[",
+                      i, "] of shape ", params[i].sizes());
+  }
+  for (const auto& p : params) {
+    TORCH_CHECK_VALUE(p.is_cpu(), op, ": the staged step runs on CPU tensors only, got a param on ", p.device());
+  }
+  const kernels::cpu::AdafactorHyperparams hp{
+      0.0, beta2_decay, eps1, eps2, d, weight_decay, beta1, relative_step, scale_parameter, warmup_init, maximize};
+  if (stage == 1) {
+    // Step counters, AMP skip and grad unscaling happen here, once per step.
+    auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"exp_avgs", exp_avgs, beta1.has_value()}}},
+                                                      state_steps, lr, grad_scale, found_inf);
+    if (!group) {
+      return;
+    }
+    common::DenseWorkspace factors;
+    const auto rows = factors.dense(row_vars, true);
+    auto staged_hp = hp;
+    staged_hp.lr = group->lr;
+    kernels::cpu::adafactor_stage(kernels::cpu::AdafactorStage::kSums, group->params, group->grads, rows,
+                                  factors.dense(col_vars, false), factors.dense(variances, false), group->state[0],
+                                  group->steps, stats, staged_hp, {stochastic_rounding, seed, group->amp.grad_scale});
+    factors.finish();
+    group->finish();
+    return;
+  }
+  // Stages 2 and 3: the counters already hold this step; the grads are unscaled.
+  const double lr_value = common::read_lr(op, lr);
+  if (beta1) {
+    common::check_state_list(op, "exp_avgs", params, exp_avgs);
+  } else {
+    TORCH_CHECK_VALUE(exp_avgs.empty(), op, ": exp_avgs must be empty with these options");
+  }
+  common::check_scalar_list(op, "state_steps", params, state_steps);
+  common::check_cpu_kernels_usable(op, params);
+  if (common::read_amp(op, std::nullopt, found_inf).skip_step || params.empty()) {
+    return;
+  }
+  std::vector<double> steps(state_steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    steps[i] = state_steps[i].item<double>();
+  }
+  common::DenseWorkspace dense;
+  const auto dense_params = dense.dense(params, stage == 3);
+  const auto dense_grads = dense.dense(grads, false);
+  const auto rows = dense.dense(row_vars, false);
+  const auto cols = dense.dense(col_vars, stage == 2);
+  const auto vars = dense.dense(variances, stage == 2);
+  const auto avgs = dense.dense(exp_avgs, stage == 3);
+  auto staged_hp = hp;
+  staged_hp.lr = lr_value;
+  kernels::cpu::adafactor_stage(
+      stage == 2 ? kernels::cpu::AdafactorStage::kUpdateRms : kernels::cpu::AdafactorStage::kApply, dense_params,
+      dense_grads, rows, cols, vars, avgs, steps, stats, staged_hp, {stochastic_rounding, seed, std::nullopt});
+  dense.finish();
 }
 
 }  // namespace torchopt_ext::functional

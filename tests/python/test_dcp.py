@@ -12,7 +12,17 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from distributed_utils import run_distributed
-from test_distributed import ELEMENTWISE, MLP, TOL, WHOLE_STATE_KEYS, WHOLE_TENSOR, _shard, make_optimizer
+from test_distributed import (
+    ELEMENTWISE,
+    MLP,
+    SHARDED_STATS,
+    TOL,
+    WHOLE_STATE_KEYS,
+    WHOLE_TENSOR,
+    _shard,
+    expected_placements,
+    make_optimizer,
+)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -24,7 +34,7 @@ GLOBAL_BATCH = 8  # divisible by 1, 2 and 4
 STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
 # and PRISM on the ownership path (Muon takes it by default).
-NAMES = ELEMENTWISE + WHOLE_TENSOR + ["PRISM_owner"]
+NAMES = ELEMENTWISE + WHOLE_TENSOR + SHARDED_STATS + ["PRISM_owner"]
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:
@@ -80,7 +90,8 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
                     assert torch.isfinite(value).all(), f"{name}: {pname}.{key} not finite"
                 elif torch.is_tensor(value) and value.dim() > 0:
                     assert isinstance(value, DTensor), f"{name}: {pname}.{key} loaded as a plain tensor"
-                    assert value.placements == p.placements, f"{name}: {pname}.{key} placements"
+                    want = expected_placements(name, key, p)
+                    assert tuple(value.placements) == want, f"{name}: {pname}.{key} placements"
                     assert torch.isfinite(value.to_local()).all(), f"{name}: {pname}.{key} not finite"
         _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
         full = _full_params(model)
