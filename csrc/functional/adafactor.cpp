@@ -7,6 +7,7 @@
 
 #include "common/tensor_lists.h"
 #include "kernels/cpu/adafactor.h"
+#include "kernels/cuda/adafactor.h"
 
 namespace torchopt_ext::functional {
 namespace {
@@ -110,6 +111,17 @@ void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList
   const auto rows = factors.dense(row_vars, true);
   const auto cols = factors.dense(col_vars, true);
   const auto vars = factors.dense(variances, true);
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (group->on_cuda) {
+    kernels::cuda::adafactor_run(0, group->params, group->grads, rows, cols, vars, group->state[0], group->steps, {},
+                                 {group->lr, beta2_decay, eps1, eps2, d, weight_decay, beta1, relative_step,
+                                  scale_parameter, warmup_init, maximize},
+                                 {stochastic_rounding, seed, group->amp.grad_scale}, group->device, true);
+    factors.finish();
+    group->finish();
+    return;
+  }
+#endif
   kernels::cpu::adafactor_step(group->params, group->grads, rows, cols, vars, group->state[0], group->steps,
                                {group->lr, beta2_decay, eps1, eps2, d, weight_decay, beta1, relative_step,
                                 scale_parameter, warmup_init, maximize},
@@ -134,13 +146,10 @@ void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads
   for (size_t i = 0; i < stats.size(); ++i) {
     const auto& s = stats[i];
     const int64_t size = kernels::cpu::adafactor_stats_size(params[i]);
-    TORCH_CHECK_VALUE(s.defined() && s.is_cpu() && s.scalar_type() == at::kDouble && s.dim() == 1 &&
-                          s.numel() == size && s.is_contiguous(),
-                      op, ": stats[", i, "] must be a contiguous float64 CPU tensor of shape (", size, ",) for params[",
-                      i, "] of shape ", params[i].sizes());
-  }
-  for (const auto& p : params) {
-    TORCH_CHECK_VALUE(p.is_cpu(), op, ": the staged step runs on CPU tensors only, got a param on ", p.device());
+    TORCH_CHECK_VALUE(s.defined() && s.device() == params[i].device() && s.scalar_type() == at::kDouble &&
+                          s.dim() == 1 && s.numel() == size && s.is_contiguous(),
+                      op, ": stats[", i, "] must be a contiguous float64 tensor of shape (", size, ",) on ",
+                      params[i].device(), " for params[", i, "] of shape ", params[i].sizes());
   }
   const kernels::cpu::AdafactorHyperparams hp{
       0.0, beta2_decay, eps1, eps2, d, weight_decay, beta1, relative_step, scale_parameter, warmup_init, maximize};
@@ -155,6 +164,16 @@ void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads
     const auto rows = factors.dense(row_vars, true);
     auto staged_hp = hp;
     staged_hp.lr = group->lr;
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+    if (group->on_cuda) {
+      kernels::cuda::adafactor_run(1, group->params, group->grads, rows, factors.dense(col_vars, false),
+                                   factors.dense(variances, false), group->state[0], group->steps, stats, staged_hp,
+                                   {stochastic_rounding, seed, group->amp.grad_scale}, group->device, true);
+      factors.finish();
+      group->finish();
+      return;
+    }
+#endif
     kernels::cpu::adafactor_stage(kernels::cpu::AdafactorStage::kSums, group->params, group->grads, rows,
                                   factors.dense(col_vars, false), factors.dense(variances, false), group->state[0],
                                   group->steps, stats, staged_hp, {stochastic_rounding, seed, group->amp.grad_scale});
@@ -163,20 +182,55 @@ void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads
     return;
   }
   // Stages 2 and 3: the counters already hold this step; the grads are unscaled.
-  const double lr_value = common::read_lr(op, lr);
   if (beta1) {
     common::check_state_list(op, "exp_avgs", params, exp_avgs);
   } else {
     TORCH_CHECK_VALUE(exp_avgs.empty(), op, ": exp_avgs must be empty with these options");
   }
-  common::check_scalar_list(op, "state_steps", params, state_steps);
-  common::check_cpu_kernels_usable(op, params);
-  if (common::read_amp(op, std::nullopt, found_inf).skip_step || params.empty()) {
+  TORCH_CHECK_VALUE(state_steps.size() == params.size(), op, ": state_steps must have one tensor per param (",
+                    params.size(), "), got ", state_steps.size());
+  if (params.empty()) {
     return;
   }
-  std::vector<double> steps(state_steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    steps[i] = state_steps[i].item<double>();
+  auto staged_hp = hp;
+  common::DeviceArgs device;
+  std::vector<double> steps(state_steps.size(), std::nan(""));
+  // CUDA: lr, counters and found_inf on the device are read there (no sync).
+  const bool on_cuda = params[0].is_cuda();
+  const bool device_lr = on_cuda && lr.defined() && lr.is_cuda();
+  const bool device_steps = on_cuda && state_steps[0].is_cuda();
+  const bool device_found_inf = on_cuda && found_inf.has_value() && found_inf->defined() && found_inf->is_cuda();
+  if (device_lr) {
+    TORCH_CHECK_VALUE(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble), op,
+                      ": a CUDA lr must be a one-element float32 or float64 tensor");
+    device.lr = lr.contiguous();
+    staged_hp.lr = std::nan("");
+  } else {
+    staged_hp.lr = common::read_lr(op, lr);
+  }
+  if (device_steps) {
+    for (size_t i = 0; i < state_steps.size(); ++i) {
+      const auto& s = state_steps[i];
+      TORCH_CHECK_VALUE(
+          s.defined() && s.numel() == 1 && s.device() == params[0].device() && s.scalar_type() == at::kFloat, op,
+          ": state_steps[", i, "] must be a one-element float32 tensor on ", params[0].device());
+    }
+    device.steps.assign(state_steps.begin(), state_steps.end());
+  } else {
+    common::check_scalar_list(op, "state_steps", params, state_steps);
+    for (size_t i = 0; i < steps.size(); ++i) {
+      steps[i] = state_steps[i].item<double>();
+    }
+  }
+  if (device_found_inf) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat, op,
+                      ": found_inf on CUDA must be a one-element float32 tensor");
+    device.found_inf = *found_inf;
+  } else if (common::read_amp(op, std::nullopt, found_inf).skip_step) {
+    return;
+  }
+  if (!on_cuda) {
+    common::check_cpu_kernels_usable(op, params);
   }
   common::DenseWorkspace dense;
   const auto dense_params = dense.dense(params, stage == 3);
@@ -185,11 +239,18 @@ void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads
   const auto cols = dense.dense(col_vars, stage == 2);
   const auto vars = dense.dense(variances, stage == 2);
   const auto avgs = dense.dense(exp_avgs, stage == 3);
-  auto staged_hp = hp;
-  staged_hp.lr = lr_value;
+  const kernels::cpu::ElementwiseOptions options{stochastic_rounding, seed, std::nullopt};
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (on_cuda) {
+    kernels::cuda::adafactor_run(static_cast<int>(stage), dense_params, dense_grads, rows, cols, vars, avgs, steps,
+                                 stats, staged_hp, options, device, false);
+    dense.finish();
+    return;
+  }
+#endif
   kernels::cpu::adafactor_stage(
       stage == 2 ? kernels::cpu::AdafactorStage::kUpdateRms : kernels::cpu::AdafactorStage::kApply, dense_params,
-      dense_grads, rows, cols, vars, avgs, steps, stats, staged_hp, {stochastic_rounding, seed, std::nullopt});
+      dense_grads, rows, cols, vars, avgs, steps, stats, staged_hp, options);
   dense.finish();
 }
 
