@@ -12,7 +12,9 @@ per configuration and world size:
   largest rank's figure.
 
 Configurations: FSDP2 (``fully_shard`` per layer, Shard(0)) with AdamW (no
-optimizer communication), Muon and PRISM with ``distributed_mode="gather"``
+optimizer communication), Adafactor gathering every param (``"gather"``)
+vs stepping on shards with all-reduced statistics (``"shards"``, default),
+Muon and PRISM with ``distributed_mode="gather"``
 (every rank all-gathers every matrix param, grad and momentum and runs every
 matrix function) and ``"owner"`` (default); and plain replicated params (as
 under DDP) with Muon ``"owner"`` (every rank repeats every Newton-Schulz: no
@@ -20,6 +22,7 @@ communication) vs ``"replicated"`` (ownership + results sent back).
 
     python benchmarks/bench_distributed.py           # ~3 min on 2 idle cores
     python benchmarks/bench_distributed.py --quick   # smoke run on small sizes
+    python benchmarks/bench_distributed.py --only Adafactor   # configs whose label contains it
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ CONFIGS = [
     ("Muon owner", "fsdp", "Muon", dict(lr=1e-2), "owner"),
     ("PRISM gather", "fsdp", "PRISM", dict(lr=1e-2), "gather"),
     ("PRISM owner", "fsdp", "PRISM", dict(lr=1e-2), "owner"),
+    ("Adafactor gather", "fsdp", "Adafactor", dict(beta1=0.9), "gather"),
+    ("Adafactor shards", "fsdp", "Adafactor", dict(beta1=0.9), "shards"),
     ("Muon DDP, every rank", "ddp", "Muon", dict(lr=1e-2), "owner"),
     ("Muon DDP, owner", "ddp", "Muon", dict(lr=1e-2), "replicated"),
 ]
@@ -74,7 +79,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str, only: str = "") -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     store = dist.FileStore(store_path, world_size)
@@ -85,6 +90,8 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     mesh = init_device_mesh("cpu", (world_size,))
     rows = []
     for label, layout, cls, options, mode in CONFIGS:
+        if only and only not in label:
+            continue
         torch.manual_seed(0)
         model = Stack(shapes)
         if layout == "fsdp":
@@ -135,11 +142,11 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     dist.destroy_process_group()
 
 
-def _run(world_size: int, shapes, steps: int, out_dir: str) -> list[dict]:
+def _run(world_size: int, shapes, steps: int, out_dir: str, only: str = "") -> list[dict]:
     fd, store_path = tempfile.mkstemp(prefix="bench_dist_store_")
     os.close(fd)
     os.unlink(store_path)
-    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir), nprocs=world_size,
+    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir, only), nprocs=world_size,
                        start_method="spawn")  # fmt: skip
     with open(os.path.join(out_dir, f"ws{world_size}.json")) as fh:
         return json.load(fh)
@@ -149,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", default="", help="run the configs whose label contains this")
     args = parser.parse_args()
     shapes = QUICK if args.quick else FULL
     load = os.getloadavg()[0]
@@ -158,7 +166,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
         for ws in (1, 2, 4):
-            results += _run(ws, shapes, args.steps, out_dir)
+            results += _run(ws, shapes, args.steps, out_dir, args.only)
     print("| config | ranks | path | step (ms, slowest rank) | sent / rank / step (MB) | state / rank (MB) |")
     print("|---|---|---|---|---|---|")
     for r in results:

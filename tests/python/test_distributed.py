@@ -222,6 +222,8 @@ ADAFACTOR_CONFIGS = {
     "beta1-wd": ALL_OPTIMIZERS["Adafactor"],
     "defaults": dict(),
     "no-relative": dict(lr=3e-2, relative_step=False, scale_parameter=False, d=1.5, maximize=True),
+    # The gather fallback (2-D meshes, other shard dims) forced on Shard(0) params.
+    "gather": dict(ALL_OPTIMIZERS["Adafactor"], distributed_mode="gather"),
 }
 
 
@@ -234,11 +236,14 @@ def _adafactor_shards_worker(rank: int, world_size: int, steps: int) -> None:
 
     failures = []
     for config_name, config in ADAFACTOR_CONFIGS.items():
+        config = dict(config)
+        mode = config.pop("distributed_mode", "shards")
         torch.manual_seed(0)
         model = MixedShapes()
         ref = copy.deepcopy(model)
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
         opt = topt.Adafactor(model.parameters(), **config)
+        opt.distributed_mode = mode
         ref_opt = topt.Adafactor(ref.parameters(), **config)
         data = torch.Generator().manual_seed(1)
         comm_before = _base._COMM["bytes"]
@@ -247,8 +252,10 @@ def _adafactor_shards_worker(rank: int, world_size: int, steps: int) -> None:
             y = torch.randn(world_size * MICRO_BATCH, 3, generator=data)
             mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
             torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
-            # Nothing may be gathered whole during the step.
-            full_tensor, DTensor.full_tensor = DTensor.full_tensor, None
+            # Nothing may be gathered whole during the step (on shards).
+            full_tensor = DTensor.full_tensor
+            if mode == "shards":
+                DTensor.full_tensor = None
             try:
                 opt.step()
             finally:
@@ -266,7 +273,12 @@ def _adafactor_shards_worker(rank: int, world_size: int, steps: int) -> None:
         expected = steps * sum(2 * (world_size - 1) * n * 8 // world_size for n in per_round)
         sent = _base._COMM["bytes"] - comm_before
         gather_bytes = sum(p.numel() * 4 for p in params)
-        if sent != expected or sent >= steps * gather_bytes:
+        if mode == "gather":
+            # Every param, grad and state shard goes to the other ranks.
+            shard_bytes = sum(p.to_local().numel() * 4 for p in params)
+            if sent < steps * (world_size - 1) * 2 * shard_bytes:
+                failures.append(f"{config_name}: the gather path sent only {sent} bytes")
+        elif sent != expected or sent >= steps * gather_bytes:
             failures.append(f"{config_name}: sent {sent} bytes, expected {expected}")
         max_err = 0.0
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -274,9 +286,9 @@ def _adafactor_shards_worker(rank: int, world_size: int, steps: int) -> None:
             for key, value in opt.state[p].items():
                 if key == "step":
                     continue
-                want = expected_placements("Adafactor", key, p)
+                want = expected_placements("Adafactor", key, p) if mode == "shards" else tuple(p.placements)
                 assert tuple(value.placements) == want, f"{pname}.{key}: {value.placements} != {want}"
-            if p.dim() == 2:
+            if p.dim() == 2 and mode == "shards":
                 # The replicated column EMA must agree bit for bit on every rank.
                 col = opt.state[p]["col_var"].to_local()
                 cols = [torch.empty_like(col) for _ in range(world_size)]

@@ -183,15 +183,21 @@ class Adafactor(FusedOptimizer):
             return tuple(shape)
         return None
 
-    @staticmethod
-    def _layout(p: torch.Tensor) -> str:
+    # "shards": Shard(0) params step on their shards (default); "gather":
+    # every DTensor param is gathered whole (the reference the benchmark
+    # compares with; set it before the first step, it decides col_var's placement).
+    distributed_mode: str = "shards"
+
+    def _layout(self, p: torch.Tensor) -> str:
         """_LOCAL: plain tensors and replicated DTensors (the fused op on the
         local copy); _SHARDED: Shard(0) on a 1-D mesh (the staged op with
         all-reduced statistics); _GATHER: any other DTensor layout (gathered
         whole for the fused op)."""
         if not is_dtensor(p) or all(pl.is_replicate() for pl in p.placements):
             return _LOCAL
-        if p.device_mesh.ndim == 1 and p.placements[0].is_shard(0):
+        if self.distributed_mode not in ("shards", "gather"):
+            raise ValueError(f"Invalid distributed_mode: expected 'shards' or 'gather', got {self.distributed_mode!r}")
+        if self.distributed_mode == "shards" and p.device_mesh.ndim == 1 and p.placements[0].is_shard(0):
             return _SHARDED
         return _GATHER
 
