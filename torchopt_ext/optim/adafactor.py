@@ -290,7 +290,9 @@ class Adafactor(FusedOptimizer):
     def _staged_step(self, group: dict[str, Any], work: _ShardedWork, amp: dict[str, Any]) -> None:
         """The three stages of ``adafactor_stage_`` on local shards, with the
         statistics summed over the mesh between them."""
-        stats = [torch.zeros(_stats_size(t), dtype=torch.float64) for t in work.params]
+        # On the params' device: CUDA shards keep the whole step on the GPU
+        # (the op's CUDA kernels fill them, NCCL sums them).
+        stats = [torch.zeros(_stats_size(t), dtype=torch.float64, device=t.device) for t in work.params]
         args = (
             work.params,
             work.grads,
