@@ -12,7 +12,9 @@ per configuration and world size:
   largest rank's figure.
 
 Configurations: FSDP2 (``fully_shard`` per layer, Shard(0)) with AdamW (no
-optimizer communication), Muon and PRISM with ``distributed_mode="gather"``
+optimizer communication), Adafactor gathering every param (``"gather"``)
+vs stepping on shards with all-reduced statistics (``"shards"``, default),
+Muon and PRISM with ``distributed_mode="gather"``
 (every rank all-gathers every matrix param, grad and momentum and runs every
 matrix function) and ``"owner"`` (default); and plain replicated params (as
 under DDP) with Muon ``"owner"`` (every rank repeats every Newton-Schulz: no
@@ -24,6 +26,7 @@ per-tensor squared norms).
     python benchmarks/bench_distributed.py           # ~3 min on 2 idle cores
     python benchmarks/bench_distributed.py --quick   # smoke run on small sizes
     python benchmarks/bench_distributed.py --only LAMB,MARS
+    python benchmarks/bench_distributed.py --only Adafactor
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ CONFIGS = [
     ("Muon owner", "fsdp", "Muon", dict(lr=1e-2), "owner"),
     ("PRISM gather", "fsdp", "PRISM", dict(lr=1e-2), "gather"),
     ("PRISM owner", "fsdp", "PRISM", dict(lr=1e-2), "owner"),
+    ("Adafactor gather", "fsdp", "Adafactor", dict(beta1=0.9), "gather"),
+    ("Adafactor shards", "fsdp", "Adafactor", dict(beta1=0.9), "shards"),
     ("Muon DDP, every rank", "ddp", "Muon", dict(lr=1e-2), "owner"),
     ("Muon DDP, owner", "ddp", "Muon", dict(lr=1e-2), "replicated"),
     # Per-tensor norms: all-gather every DTensor vs shards + one norm all-reduce.

@@ -326,6 +326,14 @@ def _adafactor_step_fake(params, grads, row_vars, col_vars, variances, exp_avgs,
         )
 
 
+@torch.library.register_fake("torchopt_ext::adafactor_stage_")
+def _adafactor_stage_fake(
+    stage, params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, lr, stats, **kwargs
+) -> None:
+    _adafactor_step_fake(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, lr)
+    _check_lengths("adafactor_stage_", params, stats=stats)
+
+
 @torch.library.register_fake("torchopt_ext::soap_step_")
 def _soap_step_fake(params, grads, exp_avgs, exp_avg_sqs, GGs, Qs, state_steps, lr, **kwargs) -> None:
     _check_lengths(

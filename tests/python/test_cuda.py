@@ -614,6 +614,8 @@ def test_cuda_fp32_newton_schulz_matches_cpu():
         ref = torch.ops.torchopt_ext.newton_schulz(x, dtype=torch.float32, normalization=norm)
         out = torch.ops.torchopt_ext.newton_schulz(x.cuda(), dtype=torch.float32, normalization=norm)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
 # --- LAMB / MARS: the norm reduction stage on its own ---------------------
 
 _LAMB_KW = dict(
@@ -750,4 +752,198 @@ def test_cuda_graph_capture_of_a_two_stage_step(algo):
     torch.cuda.synchronize()
     assert all(s.item() == 5.0 for s in args[-2])  # 2 + 1 warm-up + 2 replays
     for a, b in zip(args[0], eager[0]):
+        assert torch.equal(a, b)
+
+
+# -- Adafactor (kernels/cuda/adafactor.cu): row / column reductions, then the update.
+# Shapes: factored with several row slabs (130 > 128 rows) and column blocks
+# (300 > 256 columns), a 3-D stack, a vector over several units, 0-d, a 1x1
+# matrix and an empty matrix.
+ADAFACTOR_SHAPES = [(33, 5), (130, 300), (3, 130, 7), (65536 * 2 + 3,), (), (1, 1), (0, 4)]
+ADAFACTOR_CONFIGS = {
+    "defaults": dict(),
+    "beta1-wd-maximize": dict(beta1=0.9, weight_decay=0.1, maximize=True),
+    "no-relative-d": dict(lr=3e-2, relative_step=False, scale_parameter=False, d=1.5),
+    "eps1-zero": dict(eps=(0.0, 1e-3)),  # the exact per-element factored form
+}
+# The CUDA sums add in another order than the CPU ones (alpha and the clip
+# differ in the last bits), so this is looser than one ulp but far below a
+# wrong row / column / clip (>1e-3 relative).
+ADAFACTOR_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-13),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+}
+
+
+def _adafactor_run(device, dtype, steps=5, **options):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ADAFACTOR_SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in ADAFACTOR_SHAPES] for _ in range(steps)]
+    params = [x.to(device=device, dtype=dtype).requires_grad_() for x in init]
+    opt = tox.Adafactor(params, **options)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device=device, dtype=dtype)
+        opt.step()
+    state = [v.cpu() for p in params for k, v in sorted(opt.state[p].items()) if k != "step"]
+    return [p.detach().cpu() for p in params], state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", sorted(ADAFACTOR_CONFIGS))
+def test_cuda_adafactor_matches_cpu(config, dtype):
+    extra = dict(state_dtype=torch.float32) if dtype in (torch.bfloat16, torch.float16) else {}
+    (p_cpu, s_cpu), (p_cuda, s_cuda) = (
+        _adafactor_run(device, dtype, **ADAFACTOR_CONFIGS[config], **extra) for device in ("cpu", "cuda")
+    )
+    for a, b in zip(p_cuda + s_cuda, p_cpu + s_cpu):
+        torch.testing.assert_close(a, b, **ADAFACTOR_TOL[dtype])
+
+
+def test_cuda_adafactor_is_deterministic():
+    first, second = (_adafactor_run("cuda", torch.float32, beta1=0.9) for _ in range(2))
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_cuda_adafactor_nan_gradients_propagate_like_cpu():
+    def run(device):
+        p = torch.ones(4, 6, device=device, requires_grad=True)
+        opt = tox.Adafactor([p])
+        p.grad = torch.ones(4, 6, device=device)
+        p.grad[1, 2] = float("nan")
+        opt.step()
+        return p.detach().cpu()
+
+    assert torch.equal(run("cuda").isnan(), run("cpu").isnan())
+
+
+def _adafactor_op_args(device, shapes, device_scalars=False, beta1=None):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    rows = [torch.zeros(p.shape[:-1] + (1,), device=device) for p in params if p.dim() >= 2]
+    cols = [torch.zeros(p.shape[:-2] + (1,) + p.shape[-1:], device=device) for p in params if p.dim() >= 2]
+    variances = [torch.zeros(p.shape, device=device) for p in params if p.dim() < 2]
+    exp_avgs = [torch.zeros(p.shape, device=device) for p in params] if beta1 is not None else []
+    scalar_device = device if device_scalars else "cpu"
+    steps = [torch.zeros((), dtype=torch.float32, device=scalar_device) for _ in shapes]
+    lr = torch.tensor(1e-2, dtype=torch.float32, device=scalar_device)
+    kwargs = dict(
+        beta2_decay=-0.8,
+        eps1=None,
+        eps2=1e-3,
+        d=1.0,
+        weight_decay=0.1,
+        beta1=beta1,
+        relative_step=True,
+        scale_parameter=True,
+        warmup_init=False,
+        maximize=False,
+    )
+    return [params, grads, rows, cols, variances, exp_avgs, steps, lr], kwargs
+
+
+def test_cuda_adafactor_device_lr_and_steps_match_host_ones():
+    shapes = [(129,), (40, 33), (2, 3, 5)]
+    host, kwargs = _adafactor_op_args("cuda", shapes, beta1=0.9)
+    dev = _cuda_lists(host)
+    dev[6] = [s.cuda() for s in dev[6]]
+    dev[7] = dev[7].cuda()
+    for _ in range(3):
+        torch.ops.torchopt_ext.adafactor_step_(*host, **kwargs)
+        torch.ops.torchopt_ext.adafactor_step_(*dev, **kwargs)
+    assert all(s.item() == 3.0 for s in dev[6])
+    for a, b in zip(dev[0] + dev[2] + dev[3], host[0] + host[2] + host[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_cuda_adafactor_found_inf_skips_and_grad_scale_unscales(device_steps):
+    shapes = [(70000,), (300, 7)]
+    args, kwargs = _adafactor_op_args("cuda", shapes, device_scalars=device_steps)
+    before = _cuda_lists(args)
+    torch.ops.torchopt_ext.adafactor_step_(
+        *args, **kwargs, grad_scale=torch.full((), 4.0, device="cuda"), found_inf=torch.ones((), device="cuda")
+    )
+    for now, then in zip(args, before):
+        for a, b in zip(now if isinstance(now, list) else [now], then if isinstance(then, list) else [then]):
+            assert torch.equal(a, b)
+    cpu_args, _ = _adafactor_op_args("cpu", shapes)
+    for x in (args, cpu_args):
+        x[1] = [g * 4 for g in x[1]]
+    torch.ops.torchopt_ext.adafactor_step_(*cpu_args, **kwargs, grad_scale=torch.tensor(4.0))
+    torch.ops.torchopt_ext.adafactor_step_(
+        *args, **kwargs, grad_scale=torch.full((), 4.0, device="cuda"), found_inf=torch.zeros((), device="cuda")
+    )
+    for k in (0, 1, 2, 3, 4):  # params, unscaled grads, row_vars, col_vars, variances
+        for a, b in zip(args[k], cpu_args[k]):
+            torch.testing.assert_close(a.cpu(), b, **ADAFACTOR_TOL[torch.float32])
+
+
+def test_cuda_adafactor_stages_equal_the_fused_step_bitwise():
+    from torchopt_ext.optim.adafactor import _stats_size
+
+    shapes = [(129,), (140, 33), (2, 3, 5), ()]
+    fused, kwargs = _adafactor_op_args("cuda", shapes, beta1=0.5)
+    staged = _cuda_lists(fused)
+    for _ in range(3):
+        torch.ops.torchopt_ext.adafactor_step_(*fused, **kwargs)
+        stats = [torch.zeros(_stats_size(p), dtype=torch.float64, device="cuda") for p in staged[0]]
+        for stage in (1, 2, 3):
+            torch.ops.torchopt_ext.adafactor_stage_(stage, *staged, stats, **kwargs)
+    for a, b in zip(
+        sum((x for x in fused if isinstance(x, list)), []), sum((x for x in staged if isinstance(x, list)), [])
+    ):
+        assert torch.equal(a, b)
+
+
+def test_cuda_adafactor_bf16_stochastic_rounding_follows_the_cpu_stream():
+    extra = dict(state_dtype=torch.float32, stochastic_rounding=True, seed=11)
+    (p_cpu, _), (p_cuda, _) = (_adafactor_run(d, torch.bfloat16, **extra) for d in ("cpu", "cuda"))
+    for a, b in zip(p_cuda, p_cpu):
+        torch.testing.assert_close(a, b, **ADAFACTOR_TOL[torch.bfloat16])
+        if a.numel():
+            # Same hash of (seed, index, step, element): nearly every rounding decision agrees.
+            assert (a == b).float().mean() > 0.99
+
+
+def test_cuda_graph_capture_of_an_adafactor_step():
+    args, kwargs = _adafactor_op_args("cuda", [(65536 + 9,), (170, 3)], device_scalars=True)
+    eager = _cuda_lists(args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.torchopt_ext.adafactor_step_(*args, **kwargs)
+        torch.ops.torchopt_ext.adafactor_step_(*eager, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.torchopt_ext.adafactor_step_(*args, **kwargs)
+    for _ in range(3):
+        graph.replay()
+        torch.ops.torchopt_ext.adafactor_step_(*eager, **kwargs)
+    torch.cuda.synchronize()
+    assert all(s.item() == 4.0 for s in args[6])
+    for a, b in zip(args[0] + args[2] + args[3], eager[0] + eager[2] + eager[3]):
+        assert torch.equal(a, b)
+
+
+def test_cuda_adafactor_compiled_step_matches_eager():
+    def run(compiled):
+        torch.manual_seed(1)
+        params = [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")]
+        grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+        opt = tox.Adafactor(params, beta1=0.9)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)

@@ -16,10 +16,12 @@ from test_distributed import (
     ELEMENTWISE,
     MLP,
     SHARDED_NORMS,
+    SHARDED_STATS,
     TOL,
     WHOLE_STATE_KEYS,
     WHOLE_TENSOR,
     _shard,
+    expected_placements,
     make_optimizer,
 )
 from torch.distributed.checkpoint.state_dict import (
@@ -33,7 +35,7 @@ GLOBAL_BATCH = 8  # divisible by 1, 2 and 4
 STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
 # and PRISM on the ownership path (Muon takes it by default).
-NAMES = ELEMENTWISE + SHARDED_NORMS + WHOLE_TENSOR + ["PRISM_owner"]
+NAMES = ELEMENTWISE + SHARDED_NORMS + WHOLE_TENSOR + SHARDED_STATS + ["PRISM_owner"]
 
 
 def _train(model, opt, rank: int, world_size: int, steps: range) -> None:
@@ -89,7 +91,8 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
                     assert torch.isfinite(value).all(), f"{name}: {pname}.{key} not finite"
                 elif torch.is_tensor(value) and value.dim() > 0:
                     assert isinstance(value, DTensor), f"{name}: {pname}.{key} loaded as a plain tensor"
-                    assert value.placements == p.placements, f"{name}: {pname}.{key} placements"
+                    want = expected_placements(name, key, p)
+                    assert tuple(value.placements) == want, f"{name}: {pname}.{key} placements"
                     assert torch.isfinite(value.to_local()).all(), f"{name}: {pname}.{key} not finite"
         _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
         full = _full_params(model)

@@ -60,13 +60,27 @@ NORM_VARIANTS = {
 }
 
 # Optimizers whose op needs whole-tensor quantities: DTensor params and state
-# are gathered for the op and the local slices written back. Adafactor's factored state
-# (R, 1) / (1, C) is sharded like its param, so a (1, C) col_var lives on
-# rank 0 only.
+# are gathered for the op and the local slices written back.
 # State kept whole on every rank for sharded params (SOAP's eigenbases, KronPSGD's
 # and WhiteKron's factors); everything else is a DTensor placed like its param.
 WHOLE_STATE_KEYS = ("GG", "Q", "ql", "qr", "lip_l", "lip_r")
-WHOLE_TENSOR = ["Muon", "PRISM", "Adafactor", "Kron", "KronPSGD", "WhiteKron"]
+WHOLE_TENSOR = ["Muon", "PRISM", "Kron", "KronPSGD", "WhiteKron"]
+# Whole-tensor quantities from all-reduced per-shard statistics, no gathering:
+# Adafactor (RMS(theta), RMS(U), column means of Shard(0) matrices).
+SHARDED_STATS = ["Adafactor"]
+# State placed unlike its param: a 2-D param's Adafactor col_var (1, C) is
+# Replicate(), every rank updating the whole row from all-reduced sums.
+REPLICATED_2D_STATE = {("Adafactor", "col_var")}
+
+
+def expected_placements(name: str, key: str, p) -> tuple:
+    if (name, key) in REPLICATED_2D_STATE and p.dim() == 2:
+        from torch.distributed.tensor import Replicate
+
+        return (Replicate(),) * p.device_mesh.ndim
+    return tuple(p.placements)
+
+
 # Matrix-optimizer variants (name -> class, options, distributed_mode). The
 # plain names take whole-matrix ownership ("owner", the default) except
 # PRISM, whose raw global clip keeps it on the gather path; "_gather" keeps
@@ -182,7 +196,8 @@ def _fsdp_parity_worker(rank: int, world_size: int, names: list[str], steps: int
             for key, value in opt.state[p].items():
                 if torch.is_tensor(value) and value.dim() > 0 and key not in WHOLE_STATE_KEYS:
                     assert isinstance(value, DTensor), f"{name}: state {key!r} of {pname} is not a DTensor"
-                    assert value.placements == p.placements, f"{name}: state {key!r} placements differ"
+                    want = expected_placements(name, key, p)
+                    assert tuple(value.placements) == want, f"{name}: state {key!r} placements differ"
             full = p.full_tensor()  # collective: every rank calls it
             if rank == 0:
                 max_err = max(max_err, (full - q).abs().max().item())
@@ -204,7 +219,123 @@ def test_fsdp2_elementwise_matches_single_process(world_size):
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp2_whole_tensor_optimizers_match_single_process(world_size):
-    run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR + VARIANT_NAMES, STEPS)
+    run_distributed(_fsdp_parity_worker, world_size, WHOLE_TENSOR + SHARDED_STATS + VARIANT_NAMES, STEPS)
+
+
+class MixedShapes(torch.nn.Module):
+    """A matrix with uneven rows, a vector, a 3-D stack of matrices (Shard(0)
+    splits whole matrices: 5 on 4 ranks is 2, 2, 1, 0) and a 3-row matrix
+    (an empty shard at 4 ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(HIDDEN, IN) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(HIDDEN) * 0.1)
+        self.t = torch.nn.Parameter(torch.randn(5, HIDDEN, 3) * 0.3)
+        self.o = torch.nn.Parameter(torch.randn(3, 3) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ self.w.T + self.b)
+        z = torch.einsum("nh,khc->nc", h, self.t)
+        return z @ self.o.T
+
+
+ADAFACTOR_CONFIGS = {
+    "beta1-wd": ALL_OPTIMIZERS["Adafactor"],
+    "defaults": dict(),
+    "no-relative": dict(lr=3e-2, relative_step=False, scale_parameter=False, d=1.5, maximize=True),
+    # The gather fallback (2-D meshes, other shard dims) forced on Shard(0) params.
+    "gather": dict(ALL_OPTIMIZERS["Adafactor"], distributed_mode="gather"),
+}
+
+
+def _adafactor_shards_worker(rank: int, world_size: int, steps: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from torchopt_ext.optim import _base
+
+    failures = []
+    for config_name, config in ADAFACTOR_CONFIGS.items():
+        config = dict(config)
+        mode = config.pop("distributed_mode", "shards")
+        torch.manual_seed(0)
+        model = MixedShapes()
+        ref = copy.deepcopy(model)
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        opt = topt.Adafactor(model.parameters(), **config)
+        opt.distributed_mode = mode
+        ref_opt = topt.Adafactor(ref.parameters(), **config)
+        data = torch.Generator().manual_seed(1)
+        comm_before = _base._COMM["bytes"]
+        for _ in range(steps):
+            x = torch.randn(world_size * MICRO_BATCH, IN, generator=data)
+            y = torch.randn(world_size * MICRO_BATCH, 3, generator=data)
+            mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            # Nothing may be gathered whole during the step (on shards).
+            full_tensor = DTensor.full_tensor
+            if mode == "shards":
+                DTensor.full_tensor = None
+            try:
+                opt.step()
+            finally:
+                DTensor.full_tensor = full_tensor
+            opt.zero_grad()
+            if rank == 0:
+                torch.nn.functional.mse_loss(ref(x), y).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+        # Bytes sent: two all-reduces per step of float64 statistics (2 per
+        # param and 2 + C per Shard(0) matrix, then 1 per param), ring cost.
+        params = list(model.parameters())
+        first = sum(2 + (2 + p.shape[-1] if p.dim() == 2 else 0) for p in params)
+        per_round = [first, len(params)]
+        expected = steps * sum(2 * (world_size - 1) * n * 8 // world_size for n in per_round)
+        sent = _base._COMM["bytes"] - comm_before
+        gather_bytes = sum(p.numel() * 4 for p in params)
+        if mode == "gather":
+            # Every param, grad and state shard goes to the other ranks.
+            shard_bytes = sum(p.to_local().numel() * 4 for p in params)
+            if sent < steps * (world_size - 1) * 2 * shard_bytes:
+                failures.append(f"{config_name}: the gather path sent only {sent} bytes")
+        elif sent != expected or sent >= steps * gather_bytes:
+            failures.append(f"{config_name}: sent {sent} bytes, expected {expected}")
+        max_err = 0.0
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert isinstance(p, DTensor), f"{pname} is not sharded"
+            for key, value in opt.state[p].items():
+                if key == "step":
+                    continue
+                want = expected_placements("Adafactor", key, p) if mode == "shards" else tuple(p.placements)
+                assert tuple(value.placements) == want, f"{pname}.{key}: {value.placements} != {want}"
+            if p.dim() == 2 and mode == "shards":
+                # The replicated column EMA must agree bit for bit on every rank.
+                col = opt.state[p]["col_var"].to_local()
+                cols = [torch.empty_like(col) for _ in range(world_size)]
+                dist.all_gather(cols, col)
+                if not all(torch.equal(c, cols[0]) for c in cols):
+                    failures.append(f"{config_name} {pname}: col_var differs across ranks")
+            full = p.full_tensor()
+            states = {k: v.full_tensor() for k, v in opt.state[p].items() if k != "step"}
+            if rank == 0:
+                max_err = max(max_err, (full - q).abs().max().item())
+                try:
+                    torch.testing.assert_close(full, q.detach(), **TOL)
+                    for k, v in states.items():
+                        torch.testing.assert_close(v, ref_opt.state[q][k], rtol=1e-5, atol=1e-7)
+                except AssertionError as e:
+                    failures.append(f"{config_name} {pname}: {e}")
+        if rank == 0:
+            print(f"[ws={world_size}] Adafactor {config_name}: max |sharded - single| = {max_err:.3g}, {sent} bytes")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_adafactor_steps_on_shards_with_all_reduced_statistics(world_size):
+    run_distributed(_adafactor_shards_worker, world_size, STEPS)
 
 
 def _norm_rows(name: str, opt_name: str, options: dict) -> int:

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/algos/adafactor.h"
 #include "kernels/cpu/elementwise_apply.h"
 #include "kernels/cpu/multi_tensor_apply.h"
 #include "kernels/cpu/stochastic_rounding.h"
@@ -30,7 +31,17 @@ constexpr int64_t kMaxBlocks = 32;  // row blocks per matrix: column partials <=
 constexpr int64_t kFlushRows = 64;  // rows summed in the math type before adding into double
 
 // Item passes run over every item in parallel; tensor passes once per tensor.
-enum class Pass { kAllocate, kNormsAndSums, kStats, kUpdateRms, kClip, kUpdate };
+enum class Pass {
+  kAllocate,
+  kNormsAndSums,   // items: ||theta||^2, row sums and block column sums of g^2
+  kCollect,        // tensor: fills the stats (counts, sums, new row EMA)
+  kColStats,       // tensor: new column EMA from the (reduced) column sums
+  kFactors,        // tensor: alpha and the per-row / per-column factors
+  kUpdateRms,      // items: sum of U^2 (unfactored: the new EMA)
+  kCollectUpdate,  // tensor: sum of U^2 into the stats
+  kClip,           // tensor: alpha / max(1, RMS(U) / d)
+  kUpdate,         // items: the param update
+};
 
 struct Item {
   int64_t tensor;
@@ -58,6 +69,10 @@ struct TensorWork {
   uint64_t rounding_stream;
   std::vector<Item*> items;  // this tensor's items, in order
   // Per-step scratch, filled by the passes.
+  // The stats layout of adafactor.h: the caller's buffer (staged step) or
+  // own_stats (fused step).
+  double* stats = nullptr;
+  std::vector<double> own_stats;
   std::vector<double> row_sums;      // factored: sum over each row of g^2
   std::vector<double> scratch;       // math-type buffers: row_var, col_var (as used), row means
   std::vector<double> col_partials;  // per item: its rows' column sums of g^2
@@ -85,11 +100,7 @@ double horizontal_sum(const at::vec::Vectorized<S>& v) {
 
 template <typename V>
 V vrsqrt(const V& x) {
-  if constexpr (std::is_floating_point_v<V>) {
-    return V(1) / std::sqrt(x);
-  } else {
-    return x.rsqrt();
-  }
+  return AdafactorMath::rsqrt(x);
 }
 
 template <typename P, typename St>
@@ -115,13 +126,27 @@ struct Kernel {
       case Pass::kNormsAndSums:
         t.factored ? sums_factored(ctx, t, *item) : sums_flat(ctx, t, *item);
         break;
-      case Pass::kStats:
-        stats(ctx, t);
+      case Pass::kCollect:
+        collect(ctx, t);
+        break;
+      case Pass::kColStats:
+        col_stats(ctx, t);
+        break;
+      case Pass::kFactors:
+        factors(ctx, t);
         break;
       case Pass::kUpdateRms:
       case Pass::kUpdate:
         update(ctx, t, *item, pass == Pass::kUpdate);
         break;
+      case Pass::kCollectUpdate: {
+        double update_sq = 0.0;
+        for (const Item* it : t.items) {
+          update_sq += it->update_sq;
+        }
+        t.stats[kAdafactorStatUpdateSq] = update_sq;
+        break;
+      }
       case Pass::kClip:
         clip(ctx, t);
         break;
@@ -234,65 +259,99 @@ struct Kernel {
     item.theta_sq = theta_sq;
   }
 
-  // Between passes 1 and 2 (per tensor, O(rows + cols)): the step size and,
-  // when factored, the new row/col EMAs and their clamped row means.
-  static void stats(const Context& ctx, TensorWork& t) {
-    const auto& hp = ctx.hp;
-    t.eps1 = hp.eps1.value_or(static_cast<double>(std::numeric_limits<P>::epsilon()));
+  static S beta2_weight(const Context& ctx, const TensorWork& t) {
+    return static_cast<S>(std::pow(t.step, ctx.hp.beta2_decay));  // 1 - beta2_t
+  }
+
+  // After pass 1 (per tensor, O(rows + cols)): this tensor's counts and sums
+  // into the stats, and the new row EMA (rows are whole on every shard).
+  // Sums over items are added in item order.
+  static void collect(const Context& ctx, TensorWork& t) {
+    double* stats = t.stats;
     double theta_sq = 0.0;
     for (const Item* item : t.items) {
       theta_sq += item->theta_sq;
     }
-    // torch: param.norm(2).item() / numel ** 0.5, the norm in the math type.
-    const double rms = static_cast<double>(static_cast<S>(std::sqrt(theta_sq))) / std::sqrt(double(t.numel));
-    const double inv_sqrt_step = 1.0 / std::sqrt(t.step);
-    double rho = hp.lr;
-    if (hp.relative_step) {
-      rho = std::min(hp.lr, inv_sqrt_step);
-      if (hp.warmup_init) {
-        rho = std::min(rho, 1e-6 * t.step);
-      }
-    }
-    t.alpha = hp.scale_parameter ? std::max(hp.eps2, rms) * rho : rho;
+    stats[kAdafactorStatNumel] = static_cast<double>(t.numel);
+    stats[kAdafactorStatThetaSq] = theta_sq;
+    stats[kAdafactorStatUpdateSq] = 0.0;
     if (!t.factored) {
       return;
     }
-    const S weight = static_cast<S>(std::pow(t.step, hp.beta2_decay));  // 1 - beta2_t
+    const S weight = beta2_weight(ctx, t);
     const int64_t R = t.rows;
     const int64_t C = t.cols;
     St* row_var = static_cast<St*>(t.row_var);
-    St* col_var = static_cast<St*>(t.col_var);
-    S* rows = row_copy(t);
-    S* cols = col_copy(t);
-    S* means = row_means(t);
-    std::vector<double> col_sums(C);
+    stats[kAdafactorStatRows] = static_cast<double>(R);
+    double* row_var_sums = stats + kAdafactorStatRowVarSums;
+    double* col_sums = row_var_sums + t.batches;
     for (int64_t b = 0; b < t.batches; ++b) {
       double row_var_sum = 0.0;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t k = b * R + r;
         const S mean = static_cast<S>(t.row_sums[k] / double(C));
         row_var[k] = static_cast<St>(vlerp(static_cast<S>(row_var[k]), mean, weight));
-        rows[k] = static_cast<S>(row_var[k]);
-        row_var_sum += static_cast<double>(rows[k]);
+        row_var_sum += static_cast<double>(static_cast<S>(row_var[k]));
       }
-      std::fill(col_sums.begin(), col_sums.end(), 0.0);
-      for (const Item* item : t.items) {
-        if (item->batch != b) {
-          continue;
-        }
-        const double* partial = t.col_partials.data() + item->slot * C;
-        for (int64_t c = 0; c < C; ++c) {
-          col_sums[c] += partial[c];
-        }
-      }
+      row_var_sums[b] = row_var_sum;
+    }
+    std::fill(col_sums, col_sums + t.batches * C, 0.0);
+    for (const Item* item : t.items) {
+      const double* partial = t.col_partials.data() + item->slot * C;
+      double* sums = col_sums + item->batch * C;
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t k = b * C + c;
-        const S mean = static_cast<S>(col_sums[c] / double(R));
-        col_var[k] = static_cast<St>(vlerp(static_cast<S>(col_var[k]), mean, weight));
-        cols[k] = static_cast<S>(col_var[k]);
+        sums[c] += partial[c];
       }
+    }
+  }
+
+  // The new column EMA from the column sums over all rows (stats, reduced
+  // across shards by a staged caller).
+  static void col_stats(const Context& ctx, TensorWork& t) {
+    if (!t.factored) {
+      return;
+    }
+    const S weight = beta2_weight(ctx, t);
+    const double rows = t.stats[kAdafactorStatRows];
+    const double* col_sums = t.stats + kAdafactorStatRowVarSums + t.batches;
+    St* col_var = static_cast<St*>(t.col_var);
+    for (int64_t k = 0; k < t.batches * t.cols; ++k) {
+      const S mean = static_cast<S>(col_sums[k] / rows);
+      col_var[k] = static_cast<St>(vlerp(static_cast<S>(col_var[k]), mean, weight));
+    }
+  }
+
+  // Before passes 2 and 3: the step size from the whole-tensor ||theta||^2
+  // and, factored, the update's row and column factors read back from the
+  // stored EMAs with the clamped row mean.
+  static void factors(const Context& ctx, TensorWork& t) {
+    const auto& hp = ctx.hp;
+    const double* stats = t.stats;
+    t.eps1 = hp.eps1.value_or(static_cast<double>(std::numeric_limits<P>::epsilon()));
+    // torch: param.norm(2).item() / numel ** 0.5, the norm in the math type.
+    const double theta_norm = static_cast<double>(static_cast<S>(std::sqrt(stats[kAdafactorStatThetaSq])));
+    t.alpha = AdafactorMath::alpha({hp.lr, hp.eps2, hp.relative_step, hp.warmup_init, hp.scale_parameter}, t.step,
+                                   theta_norm, stats[kAdafactorStatNumel]);
+    if (!t.factored) {
+      return;
+    }
+    const int64_t R = t.rows;
+    const int64_t C = t.cols;
+    const St* row_var = static_cast<const St*>(t.row_var);
+    const St* col_var = static_cast<const St*>(t.col_var);
+    S* rows = row_copy(t);
+    S* cols = col_copy(t);
+    S* means = row_means(t);
+    for (int64_t k = 0; k < t.batches * R; ++k) {
+      rows[k] = static_cast<S>(row_var[k]);
+    }
+    for (int64_t k = 0; k < t.batches * C; ++k) {
+      cols[k] = static_cast<S>(col_var[k]);
+    }
+    const double all_rows = stats[kAdafactorStatRows];
+    for (int64_t b = 0; b < t.batches; ++b) {
       // torch: row_var.mean(dim=-2).clamp_(min=eps1), NaN kept.
-      const S m = vmaximum(static_cast<S>(row_var_sum / double(R)), static_cast<S>(t.eps1));
+      const S m = vmaximum(static_cast<S>(stats[kAdafactorStatRowVarSums + b] / all_rows), static_cast<S>(t.eps1));
       means[b] = m;
       // A finite positive mean (always, unless the grads held NaN/Inf or
       // eps1 = 0) lets the update split rsqrt(r c / m) per row and column;
@@ -312,39 +371,26 @@ struct Kernel {
   // The update clip: alpha / max(1, RMS(U) / d), with torch's
   // update.norm(2).item() rounded to the math type.
   static void clip(const Context& ctx, TensorWork& t) {
-    double update_sq = 0.0;
-    for (const Item* item : t.items) {
-      update_sq += item->update_sq;
-    }
-    const double norm = static_cast<double>(static_cast<S>(std::sqrt(update_sq)));
-    t.update_scale = t.alpha / std::max(1.0, norm / (std::sqrt(double(t.numel)) * ctx.hp.d));
+    const double norm = static_cast<double>(static_cast<S>(std::sqrt(t.stats[kAdafactorStatUpdateSq])));
+    t.update_scale = AdafactorMath::update_scale(t.alpha, norm, t.stats[kAdafactorStatNumel], ctx.hp.d);
   }
 
   // U = k * g with k = rsqrt(max(v, eps1^2)): v from the factors or the
   // unfactored EMA. Pass 2 sums U^2, pass 3 applies alpha/clip * U.
   template <typename V>
   static V inverse_root(const V& v, S eps1_sq) {
-    return vrsqrt(vmaximum(v, V(eps1_sq)));
+    return AdafactorMath::inverse_root(v, eps1_sq);
   }
 
-  template <typename V>
-  static void apply(const Context& ctx, const TensorWork& t, V& p, V u, V* m) {
+  static AdafactorApplyCoeffs<S> apply_coeffs(const Context& ctx, const TensorWork& t) {
     const auto& hp = ctx.hp;
-    if (hp.maximize) {
-      u = vneg(u);
-    }
-    if (hp.weight_decay != 0.0) {
-      p = p * V(static_cast<S>(1.0 - hp.lr * hp.weight_decay));
-    }
-    if (m != nullptr) {
-      const S beta1 = static_cast<S>(*hp.beta1);
-      *m = *m * V(beta1) + V(static_cast<S>(1.0 - *hp.beta1)) * (V(static_cast<S>(t.update_scale)) * u);
-      p = p - *m;
-    } else if constexpr (std::is_floating_point_v<V>) {
-      p = p + static_cast<S>(-t.update_scale) * u;
-    } else {
-      p = at::vec::fmadd(u, V(static_cast<S>(-t.update_scale)), p);  // torch's add_(u, alpha=...)
-    }
+    const double beta1 = hp.beta1.value_or(0.0);
+    return {static_cast<S>(1.0 - hp.lr * hp.weight_decay),
+            static_cast<S>(beta1),
+            static_cast<S>(1.0 - beta1),
+            static_cast<S>(t.update_scale),
+            hp.weight_decay != 0.0,
+            hp.maximize};
   }
 
   // Passes 2 and 3 over one item: `write` false sums U^2 (and, unfactored,
@@ -354,6 +400,7 @@ struct Kernel {
     const P* grad = static_cast<const P*>(t.grad);
     St* exp_avg = static_cast<St*>(t.exp_avg);
     const S eps1_sq = static_cast<S>(t.eps1 * t.eps1);
+    const AdafactorApplyCoeffs<S> coeffs = apply_coeffs(ctx, t);
     const bool stochastic = ctx.options.stochastic_rounding && ParamIO::kReduced;
     double update_sq = 0.0;
 
@@ -378,7 +425,7 @@ struct Kernel {
             StateIO::load(exp_avg + i, m[0], m[1]);
           }
           for (int h = 0; h < 2; ++h) {
-            apply(ctx, t, p[h], u[h], exp_avg ? &m[h] : nullptr);
+            AdafactorMath::apply(coeffs, p[h], u[h], exp_avg ? &m[h] : nullptr);
           }
           if (exp_avg) {
             StateIO::store(exp_avg + i, m[0], m[1]);
@@ -403,7 +450,7 @@ struct Kernel {
         }
         S p = static_cast<S>(param[i]);
         S m = exp_avg ? static_cast<S>(exp_avg[i]) : S(0);
-        apply(ctx, t, p, u, exp_avg ? &m : nullptr);
+        AdafactorMath::apply(coeffs, p, u, exp_avg ? &m : nullptr);
         if (exp_avg) {
           exp_avg[i] = static_cast<St>(m);
         }
@@ -430,10 +477,10 @@ struct Kernel {
             off, off + C,
             [&](int64_t i, const Vec(&)[2], Vec(&k)[2]) {
               const S* c = cols + (i - off);
-              k[0] = at::vec::minimum(a * Vec::loadu(c), Vec(cap));
-              k[1] = at::vec::minimum(a * Vec::loadu(c + Vec::size()), Vec(cap));
+              k[0] = AdafactorMath::factored_scale(a, Vec::loadu(c), cap);
+              k[1] = AdafactorMath::factored_scale(a, Vec::loadu(c + Vec::size()), cap);
             },
-            [&](int64_t i, S) { return std::min(row_copy(t)[row] * cols[i - off], cap); });
+            [&](int64_t i, S) { return AdafactorMath::factored_scale(row_copy(t)[row], cols[i - off], cap); });
       }
     } else if (t.factored) {
       const int64_t C = t.cols;
@@ -448,10 +495,12 @@ struct Kernel {
             off, off + C,
             [&](int64_t i, const Vec(&)[2], Vec(&k)[2]) {
               const S* c = cols + (i - off);
-              k[0] = inverse_root(Vec(row_value) * Vec::loadu(c) / mean, eps1_sq);
-              k[1] = inverse_root(Vec(row_value) * Vec::loadu(c + Vec::size()) / mean, eps1_sq);
+              k[0] = AdafactorMath::factored_scale_exact(Vec(row_value), Vec::loadu(c), mean, eps1_sq);
+              k[1] = AdafactorMath::factored_scale_exact(Vec(row_value), Vec::loadu(c + Vec::size()), mean, eps1_sq);
             },
-            [&](int64_t i, S) { return inverse_root(row_value * cols[i - off] / row_means(t)[item.batch], eps1_sq); });
+            [&](int64_t i, S) {
+              return AdafactorMath::factored_scale_exact(row_value, cols[i - off], row_means(t)[item.batch], eps1_sq);
+            });
       }
     } else {
       St* variance = static_cast<St*>(t.variance);
@@ -484,13 +533,24 @@ struct Kernel {
 
 using RunFn = void (*)(Pass, const Context&, TensorWork&, Item*);
 
-}  // namespace
+// Which tensors a tensor pass visits: those with local elements (fused step:
+// an empty tensor is skipped), every tensor (a staged step's counts, zeros
+// for an empty shard), or those whose whole tensor has elements (the reduced
+// count: an empty shard still updates its replicated column EMA).
+enum class Scope { kItems, kLocal, kAll, kWhole };
 
-void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
-                    at::TensorList variances, at::TensorList exp_avgs, const std::vector<double>& steps,
-                    const AdafactorHyperparams& hp, const ElementwiseOptions& options) {
+struct Phase {
+  Scope scope;
+  std::vector<Pass> passes;
+};
+
+void run_phases(const std::vector<Phase>& phases, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                at::TensorList col_vars, at::TensorList variances, at::TensorList exp_avgs,
+                const std::vector<double>& steps, at::TensorList stats, const AdafactorHyperparams& hp,
+                const ElementwiseOptions& options) {
   constexpr const char* op = "adafactor_step_";
   const auto n = params.size();
+  const bool staged = !stats.empty();
   std::vector<TensorWork> work(n);
   std::vector<RunFn> fns(n);
   std::vector<Item> items;
@@ -510,7 +570,10 @@ void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList 
     if (t.factored) {
       t.rows = p.size(-2);
       t.cols = p.size(-1);
-      t.batches = t.rows * t.cols == 0 ? 0 : t.numel / (t.rows * t.cols);
+      t.batches = 1;
+      for (int64_t d = 0; d + 2 < p.dim(); ++d) {
+        t.batches *= p.size(d);
+      }
       t.row_var = row_vars[factored_index].data_ptr();
       t.col_var = col_vars[factored_index].data_ptr();
       state_type = row_vars[factored_index].scalar_type();
@@ -522,6 +585,12 @@ void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList 
     }
     if (!exp_avgs.empty()) {
       t.exp_avg = exp_avgs[i].data_ptr();
+    }
+    if (staged) {
+      t.stats = stats[i].data_ptr<double>();
+    } else {
+      t.own_stats.assign(adafactor_stats_size(p), 0.0);
+      t.stats = t.own_stats.data();
     }
     fns[i] = select_kernel(op, p.scalar_type(), state_type,
                            [](auto p, auto s) { return &Kernel<decltype(p), decltype(s)>::run; });
@@ -552,29 +621,84 @@ void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   }
   const Context ctx{hp, options};
-  auto over_items = [&](Pass pass) {
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) {
-        auto& item = items[k];
-        fns[item.tensor](pass, ctx, work[item.tensor], &item);
-      }
-    });
-  };
-  auto tensor_pass = [&](Pass pass) {
+  for (const Phase& phase : phases) {
+    if (phase.scope == Scope::kItems) {
+      const Pass pass = phase.passes.front();
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          auto& item = items[k];
+          fns[item.tensor](pass, ctx, work[item.tensor], &item);
+        }
+      });
+      continue;
+    }
     at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        if (!work[i].items.empty()) {
-          fns[i](pass, ctx, work[i], nullptr);
+        auto& t = work[i];
+        const bool visit = phase.scope == Scope::kAll || (phase.scope == Scope::kLocal && !t.items.empty()) ||
+                           (phase.scope == Scope::kWhole && t.stats[kAdafactorStatNumel] > 0.0);
+        if (!visit) {
+          continue;
+        }
+        for (const Pass pass : phase.passes) {
+          fns[i](pass, ctx, t, nullptr);
         }
       }
     });
+  }
+}
+
+}  // namespace
+
+int64_t adafactor_stats_size(const at::Tensor& param) {
+  if (param.dim() < 2) {
+    return kAdafactorStatRows;
+  }
+  int64_t batches = 1;
+  for (int64_t d = 0; d + 2 < param.dim(); ++d) {
+    batches *= param.size(d);
+  }
+  return kAdafactorStatRowVarSums + batches + batches * param.size(-1);
+}
+
+void adafactor_step(at::TensorList params, at::TensorList grads, at::TensorList row_vars, at::TensorList col_vars,
+                    at::TensorList variances, at::TensorList exp_avgs, const std::vector<double>& steps,
+                    const AdafactorHyperparams& hp, const ElementwiseOptions& options) {
+  // The three stages back to back, with this process's sums as the totals.
+  static const std::vector<Phase> phases = {
+      {Scope::kLocal, {Pass::kAllocate}},
+      {Scope::kItems, {Pass::kNormsAndSums}},
+      {Scope::kLocal, {Pass::kCollect, Pass::kColStats, Pass::kFactors}},
+      {Scope::kItems, {Pass::kUpdateRms}},
+      {Scope::kLocal, {Pass::kCollectUpdate, Pass::kClip}},
+      {Scope::kItems, {Pass::kUpdate}},
   };
-  tensor_pass(Pass::kAllocate);
-  over_items(Pass::kNormsAndSums);
-  tensor_pass(Pass::kStats);
-  over_items(Pass::kUpdateRms);
-  tensor_pass(Pass::kClip);
-  over_items(Pass::kUpdate);
+  run_phases(phases, params, grads, row_vars, col_vars, variances, exp_avgs, steps, {}, hp, options);
+}
+
+void adafactor_stage(AdafactorStage stage, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                     at::TensorList col_vars, at::TensorList variances, at::TensorList exp_avgs,
+                     const std::vector<double>& steps, at::TensorList stats, const AdafactorHyperparams& hp,
+                     const ElementwiseOptions& options) {
+  static const std::vector<Phase> sums = {
+      {Scope::kAll, {Pass::kAllocate}},
+      {Scope::kItems, {Pass::kNormsAndSums}},
+      {Scope::kAll, {Pass::kCollect}},
+  };
+  static const std::vector<Phase> update_rms = {
+      {Scope::kAll, {Pass::kAllocate}},
+      {Scope::kWhole, {Pass::kColStats, Pass::kFactors}},
+      {Scope::kItems, {Pass::kUpdateRms}},
+      {Scope::kAll, {Pass::kCollectUpdate}},
+  };
+  static const std::vector<Phase> apply = {
+      {Scope::kAll, {Pass::kAllocate}},
+      {Scope::kWhole, {Pass::kFactors, Pass::kClip}},
+      {Scope::kItems, {Pass::kUpdate}},
+  };
+  const auto& phases =
+      stage == AdafactorStage::kSums ? sums : (stage == AdafactorStage::kUpdateRms ? update_rms : apply);
+  run_phases(phases, params, grads, row_vars, col_vars, variances, exp_avgs, steps, stats, hp, options);
 }
 
 }  // namespace torchopt_ext::kernels::cpu

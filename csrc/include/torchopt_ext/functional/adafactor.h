@@ -26,4 +26,20 @@ void adafactor_step_(at::TensorList params, at::TensorList grads, at::TensorList
                      bool warmup_init, bool maximize, bool stochastic_rounding, int64_t seed,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
+// adafactor_step_ in three stages for params split across ranks (FSDP2
+// shards): between stages the caller sums parts of `stats` (one float64
+// buffer per param, layout in kernels/cpu/adafactor.h) across the shard
+// group. stage 1 increments the steps, applies grad_scale / found_inf and
+// fills the stats; stage 2 updates the column EMAs (or variances) and fills
+// sum U^2; stage 3 clips and updates the params (found_inf skips every
+// stage). On one process, the stages back to back give adafactor_step_'s
+// results bit for bit.
+void adafactor_stage_(int64_t stage, at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                      at::TensorList col_vars, at::TensorList variances, at::TensorList exp_avgs,
+                      at::TensorList state_steps, const at::Tensor& lr, at::TensorList stats, double beta2_decay,
+                      std::optional<double> eps1, double eps2, double d, double weight_decay,
+                      std::optional<double> beta1, bool relative_step, bool scale_parameter, bool warmup_init,
+                      bool maximize, bool stochastic_rounding, int64_t seed,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
 }  // namespace torchopt_ext::functional
