@@ -723,3 +723,33 @@ def test_stacked_step_compiles():
     assert torch.equal(eager, compiled)
     for key in ("Q", "L", "mu", "magma_score", "step"):
         assert torch.equal(e_opt.state[eager][key], c_opt.state[compiled][key]), key
+
+
+def test_stacked_op_passes_opcheck():
+    # The stacked op call (whole (L, ...) tensors, batched in chunks), with
+    # state past its first step.
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(3, 5, 4, generator=gen), torch.randn(2, 6, generator=gen)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = tox.Kron(params, lr=0.01, seed=2, use_magma=True, stacked=True, stacked_chunk_size=2)
+    opt.step()
+    group = opt.param_groups[0]
+    state = [opt.state[p] for p in params]
+    args = (
+        params,
+        [p.grad for p in params],
+        [s["mu"] for s in state],
+        [s["Q"] for s in state],
+        [s["L"] for s in state],
+        [s["magma_score"] for s in state],
+        [s["step"] for s in state],
+        torch.tensor(0.01, dtype=torch.float64),
+    )
+    kwargs = dict(opt._op_kwargs(group), seed=2, stacked=True, stacked_chunk_size=2)
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.kron_step_.default,
+        args,
+        kwargs,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
