@@ -90,5 +90,45 @@ def main() -> None:
         print(f"| {name} | {t_theirs_text} | {t_eq:.2f} | {t_ours:.2f} | {ratio} | {mem32:.3f} | {mem16:.3f} |")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--stacked" not in sys.argv:
     main()
+
+
+# -- stacked (scanned) layers: per-slice vs batched ------------------------------
+
+
+def stacked_main() -> None:
+    """``python benchmarks/bench_kron.py --stacked``: one stacked (L, m, n)
+    param (``stacked=True``, slices updated as bmm batches; also in chunks)
+    against the same L slices as L separate params (one op entry each: the
+    per-slice path stacked groups took before batching), default geometry,
+    update probability 1, one thread, fastest of 5 x 3 calls each."""
+    torch.set_num_threads(1)
+    torch._dynamo.config.disable = True
+    common = dict(lr=1e-3, preconditioner_update_probability=1.0, preconditioner_init_scale=1.0)
+    print("| stacked param | per-slice ms | batched ms | batched, chunk 4 ms | per-slice / batched |")
+    print("|---|--:|--:|--:|--:|")
+    for layers, rows, cols in ((64, 32, 32), (16, 128, 128), (8, 256, 512)):
+        (stacked,) = make([(layers, rows, cols)])
+        separate = [stacked[i].clone() for i in range(layers)]
+        for i, q in enumerate(separate):
+            q.grad = stacked.grad[i].clone()
+        runs = {
+            "per-slice": tox.Kron(separate, **common),
+            "batched": tox.Kron([stacked.clone()], stacked=True, **common),
+            "chunk 4": tox.Kron([stacked.clone()], stacked=True, stacked_chunk_size=4, **common),
+        }
+        for name in ("batched", "chunk 4"):
+            runs[name].param_groups[0]["params"][0].grad = stacked.grad.clone()
+        best = {name: float("inf") for name in runs}
+        for _ in range(5):
+            for name, opt in runs.items():
+                best[name] = min(best[name], best_ms(opt, 3))
+        print(
+            f"| ({layers}, {rows}, {cols}) | {best['per-slice']:.2f} | {best['batched']:.2f} | "
+            f"{best['chunk 4']:.2f} | {best['per-slice'] / best['batched']:.2f} |"
+        )
+
+
+if __name__ == "__main__" and "--stacked" in sys.argv:
+    stacked_main()

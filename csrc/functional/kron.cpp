@@ -77,7 +77,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 at::ArrayRef<double> grad_clip_max_amps, c10::string_view grad_clip_mode,
                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
-                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
+                at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "kron_step_";
   using common::check_hyperparameter;
@@ -101,6 +102,9 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   check_hyperparameter(op, "damping", damping, std::isfinite(damping) && damping >= 0.0, ">= 0");
   TORCH_CHECK_VALUE(newton_schulz_iters >= 1 && newton_schulz_iters < 100, op,
                     ": newton_schulz_iters must be in [1, 100), got ", newton_schulz_iters);
+  TORCH_CHECK_VALUE(!stacked_chunk_size || *stacked_chunk_size >= 1, op,
+                    ": stacked_chunk_size must be None or >= 1, got ", stacked_chunk_size.value_or(0));
+  TORCH_CHECK_VALUE(stacked || !stacked_slices, op, ": stacked_slices needs stacked=True");
   factor_options.lr = preconditioner_lr;
   factor_options.beta_lipschitz = beta_lipschitz;
   factor_options.track_lipschitz = track_lipschitz;
@@ -134,30 +138,81 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   const common::MagmaOptions magma{magma_p, magma_tau, seed};
   common::check_magma_options(op, magma);
   TORCH_CHECK_VALUE(!use_magma || b1 > 0.0, op, ": use_magma needs momentum (b1 > 0)");
-  if (use_magma) {
-    common::check_scalar_list(op, "magma_scores", params, magma_scores);
-  } else {
-    TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
-  }
   TORCH_CHECK_VALUE(preconditioners.size() == params.size(), op, ": preconditioners must have one tensor per param (",
                     params.size(), "), got ", preconditioners.size());
   TORCH_CHECK_VALUE(lipschitz.size() == params.size(), op, ": lipschitz must have one tensor per param (",
                     params.size(), "), got ", lipschitz.size());
+  if (stacked_slices) {
+    TORCH_CHECK_VALUE(stacked_slices->size() == 2 * params.size(), op,
+                      ": stacked_slices must hold (first slice, total slices) per param (", 2 * params.size(),
+                      " values), got ", stacked_slices->size());
+  }
+  // Per param: the shape the factors precondition (a slice's when stacked),
+  // its number of local slices (1 unstacked), the stacked param's global
+  // slice range [first, first + layers) of `total` (a shard of a stacked
+  // DTensor holds whole slices) and the global index of its first slice in
+  // the group (the tensor index of Magma and stochastic rounding).
+  const size_t n = params.size();
+  std::vector<std::vector<int64_t>> shapes(n);
+  std::vector<int64_t> layers(n, 1), first(n, 0), total(n, 1), base(n, 0);
   std::vector<std::vector<bool>> layouts;
-  for (size_t i = 0; i < params.size(); ++i) {
-    layouts.push_back(psgd::factor_layout(params[i].sizes(), layout));
+  int64_t next_base = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (stacked) {
+      TORCH_CHECK_VALUE(params[i].dim() >= 2, op, ": stacked=True needs params of shape (L, ...) with at least 2 dims ",
+                        "(one preconditioner per slice), got params[", i, "] of shape ", params[i].sizes());
+      shapes[i] = params[i].sizes().slice(1).vec();
+      layers[i] = params[i].size(0);
+      total[i] = layers[i];
+      if (stacked_slices) {
+        first[i] = (*stacked_slices)[2 * i];
+        total[i] = (*stacked_slices)[2 * i + 1];
+        TORCH_CHECK_VALUE(first[i] >= 0 && first[i] + layers[i] <= total[i], op, ": stacked_slices[", 2 * i, "] = (",
+                          first[i], ", ", total[i], ") does not hold the ", layers[i], " local slices of params[", i,
+                          "]");
+      }
+    } else {
+      shapes[i] = params[i].sizes().vec();
+    }
+    base[i] = next_base + first[i];
+    next_base += total[i];
+    layouts.push_back(psgd::factor_layout(shapes[i], layout));
     const auto& q = preconditioners[i];
-    const int64_t numel = psgd::factors_numel(params[i].sizes(), layouts.back());
-    TORCH_CHECK_VALUE(q.dim() == 1 && q.numel() == numel && q.is_contiguous(), op, ": preconditioners[", i,
-                      "] must be a contiguous 1-D tensor of ", numel, " elements for a param of shape ",
-                      params[i].sizes(), ", got shape ", q.sizes());
-    TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()) && q.device() == params[i].device(), op, ": preconditioners[",
-                      i, "] must be floating and on the param's device");
+    const int64_t numel = psgd::factors_numel(shapes[i], layouts.back());
     const auto factors = static_cast<int64_t>(layouts.back().size());
     const auto& l = lipschitz[i];
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.numel() == factors && at::isFloatingType(l.scalar_type()), op, ": lipschitz[",
-                      i, "] must be a floating 1-D tensor with one entry per factor (", factors, "), got shape ",
-                      l.sizes());
+    if (stacked) {
+      TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) == layers[i] && q.size(1) == numel && q.is_contiguous(), op,
+                        ": preconditioners[", i, "] must be a contiguous (", layers[i], ", ", numel,
+                        ") tensor for a stacked param of shape ", params[i].sizes(), ", got shape ", q.sizes());
+      TORCH_CHECK_VALUE(l.dim() == 2 && l.size(0) == layers[i] && l.size(1) == factors, op, ": lipschitz[", i,
+                        "] must be (", layers[i], ", ", factors, ") for a stacked param, got shape ", l.sizes());
+    } else {
+      TORCH_CHECK_VALUE(q.dim() == 1 && q.numel() == numel && q.is_contiguous(), op, ": preconditioners[", i,
+                        "] must be a contiguous 1-D tensor of ", numel, " elements for a param of shape ",
+                        params[i].sizes(), ", got shape ", q.sizes());
+      TORCH_CHECK_VALUE(l.dim() == 1 && l.numel() == factors, op, ": lipschitz[", i,
+                        "] must be a 1-D tensor with one entry per factor (", factors, "), got shape ", l.sizes());
+    }
+    TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()) && q.device() == params[i].device(), op, ": preconditioners[",
+                      i, "] must be floating and on the param's device");
+    TORCH_CHECK_VALUE(at::isFloatingType(l.scalar_type()), op, ": lipschitz[", i, "] must be floating");
+  }
+  if (use_magma) {
+    if (stacked) {
+      TORCH_CHECK_VALUE(magma_scores.size() == n, op, ": magma_scores must have one tensor per param (", n, "), got ",
+                        magma_scores.size());
+      for (size_t i = 0; i < n; ++i) {
+        TORCH_CHECK_VALUE(magma_scores[i].dim() == 1 && magma_scores[i].size(0) == layers[i] &&
+                              magma_scores[i].scalar_type() == at::kFloat && magma_scores[i].device().is_cpu(),
+                          op, ": magma_scores[", i, "] must be a CPU float32 tensor of one score per slice (",
+                          layers[i], "), got shape ", magma_scores[i].sizes());
+      }
+    } else {
+      common::check_scalar_list(op, "magma_scores", params, magma_scores);
+    }
+  } else {
+    TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
   TORCH_CHECK_VALUE(rng_state.scalar_type() == at::kByte && rng_state.device().is_cpu() && rng_state.dim() == 1, op,
                     ": rng_state must be a CPU uint8 generator state (torch.Generator.get_state())");
@@ -171,12 +226,31 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (!group) {
     return;
   }
-  const size_t n = group->params.size();
   if (group->amp.grad_scale) {
     for (auto& grad : group->grads) {
       grad.div_(*group->amp.grad_scale);
     }
   }
+  // One problem per (param, local slice) in group order: s = -1 for an
+  // unstacked param. Per-slice work (clips, Magma, rounding streams) runs
+  // over these, so a stacked param behaves like its slices listed as params.
+  struct Slice {
+    size_t i;
+    int64_t s;
+  };
+  std::vector<Slice> slices;
+  for (size_t i = 0; i < n; ++i) {
+    if (!stacked) {
+      slices.push_back({i, -1});
+      continue;
+    }
+    for (int64_t s = 0; s < layers[i]; ++s) {
+      slices.push_back({i, s});
+    }
+  }
+  auto part = [](const at::Tensor& t, const Slice& slice) { return slice.s < 0 ? t : t.select(0, slice.s); };
+  auto index_of = [&](const Slice& slice) { return base[slice.i] + std::max<int64_t>(slice.s, 0); };
+
   // The group's step (1-based): the first param's counter.
   const double step = group->steps[0];
   // Host read of a CPU scalar: no device sync (the functional is CPU-only).
@@ -186,9 +260,14 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                     ": preconditioner_update_probability must be in [0, 1], got ", probability);
   double raw_scale = 1.0;
   if (raw_global_grad_clip) {
+    // Per slice, in slice order: the sum rounds as with the slices as params.
+    std::vector<at::Tensor> slice_grads;
+    for (const auto& slice : slices) {
+      slice_grads.push_back(part(group->grads[slice.i], slice));
+    }
     // rollfast: a spike only continues (clipped) while p >= 1 and protection is permissive.
     const auto clip =
-        common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection && probability >= 1.0);
+        common::raw_global_clip(slice_grads, *raw_global_grad_clip, permissive_spike_protection && probability >= 1.0);
     if (clip.skip) {
       // The whole state stays as it was (rollfast 1.1): counters, factors,
       // Lipschitz, momentum, Magma and the generator (nothing is drawn).
@@ -218,120 +297,247 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       // Warm-up beta_t = min(t / (1 + t), b1), t = steps before this one (LX).
       const double t = group->steps[i] - 1.0;
       const double beta = std::min(t / (1.0 + t), b1);
-      at::Tensor& buffer = group->state[0][i];
-      m[i] = at::lerp(buffer.to(math[i]), g[i], 1.0 - beta);
-      store(buffer, m[i], seed, kMomentumSalt, static_cast<int64_t>(i), group->steps[i]);
+      m[i] = at::lerp(group->state[0][i].to(math[i]), g[i], 1.0 - beta);
+    }
+  }
+  if (b1 > 0.0) {
+    for (const auto& slice : slices) {
+      store(part(group->state[0][slice.i], slice), part(m[slice.i], slice), seed, kMomentumSalt, index_of(slice),
+            group->steps[slice.i]);
     }
   }
 
   // Factors are created on a param's first step: preconditioner_init_scale,
-  // or rollfast's lazy (max over these params of mean |g|^4 + damping^4)^(-1/8).
-  std::vector<size_t> fresh;
-  for (size_t i = 0; i < n; ++i) {
-    if (group->steps[i] == 1.0) {
-      fresh.push_back(i);
+  // or rollfast's lazy (max over these params' slices of mean |g|^4 +
+  // damping^4)^(-1/8).
+  std::vector<Slice> fresh;
+  for (const auto& slice : slices) {
+    if (group->steps[slice.i] == 1.0) {
+      fresh.push_back(slice);
     }
   }
   if (!fresh.empty()) {
     double scale = preconditioner_init_scale.value_or(0.0);
     if (!preconditioner_init_scale) {
       double largest = 0.0;
-      for (const auto i : fresh) {
-        if (g[i].numel() > 0) {
-          largest = std::max(largest, g[i].abs().pow(4).mean().item<double>());
+      for (const auto& slice : fresh) {
+        const at::Tensor gs = part(g[slice.i], slice);
+        if (gs.numel() > 0) {
+          largest = std::max(largest, gs.abs().pow(4).mean().item<double>());
         }
       }
       scale = std::pow(largest + std::pow(damping, 4), -1.0 / 8.0);
     }
-    for (const auto i : fresh) {
-      psgd::init_factors_(preconditioners[i], group->params[i].sizes(), layouts[i], scale);
-      lipschitz[i].zero_();
+    for (const auto& slice : fresh) {
+      psgd::init_factors_(part(preconditioners[slice.i], slice), shapes[slice.i], layouts[slice.i], scale);
+      part(lipschitz[slice.i], slice).zero_();
     }
   }
 
-  const bool do_update = at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < probability;
-  std::vector<std::vector<at::Tensor>> old_factors(n), new_factors(n);
+  // Work units: an unstacked param, or a chunk of at most stacked_chunk_size
+  // consecutive slices of a stacked param, updated as one batch (leading
+  // axis of B slices, bmm / batched solves and norm bounds).
+  struct Unit {
+    size_t i;
+    int64_t start, count;
+    bool batched;
+  };
+  std::vector<Unit> units;
   for (size_t i = 0; i < n; ++i) {
-    old_factors[i] = psgd::unflatten_factors(preconditioners[i].to(math[i]), group->params[i].sizes(), layouts[i]);
+    if (!stacked) {
+      units.push_back({i, 0, 1, false});
+      continue;
+    }
+    if (layers[i] == 0) {
+      units.push_back({i, 0, 0, true});  // an empty shard: it only skips the draws
+      continue;
+    }
+    const int64_t chunk = stacked_chunk_size.value_or(layers[i]);
+    for (int64_t s = 0; s < layers[i]; s += chunk) {
+      units.push_back({i, s, std::min(chunk, layers[i] - s), true});
+    }
+  }
+  auto chunk_of = [](const at::Tensor& t, const Unit& u) { return u.batched ? t.narrow(0, u.start, u.count) : t; };
+  auto factors_of = [&](const at::Tensor& flat, const Unit& u) {
+    return u.batched ? psgd::unflatten_factors_batched(flat, shapes[u.i], layouts[u.i])
+                     : psgd::unflatten_factors(flat, shapes[u.i], layouts[u.i]);
+  };
+
+  const bool do_update = at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < probability;
+  const size_t units_n = units.size();
+  std::vector<std::vector<at::Tensor>> old_factors(units_n), new_factors(units_n);
+  for (size_t u = 0; u < units_n; ++u) {
+    old_factors[u] = factors_of(chunk_of(preconditioners[units[u].i], units[u]).to(math[units[u].i]), units[u]);
   }
   if (do_update) {
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& G = whiten_grad ? g[i] : m[i];
+    // The draws of slices another rank holds (a sharded stacked param): drawn
+    // and dropped so every rank's generator stays the single-process one.
+    auto skip_slices = [&](size_t i, int64_t count) {
+      for (int64_t s = 0; s < count; ++s) {
+        at::randn(shapes[i], gen, at::TensorOptions().dtype(math[i]));
+        for (size_t f = 0; f < layouts[i].size(); ++f) {
+          for (int64_t k = 0; k < psgd::probe_draws(factor_options.geometry, layouts[i][f]); ++k) {
+            at::randn({psgd::kNormProbeRows, shapes[i][f]}, gen, at::TensorOptions().dtype(math[i]));
+          }
+        }
+      }
+    };
+    for (size_t u = 0; u < units_n; ++u) {
+      const Unit& unit = units[u];
+      const size_t i = unit.i;
+      const auto& shape = shapes[i];
+      const auto& dense = layouts[i];
+      const auto opts = at::TensorOptions().dtype(math[i]);
+      if (unit.count == 0) {
+        skip_slices(i, total[i]);
+        continue;
+      }
+      if (unit.batched && unit.start == 0) {
+        skip_slices(i, first[i]);
+      }
+      // The draws in the unbatched order: per slice the noise V, then per
+      // dense factor in axis order its probes. Drawn before any math (they
+      // do not depend on it), stacked into (B, ...) batches.
+      std::vector<at::Tensor> noise;
+      std::vector<std::vector<at::Tensor>> probes(dense.size());
+      for (int64_t s = 0; s < unit.count; ++s) {
+        noise.push_back(at::randn(shape, gen, opts));
+        for (size_t f = 0; f < dense.size(); ++f) {
+          for (int64_t k = 0; k < psgd::probe_draws(factor_options.geometry, dense[f]); ++k) {
+            probes[f].push_back(at::randn({psgd::kNormProbeRows, shape.empty() ? 1 : shape[f]}, gen, opts));
+          }
+        }
+      }
+      if (unit.batched && unit.start + unit.count == layers[i]) {
+        skip_slices(i, total[i] - first[i] - layers[i]);
+      }
+      const at::Tensor V = unit.batched ? at::stack(noise) : noise[0];
+      const at::Tensor G = chunk_of(whiten_grad ? g[i] : m[i], unit);
       // The noise scale: damping + eps |G|, eps of the math dtype (rollfast / LX).
       const double eps_i = math[i] == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                   : static_cast<double>(std::numeric_limits<float>::epsilon());
-      const at::Tensor V = at::randn(G.sizes(), gen, G.options());
       const at::Tensor noisy = G + (damping + eps_i * G.abs()) * V;
-      auto& qs = old_factors[i];
-      const at::Tensor X =
-          psgd::probes_with_q(factor_options.geometry) ? psgd::apply_q(noisy, qs) : psgd::apply_p(noisy, qs);
+      auto& qs = old_factors[u];
+      const at::Tensor X = psgd::probes_with_q(factor_options.geometry) ? psgd::apply_q(noisy, qs, unit.batched)
+                                                                        : psgd::apply_p(noisy, qs, unit.batched);
       at::Tensor conj_b;
       if (factor_options.geometry == psgd::Geometry::EQ) {
-        conj_b = psgd::solve_q_right(V, qs);
+        conj_b = psgd::solve_q_right(V, qs, unit.batched);
       }
-      const int64_t numel = G.numel();
-      at::Tensor lip = lipschitz[i].to(math[i]);
+      const int64_t numel = unit.batched ? G.numel() / unit.count : G.numel();
+      const at::Tensor lip_store = chunk_of(lipschitz[i], unit);
+      at::Tensor lip = lip_store.to(math[i]);
       std::vector<at::Tensor> updated;
       for (size_t f = 0; f < qs.size(); ++f) {
         const auto axis = static_cast<int64_t>(f);
-        const bool dense = layouts[i][f];
-        const at::Tensor t1 = psgd::factor_gram(X, axis, dense);
-        const at::Tensor t2 =
-            conj_b.defined()
-                ? psgd::factor_gram(conj_b, axis, dense)
-                : at::scalar_tensor(static_cast<double>(numel) / static_cast<double>(qs[f].size(0)), X.options());
+        const at::Tensor t1 = psgd::factor_gram(X, axis, dense[f], unit.batched);
+        const int64_t d = qs[f].size(unit.batched ? 1 : 0);
+        const at::Tensor t2 = conj_b.defined()
+                                  ? psgd::factor_gram(conj_b, axis, dense[f], unit.batched)
+                                  : at::scalar_tensor(static_cast<double>(numel) / static_cast<double>(d), X.options());
         at::Tensor q = qs[f].clone();
-        at::Tensor l = lip.select(0, axis);
-        psgd::update_factor_(q, t1, t2, l, factor_options, gen);
+        at::Tensor l = lip.select(-1, axis);
+        // Probe k of slice s of this factor: entry s * draws + k.
+        const int64_t draws = psgd::probe_draws(factor_options.geometry, dense[f]);
+        int64_t next = 0;
+        const psgd::ProbeSource source = [&, f, draws](int64_t) {
+          const int64_t k = next++;
+          if (!unit.batched) {
+            return probes[f][k];
+          }
+          std::vector<at::Tensor> rows;
+          for (int64_t s = 0; s < unit.count; ++s) {
+            rows.push_back(probes[f][s * draws + k]);
+          }
+          return at::stack(rows);
+        };
+        psgd::update_factor_(q, t1, t2, l, factor_options, source, unit.batched);
         updated.push_back(q);
       }
       if (track_lipschitz) {
-        lipschitz[i].copy_(lip);
+        lip_store.copy_(lip);
       }
-      new_factors[i] = std::move(updated);
+      new_factors[u] = std::move(updated);
     }
     // LX / rollfast: balance the factor norms with probability 0.01.
     if (at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < 0.01) {
-      for (auto& factors : new_factors) {
-        psgd::balance_factors_(factors);
+      for (size_t u = 0; u < units_n; ++u) {
+        psgd::balance_factors_(new_factors[u], units[u].batched);
       }
     }
   }
   rng_state.copy_(gen.get_state());
 
-  std::vector<at::Tensor> updates(n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& factors = do_update && update_preconditioner_first ? new_factors[i] : old_factors[i];
-    updates[i] = psgd::apply_p(b1 > 0.0 ? m[i] : g[i], factors);
+  // d = P m per unit, then per-slice views for the clip and the apply.
+  std::vector<at::Tensor> unit_updates(units_n);
+  for (size_t u = 0; u < units_n; ++u) {
+    const Unit& unit = units[u];
+    if (unit.count == 0) {
+      continue;
+    }
+    const auto& factors = do_update && update_preconditioner_first ? new_factors[u] : old_factors[u];
+    unit_updates[u] = psgd::apply_p(chunk_of(b1 > 0.0 ? m[unit.i] : g[unit.i], unit), factors, unit.batched);
+  }
+  std::vector<at::Tensor> updates;
+  for (size_t u = 0; u < units_n; ++u) {
+    if (!units[u].batched) {
+      updates.push_back(unit_updates[u]);
+      continue;
+    }
+    for (int64_t s = 0; s < units[u].count; ++s) {
+      updates.push_back(unit_updates[u].select(0, s));  // views: the clip scales them in place
+    }
   }
   if (post_clip) {
     common::clip_updates_(updates, *post_clip);
   }
   if (do_update) {
     // After preconditioning: old_factors may view the stored factors.
-    for (size_t i = 0; i < n; ++i) {
-      store(preconditioners[i], flatten_factors(new_factors[i]), seed, kPreconditionerSalt, static_cast<int64_t>(i),
-            group->steps[i]);
+    for (size_t u = 0; u < units_n; ++u) {
+      const Unit& unit = units[u];
+      if (unit.count == 0) {
+        continue;
+      }
+      if (!unit.batched) {
+        store(preconditioners[unit.i], flatten_factors(new_factors[u]), seed, kPreconditionerSalt,
+              index_of({unit.i, -1}), group->steps[unit.i]);
+        continue;
+      }
+      std::vector<at::Tensor> flat;
+      for (const auto& q : new_factors[u]) {
+        flat.push_back(q.reshape({unit.count, -1}));
+      }
+      const at::Tensor all = at::cat(flat, 1);
+      for (int64_t s = 0; s < unit.count; ++s) {
+        const Slice slice{unit.i, unit.start + s};
+        store(part(preconditioners[unit.i], slice), all.select(0, s), seed, kPreconditionerSalt, index_of(slice),
+              group->steps[unit.i]);
+      }
     }
   }
-  for (size_t i = 0; i < n; ++i) {
-    at::Tensor& param = group->params[i];
+  for (size_t k = 0; k < slices.size(); ++k) {
+    const Slice& slice = slices[k];
+    at::Tensor param = part(group->params[slice.i], slice);
+    const int64_t index = index_of(slice);
+    const double slice_step = group->steps[slice.i];
     // -lr (d + lambda p); Magma scales both (decay folded in before masking).
     double multiplier = 1.0;
     if (use_magma) {
-      at::Tensor score = magma_scores[i];
-      const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
-      multiplier = common::magma_multiplier(raw_g[i], m[i], score, keep, magma_tau).item<double>();
+      at::Tensor score = part(magma_scores[slice.i], slice);
+      const bool keep = common::magma_keep(magma, index, slice_step);
+      multiplier =
+          common::magma_multiplier(part(raw_g[slice.i], slice), part(m[slice.i], slice), score, keep, magma_tau)
+              .item<double>();
     }
     const double decay = 1.0 - group->lr * multiplier * weight_decay;
     const double alpha = -group->lr * multiplier;
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(param, updates[i].to(at::kFloat).contiguous(), decay, alpha,
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, index, slice_step);
+      kernels::cpu::muon_apply_update_reduced(param, updates[k].to(at::kFloat).contiguous(), decay, alpha,
                                               stochastic_rounding, stream);
     } else {
       param.mul_(decay);
-      param.add_(updates[i].to(param.scalar_type()), alpha);
+      param.add_(updates[k].to(param.scalar_type()), alpha);
     }
   }
   group->finish();

@@ -58,6 +58,10 @@ void KronOptions::validate() const {
                     ": newton_schulz_iters must be in [1, 100), got ", newton_schulz_iters());
   common::check_magma_options(name, {magma_p(), magma_tau(), seed()});
   TORCH_CHECK_VALUE(!use_magma() || b1() > 0.0, name, ": use_magma needs momentum (b1 > 0)");
+  if (stacked_chunk_size()) {
+    TORCH_CHECK_VALUE(*stacked_chunk_size() >= 1, name, ": stacked_chunk_size must be >= 1 (or nullopt), got ",
+                      *stacked_chunk_size());
+  }
 }
 
 bool operator==(const KronOptions& lhs, const KronOptions& rhs) {
@@ -78,7 +82,7 @@ bool operator==(const KronOptions& lhs, const KronOptions& rhs) {
          lhs.newton_schulz_iters() == rhs.newton_schulz_iters() && lhs.maximize() == rhs.maximize() &&
          lhs.use_magma() == rhs.use_magma() && lhs.magma_p() == rhs.magma_p() && lhs.magma_tau() == rhs.magma_tau() &&
          lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed() &&
-         lhs.stacked() == rhs.stacked();
+         lhs.stacked_chunk_size() == rhs.stacked_chunk_size() && lhs.stacked() == rhs.stacked();
 }
 
 namespace {
@@ -137,6 +141,8 @@ void KronOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stacked);
+  // 0 encodes nullopt (a chunk size is >= 1).
+  archive.write("stacked_chunk_size", torch::IValue(stacked_chunk_size().value_or(0)));
 }
 
 void KronOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -181,6 +187,8 @@ void KronOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
   // Archives written before `stacked` existed hold unstacked groups.
   stacked(archive.try_read("stacked", value) && value.toBool());
+  const int64_t chunk = archive.try_read("stacked_chunk_size", value) ? value.toInt() : 0;
+  stacked_chunk_size(chunk > 0 ? std::optional<int64_t>(chunk) : std::nullopt);
 }
 
 double KronOptions::get_lr() const { return lr(); }
@@ -261,37 +269,18 @@ at::Tensor Kron::step(LossClosure closure) {
       if (options.use_magma() && !state.magma_score().defined()) {  // also when Magma is turned on later
         state.magma_score(at::full(lead({}), 0.5, at::kFloat));
       }
-      if (!stacked) {
-        params.push_back(param);
-        grads.push_back(param.grad());
-        qs.push_back(state.Q());
-        ls.push_back(state.L());
-        if (options.b1() > 0.0) {
-          mus.push_back(state.mu());
-        }
-        if (options.use_magma()) {
-          scores.push_back(state.magma_score());
-        }
-        steps.push_back(state.step());
-        continue;
+      // Whole tensors: a stacked param's slices are batched by the functional.
+      params.push_back(param);
+      grads.push_back(param.grad());
+      qs.push_back(state.Q());
+      ls.push_back(state.L());
+      if (options.b1() > 0.0) {
+        mus.push_back(state.mu());
       }
-      // One entry per slice, in order: views, so the functional's in-place
-      // updates land in the stacked tensors.
-      for (int64_t i = 0; i < layers; ++i) {
-        params.push_back(param.select(0, i));
-        grads.push_back(param.grad().select(0, i));
-        qs.push_back(state.Q().select(0, i));
-        ls.push_back(state.L().select(0, i));
-        if (options.b1() > 0.0) {
-          mus.push_back(state.mu().select(0, i));
-        }
-        if (options.use_magma()) {
-          scores.push_back(state.magma_score().select(0, i));
-        }
-        // Every entry's step is counted: later slices get throwaway copies so
-        // the param's counter advances once per step.
-        steps.push_back(i == 0 ? state.step() : state.step().clone());
+      if (options.use_magma()) {
+        scores.push_back(state.magma_score());
       }
+      steps.push_back(state.step());
     }
     if (params.empty()) {
       continue;
@@ -309,8 +298,8 @@ at::Tensor Kron::step(LossClosure closure) {
                            options.track_lipschitz(), options.damping(), clip_amps(options), options.grad_clip_mode(),
                            options.raw_global_grad_clip(), options.permissive_spike_protection(),
                            options.newton_schulz_iters(), options.maximize(), options.use_magma(), options.magma_p(),
-                           options.magma_tau(), options.stochastic_rounding(), options.seed(), std::nullopt,
-                           std::nullopt);
+                           options.magma_tau(), options.stochastic_rounding(), options.seed(), options.stacked(),
+                           options.stacked_chunk_size(), std::nullopt, std::nullopt, std::nullopt);
   }
   return loss;
 }

@@ -41,7 +41,8 @@ bool operator==(const WhiteKronOptions& lhs, const WhiteKronOptions& rhs) {
          lhs.preconditioner_init_scale() == rhs.preconditioner_init_scale() && lhs.dtype() == rhs.dtype() &&
          lhs.block_size() == rhs.block_size() && lhs.noise_scale() == rhs.noise_scale() &&
          lhs.balance_every() == rhs.balance_every() && lhs.maximize() == rhs.maximize() &&
-         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed();
+         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed() &&
+         lhs.stacked() == rhs.stacked();
 }
 
 void WhiteKronOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -61,6 +62,7 @@ void WhiteKronOptions::serialize(torch::serialize::OutputArchive& archive) const
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stochastic_rounding);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stacked);
 }
 
 void WhiteKronOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -82,6 +84,9 @@ void WhiteKronOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, stochastic_rounding);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  // Archives written before `stacked` existed hold unstacked groups.
+  torch::IValue stacked_value;
+  stacked(archive.try_read("stacked", stacked_value) && stacked_value.toBool());
 }
 
 double WhiteKronOptions::get_lr() const { return lr(); }
@@ -130,11 +135,23 @@ at::Tensor WhiteKron::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
+      const bool stacked = options.stacked();
+      TORCH_CHECK_VALUE(!stacked || param.dim() >= 2, "WhiteKron: stacked=true needs params of shape (L, ...) with ",
+                        "at least 2 dims (one preconditioner per slice), got a param of shape ", param.sizes());
       auto& state = state_of<WhiteKronParamState>(param, [&] {
         auto fresh = std::make_unique<WhiteKronParamState>();
         fresh->step(detail::new_step_counter());
-        auto factors = functional::white_kron_init_state(param.detach(), options.max_size_dense(), options.block_size(),
+        // Stacked: one slice's fresh state repeated along a leading L axis.
+        auto factors = functional::white_kron_init_state(stacked ? param.detach()[0] : param.detach(),
+                                                         options.max_size_dense(), options.block_size(),
                                                          options.preconditioner_init_scale(), options.dtype());
+        if (stacked) {
+          for (auto& t : factors) {
+            std::vector<int64_t> repeats(t.dim() + 1, 1);
+            repeats[0] = param.size(0);
+            t = t.unsqueeze(0).repeat(repeats);
+          }
+        }
         fresh->ql(factors[0]);
         fresh->qr(factors[1]);
         fresh->lip_l(factors[2]);
@@ -145,16 +162,23 @@ at::Tensor WhiteKron::step(LossClosure closure) {
         const auto storage = param.scalar_type() == at::kDouble ? at::kDouble : options.dtype();
         state.mu(at::zeros_like(param, param.options().dtype(storage), at::MemoryFormat::Contiguous));
       }
-      params.push_back(param);
-      grads.push_back(param.grad());
-      if (options.b1() > 0.0) {
-        mus.push_back(state.mu());
+      // Stacked: one entry per slice, in order (views, so the functional's
+      // in-place writes land in the stacked tensors).
+      const int64_t layers = stacked ? param.size(0) : 1;
+      auto entry = [&](const at::Tensor& t, int64_t i) { return stacked ? t.select(0, i) : t; };
+      for (int64_t i = 0; i < layers; ++i) {
+        params.push_back(entry(param, i));
+        grads.push_back(entry(param.grad(), i));
+        if (options.b1() > 0.0) {
+          mus.push_back(entry(state.mu(), i));
+        }
+        ql.push_back(entry(state.ql(), i));
+        qr.push_back(entry(state.qr(), i));
+        lip_l.push_back(entry(state.lip_l(), i));
+        lip_r.push_back(entry(state.lip_r(), i));
+        // Every entry's step is counted: later slices get throwaway copies.
+        steps.push_back(i == 0 ? state.step() : state.step().clone());
       }
-      ql.push_back(state.ql());
-      qr.push_back(state.qr());
-      lip_l.push_back(state.lip_l());
-      lip_r.push_back(state.lip_r());
-      steps.push_back(state.step());
     }
     if (params.empty()) {
       continue;

@@ -212,11 +212,14 @@ TEST(Kron, CheckpointRoundTrip) {
       options, optim::KronOptions(0.5).seed(8), params, 4, 4);
 }
 
-// Stacked (L, m, n) params run the functional on their slices in order, so
-// they equal L separate (m, n) params listed in that order, draws included
-// (same generator state); values agree to BLAS rounding, as a slice's factors
-// sit at an offset inside the stacked buffer.
-TEST(Kron, StackedEqualsSeparateSlices) {
+// Stacked (L, m, n) params are updated as batches of slices (bmm, batched
+// norm bounds) with the draws taken per slice in order, so they equal L
+// separate (m, n) params listed in that order, draws included (same
+// generator state), for every chunk size; values agree to rounding (a bmm
+// and an mm of the same matrices round differently).
+class KronStackedChunks : public ::testing::TestWithParam<std::optional<int64_t>> {};
+
+TEST_P(KronStackedChunks, EqualsSeparateSlices) {
   torch::manual_seed(0);
   const auto stacked_init = torch::randn({3, 5, 4}, torch::kFloat64);
   const auto other_init = torch::randn({3, 6, 2}, torch::kFloat64);
@@ -228,7 +231,7 @@ TEST(Kron, StackedEqualsSeparateSlices) {
       separate.push_back(init[i].clone());
     }
   }
-  optim::Kron stacked_opt(stacked, optim::KronOptions(base).stacked(true));
+  optim::Kron stacked_opt(stacked, optim::KronOptions(base).stacked(true).stacked_chunk_size(GetParam()));
   optim::Kron separate_opt(separate, base);
   const auto grads = make_grads(stacked, 20, 4);
   for (const auto& step : grads) {
@@ -267,8 +270,18 @@ TEST(Kron, StackedEqualsSeparateSlices) {
   const auto& first =
       static_cast<const optim::KronParamState&>(*stacked_opt.state().at(stacked[0].unsafeGetTensorImpl()));
   EXPECT_GT((first.Q()[0] - first.Q()[1]).abs().max().item<double>(), 1e-3);
-  std::cout << "stacked vs separate max |diff| = " << err << std::endl;
+  std::cout << "stacked (chunk " << GetParam().value_or(0) << ") vs separate max |diff| = " << err << std::endl;
   EXPECT_TRUE(torch::equal(stacked_opt.rng_state(), separate_opt.rng_state()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Kron, KronStackedChunks,
+                         ::testing::Values(std::optional<int64_t>(), std::optional<int64_t>(1),
+                                           std::optional<int64_t>(2)));
+
+TEST(Kron, StackedChunkSizeIsValidated) {
+  std::vector<torch::Tensor> params{torch::randn({3, 4, 4})};
+  expect_throws_mentioning([&] { optim::Kron(params, optim::KronOptions(0.01).stacked(true).stacked_chunk_size(0)); },
+                           "stacked_chunk_size");
 }
 
 TEST(Kron, StackedRejectsParamsWithoutLayerAxis) {
@@ -288,6 +301,7 @@ TEST(Kron, StackedCheckpointRoundTrip) {
                            .mu_dtype(torch::kBFloat16)
                            .use_magma(true)
                            .stacked(true)
+                           .stacked_chunk_size(2)
                            .seed(3);
   check_checkpoint_round_trip<optim::Kron, optim::KronOptions, optim::KronParamState>(
       options, optim::KronOptions(0.5).seed(8), params, 4, 4);
@@ -320,6 +334,79 @@ TEST(Kron, BadOptionsNameTheArgument) {
   expect_throws_mentioning([&] { Kron(params, KronOptions().newton_schulz_iters(0)); }, "newton_schulz_iters");
   expect_throws_mentioning([&] { Kron(params, KronOptions().grad_clip_max_amps(std::make_tuple(0.0, 1.0))); },
                            "grad_clip_max_amps");
+}
+
+// The batched PSGD primitives (psgd.h, batched = true) equal the unbatched
+// ones slice by slice: contractions, Grams, solves, every geometry's factor
+// update with the same probes, and the balancing (whose 1% gate the stacked
+// optimizer tests rarely open).
+TEST(Kron, BatchedPrimitivesEqualPerSlice) {
+  namespace psgd = common::psgd;
+  torch::manual_seed(3);
+  const int64_t B = 3;
+  const std::vector<int64_t> shape{5, 4};
+  const std::vector<bool> dense{true, false};
+  auto spd = [](int64_t d) {
+    const auto a = torch::randn({d, d}, torch::kFloat64);
+    return a.mm(a.t()) / d + torch::eye(d, torch::kFloat64);
+  };
+  std::vector<torch::Tensor> left, right;
+  for (int64_t b = 0; b < B; ++b) {
+    left.push_back(torch::triu(spd(5)));
+    right.push_back(torch::rand({4}, torch::kFloat64) + 0.5);
+  }
+  const std::vector<torch::Tensor> batch{torch::stack(left), torch::stack(right)};
+  const auto x = torch::randn({B, 5, 4}, torch::kFloat64);
+  double err = 0.0;
+  auto track = [&](const torch::Tensor& a, const torch::Tensor& b) {
+    err = std::max(err, (a - b).abs().max().item<double>());
+  };
+  const auto px = psgd::apply_p(x, batch, true);
+  const auto qx = psgd::apply_q(x, batch, true);
+  const auto sx = psgd::solve_q_right(x, batch, true);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<torch::Tensor> one{left[b], right[b]};
+    track(px[b], psgd::apply_p(x[b], one));
+    track(qx[b], psgd::apply_q(x[b], one));
+    track(sx[b], psgd::solve_q_right(x[b], one));
+    for (int64_t axis = 0; axis < 2; ++axis) {
+      track(psgd::factor_gram(x, axis, dense[axis], true)[b], psgd::factor_gram(x[b], axis, dense[axis]));
+    }
+  }
+  for (const auto* mode : {"EQ", "Q0.5EQ1.5", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER"}) {
+    psgd::FactorUpdateOptions options;
+    options.geometry = psgd::parse_geometry(mode, "mode");
+    const int64_t draws = psgd::probe_draws(options.geometry, true);
+    EXPECT_EQ(psgd::probe_draws(options.geometry, false), 0);
+    const auto probes = torch::randn({draws, B, psgd::kNormProbeRows, 5}, torch::kFloat64);
+    const auto t1 = psgd::factor_gram(x, 0, true, true);
+    const bool eq = options.geometry == psgd::Geometry::EQ;
+    const auto t2 = eq ? psgd::factor_gram(sx, 0, true, true) : torch::scalar_tensor(4.0, torch::kFloat64);
+    auto q = batch[0].clone();
+    auto lip = torch::full({B}, 0.5, torch::kFloat64);
+    int64_t next = 0;
+    psgd::update_factor_(q, t1, t2, lip, options, [&](int64_t) { return probes[next++]; }, true);
+    EXPECT_EQ(next, draws) << mode;
+    for (int64_t b = 0; b < B; ++b) {
+      auto qb = left[b].clone();
+      auto lb = torch::scalar_tensor(0.5, torch::kFloat64);
+      int64_t k = 0;
+      psgd::update_factor_(qb, t1[b], eq ? t2[b] : t2, lb, options, [&](int64_t) { return probes[k++][b]; }, false);
+      track(q[b], qb);
+      track(lip[b], lb);
+    }
+  }
+  auto balanced = batch;
+  psgd::balance_factors_(balanced, true);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<torch::Tensor> one{left[b], right[b]};
+    psgd::balance_factors_(one);
+    track(balanced[0][b], one[0]);
+    track(balanced[1][b], one[1]);
+  }
+  std::cout << "batched vs per-slice primitives max |diff| = " << err << std::endl;
+  EXPECT_LE(err, 1e-13);
+  EXPECT_GT((balanced[0] - batch[0]).abs().max().item<double>(), 1e-6);  // the balance did rescale
 }
 
 }  // namespace

@@ -127,4 +127,64 @@ TEST(WhiteKron, BadOptionsNameTheArgument) {
   expect_throws_mentioning([&] { optim::WhiteKron(params, O().noise_scale(-1)); }, "noise_scale");
 }
 
+// Stacked (L, ...) params hand their slices to the functional as params
+// (views), so all their dense tiles join the one tile stack and the draws are
+// those of the slices listed as params: bitwise equal to separate params.
+TEST(WhiteKron, StackedEqualsSeparateSlices) {
+  torch::manual_seed(0);
+  // (L, 20, 12) with block_size 8: 3 x 2 dense tiles per slice; (L, 9): 1-D slices.
+  const std::vector<torch::Tensor> inits{torch::randn({3, 20, 12}), torch::randn({2, 9}), torch::randn({2, 4, 3, 5})};
+  const auto base = optim::WhiteKronOptions(0.02).block_size(8).balance_every(3).dtype(at::kFloat).seed(4);
+  std::vector<torch::Tensor> stacked, separate;
+  for (const auto& init : inits) {
+    stacked.push_back(init.clone());
+    for (int64_t i = 0; i < init.size(0); ++i) {
+      separate.push_back(init[i].clone());
+    }
+  }
+  optim::WhiteKron stacked_opt(stacked, optim::WhiteKronOptions(base).stacked(true));
+  optim::WhiteKron separate_opt(separate, base);
+  const auto grads = make_grads(stacked, 8, 2);
+  for (const auto& step : grads) {
+    std::vector<torch::Tensor> sliced;
+    for (const auto& g : step) {
+      for (int64_t i = 0; i < g.size(0); ++i) {
+        sliced.push_back(g[i].clone());
+      }
+    }
+    run(stacked_opt, stacked, {step});
+    run(separate_opt, separate, {sliced});
+  }
+  size_t k = 0;
+  for (const auto& p : stacked) {
+    const auto& s = static_cast<const optim::WhiteKronParamState&>(*stacked_opt.state().at(p.unsafeGetTensorImpl()));
+    EXPECT_EQ(s.step().item<double>(), 8.0);
+    for (int64_t i = 0; i < p.size(0); ++i, ++k) {
+      const auto& r =
+          static_cast<const optim::WhiteKronParamState&>(*separate_opt.state().at(separate[k].unsafeGetTensorImpl()));
+      EXPECT_TRUE(torch::equal(p[i], separate[k]));
+      EXPECT_TRUE(torch::equal(s.ql()[i], r.ql()));
+      EXPECT_TRUE(torch::equal(s.qr()[i], r.qr()));
+      EXPECT_TRUE(torch::equal(s.lip_l()[i], r.lip_l()));
+      EXPECT_TRUE(torch::equal(s.lip_r()[i], r.lip_r()));
+      EXPECT_TRUE(torch::equal(s.mu()[i], r.mu()));
+    }
+  }
+  EXPECT_EQ(k, separate.size());
+}
+
+TEST(WhiteKron, StackedRejectsParamsWithoutLayerAxis) {
+  std::vector<torch::Tensor> params{torch::randn({4})};
+  optim::WhiteKron opt(params, optim::WhiteKronOptions(0.01).stacked(true));
+  params[0].mutable_grad() = torch::randn({4});
+  expect_throws_mentioning([&] { opt.step(); }, "stacked");
+}
+
+TEST(WhiteKron, StackedCheckpointRoundTrip) {
+  std::vector<torch::Tensor> params{torch::randn({3, 10, 9}), torch::randn({2, 7})};
+  check_checkpoint_round_trip<optim::WhiteKron, optim::WhiteKronOptions, optim::WhiteKronParamState>(
+      optim::WhiteKronOptions(0.01).block_size(4).stacked(true).seed(3), optim::WhiteKronOptions(0.5).seed(8), params,
+      3, 3);
+}
+
 }  // namespace

@@ -4,6 +4,7 @@ path: 1-D, dense tiles with padding (block_size 8), large diagonal, row and
 column strips; both styles, the balance step, normalize_grads, b1 = 0; bf16
 factor storage; aliases and errors."""
 
+import copy
 import os
 import sys
 
@@ -173,3 +174,114 @@ def test_op_rejects_state_of_another_layout():
             torch.tensor(0.1, dtype=torch.float64),
             block_size=8,
         )
+
+
+# -- stacked (scanned) layers ---------------------------------------------------
+
+# (L, ...) params: dense tiles with padding, 1-D slices, 3-D slices (merged),
+# row strips (max_size_dense 20) and one layer.
+STACKED_SHAPES = [(3, 13, 19), (2, 7), (2, 3, 4, 5), (2, 10, 23), (1, 8, 8)]
+
+
+def _stacked_vs_separate(steps=12, **kwargs):
+    gen = torch.Generator().manual_seed(5)
+    stacked = [torch.randn(s, generator=gen) for s in STACKED_SHAPES]
+    separate = [p[i].clone() for p in stacked for i in range(p.shape[0])]
+    opt = tox.WhiteKron(stacked, stacked=True, **kwargs)
+    ref = tox.WhiteKron(separate, **kwargs)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in stacked]
+        for p, g in zip(stacked, grads):
+            p.grad = g
+        for q, sliced in zip(separate, [g[i].clone() for g in grads for i in range(g.shape[0])]):
+            q.grad = sliced
+        opt.step()
+        ref.step()
+    return stacked, separate, opt, ref
+
+
+@pytest.mark.parametrize("style", ["skew", "quad"])
+def test_stacked_equals_separate_slices(style):
+    # The slices reach the op as params (views): the same tile stack, the
+    # same per-index draws, so the results are bitwise those of the slices
+    # listed as params.
+    kwargs = dict(lr=0.02, block_size=8, max_size_dense=20, balance_every=5, update_style=style, seed=2)
+    stacked, separate, opt, ref = _stacked_vs_separate(dtype=torch.float32, **kwargs)
+    k = 0
+    for p in stacked:
+        state = opt.state[p]
+        assert float(state["step"]) == 12
+        for i in range(p.shape[0]):
+            other = ref.state[separate[k]]
+            assert torch.equal(p[i], separate[k])
+            for key in ("mu", "ql", "qr", "lip_l", "lip_r"):
+                assert state[key].shape[0] == p.shape[0], key
+                assert torch.equal(state[key][i], other[key]), key
+            k += 1
+    # The slices' factors did move apart.
+    assert (opt.state[stacked[0]]["ql"][0] - opt.state[stacked[0]]["ql"][1]).abs().max() > 1e-4
+
+
+def test_stacked_state_dict_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(3, 10, 9, generator=gen), torch.randn(2, 7, generator=gen)]
+    kwargs = dict(lr=0.02, block_size=4, seed=6)
+    opt = tox.WhiteKron([{"params": params, "stacked": True}], **kwargs)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(6)]
+
+    def run(ps, o, steps):
+        for step in steps:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            o.step()
+
+    run(params, opt, grads[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["ql"].shape == (3, 9, 4, 4)  # (10, 9) slices: 3 x 3 tiles of 4
+    assert saved["state"][1]["ql"].shape == (2, 7)  # 1-D slices: a diagonal each
+    assert saved["param_groups"][0]["stacked"]
+    resumed_params = [p.detach().clone() for p in params]
+    resumed = tox.WhiteKron([{"params": resumed_params, "stacked": True}], lr=0.5, block_size=4, seed=0)
+    resumed.load_state_dict(saved)
+    run(params, opt, grads[3:])
+    run(resumed_params, resumed, grads[3:])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    # Unstacked state does not fit a stacked group.
+    plain = tox.WhiteKron([params[0].detach().clone()], lr=0.02, block_size=4)
+    with pytest.raises(ValueError, match="state 'ql' has shape"):
+        plain.load_state_dict(
+            {
+                **saved,
+                "param_groups": [{**saved["param_groups"][0], "params": [0], "stacked": False}],
+                "state": {0: saved["state"][0]},
+            }
+        )
+
+
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_stacked_rejects_params_without_a_layer_axis(shape):
+    with pytest.raises(ValueError, match="stacked"):
+        tox.WhiteKron([torch.randn(shape)], stacked=True)
+    with pytest.raises(ValueError, match="stacked"):
+        tox.WhiteKron([torch.randn(3, 3)], stacked="yes")
+
+
+def test_stacked_step_compiles():
+    torch._dynamo.reset()
+
+    def run(compiled):
+        gen = torch.Generator().manual_seed(4)
+        p = torch.randn(3, 6, 5, generator=gen)
+        opt = tox.WhiteKron([p], lr=0.01, block_size=4, seed=3, stacked=True)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for _ in range(3):
+            p.grad = torch.randn(3, 6, 5, generator=gen)
+            step()
+        return p, opt
+
+    eager, e_opt = run(False)
+    compiled, c_opt = run(True)
+    assert torch.equal(eager, compiled)
+    for key in ("mu", "ql", "qr", "lip_l", "lip_r", "step"):
+        assert torch.equal(e_opt.state[eager][key], c_opt.state[compiled][key]), key

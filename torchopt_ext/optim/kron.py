@@ -16,6 +16,7 @@ from ._base import (
     check_state_dtype,
     draw_seed,
     is_dtensor,
+    local,
     lr_tensor,
     math_dtype,
 )
@@ -39,6 +40,15 @@ def precond_update_prob_schedule(
         return torch.clamp(torch.exp(-decay * (n - flat_start)), min_prob, max_prob)
 
     return schedule
+
+
+def _sharded_stacked(p: torch.Tensor) -> bool:
+    """A DTensor sharded along its first (layer) axis on a 1-D mesh."""
+    if not is_dtensor(p):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
 
 
 class Kron(FusedOptimizer):
@@ -94,13 +104,21 @@ class Kron(FusedOptimizer):
     param of the group has shape (L, ...) and is L independent layers; slice
     ``p[i]`` gets its own factors, laid out from ``p.shape[1:]``, so ``Q``,
     ``L`` and ``magma_score`` carry a leading L axis (``mu`` is param-shaped).
-    The op receives one entry per slice (views, updated in place), slices of a
-    param in order 0..L-1 and params in group order, so the generator draws
-    and the lazy init scale are exactly those of L separate params listed in
-    that order (one update-gate draw per group step, as without stacking).
+    The op updates the slices of a param as batches of at most
+    ``stacked_chunk_size`` slices (None: all L at once; smaller chunks bound
+    the batched temporaries), with the draws taken per slice in the order of
+    L separate params listed slice by slice (params in group order), so the
+    generator, the lazy init scale and Magma's keys are those of the slices
+    as params (one update-gate draw per group step, as without stacking).
     Unlike rollfast, slices do not share one key and the init scale uses every
-    slice, not only ``g[0]``; Magma scores each slice. Params need >= 2 dims;
-    DTensor params are not supported in stacked groups.
+    slice, not only ``g[0]``; Magma scores each slice. Params need >= 2 dims.
+    A stacked FSDP2 param (a ``Shard(0)`` DTensor on a 1-D mesh) is sharded
+    along L, so each rank steps its own whole slices with state sharded the
+    same way, without gathering; the op draws and drops the other ranks'
+    slices' draws, so every rank keeps the single-process generator. There,
+    the lazy init scale (a max over all slices) costs one all-reduce of a
+    float64 on a param's first step, and ``raw_global_grad_clip`` and
+    ``grad_clip_mode="global_rms"`` (group-wide norms) are not supported.
     """
 
     _op = "kron_step_"
@@ -143,6 +161,7 @@ class Kron(FusedOptimizer):
         maximize: bool = False,
         stochastic_rounding: bool = False,
         stacked: bool = False,
+        stacked_chunk_size: Optional[int] = None,
     ) -> None:
         seed = draw_seed(seed, True)
         generator = torch.Generator()
@@ -179,6 +198,7 @@ class Kron(FusedOptimizer):
             stochastic_rounding=stochastic_rounding,
             seed=seed,
             stacked=stacked,
+            stacked_chunk_size=stacked_chunk_size,
             # One generator per optimizer: every group holds this same tensor.
             rng_state=generator.get_state(),
         )
@@ -236,6 +256,9 @@ class Kron(FusedOptimizer):
             raise ValueError("Invalid use_magma=True: Magma needs momentum (b1 > 0)")
         if not isinstance(group["stacked"], bool):
             raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
+        chunk = group["stacked_chunk_size"]
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"Invalid stacked_chunk_size: must be None or an int >= 1, got {chunk!r}")
         if group["stacked"]:
             for i, p in enumerate(group.get("params", [])):
                 if p.dim() < 2:
@@ -294,7 +317,13 @@ class Kron(FusedOptimizer):
         shape = self._state_shape(p, key)
         if key == "magma_score":
             # A host scalar per param (per slice when stacked), as the op takes it.
-            return torch.full(shape, 0.5, dtype=torch.float32)
+            score = torch.full(shape, 0.5, dtype=torch.float32)
+            if group["stacked"] and _sharded_stacked(p):
+                # One score per slice, sharded along L like the param.
+                from torch.distributed.tensor import distribute_tensor
+
+                return distribute_tensor(score, p.device_mesh, p.placements, src_data_rank=None)
+            return score
         # Zeros: the op sets the factors on the param's first step.
         zeros = torch.zeros(shape, dtype=self._state_dtype(p, group, key), device=p.device)
         if is_dtensor(p):
@@ -307,11 +336,13 @@ class Kron(FusedOptimizer):
         return zeros
 
     def _init_group(self, group, params, grads, state_steps, mus, qs, ls, magma_scores):
-        # Whole tensors, one entry per param (stacked ones too: see _slices).
+        # One entry per param (a stacked param whole: the op batches its slices).
         unwrap, unwrap_input = self._unwrappers()
+        if self._sharded_stacked_group(group):
+            # Shard(0) of a stacked param holds whole slices: step the local
+            # shards (state is sharded the same way), no gather.
+            unwrap = unwrap_input = local
         for _, p, state in self._params_with_grad(group):
-            if group["stacked"] and is_dtensor(p):
-                raise NotImplementedError("Kron: stacked=True does not support DTensor params")
             for key in ("Q", "L"):
                 if key not in state:
                     state[key] = self._new_state(p, group, key)
@@ -324,24 +355,69 @@ class Kron(FusedOptimizer):
             if group["use_magma"]:
                 if "magma_score" not in state:  # also when Magma is turned on later
                     state["magma_score"] = self._new_state(p, group, "magma_score")
-                magma_scores.append(state["magma_score"])
+                magma_scores.append(local(state["magma_score"]))
             params.append(unwrap(p))
             grads.append(unwrap_input(p.grad))
             state_steps.append(state["step"])
 
     @staticmethod
-    def _slices(lists: list[list[torch.Tensor]], state_steps: list[torch.Tensor]) -> tuple[list, list]:
-        """Each stacked (L, ...) entry of every list (params first) replaced by
-        its slices 0..L-1: views, so the op's in-place updates land in the
-        stacked tensors. Called from step(), not _init_group, which
-        torch.compile runs untraced (views made there reached the op as
-        unrelated inputs and their writes were lost)."""
-        layers = [p.shape[0] for p in lists[0]]
-        sliced = [[t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else [] for entries in lists]
-        # The op counts every entry's step: slices after the first get
-        # throwaway copies so the param's counter advances once per step.
-        steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
-        return sliced, steps
+    def _sharded_stacked_group(group: dict[str, Any]) -> bool:
+        """Whether a stacked group holds FSDP2 DTensor params (then all must be
+        Shard(0) on one 1-D mesh: sharded along L, whole slices per rank)."""
+        if not group["stacked"] or not any(is_dtensor(p) for p in group["params"]):
+            return False
+        for i, p in enumerate(group["params"]):
+            if not _sharded_stacked(p):
+                found = f"placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if is_dtensor(p) else "plain"
+                raise NotImplementedError(
+                    "Kron: stacked=True supports DTensor params only as Shard(0) on a 1-D mesh (sharded along "
+                    f"the layer axis), for every param of the group; params[{i}] is {found}"
+                )
+        if group["raw_global_grad_clip"] is not None or (
+            group["grad_clip_max_amps"] is not None and group["grad_clip_mode"] == "global_rms"
+        ):
+            raise NotImplementedError(
+                "Kron: stacked=True with sharded (DTensor) params does not support raw_global_grad_clip or "
+                "grad_clip_mode='global_rms' (group-wide norms over all ranks' slices)"
+            )
+        return True
+
+    @staticmethod
+    def _stacked_slices(group: dict[str, Any]) -> list[int]:
+        """Per param (first global slice, total slices) of this rank's shard:
+        Shard(0) follows torch.chunk (ceil(L / n) slices per rank)."""
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            total, ranks = p.shape[0], p.device_mesh.size()
+            size = -(-total // ranks)
+            out += [min(p.device_mesh.get_local_rank() * size, total), total]
+        return out
+
+    def _sharded_init_scale(self, group, params, grads, state_steps, amp) -> Optional[float]:
+        """The lazy init scale over every rank's fresh slices (the op only sees
+        its own): the op's per-slice mean |g|^4, then one all-reduce (max) of
+        a float64, on a param's first step only."""
+        if group["preconditioner_init_scale"] is not None or not any(float(s) == 0 for s in state_steps):
+            return group["preconditioner_init_scale"]
+        import torch.distributed as dist
+
+        largest = 0.0
+        scale = amp.get("grad_scale")
+        for p, g, s in zip(params, grads, state_steps):
+            if float(s) != 0:
+                continue
+            if scale is not None:
+                g = g / float(scale)  # the op divides the grads first
+            g = g.to(math_dtype(p))
+            for i in range(g.shape[0]):
+                if g[i].numel() > 0:
+                    largest = max(largest, float(g[i].abs().pow(4).mean()))
+        total = torch.tensor(largest, dtype=torch.float64)
+        mesh = next(p for p in group["params"] if is_dtensor(p)).device_mesh
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        return (float(total) + group["damping"] ** 4) ** (-1.0 / 8.0)
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(
@@ -390,9 +466,11 @@ class Kron(FusedOptimizer):
             self._init_group(group, params, grads, state_steps, mus, qs, ls, magma_scores)
             if not params:
                 continue
-            if group["stacked"]:
-                lists, state_steps = self._slices([params, grads, mus, qs, ls, magma_scores], state_steps)
-                params, grads, mus, qs, ls, magma_scores = lists
+            kwargs = self._op_kwargs(group)
+            stacked_slices = None
+            if self._sharded_stacked_group(group):
+                stacked_slices = self._stacked_slices(group)
+                kwargs["preconditioner_init_scale"] = self._sharded_init_scale(group, params, grads, state_steps, amp)
             torch.ops.torchopt_ext.kron_step_(
                 params,
                 grads,
@@ -405,7 +483,10 @@ class Kron(FusedOptimizer):
                 update_probability=self._update_probability(group, state_steps),
                 stochastic_rounding=group["stochastic_rounding"],
                 seed=group["seed"],
-                **self._op_kwargs(group),
+                stacked=group["stacked"],
+                stacked_chunk_size=group["stacked_chunk_size"],
+                stacked_slices=stacked_slices,
+                **kwargs,
                 **amp,
             )
             self._whole_tensors.write_back()

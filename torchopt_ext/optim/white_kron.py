@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, local
+from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, is_dtensor, local
 
 _STYLES = ("skew", "quad")
 _LR_STYLES = ("adam", None)
@@ -45,10 +45,19 @@ class WhiteKron(FusedOptimizer):
     bounds draw from generators seeded by ``seed`` and the step in the order
     documented in ``functional/white_kron.h`` (reproducible; the float64
     reference in ``tests/reference/white_kron.py`` replays it). Not offered:
-    ``scanned_layers`` (stacked tensors are treated as one merged matrix), the
-    pipeline-axis sharding options and the weight-decay mask. NaN/Inf grads
+    the pipeline-axis sharding options and the weight-decay mask. NaN/Inf grads
     propagate into the params. State: ``step``, ``mu`` (with ``b1 > 0``),
     ``ql``, ``qr``, ``lip_l``, ``lip_r`` (shapes in ``white_kron.h``).
+
+    ``stacked=True`` (a group option, eformer's ``scanned_layers``): every
+    param of the group is (L, ...) with at least 2 dims, and each slice
+    ``p[i]`` is preconditioned on its own, with the path and tiles of
+    ``p.shape[1:]``; ``ql``, ``qr``, ``lip_l`` and ``lip_r`` gain a leading L
+    axis (``mu`` is param-shaped). The op receives the slices as entries
+    (views, updated in place), params in group order and slices 0..L-1, so
+    all dense tiles of all slices join the group's one tile stack (L slices
+    cost one batch) and the draws are those of the slices listed as params.
+    DTensor params are not supported in stacked groups.
     """
 
     _op = "white_kron_step_"
@@ -76,6 +85,7 @@ class WhiteKron(FusedOptimizer):
         balance_every: int = 100,
         maximize: bool = False,
         stochastic_rounding: bool = False,
+        stacked: bool = False,
     ) -> None:
         if self._update_style is not None:
             update_style = self._update_style
@@ -96,6 +106,7 @@ class WhiteKron(FusedOptimizer):
             maximize=maximize,
             state_dtype=None,
             stochastic_rounding=stochastic_rounding,
+            stacked=stacked,
             # The noise and norm-bound draws always need a seed.
             seed=draw_seed(seed, True),
         )
@@ -124,6 +135,17 @@ class WhiteKron(FusedOptimizer):
         if group["dtype"] not in _DTYPES:
             raise ValueError(f"Invalid dtype: must be torch.bfloat16 or torch.float32, got {group['dtype']}")
         check_non_negative("noise_scale value", group["noise_scale"])
+        if not isinstance(group["stacked"], bool):
+            raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
+        if group["stacked"]:
+            for i, p in enumerate(group.get("params", [])):
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"Invalid stacked=True: params[{i}] has shape {tuple(p.shape)}; a stacked param is "
+                        "(L, ...) with at least 2 dims (one preconditioner per slice p[i])"
+                    )
+                if is_dtensor(p):
+                    raise NotImplementedError("WhiteKron: stacked=True does not support DTensor params")
 
     def _uses_state(self, group: dict[str, Any], key: str) -> bool:
         return key != "mu" or group["b1"] > 0
@@ -142,8 +164,8 @@ class WhiteKron(FusedOptimizer):
             return tuple(p.shape)
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-        fresh = self._fresh(meta, group)
-        return tuple(fresh[self._state_keys.index(key) - 1].shape)
+        fresh = self._new_state(meta, group, key)
+        return tuple(fresh.shape)
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.dtype:
         if p.dtype == torch.float64:
@@ -155,7 +177,37 @@ class WhiteKron(FusedOptimizer):
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "mu":
             return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.contiguous_format)
-        return self._fresh(p, group)[self._state_keys.index(key) - 1]
+        index = self._state_keys.index(key) - 1
+        if not group["stacked"]:
+            return self._fresh(p, group)[index]
+        # One slice's fresh state, repeated along a leading L axis.
+        one = self._fresh(p[0], group)[index]
+        return one.unsqueeze(0).repeat(p.shape[0], *([1] * one.dim()))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
+        for group in self.param_groups:
+            params, grads, state_steps = [], [], []
+            state_lists = [[] for _ in self._state_keys]
+            self._init_group(group, params, grads, state_steps, *state_lists)
+            if not params:
+                continue
+            if group["stacked"]:
+                # Here, not in _init_group (which torch.compile runs untraced:
+                # views made there would reach the op as unrelated inputs).
+                layers = [p.shape[0] for p in params]
+                params, grads, *state_lists = [
+                    [t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else []
+                    for entries in [params, grads, *state_lists]
+                ]
+                # The op counts every entry's step: slices after the first get
+                # throwaway copies so the param's counter advances once.
+                state_steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
+            self._run_op(group, params, grads, state_lists, state_steps, amp)
+            self._whole_tensors.write_back()
+        return loss
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(

@@ -11,12 +11,21 @@
 // Randomness: every random draw takes an explicit at::Generator, so a caller
 // controls (and documents) the order of all draws; the functions below say
 // how many they make. No function reads a value back to the host.
+//
+// Batching (stacked layers): the contractions, Grams, norm bounds and the
+// factor update also take `batched = true`, where every tensor (x, factors,
+// Grams, Lipschitz scalars) carries one leading batch axis of B independent
+// problems (B slices of a stacked param) and the matmuls become bmm. The
+// random probes are then passed in (ProbeSource) rather than drawn, so the
+// caller can draw them per slice in the unbatched order. Unbatched calls run
+// exactly the ops they ran before batching existed.
 #pragma once
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +63,11 @@ int64_t factors_numel(at::IntArrayRef shape, const std::vector<bool>& dense);
 std::vector<at::Tensor> unflatten_factors(const at::Tensor& flat, at::IntArrayRef shape,
                                           const std::vector<bool>& dense);
 
+// The same for `flat` of shape (B, factors_numel): batched views (B, d, d) /
+// (B, d) of every factor.
+std::vector<at::Tensor> unflatten_factors_batched(const at::Tensor& flat, at::IntArrayRef shape,
+                                                  const std::vector<bool>& dense);
+
 // Fills `flat` with identity factors times scale^(1/k) (k = number of factors).
 void init_factors_(const at::Tensor& flat, at::IntArrayRef shape, const std::vector<bool>& dense, double scale);
 
@@ -63,20 +77,21 @@ void init_factors_(const at::Tensor& flat, at::IntArrayRef shape, const std::vec
 // diagonal q: x scaled along `axis`. For a 0-d x, q is its one-element factor.
 at::Tensor apply_factor(const at::Tensor& x, const at::Tensor& q, int64_t axis, bool transpose);
 
-// Q x (every factor along its axis; LX exprA).
-at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors);
+// Q x (every factor along its axis; LX exprA). batched: x (B, ...) and
+// factors (B, d, d) / (B, d); axis i of the factors is axis i + 1 of x.
+at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false);
 
 // P x = Q^T Q x (LX exprP).
-at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors);
+at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false);
 
 // x with every fiber along each axis multiplied on the right by q^{-1}
 // (upper-triangular dense q by a triangular solve, diagonal q by division):
 // LX's conjB = V Q^{-1} of the EQ update.
-at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& factors);
+at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false);
 
 // Mode-`axis` Gram of x: x_(axis) x_(axis)^T (d x d) for a dense factor, the
 // per-index sum of squares (d,) for a diagonal one ((1,) for a 0-d x).
-at::Tensor factor_gram(const at::Tensor& x, int64_t axis, bool dense);
+at::Tensor factor_gram(const at::Tensor& x, int64_t axis, bool dense, bool batched = false);
 
 // ---- randomized spectral-norm lower bounds (LX norm_lower_bound_spd/skh) ---
 
@@ -89,11 +104,24 @@ at::Tensor norm_lower_bound_spd(const at::Tensor& A, at::Generator& gen);
 // The same for a skew-symmetric A, scaled by max |A| (one randn(32, n) draw).
 at::Tensor norm_lower_bound_skh(const at::Tensor& A, at::Generator& gen);
 
+// The two bounds with the probes given: A (..., n, n), probes (..., 32, n)
+// (what randn(32, n) would draw, per batch entry); result (...).
+at::Tensor norm_lower_bound_spd(const at::Tensor& A, const at::Tensor& probes);
+at::Tensor norm_lower_bound_skh(const at::Tensor& A, const at::Tensor& probes);
+
+// Rows of one norm-bound probe (LX k = 32).
+constexpr int64_t kNormProbeRows = 32;
+
+// The next probe of a factor update: (32, n), or (B, 32, n) when batched.
+using ProbeSource = std::function<at::Tensor(int64_t n)>;
+
 // LX procrustes_step2: one step of Q towards a symmetric matrix,
 // R = Q^T - Q normalized by its norm lower bound (one draw), step
 // a = min(-tr(RQ)/tr(RRQ), max_step) when tr(RRQ) < 0 else max_step,
 // Q <- Q + a (RQ + a/2 R RQ). In place.
 void procrustes_step_(at::Tensor& q, at::Generator& gen, double max_step = 0.125);
+// The same on q (..., d, d) with the norm bound's probes from `probes`.
+void procrustes_step_(at::Tensor& q, const ProbeSource& probes, double max_step = 0.125);
 
 // ---- the per-factor update (rollfast §2.4) ---------------------------------
 
@@ -124,8 +152,19 @@ struct FactorUpdateOptions {
 void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, at::Tensor& lipschitz,
                     const FactorUpdateOptions& options, at::Generator& gen);
 
+// The same step with the probes from `probes` (called in the order the
+// generator version draws, probe_draws() times). batched: q (B, d, d) /
+// (B, d), t1 likewise, t2 (B, d, d) for EQ else the 0-d numel / d,
+// lipschitz (B,).
+void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, at::Tensor& lipschitz,
+                    const FactorUpdateOptions& options, const ProbeSource& probes, bool batched);
+
+// How many randn(32, d) probes one update_factor_ of a factor draws: 0 for
+// a diagonal factor; 2 for a dense one under Q0.5EQ1.5 and NS, else 1.
+int64_t probe_draws(Geometry geometry, bool dense);
+
 // LX balance_kron_precond: n_i = max |Q_i|, g = (prod n_i)^(1/k),
 // Q_i <- Q_i g / n_i (no-op for fewer than two factors). In place.
-void balance_factors_(std::vector<at::Tensor>& factors);
+void balance_factors_(std::vector<at::Tensor>& factors, bool batched = false);
 
 }  // namespace torchopt_ext::common::psgd

@@ -15,17 +15,36 @@
 // Generator.get_state()); the op restores a generator from it, draws, and
 // writes the advanced state back. Order of the draws in one call:
 //   1. the update gate: one rand((), float64) (every step that is not skipped);
-//   2. when the gate opens, per param in order: the noise V = randn(shape) in
-//      the math dtype, then per dense factor in axis order the norm lower
-//      bound probes of its update (common/psgd.h says how many);
+//   2. when the gate opens, per param in order (per slice 0..L-1 of a
+//      stacked param): the noise V = randn(shape) in the math dtype, then per
+//      dense factor in axis order the norm lower bound probes of its update
+//      (common::psgd::probe_draws says how many);
 //   3. when the gate opened: the balancing gate, one rand((), float64) < 0.01.
-// A strict spike skip and a GradScaler found_inf skip draw nothing.
+// A strict spike skip and a GradScaler found_inf skip draw nothing. The
+// stacked batches take their draws in this per-slice order too (drawn ahead
+// of the batched math), so a stacked param draws exactly what its slices
+// listed as separate params would.
+//
+// Stacked (scanned) layers, `stacked = true`: every param is (L, ...) and
+// slice p[s] is its own problem with factors laid out from p.shape[1:];
+// `preconditioners[i]` is (L, factors_numel), `lipschitz[i]` (L, factors),
+// `magma_scores[i]` (L,), one step counter per param. The slices are
+// updated as batches of at most `stacked_chunk_size` slices (nullopt: all
+// L at once): batched matmuls, triangular solves and norm bounds, with the
+// per-slice noise and probes stacked. Slice s of param i counts as tensor
+// index base_i + s for Magma and stochastic rounding (base_i: the slices of
+// the params before it), as if the slices were listed as params.
+// `stacked_slices` (a shard of a stacked DTensor, which holds whole slices):
+// per param (first global slice, total slices); the op then draws and drops
+// the draws of the slices other ranks hold, so the generator and the
+// tensor indices are the single-process ones.
 // Magma's keep/drop draw and stochastic rounding use the shared counter hash
 // of (seed, tensor index, step) instead (common/magma.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/OptionalArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -56,7 +75,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 at::ArrayRef<double> grad_clip_max_amps, c10::string_view grad_clip_mode,
                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
-                bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
+                at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf);
 
 }  // namespace torchopt_ext::functional

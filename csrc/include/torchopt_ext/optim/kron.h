@@ -54,9 +54,12 @@ struct KronOptions : public torch::optim::OptimizerCloneableOptions<KronOptions>
   TORCH_ARG(int64_t, seed) = 0;
   // Scanned layers: every param is (L, ...) and slice p[i] gets its own
   // factors (laid out from p.shape[1:]); Q, L and magma_score gain a leading
-  // L axis. The functional sees one entry per slice, slices 0..L-1 of each
-  // param in order, so the draws equal those of L separate params.
+  // L axis. The functional updates the slices as batches (draws in the order
+  // of L separate params listed slice by slice).
   TORCH_ARG(bool, stacked) = false;
+  // Slices per batch of a stacked param (bounds the batched temporaries);
+  // nullopt: all L at once. >= 1.
+  TORCH_ARG(std::optional<int64_t>, stacked_chunk_size) = std::nullopt;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;

@@ -30,6 +30,11 @@ struct WhiteKronOptions : public torch::optim::OptimizerCloneableOptions<WhiteKr
   TORCH_ARG(bool, maximize) = false;
   TORCH_ARG(bool, stochastic_rounding) = false;  // bf16 params
   TORCH_ARG(int64_t, seed) = 0;                  // noise and norm-bound draws
+  // Scanned layers: every param is (L, ...) and slice p[i] is preconditioned
+  // on its own (path and tiles of p.shape[1:]); ql, qr, lip_l, lip_r gain a
+  // leading L axis. The functional gets the slices as params (views), so all
+  // their dense tiles join the one tile stack.
+  TORCH_ARG(bool, stacked) = false;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
