@@ -12,14 +12,21 @@ per configuration and world size:
   largest rank's figure.
 
 Configurations: FSDP2 (``fully_shard`` per layer, Shard(0)) with AdamW (no
-optimizer communication), Muon and PRISM with ``distributed_mode="gather"``
-(every rank all-gathers every matrix param, grad and momentum and runs every
-matrix function) and ``"owner"`` (default); and plain replicated params (as
-under DDP) with Muon ``"owner"`` (every rank repeats every Newton-Schulz: no
-communication) vs ``"replicated"`` (ownership + results sent back).
+optimizer communication), Muon, PRISM, Kron and SOAP with
+``distributed_mode="gather"`` (every rank all-gathers every param, grad and
+state tensor and runs every matrix's work) and ``"owner"`` (default: Muon /
+PRISM send the matrix-function inputs to owners; Kron / SOAP send param, grad
+and momenta to the owner, which alone keeps the preconditioner state); and
+plain replicated params (as under DDP) with Muon ``"owner"`` (every rank
+repeats every Newton-Schulz: no communication) vs ``"replicated"``
+(ownership + results sent back). Kron / SOAP run with their defaults (Kron's
+preconditioner update probability is 1 for the first 500 steps; SOAP
+refreshes its eigenbases every 10 steps, so the 5 timed steps include one
+refresh at most).
 
-    python benchmarks/bench_distributed.py           # ~3 min on 2 idle cores
+    python benchmarks/bench_distributed.py           # Muon/PRISM/AdamW: ~3 min on 2 idle cores
     python benchmarks/bench_distributed.py --quick   # smoke run on small sizes
+    python benchmarks/bench_distributed.py --configs Kron SOAP   # only these rows
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ CONFIGS = [
     ("Muon owner", "fsdp", "Muon", dict(lr=1e-2), "owner"),
     ("PRISM gather", "fsdp", "PRISM", dict(lr=1e-2), "gather"),
     ("PRISM owner", "fsdp", "PRISM", dict(lr=1e-2), "owner"),
+    ("Kron gather", "fsdp", "Kron", dict(lr=1e-3, seed=0), "gather"),
+    ("Kron owner", "fsdp", "Kron", dict(lr=1e-3, seed=0), "owner"),
+    ("SOAP gather", "fsdp", "SOAP", dict(lr=3e-3), "gather"),
+    ("SOAP owner", "fsdp", "SOAP", dict(lr=3e-3), "owner"),
     ("Muon DDP, every rank", "ddp", "Muon", dict(lr=1e-2), "owner"),
     ("Muon DDP, owner", "ddp", "Muon", dict(lr=1e-2), "replicated"),
 ]
@@ -74,7 +85,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out_dir: str, only) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     store = dist.FileStore(store_path, world_size)
@@ -85,6 +96,8 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     mesh = init_device_mesh("cpu", (world_size,))
     rows = []
     for label, layout, cls, options, mode in CONFIGS:
+        if only and not any(word in label for word in only):
+            continue
         torch.manual_seed(0)
         model = Stack(shapes)
         if layout == "fsdp":
@@ -135,11 +148,11 @@ def _worker(rank: int, world_size: int, store_path: str, shapes, steps: int, out
     dist.destroy_process_group()
 
 
-def _run(world_size: int, shapes, steps: int, out_dir: str) -> list[dict]:
+def _run(world_size: int, shapes, steps: int, out_dir: str, only) -> list[dict]:
     fd, store_path = tempfile.mkstemp(prefix="bench_dist_store_")
     os.close(fd)
     os.unlink(store_path)
-    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir), nprocs=world_size,
+    mp.start_processes(_worker, args=(world_size, store_path, shapes, steps, out_dir, only), nprocs=world_size,
                        start_method="spawn")  # fmt: skip
     with open(os.path.join(out_dir, f"ws{world_size}.json")) as fh:
         return json.load(fh)
@@ -149,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--configs", nargs="*", default=None, help="run only configs whose label has one of these")
     args = parser.parse_args()
     shapes = QUICK if args.quick else FULL
     load = os.getloadavg()[0]
@@ -158,7 +172,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
         for ws in (1, 2, 4):
-            results += _run(ws, shapes, args.steps, out_dir)
+            results += _run(ws, shapes, args.steps, out_dir, args.configs)
     print("| config | ranks | path | step (ms, slowest rank) | sent / rank / step (MB) | state / rank (MB) |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -318,6 +318,19 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
   }
 }
 
+void skip_update_factor_draws(int64_t d, bool dense, const FactorUpdateOptions& options, at::ScalarType dtype,
+                              at::Generator& gen) {
+  if (!dense) {
+    return;
+  }
+  // update_factor_: one norm lower bound, and a second in Q0.5EQ1.5's
+  // Procrustes step and NS's polar scale; each draws (kNormProbes, d).
+  const bool second = options.geometry == Geometry::Q0p5EQ1p5 || options.geometry == Geometry::NS;
+  for (int k = 0; k < (second ? 2 : 1); ++k) {
+    (void)at::randn({kNormProbes, d}, gen, at::TensorOptions().dtype(dtype));
+  }
+}
+
 void balance_factors_(std::vector<at::Tensor>& factors) {
   if (factors.size() < 2) {
     return;

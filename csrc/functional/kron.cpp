@@ -78,7 +78,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices,
+                at::IntArrayRef group_shapes) {
   constexpr const char* op = "kron_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -143,6 +144,34 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                     params.size(), "), got ", preconditioners.size());
   TORCH_CHECK_VALUE(lipschitz.size() == params.size(), op, ": lipschitz must have one tensor per param (",
                     params.size(), "), got ", lipschitz.size());
+  // The ownership path's group: per param of the whole group, its shape and
+  // math dtype, and which of this call's params it is (-1: another rank's).
+  std::vector<std::vector<int64_t>> group_sizes;
+  std::vector<at::ScalarType> group_math;
+  std::vector<int64_t> local_of;
+  if (!group_shapes.empty() || !param_indices.empty()) {
+    TORCH_CHECK_VALUE(param_indices.size() == params.size(), op,
+                      ": param_indices must have one entry per param on the ownership path (", params.size(), "), got ",
+                      param_indices.size());
+    for (size_t at_ = 0; at_ < group_shapes.size();) {
+      const int64_t ndim = group_shapes[at_];
+      TORCH_CHECK_VALUE(ndim >= 0 && at_ + ndim + 2 <= group_shapes.size(), op, ": malformed group_shapes");
+      group_sizes.emplace_back(group_shapes.begin() + at_ + 1, group_shapes.begin() + at_ + 1 + ndim);
+      group_math.push_back(group_shapes[at_ + 1 + ndim] ? at::kDouble : at::kFloat);
+      at_ += ndim + 2;
+    }
+    local_of.assign(group_sizes.size(), -1);
+    for (size_t i = 0; i < param_indices.size(); ++i) {
+      const int64_t k = param_indices[i];
+      TORCH_CHECK_VALUE(k >= 0 && k < static_cast<int64_t>(group_sizes.size()) && (i == 0 || k > param_indices[i - 1]),
+                        op, ": param_indices must ascend within the group's ", group_sizes.size(), " params");
+      TORCH_CHECK_VALUE(params[i].sizes() == at::IntArrayRef(group_sizes[k]), op, ": params[", i,
+                        "] does not have the shape group_shapes gives its index ", k);
+      local_of[k] = static_cast<int64_t>(i);
+    }
+  }
+  // The key of param i's counter-hash draws: its index in the whole group, or in this call.
+  auto key_of = [&](size_t i) { return param_indices.empty() ? static_cast<int64_t>(i) : param_indices[i]; };
   std::vector<std::vector<bool>> layouts;
   for (size_t i = 0; i < params.size(); ++i) {
     layouts.push_back(psgd::factor_layout(params[i].sizes(), layout));
@@ -220,7 +249,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       const double beta = std::min(t / (1.0 + t), b1);
       at::Tensor& buffer = group->state[0][i];
       m[i] = at::lerp(buffer.to(math[i]), g[i], 1.0 - beta);
-      store(buffer, m[i], seed, kMomentumSalt, static_cast<int64_t>(i), group->steps[i]);
+      store(buffer, m[i], seed, kMomentumSalt, key_of(i), group->steps[i]);
     }
   }
 
@@ -255,7 +284,19 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     old_factors[i] = psgd::unflatten_factors(preconditioners[i].to(math[i]), group->params[i].sizes(), layouts[i]);
   }
   if (do_update) {
-    for (size_t i = 0; i < n; ++i) {
+    // Every param of the group in order; another rank's only draws (see kron.h).
+    const size_t total = group_sizes.empty() ? n : group_sizes.size();
+    for (size_t k = 0; k < total; ++k) {
+      if (!group_sizes.empty() && local_of[k] < 0) {
+        (void)at::randn(group_sizes[k], gen, at::TensorOptions().dtype(group_math[k]));
+        const auto dense = psgd::factor_layout(group_sizes[k], layout);
+        for (size_t f = 0; f < dense.size(); ++f) {
+          const int64_t d = group_sizes[k].empty() ? 1 : group_sizes[k][f];
+          psgd::skip_update_factor_draws(d, dense[f], factor_options, group_math[k], gen);
+        }
+        continue;
+      }
+      const size_t i = group_sizes.empty() ? k : static_cast<size_t>(local_of[k]);
       const at::Tensor& G = whiten_grad ? g[i] : m[i];
       // The noise scale: damping + eps |G|, eps of the math dtype (rollfast / LX).
       const double eps_i = math[i] == at::kDouble ? std::numeric_limits<double>::epsilon()
@@ -310,8 +351,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (do_update) {
     // After preconditioning: old_factors may view the stored factors.
     for (size_t i = 0; i < n; ++i) {
-      store(preconditioners[i], flatten_factors(new_factors[i]), seed, kPreconditionerSalt, static_cast<int64_t>(i),
-            group->steps[i]);
+      store(preconditioners[i], flatten_factors(new_factors[i]), seed, kPreconditionerSalt, key_of(i), group->steps[i]);
     }
   }
   for (size_t i = 0; i < n; ++i) {
@@ -320,7 +360,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
-      const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
+      const bool keep = common::magma_keep(magma, key_of(i), group->steps[i]);
       multiplier = common::magma_multiplier(raw_g[i], m[i], score, keep, magma_tau).item<double>();
     }
     const double decay = 1.0 - group->lr * multiplier * weight_decay;
