@@ -467,6 +467,13 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
   }
 }
 
+void skip_update_factor_draws(int64_t d, bool dense, const FactorUpdateOptions& options, at::ScalarType dtype,
+                              at::Generator& gen) {
+  for (int64_t k = 0; k < probe_draws(options.geometry, dense); ++k) {
+    (void)at::randn({kNormProbeRows, d}, gen, at::TensorOptions().dtype(dtype));
+  }
+}
+
 void balance_factors_(std::vector<at::Tensor>& factors, bool batched) {
   if (factors.size() < 2) {
     return;

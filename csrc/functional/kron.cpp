@@ -79,7 +79,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
                 at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices,
+                at::IntArrayRef group_shapes) {
   constexpr const char* op = "kron_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -155,6 +156,33 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   const size_t n = params.size();
   std::vector<std::vector<int64_t>> shapes(n);
   std::vector<int64_t> layers(n, 1), first(n, 0), total(n, 1), base(n, 0);
+  // The ownership path's group: per param of the whole group, its shape and
+  // math dtype, and which of this call's params it is (-1: another rank's).
+  std::vector<std::vector<int64_t>> group_sizes;
+  std::vector<at::ScalarType> group_math;
+  std::vector<int64_t> local_of;
+  if (!group_shapes.empty() || !param_indices.empty()) {
+    TORCH_CHECK_VALUE(!stacked, op, ": stacked=True does not take param_indices / group_shapes (the ownership path)");
+    TORCH_CHECK_VALUE(param_indices.size() == params.size(), op,
+                      ": param_indices must have one entry per param on the ownership path (", params.size(), "), got ",
+                      param_indices.size());
+    for (size_t at_ = 0; at_ < group_shapes.size();) {
+      const int64_t ndim = group_shapes[at_];
+      TORCH_CHECK_VALUE(ndim >= 0 && at_ + ndim + 2 <= group_shapes.size(), op, ": malformed group_shapes");
+      group_sizes.emplace_back(group_shapes.begin() + at_ + 1, group_shapes.begin() + at_ + 1 + ndim);
+      group_math.push_back(group_shapes[at_ + 1 + ndim] ? at::kDouble : at::kFloat);
+      at_ += ndim + 2;
+    }
+    local_of.assign(group_sizes.size(), -1);
+    for (size_t i = 0; i < param_indices.size(); ++i) {
+      const int64_t k = param_indices[i];
+      TORCH_CHECK_VALUE(k >= 0 && k < static_cast<int64_t>(group_sizes.size()) && (i == 0 || k > param_indices[i - 1]),
+                        op, ": param_indices must ascend within the group's ", group_sizes.size(), " params");
+      TORCH_CHECK_VALUE(params[i].sizes() == at::IntArrayRef(group_sizes[k]), op, ": params[", i,
+                        "] does not have the shape group_shapes gives its index ", k);
+      local_of[k] = static_cast<int64_t>(i);
+    }
+  }
   std::vector<std::vector<bool>> layouts;
   int64_t next_base = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -174,7 +202,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     } else {
       shapes[i] = params[i].sizes().vec();
     }
-    base[i] = next_base + first[i];
+    // The ownership path keys a param by its index in the whole group.
+    base[i] = param_indices.empty() ? next_base + first[i] : param_indices[i];
     next_base += total[i];
     layouts.push_back(psgd::factor_layout(shapes[i], layout));
     const auto& q = preconditioners[i];
@@ -372,13 +401,25 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (do_update) {
     // The draws of slices another rank holds (a sharded stacked param): drawn
     // and dropped so every rank's generator stays the single-process one.
+    // The ownership path does the same for the group's params that other
+    // ranks step (see kron.h), in group order around this call's params.
+    auto skip_param = [&](at::IntArrayRef shape, at::ScalarType dtype) {
+      (void)at::randn(shape, gen, at::TensorOptions().dtype(dtype));
+      const auto dense = psgd::factor_layout(shape, layout);
+      for (size_t f = 0; f < dense.size(); ++f) {
+        psgd::skip_update_factor_draws(shape.empty() ? 1 : shape[f], dense[f], factor_options, dtype, gen);
+      }
+    };
     auto skip_slices = [&](size_t i, int64_t count) {
       for (int64_t s = 0; s < count; ++s) {
-        at::randn(shapes[i], gen, at::TensorOptions().dtype(math[i]));
-        for (size_t f = 0; f < layouts[i].size(); ++f) {
-          for (int64_t k = 0; k < psgd::probe_draws(factor_options.geometry, layouts[i][f]); ++k) {
-            at::randn({psgd::kNormProbeRows, shapes[i][f]}, gen, at::TensorOptions().dtype(math[i]));
-          }
+        skip_param(shapes[i], math[i]);
+      }
+    };
+    size_t next_group = 0;
+    auto skip_group_until = [&](size_t stop) {
+      for (; next_group < stop; ++next_group) {
+        if (local_of[next_group] < 0) {
+          skip_param(group_sizes[next_group], group_math[next_group]);
         }
       }
     };
@@ -388,6 +429,10 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       const auto& shape = shapes[i];
       const auto& dense = layouts[i];
       const auto opts = at::TensorOptions().dtype(math[i]);
+      if (!group_sizes.empty()) {
+        skip_group_until(static_cast<size_t>(param_indices[i]));
+        next_group = static_cast<size_t>(param_indices[i]) + 1;
+      }
       if (unit.count == 0) {
         skip_slices(i, total[i]);
         continue;
@@ -459,6 +504,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       }
       new_factors[u] = std::move(updated);
     }
+    skip_group_until(group_sizes.size());
     // LX / rollfast: balance the factor norms with probability 0.01.
     if (at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < 0.01) {
       for (size_t u = 0; u < units_n; ++u) {

@@ -71,14 +71,29 @@ at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math) 
   return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(math);
 }
 
+// Draws for a tile stack. With `index` (the ownership path: this call holds
+// some tiles of the group's stack of `total`), the whole stack's draws are
+// made and this call's rows taken, so a tile's draws do not depend on which
+// rank steps it.
+at::Tensor draw_tiles(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math, const at::Tensor& index,
+                      int64_t total) {
+  if (!index.defined()) {
+    return draw(gen, shape, math);
+  }
+  std::vector<int64_t> whole(shape.begin(), shape.end());
+  whole[0] = total;
+  return draw(gen, whole, math).index_select(0, index);
+}
+
 // Dense factor update (QUAD or skew) of each tile; returns the new Q and L.
 std::pair<at::Tensor, at::Tensor> dense_update(const at::Tensor& term1, const at::Tensor& term2, const at::Tensor& lip,
                                                const at::Tensor& q, const at::Tensor& plr, bool skew,
-                                               at::Generator& gen) {
+                                               at::Generator& gen, const at::Tensor& tile_index, int64_t total_tiles) {
   const int64_t t = q.size(0);
   const int64_t n = q.size(1);
-  const at::Tensor ell_probe = draw(gen, {t, kProbes, n}, q.scalar_type());
-  const at::Tensor rot_probe = skew ? draw(gen, {t, kProbes, n}, q.scalar_type()) : at::Tensor();
+  const at::Tensor ell_probe = draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), tile_index, total_tiles);
+  const at::Tensor rot_probe =
+      skew ? draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), tile_index, total_tiles) : at::Tensor();
   const at::Tensor ell = norm_lower_bound(term1, ell_probe, false) + term2;
   const at::Tensor new_lip = at::maximum(kBetaLipschitz * lip + (1 - kBetaLipschitz) * ell, ell);
   const at::Tensor t2 = bcast(term2);
@@ -109,12 +124,14 @@ std::pair<at::Tensor, at::Tensor> diag_update(const at::Tensor& term1, const at:
 struct Batch {
   at::Tensor ql, qr, lip_l, lip_r;
   bool diag_left = false, diag_right = false;
+  at::Tensor tile_index;  // draw_tiles: defined on the ownership path's dense stack
+  int64_t total_tiles = 0;
 };
 
 at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& valid_rows, const at::Tensor& valid_cols,
                         const at::Tensor& plr, double noise_scale, bool skew, at::Generator& gen) {
   const auto math = g.scalar_type();
-  const at::Tensor noise = draw(gen, g.sizes(), math);
+  const at::Tensor noise = draw_tiles(gen, g.sizes(), math, b.tile_index, b.total_tiles);
   const at::Tensor rmask = at::arange(g.size(1), valid_rows.options()).unsqueeze(0) < valid_rows.unsqueeze(1);
   const at::Tensor cmask = at::arange(g.size(2), valid_cols.options()).unsqueeze(0) < valid_cols.unsqueeze(1);
   const at::Tensor mask = (rmask.unsqueeze(2) & cmask.unsqueeze(1)).to(math);
@@ -133,12 +150,14 @@ at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& valid_r
   if (b.diag_left) {
     std::tie(b.ql, b.lip_l) = diag_update(pg2.sum(2), n, b.lip_l, b.ql, plr, skew);
   } else {
-    std::tie(b.ql, b.lip_l) = dense_update(at::matmul(pg, pg.transpose(1, 2)), n, b.lip_l, b.ql, plr, skew, gen);
+    std::tie(b.ql, b.lip_l) =
+        dense_update(at::matmul(pg, pg.transpose(1, 2)), n, b.lip_l, b.ql, plr, skew, gen, b.tile_index, b.total_tiles);
   }
   if (b.diag_right) {
     std::tie(b.qr, b.lip_r) = diag_update(pg2.sum(1), m, b.lip_r, b.qr, plr, skew);
   } else {
-    std::tie(b.qr, b.lip_r) = dense_update(at::matmul(pg.transpose(1, 2), pg), m, b.lip_r, b.qr, plr, skew, gen);
+    std::tie(b.qr, b.lip_r) =
+        dense_update(at::matmul(pg.transpose(1, 2), pg), m, b.lip_r, b.qr, plr, skew, gen, b.tile_index, b.total_tiles);
   }
   return right_apply(b.qr, left_apply(b.ql, g));
 }
@@ -291,7 +310,8 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
                       c10::string_view lr_style, bool normalize_grads, int64_t max_size_dense, double preconditioner_lr,
                       int64_t block_size, double noise_scale, int64_t balance_every, bool maximize,
                       bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices,
+                      at::IntArrayRef dense_tiles) {
   constexpr const char* op = "white_kron_step_";
   using common::check_hyperparameter;
   TORCH_CHECK_VALUE(update_style == "skew" || update_style == "quad", op,
@@ -308,6 +328,11 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
   TORCH_CHECK_VALUE(balance_every >= 1, op, ": balance_every must be >= 1, got ", balance_every);
   const size_t count = params.size();
+  TORCH_CHECK_VALUE(param_indices.empty() || param_indices.size() == count, op,
+                    ": param_indices must be empty or have one entry per param (", count, "), got ",
+                    param_indices.size());
+  // The key of param i's streams: its index in the whole group (ownership path) or in this call.
+  auto key_of = [&](size_t i) { return param_indices.empty() ? static_cast<int64_t>(i) : param_indices[i]; };
   for (const auto& [name, list] :
        {std::pair<const char*, at::TensorList>{"ql", ql}, {"qr", qr}, {"lip_l", lip_l}, {"lip_r", lip_r}}) {
     TORCH_CHECK_VALUE(list.size() == count, op, ": ", name, " must have one tensor per param (", count, "), got ",
@@ -390,7 +415,28 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       vc.push_back(valid_extents(lay.cols, bs, tc, 1, tr));
       tile_steps.push_back(at::full({lay.tiles}, group->steps[i], at::TensorOptions().dtype(at::kDouble)));
     }
-    Batch b{at::cat(ql_tiles), at::cat(qr_tiles), at::cat(ll), at::cat(lr_)};
+    Batch b;
+    b.ql = at::cat(ql_tiles);
+    b.qr = at::cat(qr_tiles);
+    b.lip_l = at::cat(ll);
+    b.lip_r = at::cat(lr_);
+    int64_t stream_step = static_cast<int64_t>(group->steps[dense[0]]);
+    if (!dense_tiles.empty()) {
+      // [group's stack size, its stream step, then each dense param's first tile in the stack].
+      TORCH_CHECK_VALUE(dense_tiles.size() == dense.size() + 2, op, ": dense_tiles must hold 2 + one entry per dense ",
+                        "param (", dense.size() + 2, "), got ", dense_tiles.size());
+      std::vector<at::Tensor> index;
+      for (size_t k = 0; k < dense.size(); ++k) {
+        const int64_t first = dense_tiles[k + 2];
+        const int64_t tiles = layouts[dense[k]].tiles;
+        TORCH_CHECK_VALUE(first >= 0 && first + tiles <= dense_tiles[0], op, ": dense_tiles: tiles [", first, ", ",
+                          first + tiles, ") outside a stack of ", dense_tiles[0]);
+        index.push_back(at::arange(first, first + tiles, at::kLong));
+      }
+      b.tile_index = at::cat(index);
+      b.total_tiles = dense_tiles[0];
+      stream_step = dense_tiles[1];
+    }
     const at::Tensor steps = at::cat(tile_steps);
     const at::Tensor plr = ((preconditioner_lr / (1.0 + steps / 10000.0).sqrt()).clamp_min(0.4)).to(math);
     // Balance the two factors of a tile every balance_every steps (before the update).
@@ -402,8 +448,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       b.ql = at::where(bcast(balance), b.ql * bcast(s / nl), b.ql);
       b.qr = at::where(bcast(balance), b.qr * bcast(s / nr), b.qr);
     }
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(
-        white_kron_stream_seed(seed, static_cast<int64_t>(group->steps[dense[0]]), 0, 0));
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(white_kron_stream_seed(seed, stream_step, 0, 0));
     const at::Tensor pg = precondition(b, at::cat(g_tiles), at::cat(vr), at::cat(vc), plr, noise_scale, skew, gen);
     int64_t offset = 0;
     for (size_t i : dense) {
@@ -431,7 +476,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
                          : lay.kind == WhiteKronLayout::kColStrips ? 3
                                                                    : 4;
     auto gen = at::make_generator<at::CPUGeneratorImpl>(
-        white_kron_stream_seed(seed, static_cast<int64_t>(t), path, static_cast<int64_t>(i)));
+        white_kron_stream_seed(seed, static_cast<int64_t>(t), path, key_of(i)));
     if (lay.kind == WhiteKronLayout::kOneD) {
       const at::Tensor g = u[i].reshape({1, -1});
       const at::Tensor q = ql[i].to(math).unsqueeze(0);
@@ -501,7 +546,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     at::Tensor& param = group->params[i];
     const double decay = 1.0 - group->lr * weight_decay;
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+      const uint64_t stream = kernels::cpu::rounding_stream(seed, key_of(i), group->steps[i]);
       kernels::cpu::muon_apply_update_reduced(param, upd.to(at::kFloat).contiguous(), decay, -group->lr,
                                               stochastic_rounding, stream);
     } else {

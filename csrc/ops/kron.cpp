@@ -29,7 +29,8 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "float? raw_global_grad_clip=None, bool permissive_spike_protection=True, int newton_schulz_iters=5, "
       "bool maximize=False, bool use_magma=False, float magma_p=0.5, float magma_tau=2.0, "
       "bool stochastic_rounding=False, int seed=0, bool stacked=False, int? stacked_chunk_size=None, "
-      "int[]? stacked_slices=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "int[]? stacked_slices=None, Tensor? grad_scale=None, Tensor? found_inf=None, int[] param_indices=[], "
+      "int[] group_shapes=[]) -> ()");
   m.def(
       "kron_factor_layout(int[] shape, *, int max_size_triangular=8192, float max_skew_triangular=1.0, "
       "int min_ndim_triangular=2, str? memory_save_mode=None) -> int[]",

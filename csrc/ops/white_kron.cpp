@@ -10,7 +10,7 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "float b1=0.95, float weight_decay=0.1, str lr_style='adam', bool normalize_grads=False, "
       "int max_size_dense=16384, float preconditioner_lr=0.7, int block_size=256, float noise_scale=1e-9, "
       "int balance_every=100, bool maximize=False, bool stochastic_rounding=False, int seed=0, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int[] param_indices=[], int[] dense_tiles=[]) -> ()");
   // The fresh state of one param (Python's lazily created state uses it).
   m.def(
       "white_kron_init_state(Tensor param, int max_size_dense, int block_size, float preconditioner_init_scale, "

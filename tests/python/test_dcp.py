@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from distributed_utils import run_distributed
+from helpers import INIT_ONLY_FIRST_STEP
 from test_distributed import (
     ELEMENTWISE,
     MLP,
+    OWNER_STATE_KEYS,
     SHARDED_NORMS,
     SHARDED_STATS,
     TOL,
@@ -34,13 +36,19 @@ from torch.distributed.checkpoint.state_dict import (
 GLOBAL_BATCH = 8  # divisible by 1, 2 and 4
 STEPS_BEFORE, STEPS_AFTER = 3, 4
 # Every optimizer the FSDP2 tests cover (configs from helpers.ALL_OPTIMIZERS),
-# and PRISM on the ownership path (Muon takes it by default).
-NAMES = ELEMENTWISE + SHARDED_NORMS + WHOLE_TENSOR + SHARDED_STATS + ["PRISM_owner"]
+# PRISM on the ownership path (Muon takes it by default), and the optimizers
+# with owner-held preconditioner state (KronPSGD, WhiteKron by default).
+NAMES = ELEMENTWISE + SHARDED_NORMS + WHOLE_TENSOR + SHARDED_STATS + ["PRISM_owner", "Kron_owner", "SOAP"]
+# SOAP's eigenbases depend on ulp-level differences of the gradient (see
+# test_distributed.ULP_SENSITIVE): every rank takes the whole batch, so the
+# averaged gradient is the same at every world size (mean of 1, 2 or 4 equal
+# values: exact) and the resumed run can be compared.
+SAME_BATCH = {"SOAP"}
 
 
-def _train(model, opt, rank: int, world_size: int, steps: range) -> None:
+def _train(model, opt, rank: int, world_size: int, steps: range, same_batch: bool = False) -> None:
     rows = GLOBAL_BATCH // world_size
-    mine = slice(rank * rows, (rank + 1) * rows)
+    mine = slice(None) if same_batch else slice(rank * rows, (rank + 1) * rows)
     for i in steps:
         data = torch.Generator().manual_seed(100 + i)
         x = torch.randn(GLOBAL_BATCH, 8, generator=data)
@@ -55,15 +63,24 @@ def _full_params(model) -> dict[str, torch.Tensor]:
 
 
 def _save_worker(rank: int, world_size: int, root: str) -> None:
+    from torch.distributed.tensor import DTensor
+
     for name in NAMES:
         torch.manual_seed(0)
         model = MLP()
         _shard(model, world_size)
         opt = make_optimizer(name, model.parameters())
-        _train(model, opt, rank, world_size, range(STEPS_BEFORE))
+        same = name in SAME_BATCH
+        _train(model, opt, rank, world_size, range(STEPS_BEFORE), same)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        if name in OWNER_STATE_KEYS and world_size > 1:
+            # Owner-held state is saved sharded like any DTensor state (one Shard(0) part per rank).
+            for entry in state["optim"]["state"].values():
+                for key in OWNER_STATE_KEYS[name]:
+                    if key in entry and entry[key].dim() > 0:
+                        assert isinstance(entry[key], DTensor), f"{name}: {key} saved as {type(entry[key])}"
         dcp.save(state, checkpoint_id=os.path.join(root, name))
-        _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+        _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), same)
         full = _full_params(model)
         if rank == 0:
             torch.save(full, os.path.join(root, f"{name}.pt"))
@@ -84,7 +101,11 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
         set_optimizer_state_dict(model, opt, state["optim"])
         for pname, p in model.named_parameters():
             st = opt.state[p]
-            assert float(st["step"]) == STEPS_BEFORE, f"{name}: step {float(st['step'])} after loading"
+            # SOAP's first call only builds its preconditioner (no step counted).
+            expected = STEPS_BEFORE - (name in INIT_ONLY_FIRST_STEP)
+            assert float(st["step"]) == expected, f"{name}: step {float(st['step'])} after loading"
+            if name in OWNER_STATE_KEYS and world_size > 1:
+                _check_owner_held(opt, name, rank)
             for key, value in st.items():
                 if key in WHOLE_STATE_KEYS and not isinstance(value, DTensor):
                     # Factors kept whole on every rank (KronPSGD, WhiteKron), as saved.
@@ -94,7 +115,7 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
                     want = expected_placements(name, key, p)
                     assert tuple(value.placements) == want, f"{name}: {pname}.{key} placements"
                     assert torch.isfinite(value.to_local()).all(), f"{name}: {pname}.{key} not finite"
-        _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+        _train(model, opt, rank, world_size, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER), name in SAME_BATCH)
         full = _full_params(model)
         if rank == 0:
             ref = torch.load(os.path.join(root, f"{name}.pt"))
@@ -106,6 +127,18 @@ def _load_worker(rank: int, world_size: int, root: str) -> None:
                 except AssertionError as e:
                     failures.append(f"{name} {pname}: {e}")
     assert not failures, "\n".join(failures)
+
+
+def _check_owner_held(opt, name: str, rank: int) -> None:
+    """After loading: owner-held state on the (new) owner only, whole and finite."""
+    params, plan = opt._owner_plan(opt.param_groups[0])
+    for p, m in zip(params, plan.layouts):
+        for key in OWNER_STATE_KEYS[name]:
+            if m.owner == rank:
+                assert key in opt.state[p], f"{name}: the owner (rank {rank}) lacks {key}"
+                assert torch.isfinite(opt.state[p][key]).all(), f"{name}: {key} not finite"
+            else:
+                assert key not in opt.state[p], f"{name}: rank {rank} keeps {key} of rank {m.owner}'s param"
 
 
 @pytest.mark.distributed

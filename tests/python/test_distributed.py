@@ -61,9 +61,10 @@ NORM_VARIANTS = {
 
 # Optimizers whose op needs whole-tensor quantities: DTensor params and state
 # are gathered for the op and the local slices written back.
-# State kept whole on every rank for sharded params (SOAP's eigenbases, KronPSGD's
-# and WhiteKron's factors); everything else is a DTensor placed like its param.
-WHOLE_STATE_KEYS = ("GG", "Q", "ql", "qr", "lip_l", "lip_r")
+# State kept whole (on every rank on the gather path, on the owner on the
+# ownership path: SOAP's eigenbases, the Kron family's factors); everything
+# else is a DTensor placed like its param.
+WHOLE_STATE_KEYS = ("GG", "Q", "L", "ql", "qr", "lip_l", "lip_r")
 WHOLE_TENSOR = ["Muon", "PRISM", "Kron", "KronPSGD", "WhiteKron"]
 # Whole-tensor quantities from all-reduced per-shard statistics, no gathering:
 # Adafactor (RMS(theta), RMS(U), column means of Shard(0) matrices).
@@ -94,11 +95,27 @@ VARIANTS = {
         dict(lr=2e-2, weight_decay=0.1, mode="bidirectional", shape_nesterov=False, grad_clip_max_amps=(0.5, 1.0)),
         "owner",
     ),
+    # Kron without the raw global clip (which keeps ALL_OPTIMIZERS' Kron on the gather path).
+    "Kron_owner": ("Kron", dict(lr=1e-2, weight_decay=0.1, use_magma=True, seed=3), "owner"),
 }
 # The path the matrix params must take under FSDP2 (and under DDP with
-# distributed_mode="replicated").
-MATRIX_PATH = {"Muon": "owner", "PRISM": "gather", "Muon_gather": "gather"} | {
-    name: "owner" for name in VARIANTS if name != "Muon_gather"
+# distributed_mode="replicated"). KronPSGD, WhiteKron and SOAP keep their
+# preconditioner state on the owner (OWNER_STATE_KEYS, _ownership.OwnedStateMixin).
+MATRIX_PATH = {
+    "Muon": "owner",
+    "PRISM": "gather",
+    "Muon_gather": "gather",
+    "Kron": "gather",
+    "KronPSGD": "owner",
+    "WhiteKron": "owner",
+    "SOAP": "owner",
+} | {name: "owner" for name in VARIANTS if name != "Muon_gather"}
+# State that lives on the param's owner rank only (absent elsewhere) in owner mode.
+OWNER_STATE_KEYS = {
+    "SOAP": ("GG", "Q"),
+    "KronPSGD": ("ql", "qr"),
+    "WhiteKron": ("ql", "qr", "lip_l", "lip_r"),
+    "Kron_owner": ("Q", "L", "magma_score"),
 }
 VARIANT_NAMES = list(VARIANTS)
 
@@ -479,6 +496,83 @@ def test_ddp_all_optimizers_match_single_process():
 def test_ddp_ownership_at_4_ranks_matches_single_process():
     # Replicated matrices split over 4 owners (one of them owns none of the 3).
     run_distributed(_ddp_parity_worker, 4, [n for n in MATRIX_PATH if MATRIX_PATH[n] == "owner"], STEPS)
+
+
+OWNER_NAMES = list(OWNER_STATE_KEYS)
+
+
+def _owner_state_worker(rank: int, world_size: int, names: list[str], steps: int, layout: str) -> None:
+    """Owner-held state: present on the owner only, equal to one process's,
+    and per rank a fraction of the whole. Every rank sees the same batch, so
+    the averaged grads equal one process's bitwise (the mean of 2 or 4 equal
+    values is exact) and even SOAP's ulp-sensitive eigenbases are compared."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    failures = []
+    for name in names:
+        torch.manual_seed(0)
+        model = MLP()
+        ref = copy.deepcopy(model)
+        if layout == "fsdp":
+            _shard(model, world_size)
+            mine = model
+        else:
+            model = DDP(model)
+            mine = model.module
+        opt = make_optimizer(name, model.parameters(), replicated=layout == "ddp")
+        ref_opt = make_optimizer(name, ref.parameters())
+        data = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x = torch.randn(MICRO_BATCH, IN, generator=data)
+            y = torch.randn(MICRO_BATCH, 3, generator=data)
+            _train_step(model, opt, x, y, name)
+            _train_step(ref, ref_opt, x, y, name)
+        assert opt._last_matrix_path == "owner", f"{name}: took the {opt._last_matrix_path} path"
+        ref_of = {id(p): q for p, q in zip(mine.parameters(), ref.parameters())}
+        params, plan = opt._owner_plan(opt.param_groups[0])
+        held = whole = 0
+        max_err = 0.0
+        for p, m in zip(params, plan.layouts):
+            q = ref_of[id(p)]
+            for key in OWNER_STATE_KEYS[name]:
+                if key not in ref_opt.state[q]:
+                    continue
+                expected = ref_opt.state[q][key]
+                whole += expected.numel() * expected.element_size()
+                if m.owner != rank:
+                    assert key not in opt.state[p], f"{name}: rank {rank} keeps {key} of a param owned by {m.owner}"
+                    continue
+                value = opt.state[p][key]
+                assert not isinstance(value, torch.distributed.tensor.DTensor), f"{name}: {key} is a DTensor"
+                held += value.numel() * value.element_size()
+                if value.numel():
+                    max_err = max(max_err, (value - expected).abs().max().item())
+                try:
+                    torch.testing.assert_close(value, expected, **TOL)
+                except AssertionError as e:
+                    failures.append(f"{name} state {key}: {e}")
+        # A third of the matrices or fewer per rank: well under the whole.
+        assert held <= 0.75 * whole, f"{name}: rank {rank} holds {held} of {whole} state bytes"
+        for (pname, p), q in zip(mine.named_parameters(), ref.parameters()):
+            full = p.full_tensor() if layout == "fsdp" else p.detach()
+            max_err = max(max_err, (full - q).abs().max().item())
+            try:
+                torch.testing.assert_close(full, q.detach(), **TOL)
+            except AssertionError as e:
+                failures.append(f"{name} {pname}: {e}")
+        print(f"[{layout} ws={world_size} rank {rank}] {name}: state {held}/{whole} B, max err {max_err:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_owner_held_state_fsdp2(world_size):
+    run_distributed(_owner_state_worker, world_size, OWNER_NAMES, STEPS, "fsdp")
+
+
+@pytest.mark.distributed
+def test_owner_held_state_ddp():
+    run_distributed(_owner_state_worker, 2, OWNER_NAMES, STEPS, "ddp")
 
 
 def _raise_on_rank_1(rank: int, world_size: int) -> None:

@@ -314,3 +314,115 @@ def test_owner_map_balances_cost():
         load[o] += r * c * min(r, c)
     assert max(load) == 1024**3  # no rank gets more than one big square
     assert assign_owners([(3, 2)], 4) == [0]
+
+
+# -- keyed draws of the owner-held-state ops (Kron, WhiteKron) ---------------
+# The ownership path calls the op once per owner with the params it holds;
+# with param_indices / group_shapes (Kron) or dense_tiles (WhiteKron) every
+# param must get the draws of the single call over the whole group.
+
+SPLITS = [[0, 2], [1, 3]]  # two owners, interleaved
+
+
+def _kron_state(params):
+    state = []
+    for p in params:
+        dense = OPS.kron_factor_layout(list(p.shape))
+        numel = sum(d * d if f else d for d, f in zip(p.shape, dense)) if p.dim() else 1
+        state.append(
+            dict(mu=torch.zeros_like(p), Q=torch.zeros(numel), L=torch.zeros(len(dense)),
+                 score=torch.full((), 0.5), step=torch.zeros(()))
+        )  # fmt: skip
+    return state
+
+
+def _kron_call(params, grads, state, idx, rng, group_shapes=None, prob=None):
+    extra = {} if group_shapes is None else dict(param_indices=idx, group_shapes=group_shapes)
+    OPS.kron_step_(
+        [params[i] for i in idx], [grads[i] for i in idx], [state[i]["mu"] for i in idx],
+        [state[i]["Q"] for i in idx], [state[i]["L"] for i in idx], [state[i]["score"] for i in idx],
+        [state[i]["step"] for i in idx], torch.tensor(0.01, dtype=torch.float64), rng_state=rng,
+        weight_decay=0.1, use_magma=True, magma_p=0.6, seed=5, preconditioner_init_scale=1.0,
+        update_probability=prob, **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("prob", [None, 0.5])
+def test_kron_owner_calls_equal_group_call(prob):
+    shapes = [(6, 4), (3, 7), (5, 2, 3), (4,)]
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+    group_shapes = [v for s in shapes for v in (len(s), *s, 0)]
+    p_tensor = None if prob is None else torch.tensor(prob, dtype=torch.float64)
+    single, split = [p.clone() for p in base], [p.clone() for p in base]
+    s_state, o_state = _kron_state(base), _kron_state(base)
+    s_rng = torch.Generator().manual_seed(3).get_state()
+    o_rng = s_rng.clone()
+    for step_grads in grads:
+        _kron_call(single, step_grads, s_state, list(range(len(shapes))), s_rng, prob=p_tensor)
+        after = []
+        for idx in SPLITS:
+            rng = o_rng.clone()
+            _kron_call(split, step_grads, o_state, idx, rng, group_shapes, p_tensor)
+            after.append(rng)
+        assert torch.equal(after[0], after[1]), "owners' generators diverged"
+        o_rng.copy_(after[0])
+    assert torch.equal(o_rng, s_rng)
+    for a, b, sa, sb in zip(single, split, s_state, o_state):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for key in ("mu", "Q", "L", "score"):
+            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+
+
+def _white_kron_call(params, grads, state, idx, **extra):
+    OPS.white_kron_step_(
+        [params[i] for i in idx], [grads[i] for i in idx], [state[i][0] for i in idx],
+        *[[state[i][k] for i in idx] for k in range(1, 5)], [state[i][5] for i in idx],
+        torch.tensor(0.01, dtype=torch.float64), max_size_dense=8, block_size=2, seed=7, **extra,
+    )  # fmt: skip
+
+
+def test_white_kron_owner_calls_equal_group_call():
+    # Dense tiles (both dims <= 8), a 1-D param and row strips (9 > 8).
+    shapes = [(6, 4), (5,), (3, 7), (9, 2)]
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+
+    def fresh():
+        return [
+            [torch.zeros_like(p), *OPS.white_kron_init_state(p, 8, 2, 1.0, torch.float32), torch.zeros(())]
+            for p in base
+        ]
+
+    tiles = [st[1].shape[0] if st[1].dim() == 3 and st[2].dim() == 3 else None for st in fresh()]
+    assert tiles[0] and tiles[2] and tiles[1] is None and tiles[3] is None
+    first = {j: sum(t for t in tiles[:j] if t) for j, t in enumerate(tiles) if t}
+    single, split = [p.clone() for p in base], [p.clone() for p in base]
+    s_state, o_state = fresh(), fresh()
+    for step, step_grads in enumerate(grads):
+        _white_kron_call(single, step_grads, s_state, list(range(len(shapes))))
+        for idx in SPLITS:
+            dense = [first[j] for j in idx if j in first]
+            extra = dict(param_indices=idx)
+            if dense:
+                extra["dense_tiles"] = [sum(t for t in tiles if t), step + 1, *dense]
+            _white_kron_call(split, step_grads, o_state, idx, **extra)
+    for a, b, sa, sb in zip(single, split, s_state, o_state):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for x, y in zip(sa, sb):
+            torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_owner_path_arguments_are_checked():
+    p, gr = torch.randn(4, 3), torch.randn(4, 3)
+    st = _kron_state([p])
+    with pytest.raises(ValueError, match="param_indices must have one entry per param"):
+        OPS.kron_step_([p], [gr], [st[0]["mu"]], [st[0]["Q"]], [st[0]["L"]], [], [st[0]["step"]],
+                       torch.tensor(0.01), rng_state=torch.Generator().get_state(), param_indices=[0, 1])  # fmt: skip
+    with pytest.raises(ValueError, match="shape group_shapes gives"):
+        _kron_call([p], [gr], _kron_state([p]), [0], torch.Generator().get_state(), group_shapes=[2, 3, 4, 0])
+    ws = [[torch.zeros_like(p), *OPS.white_kron_init_state(p, 8, 2, 1.0, torch.float32), torch.zeros(())]]
+    with pytest.raises(ValueError, match="dense_tiles"):
+        _white_kron_call([p], [gr], ws, [0], param_indices=[0], dense_tiles=[1, 1, 0])

@@ -401,14 +401,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         loss = self._run_closure(closure)
         amp = self._amp_args()
         for group in self.param_groups:
-            params, grads, state_steps = [], [], []
-            state_lists = [[] for _ in self._state_keys]
-            self._init_group(group, params, grads, state_steps, *state_lists)
-            if not params:
-                continue
-            self._run_op(group, params, grads, state_lists, state_steps, amp)
-            self._whole_tensors.write_back()
+            self._group_step(group, amp)
         return loss
+
+    def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
+        """One param group's step (also run by the ownership path on whole
+        stand-ins of the params a rank owns, see _ownership.OwnedStateMixin)."""
+        params, grads, state_steps = [], [], []
+        state_lists = [[] for _ in self._state_keys]
+        self._init_group(group, params, grads, state_steps, *state_lists)
+        if not params:
+            return
+        self._run_op(group, params, grads, state_lists, state_steps, amp)
+        self._whole_tensors.write_back()
 
     def _op_for(self, group: dict[str, Any], state_lists: list) -> tuple[str, list, dict[str, Any]]:
         """The op a group's step calls, the state lists it takes and extra
@@ -426,6 +431,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             **self._rounding_args(group),
             **self._op_kwargs(group),
             **extra,
+            **group.get("_owner_op_kwargs", {}),  # the ownership path's (_ownership.OwnedStateMixin)
             **amp,
         )
 

@@ -6,16 +6,13 @@ supplies ``_op_kwargs`` and the ``_owner_*`` hooks of the ownership path."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from ._base import MAGMA_FALLBACK_SEED_SALT, FusedOptimizer, adamw_fallback_step, is_dtensor, local, lr_tensor
-from ._ownership import OwnershipPlan
-
-_DISTRIBUTED_MODES = ("owner", "replicated", "gather")
+from ._ownership import DistributedModeMixin, OwnershipPlan
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def _encode_spec(spec: Optional[_SpecTuple], out: list[int]) -> None:
         out.extend(axes)
 
 
-class MatrixOptimizer(FusedOptimizer):
+class MatrixOptimizer(DistributedModeMixin, FusedOptimizer):
     _momentum_key: str = ""
     # Param-group option that routes explicitly: None (2-D params take the
     # matrix op), True (every >= 2-D param), False (the AdamW fallback).
@@ -112,24 +109,8 @@ class MatrixOptimizer(FusedOptimizer):
         # whole-matrix ownership, plain tensors locally; "replicated": plain
         # tensors are DDP replicas over `process_group` (None: the default
         # group) and use ownership too; "gather": the all-gather path.
-        self.distributed_mode = os.environ.get("TORCHOPT_EXT_DISTRIBUTED_MODE", "owner")
-        self.process_group = None
+        self._init_distributed_mode()
         self._local_only = False
-
-    @property
-    def distributed_mode(self) -> str:
-        return self._distributed_mode
-
-    @distributed_mode.setter
-    def distributed_mode(self, mode: str) -> None:
-        if mode not in _DISTRIBUTED_MODES:
-            raise ValueError(f"Invalid distributed_mode: must be one of {_DISTRIBUTED_MODES}, got {mode!r}")
-        self._distributed_mode = mode
-
-    def _unwrappers(self):
-        if self._local_only:  # the ownership path works on local shards
-            return local, local
-        return super()._unwrappers()
 
     def _check_routing(self, group: dict[str, Any]) -> None:
         key = self._route_key
@@ -236,13 +217,7 @@ class MatrixOptimizer(FusedOptimizer):
             return None  # dimension specs (batches of matrices) take the gather path
         if self._distributed_mode == "owner" and not any(is_dtensor(p) for p in matrices):
             return None  # plain tensors: the single-process step (torch.compile sees only this)
-        if self._distributed_mode == "replicated":
-            import torch.distributed as dist
-
-            replicated = self.process_group if self.process_group is not None else dist.group.WORLD
-        else:
-            replicated = None
-        return OwnershipPlan.build(matrices, replicated)
+        return OwnershipPlan.build(matrices, self._replicated_group())
 
     def _owner_step(self, group, plan, params, grads, moments, magma_scores, state_steps, lr, amp) -> None:
         found_inf = amp["found_inf"]

@@ -20,6 +20,7 @@ from ._base import (
     lr_tensor,
     math_dtype,
 )
+from ._ownership import OwnedStateMixin
 from .prism import _clip_amps
 
 _MODES = ("EQ", "Q0.5EQ1.5", "Q0p5EQ1p5", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER")
@@ -51,7 +52,7 @@ def _sharded_stacked(p: torch.Tensor) -> bool:
     return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
 
 
-class Kron(FusedOptimizer):
+class Kron(OwnedStateMixin, FusedOptimizer):
     """PSGD Kron (argument names and defaults of rollfast's ``kron``, with ``lr``
     as the learning rate; math in docs/design.md and rollfast.md §2).
 
@@ -126,6 +127,9 @@ class Kron(FusedOptimizer):
     # magma_score is one value per param, or per slice with ``stacked``: it
     # has a _state_shape instead of being a scalar key.
     _whole_tensor_op = True  # factors act on whole axes
+    # On the param's owner only with distributed_mode "owner" / "replicated"
+    # (_ownership.OwnedStateMixin); the gather path keeps Q / L as DTensors.
+    _owner_state_keys = ("Q", "L", "magma_score")
 
     def __init__(
         self,
@@ -203,6 +207,7 @@ class Kron(FusedOptimizer):
             rng_state=generator.get_state(),
         )
         super().__init__(params, defaults)
+        self._init_distributed_mode()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -457,40 +462,94 @@ class Kron(FusedOptimizer):
             return torch.as_tensor(prob(state_steps[0] + 1), dtype=torch.float64).reshape(())
         return torch.tensor(float(prob), dtype=torch.float64)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            params, grads, state_steps, mus, qs, ls, magma_scores = [], [], [], [], [], [], []
-            self._init_group(group, params, grads, state_steps, mus, qs, ls, magma_scores)
-            if not params:
-                continue
-            kwargs = self._op_kwargs(group)
-            stacked_slices = None
-            if self._sharded_stacked_group(group):
-                stacked_slices = self._stacked_slices(group)
-                kwargs["preconditioner_init_scale"] = self._sharded_init_scale(group, params, grads, state_steps, amp)
-            torch.ops.torchopt_ext.kron_step_(
-                params,
-                grads,
-                mus,
-                qs,
-                ls,
-                magma_scores,
-                state_steps,
-                lr_tensor(group),
-                update_probability=self._update_probability(group, state_steps),
-                stochastic_rounding=group["stochastic_rounding"],
-                seed=group["seed"],
-                stacked=group["stacked"],
-                stacked_chunk_size=group["stacked_chunk_size"],
-                stacked_slices=stacked_slices,
-                **kwargs,
-                **amp,
-            )
-            self._whole_tensors.write_back()
-        return loss
+    def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
+        params, grads, state_steps, mus, qs, ls, magma_scores = [], [], [], [], [], [], []
+        self._init_group(group, params, grads, state_steps, mus, qs, ls, magma_scores)
+        if not params:
+            return
+        kwargs = self._op_kwargs(group)
+        stacked_slices = None
+        if self._sharded_stacked_group(group):
+            stacked_slices = self._stacked_slices(group)
+            kwargs["preconditioner_init_scale"] = self._sharded_init_scale(group, params, grads, state_steps, amp)
+        # The ownership path's arguments override (the lazy init scale).
+        kwargs.update(group.get("_owner_op_kwargs", {}))
+        torch.ops.torchopt_ext.kron_step_(
+            params,
+            grads,
+            mus,
+            qs,
+            ls,
+            magma_scores,
+            state_steps,
+            lr_tensor(group),
+            update_probability=self._update_probability(group, state_steps),
+            stochastic_rounding=group["stochastic_rounding"],
+            seed=group["seed"],
+            stacked=group["stacked"],
+            stacked_chunk_size=group["stacked_chunk_size"],
+            stacked_slices=stacked_slices,
+            **kwargs,
+            **amp,
+        )
+        self._whole_tensors.write_back()
+
+    # -- ownership (distributed_mode; _ownership.OwnedStateMixin) --------------
+
+    def _owner_supported(self, group: dict[str, Any]) -> bool:
+        # Group-wide quantities the owners do not see: the raw global clip and
+        # the global post-clip take the gather path; stacked groups are local.
+        return (
+            not group["stacked"]
+            and group["raw_global_grad_clip"] is None
+            and (group["grad_clip_max_amps"] is None or group["grad_clip_mode"] != "global_rms")
+        )
+
+    def _owner_param_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
+        return ["mu"] if group["b1"] > 0 else []
+
+    def _owner_held_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
+        return ["Q", "L"] + (["magma_score"] if group["use_magma"] else [])
+
+    def _owner_op_kwargs(self, group, params, owned, whole, plan) -> dict[str, Any]:
+        # The op replays the generator draws of the params other ranks step
+        # (group_shapes) and keys Magma / rounding by group index, so each
+        # owner's call draws what the single-process call draws.
+        shapes: list[int] = []
+        for p in params:
+            shapes += [p.dim(), *p.shape, int(p.dtype == torch.float64)]
+        kwargs: dict[str, Any] = {"param_indices": list(owned), "group_shapes": shapes}
+        fresh = [j for j, p in enumerate(params) if float(self.state[p]["step"]) == 0]
+        if fresh and group["preconditioner_init_scale"] is None:
+            # rollfast's lazy scale takes the max over the group's new params:
+            # each owner computes its params' term as the op would, one
+            # all-reduce takes the max, and the op gets the scale.
+            import torch.distributed as dist
+
+            largest = torch.zeros((), dtype=torch.float64)
+            for j in fresh:
+                if j not in whole or params[j].numel() == 0:
+                    continue
+                p = params[j]
+                g = whole[j][1].reshape(p.shape).to(p.grad.dtype)
+                if self._amp_args()["grad_scale"] is not None:
+                    g = g / self._amp_args()["grad_scale"]
+                term = g.to(math_dtype(p)).abs().pow(4).mean().item()
+                largest = torch.maximum(largest, torch.tensor(term, dtype=torch.float64))
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=plan.group)
+            kwargs["preconditioner_init_scale"] = (float(largest) + group["damping"] ** 4) ** (-1.0 / 8.0)
+        return kwargs
+
+    def _owner_after_step(self, group, plan) -> None:
+        # Owners advanced the generator identically; ranks that own nothing
+        # here did not draw: every rank takes the first owner's state.
+        import torch.distributed as dist
+
+        from ._ownership import count_comm_bytes
+
+        state = group["rng_state"]
+        dist.broadcast(state, group=plan.group, group_src=plan.layouts[0].owner)
+        count_comm_bytes(state.numel() * (plan.world_size - 1) if plan.rank == plan.layouts[0].owner else 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, lr_tensor, math_dtype
+from ._ownership import OwnedStateMixin
 
 
-class KronPSGD(FusedOptimizer):
+class KronPSGD(OwnedStateMixin, FusedOptimizer):
     """rlx-optim's ``KronPsgd`` with the crate's field names and defaults
     (``lr`` has no default there and none here).
 
@@ -60,6 +61,7 @@ class KronPSGD(FusedOptimizer):
     _op = "kron_psgd_step_"
     _state_keys = ("momentum_buffer", "ql", "qr")
     _whole_tensor_op = True  # the factors need the whole matrix
+    _owner_state_keys = ("ql", "qr")  # on the param's owner only (distributed_mode)
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class KronPSGD(FusedOptimizer):
             seed=draw_seed(seed, stochastic_rounding),
         )
         super().__init__(params, defaults)
+        self._init_distributed_mode()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -138,26 +141,27 @@ class KronPSGD(FusedOptimizer):
             grads.append(unwrap_input(p.grad))
             state_steps.append(state["step"])
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            params, grads, state_steps, buffers, ql, qr = [], [], [], [], [], []
-            self._init_group(group, params, grads, state_steps, buffers, ql, qr)
-            if not params:
-                continue
-            torch.ops.torchopt_ext.kron_psgd_step_(
-                params,
-                grads,
-                buffers,
-                ql,
-                qr,
-                state_steps,
-                lr_tensor(group),
-                **self._rounding_args(group),
-                **self._op_kwargs(group),
-                **amp,
-            )
-            self._whole_tensors.write_back()
-        return loss
+    def _owner_eligible(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return p.dim() == 2  # the others are element-wise: local shards
+
+    def _owner_param_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
+        return ["momentum_buffer"]
+
+    def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
+        params, grads, state_steps, buffers, ql, qr = [], [], [], [], [], []
+        self._init_group(group, params, grads, state_steps, buffers, ql, qr)
+        if not params:
+            return
+        torch.ops.torchopt_ext.kron_psgd_step_(
+            params,
+            grads,
+            buffers,
+            ql,
+            qr,
+            state_steps,
+            lr_tensor(group),
+            **self._rounding_args(group),
+            **self._op_kwargs(group),
+            **amp,
+        )
+        self._whole_tensors.write_back()

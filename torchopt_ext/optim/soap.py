@@ -15,6 +15,7 @@ from ._base import (
     draw_seed,
     math_dtype,
 )
+from ._ownership import OwnedStateMixin
 
 _DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -48,7 +49,7 @@ def soap_factor_sizes(shape: tuple[int, ...], group: dict[str, Any]) -> list[int
     return [d if d <= limit else 0 for d in dims]
 
 
-class SOAP(FusedOptimizer):
+class SOAP(OwnedStateMixin, FusedOptimizer):
     """SOAP with the names and defaults of the reference ``soap.py``.
 
     Per param, over its dims (adjacent dims merged up to ``max_precond_dim``
@@ -87,6 +88,7 @@ class SOAP(FusedOptimizer):
     _op = "soap_step_"
     _whole_tensor_op = True  # Gram factors and eigenbases of whole matrices
     _state_keys = ("exp_avg", "exp_avg_sq", "GG", "Q")
+    _owner_state_keys = ("GG", "Q")  # on the param's owner only (distributed_mode)
 
     def __init__(
         self,
@@ -126,6 +128,7 @@ class SOAP(FusedOptimizer):
             seed=draw_seed(seed, stochastic_rounding),
         )
         super().__init__(params, defaults)
+        self._init_distributed_mode()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -160,6 +163,12 @@ class SOAP(FusedOptimizer):
             numel = sum(d * d for d in soap_factor_sizes(tuple(p.shape), group))
             return torch.zeros(numel, dtype=self._state_dtype(p, group, key), device=p.device)
         return super()._new_state(p, group, key)
+
+    def _owner_param_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"]
+
+    def _owner_initial_step(self) -> torch.Tensor:
+        return torch.full((), -1.0, dtype=torch.float32)  # as _init_group: the init call
 
     def _init_group(self, group, params, grads, state_steps, *state_lists):
         for p in group["params"]:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, is_dtensor, local
+from ._ownership import OwnedStateMixin
 
 _STYLES = ("skew", "quad")
 _LR_STYLES = ("adam", None)
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
-class WhiteKron(FusedOptimizer):
+class WhiteKron(OwnedStateMixin, FusedOptimizer):
     """eformer's ``skew`` / ``quad`` optimizers (argument names and defaults of
     white_kron.md, ``lr`` as the learning rate; ``update_style`` picks the
     preconditioner update: ``"skew"``, Procrustes-regularised, or ``"quad"``).
@@ -63,6 +64,7 @@ class WhiteKron(FusedOptimizer):
     _op = "white_kron_step_"
     _state_keys = ("mu", "ql", "qr", "lip_l", "lip_r")
     _whole_tensor_op = True  # tiles need the whole matrix
+    _owner_state_keys = ("ql", "qr", "lip_l", "lip_r")  # on the param's owner only (distributed_mode)
     _update_style: Optional[str] = None  # fixed by Skew / Quad
 
     def __init__(
@@ -111,6 +113,7 @@ class WhiteKron(FusedOptimizer):
             seed=draw_seed(seed, True),
         )
         super().__init__(params, defaults)
+        self._init_distributed_mode()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -150,6 +153,29 @@ class WhiteKron(FusedOptimizer):
     def _uses_state(self, group: dict[str, Any], key: str) -> bool:
         return key != "mu" or group["b1"] > 0
 
+    def _owner_param_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
+        return ["mu"] if group["b1"] > 0 else []
+
+    def _owner_op_kwargs(self, group, params, owned, whole, plan) -> dict[str, Any]:
+        # The op keys its draws by the params' places in the whole group's
+        # call (functional/white_kron.h), so an owner's step equals one process's.
+        tiles = []
+        for p in params:
+            ql, qr = self._state_shape(p, "ql"), self._state_shape(p, "qr")
+            tiles.append(ql[0] if len(ql) == 3 and len(qr) == 3 else None)  # dense: tiles on both sides
+        first_tile, total = {}, 0
+        for j, t in enumerate(tiles):
+            if t is not None:
+                first_tile[j] = total
+                total += t
+        kwargs: dict[str, Any] = {"param_indices": list(owned)}
+        dense = [j for j in owned if tiles[j] is not None]
+        if dense:
+            # The stack's stream step: the group's first dense param's step after this call's increment.
+            step = int(float(self.state[params[min(first_tile)]]["step"])) + 1
+            kwargs["dense_tiles"] = [total, step] + [first_tile[j] for j in dense]
+        return kwargs
+
     def _fresh(self, p: torch.Tensor, group: dict[str, Any]) -> list[torch.Tensor]:
         # A storage-free stand-in with p's shape / dtype / device: the factors
         # are whole-matrix tensors, also for DTensor params (no DTensor dispatch).
@@ -184,30 +210,30 @@ class WhiteKron(FusedOptimizer):
         one = self._fresh(p[0], group)[index]
         return one.unsqueeze(0).repeat(p.shape[0], *([1] * one.dim()))
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            params, grads, state_steps = [], [], []
-            state_lists = [[] for _ in self._state_keys]
-            self._init_group(group, params, grads, state_steps, *state_lists)
-            if not params:
-                continue
-            if group["stacked"]:
-                # Here, not in _init_group (which torch.compile runs untraced:
-                # views made there would reach the op as unrelated inputs).
-                layers = [p.shape[0] for p in params]
-                params, grads, *state_lists = [
-                    [t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else []
-                    for entries in [params, grads, *state_lists]
-                ]
-                # The op counts every entry's step: slices after the first get
-                # throwaway copies so the param's counter advances once.
-                state_steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
-            self._run_op(group, params, grads, state_lists, state_steps, amp)
-            self._whole_tensors.write_back()
-        return loss
+    def _owner_supported(self, group: dict[str, Any]) -> bool:
+        # Stacked groups slice their params in _group_step; they have no
+        # ownership path (DTensor params are refused in them).
+        return not group["stacked"]
+
+    def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
+        params, grads, state_steps = [], [], []
+        state_lists = [[] for _ in self._state_keys]
+        self._init_group(group, params, grads, state_steps, *state_lists)
+        if not params:
+            return
+        if group["stacked"]:
+            # Here, not in _init_group (which torch.compile runs untraced:
+            # views made there would reach the op as unrelated inputs).
+            layers = [p.shape[0] for p in params]
+            params, grads, *state_lists = [
+                [t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else []
+                for entries in [params, grads, *state_lists]
+            ]
+            # The op counts every entry's step: slices after the first get
+            # throwaway copies so the param's counter advances once.
+            state_steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
+        self._run_op(group, params, grads, state_lists, state_steps, amp)
+        self._whole_tensors.write_back()
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(

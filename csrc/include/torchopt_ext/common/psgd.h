@@ -163,6 +163,12 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
 // a diagonal factor; 2 for a dense one under Q0.5EQ1.5 and NS, else 1.
 int64_t probe_draws(Geometry geometry, bool dense);
 
+// The draws update_factor_ makes for a factor of size d (none when diagonal),
+// without the update: a rank that does not step a param advances `gen`
+// exactly as the rank that does (Kron's ownership path).
+void skip_update_factor_draws(int64_t d, bool dense, const FactorUpdateOptions& options, at::ScalarType dtype,
+                              at::Generator& gen);
+
 // LX balance_kron_precond: n_i = max |Q_i|, g = (prod n_i)^(1/k),
 // Q_i <- Q_i g / n_i (no-op for fewer than two factors). In place.
 void balance_factors_(std::vector<at::Tensor>& factors, bool batched = false);

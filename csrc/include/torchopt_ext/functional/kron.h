@@ -38,6 +38,16 @@
 // per param (first global slice, total slices); the op then draws and drops
 // the draws of the slices other ranks hold, so the generator and the
 // tensor indices are the single-process ones.
+//
+// Ownership path (distributed, Python's Kron with distributed_mode): a call
+// holds the params one rank owns. `param_indices` (ascending; one per param:
+// its index among the group's params with grads) keys Magma's draws and the
+// rounding streams, and `group_shapes` describes every param of the group
+// ([ndim, sizes..., 1 if its math is float64 else 0] each, in order): for the
+// params this call does not hold the op makes the same generator draws as
+// step 2 (noise, then the norm-bound probes of each dense factor) without
+// the update, so the generator, and every param's draws, equal the
+// single-process call's. Both empty: this call is the group.
 // Magma's keep/drop draw and stochastic rounding use the shared counter hash
 // of (seed, tensor index, step) instead (common/magma.h).
 #pragma once
@@ -77,6 +87,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
                 at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf);
+                const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices = {},
+                at::IntArrayRef group_shapes = {});
 
 }  // namespace torchopt_ext::functional

@@ -29,6 +29,13 @@
 //   ONE_D (path 4), one generator per param (index = its position in params):
 //     noise of the param's (strips, rows, cols) / (numel,) shape, then for a
 //     dense side the same probes as above, left side first.
+// Ownership path (distributed, Python's OwnedStateMixin): a call holds the
+// params one rank owns. `param_indices` (one per param: its index among the
+// group's params with grads) keys the per-param streams and the rounding
+// stream; `dense_tiles` = [tiles of the group's whole dense stack, that
+// stack's stream step, then per dense param of this call its first tile in the
+// stack]: the whole stack's draws are made and this call's tiles taken, so
+// the result equals the single-process step. Both empty: this call is the group.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -62,6 +69,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
                       c10::string_view lr_style, bool normalize_grads, int64_t max_size_dense, double preconditioner_lr,
                       int64_t block_size, double noise_scale, int64_t balance_every, bool maximize,
                       bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf);
+                      const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices = {},
+                      at::IntArrayRef dense_tiles = {});
 
 }  // namespace torchopt_ext::functional
