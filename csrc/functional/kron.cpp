@@ -203,6 +203,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>();
   gen.set_state(rng_state);
+  // EQ keeps its dense factors upper triangular: the products skip the zeros.
+  const bool triangular = factor_options.geometry == psgd::Geometry::EQ;
 
   std::vector<at::ScalarType> math(n);
   std::vector<at::Tensor> g(n), raw_g(n), m(n);
@@ -263,8 +265,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       const at::Tensor V = at::randn(G.sizes(), gen, G.options());
       const at::Tensor noisy = G + (damping + eps_i * G.abs()) * V;
       auto& qs = old_factors[i];
-      const at::Tensor X =
-          psgd::probes_with_q(factor_options.geometry) ? psgd::apply_q(noisy, qs) : psgd::apply_p(noisy, qs);
+      const at::Tensor X = psgd::probes_with_q(factor_options.geometry) ? psgd::apply_q(noisy, qs, triangular)
+                                                                        : psgd::apply_p(noisy, qs, triangular);
       at::Tensor conj_b;
       if (factor_options.geometry == psgd::Geometry::EQ) {
         conj_b = psgd::solve_q_right(V, qs);
@@ -302,7 +304,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   std::vector<at::Tensor> updates(n);
   for (size_t i = 0; i < n; ++i) {
     const auto& factors = do_update && update_preconditioner_first ? new_factors[i] : old_factors[i];
-    updates[i] = psgd::apply_p(b1 > 0.0 ? m[i] : g[i], factors);
+    updates[i] = psgd::apply_p(b1 > 0.0 ? m[i] : g[i], factors, triangular);
   }
   if (post_clip) {
     common::clip_updates_(updates, *post_clip);

@@ -671,3 +671,15 @@ def test_stacked_step_compiles():
     assert torch.equal(eager, compiled)
     for key in ("Q", "L", "mu", "magma_score", "step"):
         assert torch.equal(e_opt.state[eager][key], c_opt.state[compiled][key]), key
+
+
+# Axes of >= 512 take psgd.cpp's blocked products (symmetric Grams, P = Q^T Q
+# formed once, triangular blocks for EQ) that the small shapes above never
+# reach: first, last and middle axes, uneven last blocks (530 = 265 + 265, 770
+# = 3 x 257 - 1), dense next to diagonal factors.
+@pytest.mark.parametrize("mode", ["EQ", "Q0.5EQ1.5", "QUAD"])
+def test_blocked_products_match_reference(mode):
+    shapes = [(530, 40), (3, 770), (2, 520, 3)]
+    err, *_ = _run(shapes, torch.float64, steps=4, lr=0.01, preconditioner_mode=mode, max_skew_triangular=math.inf)
+    assert [int(x) for x in torch.ops.torchopt_ext.kron_factor_layout([3, 770], max_skew_triangular=math.inf)] == [1, 1]
+    assert err <= 1e-12, f"{mode}: max error {err}"

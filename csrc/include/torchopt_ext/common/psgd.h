@@ -63,11 +63,15 @@ void init_factors_(const at::Tensor& flat, at::IntArrayRef shape, const std::vec
 // diagonal q: x scaled along `axis`. For a 0-d x, q is its one-element factor.
 at::Tensor apply_factor(const at::Tensor& x, const at::Tensor& q, int64_t axis, bool transpose);
 
-// Q x (every factor along its axis; LX exprA).
-at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors);
+// Q x (every factor along its axis; LX exprA). upper_triangular: the dense
+// factors are upper triangular (the EQ geometry); the products then skip
+// their zero blocks (what lies below the diagonal is treated as zero, as the
+// triangular solves do).
+at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool upper_triangular = false);
 
-// P x = Q^T Q x (LX exprP).
-at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors);
+// P x = Q^T Q x (LX exprP); upper_triangular as for apply_q. A dense factor
+// small next to x (0.6 d^2 <= numel) is applied as the formed d x d P_i.
+at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool upper_triangular = false);
 
 // x with every fiber along each axis multiplied on the right by q^{-1}
 // (upper-triangular dense q by a triangular solve, diagonal q by division):
