@@ -673,10 +673,11 @@ def test_stacked_step_compiles():
         assert torch.equal(e_opt.state[eager][key], c_opt.state[compiled][key]), key
 
 
-# Axes of >= 512 take psgd.cpp's blocked products (symmetric Grams, P = Q^T Q
-# formed once, triangular blocks for EQ) that the small shapes above never
-# reach: first, last and middle axes, uneven last blocks (530 = 265 + 265, 770
-# = 3 x 257 - 1), dense next to diagonal factors.
+# Axes of >= 256 take psgd.cpp's blocked products (symmetric Grams, P = Q^T Q
+# formed once, the Procrustes step's R R, triangular blocks for EQ) that the
+# small shapes above never reach: first, last and middle axes, uneven last
+# blocks (530 = 3 x 133 + 131, 770 = 5 x 129 + 125), dense next to diagonal
+# factors.
 @pytest.mark.parametrize("mode", ["EQ", "Q0.5EQ1.5", "QUAD"])
 def test_blocked_products_match_reference(mode):
     shapes = [(530, 40), (3, 770), (2, 520, 3)]
