@@ -1,26 +1,43 @@
-"""Kron step time vs kron-torch's Kron (the public PyTorch PSGD Kron,
-`pip install --no-deps kron-torch==0.3.3`) at equal settings, and the
-preconditioner memory per parameter. The optimizers alternate and each keeps
-its fastest call, so a busy machine hurts both alike.
+"""Kron step time vs the public PyTorch PSGD Kron implementations at equal
+settings, and the preconditioner memory per parameter.
 
-    python benchmarks/bench_kron.py
+    python benchmarks/bench_kron.py                  # 1 and 2 threads
+    python benchmarks/bench_kron.py --threads 1 --rounds 5
+    python benchmarks/bench_kron.py --quick          # small models, smoke run
+
+Baselines (benchmarks/README.md has the pip line): kron-torch 0.3.3's `Kron`
+and heavyball 3.2.1's `PSGDKron` (both the triangular EQ update, against our
+`Kron(preconditioner_mode="EQ")`) and heavyball's `PSGDPRO` (the Procrustes
+Q0.5EQ1.5 update, against our default mode). WhiteKron (skew / quad, 256
+tiles) is timed on the same models next to them; heavyball has no tiled
+White-Kron, PSGDPRO (same Procrustes step, whole-axis factors) is its nearest
+relative.
 
 Equal settings: update probability 1 (every step updates the factors), init
-scale 1, no dim merging (kron-torch's merge_dims=False), fp32 factors, one
-thread. kron-torch's geometry is the triangular EQ-style update, so it is
-compared with Kron(preconditioner_mode="EQ") and with the default
-"Q0.5EQ1.5". heavyball's PSGDKron is not measured (not installed here).
-kron-torch wraps its einsums in @torch.compile; the comparison runs both
-eagerly (dynamo disabled). Small shapes only: without the opt_einsum package
-(not installed in this environment) torch.einsum contracts kron-torch's
-expressions left to right, through the outer product of the factors
-(d^4 elements for a d x d matrix: 275 GB at 512 x 512), so larger layers do
-not run here. kron-torch is therefore timed only when opt_einsum is
-available, or with --kron-torch-small on the 128-wide MLP (15 s per step
-measured there, all of it that outer product: not a fair comparison).
+scale 1, fp32 factors and momentum, no dim merging, max_size_triangular 2048
+(heavyball's default) for everyone, no skew rule for ours
+(max_skew_triangular=inf, the baselines have none), the preconditioner fitted
+on the momentum (ours whiten_grad=False, the baselines' default), every
+optimizer eager: dynamo is disabled, which turns kron-torch's @torch.compile
+functions into plain calls, and heavyball.utils.compile_mode = None turns off
+heavyball's internal compile. Each optimizer keeps its own post-clip (ours
+per-tensor RMS, kron-torch's RMS clip, heavyball's trust-region clip for
+PSGDKron, none for PSGDPRO): a few elementwise passes, small next to the
+matmuls.
+
+Timing: the optimizers alternate call by call (grads re-assigned before every
+call: heavyball clears them), each keeps the fastest and the median of its
+calls, so a machine that gets busy hurts all alike. The 1-minute load average
+is printed; the script refuses to time above 1.5 unless --force.
 """
 
-import sys
+import argparse
+import contextlib
+import importlib.metadata as md
+import io
+import math
+import os
+import statistics
 import time
 
 import torch
@@ -31,6 +48,12 @@ try:
     from kron_torch import Kron as KronTorch
 except ImportError:  # optional comparison
     KronTorch = None
+try:
+    import heavyball
+except ImportError:  # optional comparison
+    heavyball = None
+
+MAX_SIZE = 2048
 
 
 def make(shapes):
@@ -58,36 +81,205 @@ def memory_per_param(shapes, dtype):
     return q_bytes / sum(p.numel() for p in params)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    torch._dynamo.config.disable = True
-    sets = {
-        "MLP 128-128-128 (+biases)": [(128, 128), (128,), (128, 128), (128,)],
-        "MLP 512-2048-512 (+biases)": [(2048, 512), (2048,), (512, 2048), (512,)],
-        "square 512x512 x4": [(512, 512)] * 4,
-        "conv 64x32x3x3 x4": [(64, 32, 3, 3)] * 4,
+# ---- the comparison --------------------------------------------------------
+
+
+def _tensor_bytes(value):
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _q_bytes(state):
+    """Bytes of the preconditioner factors in one param's state, for every
+    layout: ours `Q` (Kron) / `ql`, `qr` (WhiteKron), kron-torch `Q` (list),
+    heavyball `<fn>_Q_<i>` (nested per-index dicts; PSGDKron stores triangles
+    as lines). Lipschitz / lower-bound scalars are not counted."""
+    total = 0
+    for key, value in state.items():
+        if isinstance(value, dict):
+            total += _q_bytes(value)
+        elif isinstance(key, str) and (key in ("Q", "ql", "qr") or "_Q_" in key) and "cache" not in key:
+            total += _tensor_bytes(value)
+    return total
+
+
+class Case:
+    """One optimizer on its own copy of a model, stepped with fixed grads."""
+
+    def __init__(self, name, factory, shapes):
+        torch.manual_seed(0)
+        self.name = name
+        self.params = [torch.randn(s) for s in shapes]
+        self.grads = [torch.randn(s) for s in shapes]
+        self.opt = factory(self.params)
+        self.times = []
+
+    def step(self):
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        with contextlib.redirect_stdout(io.StringIO()):  # kron-torch prints its sizes once
+            self.opt.step()
+
+    def timed_step(self):
+        start = time.perf_counter()
+        self.step()
+        self.times.append((time.perf_counter() - start) * 1e3)
+
+    def q_bytes_per_param(self):
+        total = sum(_q_bytes(s) for s in self.opt.state.values())
+        return total / sum(p.numel() for p in self.params)
+
+
+def factories(precond_dtype):
+    """name -> optimizer factory at the equal settings of the module docstring."""
+    ours = dict(
+        lr=1e-3,
+        preconditioner_update_probability=1.0,
+        preconditioner_init_scale=1.0,
+        max_size_triangular=MAX_SIZE,
+        max_skew_triangular=math.inf,
+        whiten_grad=False,
+        precond_dtype=precond_dtype,
+    )
+    out = {
+        "Kron EQ": lambda ps: tox.Kron(ps, preconditioner_mode="EQ", **ours),
+        "Kron Q0.5EQ1.5": lambda ps: tox.Kron(ps, **ours),
     }
-    print("| params | kron-torch ms | Kron EQ ms | Kron Q0.5EQ1.5 ms | EQ / kron-torch | fp32 Q bytes/param | bf16 |")
-    print("|---|--:|--:|--:|--:|--:|--:|")
-    for name, shapes in sets.items():
-        common = dict(lr=1e-3, preconditioner_update_probability=1.0)
-        ours_eq = tox.Kron(make(shapes), preconditioner_mode="EQ", preconditioner_init_scale=1.0, **common)
-        ours = tox.Kron(make(shapes), preconditioner_init_scale=1.0, **common)
-        usable = KronTorch is not None and (
-            torch.backends.opt_einsum.is_available() or ("--kron-torch-small" in sys.argv and "128" in name)
+    if KronTorch is not None:
+        out["kron-torch"] = lambda ps: KronTorch(
+            ps,
+            lr=1e-3,
+            preconditioner_update_probability=1.0,
+            max_size_triangular=MAX_SIZE,
+            merge_dims=False,
+            precond_init_scale=1.0,
+            precond_dtype=precond_dtype,
         )
-        theirs = KronTorch(make(shapes), merge_dims=False, precond_init_scale=1.0, **common) if usable else None
-        t_eq = t_ours = t_theirs = float("inf")
-        for _ in range(5):
-            t_eq = min(t_eq, best_ms(ours_eq, 3))
-            t_ours = min(t_ours, best_ms(ours, 3))
-            if theirs is not None:
-                t_theirs = min(t_theirs, best_ms(theirs, 3))
-        ratio = f"{t_eq / t_theirs:.2f}" if theirs is not None else "n/a"
-        t_theirs_text = f"{t_theirs:.2f}" if theirs is not None else "n/a"
-        mem32 = memory_per_param(shapes, torch.float32)
-        mem16 = memory_per_param(shapes, torch.bfloat16)
-        print(f"| {name} | {t_theirs_text} | {t_eq:.2f} | {t_ours:.2f} | {ratio} | {mem32:.3f} | {mem16:.3f} |")
+    if heavyball is not None:
+        q_dtype = str(precond_dtype).removeprefix("torch.")
+        hb = dict(
+            lr=1e-3,
+            preconditioner_update_probability=1.0,
+            max_size_triangular=MAX_SIZE,
+            merge_dims=False,
+            precond_init_scale=1.0,
+            q_dtype=q_dtype,
+            storage_dtype="float32",
+        )
+        out["hb PSGDKron"] = lambda ps: heavyball.PSGDKron(ps, **hb)
+        out["hb PSGDPRO"] = lambda ps: heavyball.PSGDPRO(ps, **hb)
+    return out
+
+
+def white(precond_dtype):
+    return {
+        "WhiteKron skew": lambda ps: tox.WhiteKron(ps, dtype=precond_dtype, seed=0),
+        "WhiteKron quad": lambda ps: tox.Quad(ps, dtype=precond_dtype, seed=0),
+    }
+
+
+WHITE = white(torch.float32)
+
+
+def compare(models, threads, rounds, with_white):
+    torch.set_num_threads(threads)
+    names = list(factories(torch.float32)) + (list(WHITE) if with_white else [])
+    rows = []
+    for model, shapes in models.items():
+        makers = {**factories(torch.float32), **(WHITE if with_white else {})}
+        cases = [Case(name, make_opt, shapes) for name, make_opt in makers.items()]
+        for case in cases:  # first steps: lazy state, heavyball's init-only step
+            case.step()
+            case.step()
+        for _ in range(rounds):
+            for case in cases:
+                case.timed_step()
+        rows.append((model, {c.name: (min(c.times), statistics.median(c.times)) for c in cases}))
+    print(f"\nthreads {threads}, {rounds} alternating calls each, ms per step: best (median)\n")
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "--:|" * len(names))
+    for model, times in rows:
+        cells = [f"{times[n][0]:.1f} ({times[n][1]:.1f})" if n in times else "n/a" for n in names]
+        print(f"| {model} | " + " | ".join(cells) + " |")
+    pairs = [("Kron EQ", "kron-torch"), ("Kron EQ", "hb PSGDKron"), ("Kron Q0.5EQ1.5", "hb PSGDPRO")]
+    if with_white:
+        pairs += [("WhiteKron skew", "hb PSGDPRO"), ("WhiteKron skew", "Kron Q0.5EQ1.5")]
+    pairs = [p for p in pairs if p[0] in names and p[1] in names]
+    print("\nratios of best times (target <= 0.70 for Kron vs the baselines)\n")
+    print("| model | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |")
+    print("|---|" + "--:|" * len(pairs))
+    for model, times in rows:
+        print(f"| {model} | " + " | ".join(f"{times[a][0] / times[b][0]:.2f}" for a, b in pairs) + " |")
+
+
+def memory(models, with_white):
+    print("\npreconditioner bytes per param (fp32 factors / bf16 factors)\n")
+    names = list(factories(torch.float32)) + (list(WHITE) if with_white else [])
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "--:|" * len(names))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    for model, shapes in models.items():
+        cells = []
+        for name in names:
+            per_dtype = []
+            for dtype in (torch.float32, torch.bfloat16):
+                make_opt = {**factories(dtype), **white(dtype)}[name]
+                case = Case(name, make_opt, shapes)
+                case.step()
+                case.step()
+                per_dtype.append(case.q_bytes_per_param())
+            cells.append(f"{per_dtype[0]:.3f} / {per_dtype[1]:.3f}")
+        print(f"| {model} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per optimizer")
+    parser.add_argument("--quick", action="store_true", help="small models (smoke run)")
+    parser.add_argument("--no-white", action="store_true", help="leave out WhiteKron")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--models", default="", help="only models whose name contains one of these (comma-separated)")
+    parser.add_argument("--force", action="store_true", help="time even when the load average is >= 1.5")
+    args = parser.parse_args()
+    torch._dynamo.config.disable = True
+    if heavyball is not None:
+        heavyball.utils.compile_mode = None
+    if args.quick:
+        sets = {
+            "MLP 128-256-128 (+biases)": [(256, 128), (256,), (128, 256), (128,)],
+            "conv 32x16x3x3 (+bias)": [(32, 16, 3, 3), (32,)],
+        }
+    else:
+        sets = {
+            "MLP 512-1024-1024-512 (+biases)": [(1024, 512), (1024,), (1024, 1024), (1024,), (512, 1024), (512,)],
+            "4096x1024": [(4096, 1024)],
+            "1024x4096": [(1024, 4096)],
+            "conv 128x64x3x3 (+bias)": [(128, 64, 3, 3), (128,)],
+            "mix 256x256 x4 + 8 biases": [(256, 256)] * 4 + [(256,)] * 8,
+        }
+    if args.models:
+        keys = args.models.split(",")
+        sets = {name: shapes for name, shapes in sets.items() if any(k in name for k in keys)}
+    load = os.getloadavg()[0]
+    versions = f"torch {torch.__version__}"
+    if KronTorch is not None:
+        versions += f", kron-torch {md.version('kron-torch')}"
+    if heavyball is not None:
+        versions += f", heavyball {md.version('heavyball')}"
+    print(f"{versions}, opt_einsum {torch.backends.opt_einsum.is_available()}, load {load:.2f}")
+    if load < 1.5 or args.force:
+        for threads in (int(t) for t in args.threads.split(",")):
+            compare(sets, threads, args.rounds, not args.no_white)
+    else:
+        print("load >= 1.5: step times not measured; rerun on an idle machine or with --force")
+    if not args.no_memory:
+        memory(sets, not args.no_white)
 
 
 if __name__ == "__main__" and "--stacked" not in sys.argv:

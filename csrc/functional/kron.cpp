@@ -311,6 +311,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>();
   gen.set_state(rng_state);
+  // EQ keeps its dense factors upper triangular: the products skip the zeros.
+  const bool triangular = factor_options.geometry == psgd::Geometry::EQ;
 
   std::vector<at::ScalarType> math(n);
   std::vector<at::Tensor> g(n), raw_g(n), m(n);
@@ -463,8 +465,9 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                                                   : static_cast<double>(std::numeric_limits<float>::epsilon());
       const at::Tensor noisy = G + (damping + eps_i * G.abs()) * V;
       auto& qs = old_factors[u];
-      const at::Tensor X = psgd::probes_with_q(factor_options.geometry) ? psgd::apply_q(noisy, qs, unit.batched)
-                                                                        : psgd::apply_p(noisy, qs, unit.batched);
+      const at::Tensor X = psgd::probes_with_q(factor_options.geometry)
+                               ? psgd::apply_q(noisy, qs, unit.batched, triangular)
+                               : psgd::apply_p(noisy, qs, unit.batched, triangular);
       at::Tensor conj_b;
       if (factor_options.geometry == psgd::Geometry::EQ) {
         conj_b = psgd::solve_q_right(V, qs, unit.batched);
@@ -522,7 +525,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       continue;
     }
     const auto& factors = do_update && update_preconditioner_first ? new_factors[u] : old_factors[u];
-    unit_updates[u] = psgd::apply_p(chunk_of(b1 > 0.0 ? m[unit.i] : g[unit.i], unit), factors, unit.batched);
+    unit_updates[u] =
+        psgd::apply_p(chunk_of(b1 > 0.0 ? m[unit.i] : g[unit.i], unit), factors, unit.batched, triangular);
   }
   std::vector<at::Tensor> updates;
   for (size_t u = 0; u < units_n; ++u) {

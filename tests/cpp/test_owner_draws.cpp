@@ -52,7 +52,8 @@ void call(KronState& s, const std::vector<at::Tensor>& grads, const std::vector<
   functional::kron_step_(pick(s.params), pick(grads), pick(s.mus), pick(s.qs), pick(s.ls), pick(s.scores),
                          pick(s.steps), torch::scalar_tensor(0.01, torch::kDouble), rng, 0.9, 0.1, prob, 8192, 1.0, 2,
                          std::nullopt, true, true, 0.1, 1.0, "Q0.5EQ1.5", 0.9, true, 1e-9, amps, "per_tensor_rms",
-                         std::nullopt, true, 5, false, true, 0.6, 2.0, false, 5, std::nullopt, std::nullopt,
+                         std::nullopt, true, 5, false, true, 0.6, 2.0, false, 5, /*stacked=*/false, std::nullopt,
+                         std::nullopt, std::nullopt, std::nullopt,
                          group_shapes.empty() ? at::IntArrayRef(none) : at::IntArrayRef(idx), group_shapes);
 }
 

@@ -753,3 +753,16 @@ def test_stacked_op_passes_opcheck():
         kwargs,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+
+
+# Axes of >= 256 take psgd.cpp's blocked products (symmetric Grams, P = Q^T Q
+# formed once, the Procrustes step's R R, triangular blocks for EQ) that the
+# small shapes above never reach: first, last and middle axes, uneven last
+# blocks (530 = 3 x 133 + 131, 770 = 5 x 129 + 125), dense next to diagonal
+# factors.
+@pytest.mark.parametrize("mode", ["EQ", "Q0.5EQ1.5", "QUAD"])
+def test_blocked_products_match_reference(mode):
+    shapes = [(530, 40), (3, 770), (2, 520, 3)]
+    err, *_ = _run(shapes, torch.float64, steps=4, lr=0.01, preconditioner_mode=mode, max_skew_triangular=math.inf)
+    assert [int(x) for x in torch.ops.torchopt_ext.kron_factor_layout([3, 770], max_skew_triangular=math.inf)] == [1, 1]
+    assert err <= 1e-12, f"{mode}: max error {err}"

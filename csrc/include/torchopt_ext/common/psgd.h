@@ -79,10 +79,17 @@ at::Tensor apply_factor(const at::Tensor& x, const at::Tensor& q, int64_t axis, 
 
 // Q x (every factor along its axis; LX exprA). batched: x (B, ...) and
 // factors (B, d, d) / (B, d); axis i of the factors is axis i + 1 of x.
-at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false);
+// upper_triangular (unbatched): the dense factors are upper triangular (the
+// EQ geometry); the products then skip their zero blocks (what lies below
+// the diagonal is treated as zero, as the triangular solves do).
+at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false,
+                   bool upper_triangular = false);
 
-// P x = Q^T Q x (LX exprP).
-at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false);
+// P x = Q^T Q x (LX exprP); batched and upper_triangular as for apply_q.
+// Unbatched, a dense factor small next to x (0.6 d^2 <= numel) is applied as
+// the formed d x d P_i.
+at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched = false,
+                   bool upper_triangular = false);
 
 // x with every fiber along each axis multiplied on the right by q^{-1}
 // (upper-triangular dense q by a triangular solve, diagonal q by division):

@@ -1,0 +1,111 @@
+// The blocked products of common/psgd.cpp (symmetric Grams, P = Q^T Q formed
+// once, triangular blocks for EQ, the Procrustes step through R R) against
+// the plain GEMM formulas, in float64 on axes long enough to be blocked
+// (>= 256, uneven last blocks) and on the first, last and a middle axis.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <limits>
+#include <vector>
+
+#include "torchopt_ext/common/psgd.h"
+
+namespace psgd = torchopt_ext::common::psgd;
+
+namespace {
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// An upper-triangular, well-conditioned d x d factor.
+torch::Tensor upper_factor(int64_t d) {
+  return torch::eye(d, torch::kFloat64) + 0.3 * torch::triu(torch::randn({d, d}, torch::kFloat64)) / std::sqrt(d);
+}
+
+// Plain reference: m applied along `axis` of x.
+torch::Tensor along(const torch::Tensor& x, const torch::Tensor& m, int64_t axis) {
+  const auto moved = x.movedim(axis, 0);
+  const auto sizes = moved.sizes().vec();
+  return m.mm(moved.reshape({m.size(0), -1})).reshape(sizes).movedim(0, axis);
+}
+
+}  // namespace
+
+TEST(PsgdBlocked, ContractionsMatchPlainGemms) {
+  torch::manual_seed(3);
+  // (530, 300): first and last axes; (2, 770, 3): a middle axis (the 2 and 3
+  // axes are diagonal here, as for a conv's kernel axes with all_diag).
+  for (const bool triangular : {false, true}) {
+    const std::vector<int64_t> shape{530, 300};
+    const torch::Tensor x = torch::randn(shape, torch::kFloat64);
+    std::vector<torch::Tensor> qs{upper_factor(530), upper_factor(300)};
+    if (!triangular) {
+      for (auto& q : qs) {
+        q = q + 0.1 * torch::randn_like(q) / std::sqrt(q.size(0));  // a full (non-triangular) factor
+      }
+    }
+    const auto ref_q = along(along(x, qs[0], 0), qs[1], 1);
+    const auto ref_p = along(along(x, qs[0].t().mm(qs[0]), 0), qs[1].t().mm(qs[1]), 1);
+    EXPECT_LE(max_diff(psgd::apply_q(x, qs, triangular), ref_q), 1e-12) << triangular;
+    EXPECT_LE(max_diff(psgd::apply_p(x, qs, triangular), ref_p), 1e-12) << triangular;
+    const auto rows1 = x.t();
+    EXPECT_LE(max_diff(psgd::factor_gram(x, 0, true), x.mm(x.t())), 1e-11);
+    EXPECT_LE(max_diff(psgd::factor_gram(x, 1, true), rows1.mm(rows1.t())), 1e-11);
+  }
+  const torch::Tensor y = torch::randn({2, 770, 3}, torch::kFloat64);
+  std::vector<torch::Tensor> qs{torch::rand({2}, torch::kFloat64) + 0.5, upper_factor(770),
+                                torch::rand({3}, torch::kFloat64) + 0.5};
+  const auto scaled = y * qs[0].view({2, 1, 1}) * qs[2].view({1, 1, 3});
+  EXPECT_LE(max_diff(psgd::apply_q(y, qs, true), along(scaled, qs[1], 1)), 1e-12);
+  const auto p_ref = along(y * qs[0].square().view({2, 1, 1}) * qs[2].square().view({1, 1, 3}), qs[1].t().mm(qs[1]), 1);
+  EXPECT_LE(max_diff(psgd::apply_p(y, qs, true), p_ref), 1e-12);
+  const auto rows = y.movedim(1, 0).reshape({770, -1});
+  EXPECT_LE(max_diff(psgd::factor_gram(y, 1, true), rows.mm(rows.t())), 1e-11);
+}
+
+TEST(PsgdBlocked, FactorUpdatesMatchPlainFormulas) {
+  torch::manual_seed(4);
+  const int64_t d = 530;
+  const double tiny = std::numeric_limits<double>::min();
+  const torch::Tensor x = torch::randn({d, 60}, torch::kFloat64);
+  const torch::Tensor c = torch::randn({d, 60}, torch::kFloat64);
+  const torch::Tensor t1 = x.mm(x.t());
+  const torch::Tensor t2 = c.mm(c.t());
+  // EQ: q - eta triu(t1 - t2) q, eta = lr / (lower bound of t1 + t2).
+  {
+    psgd::FactorUpdateOptions options;
+    options.geometry = psgd::Geometry::EQ;
+    options.track_lipschitz = false;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+    auto gen_ref = at::make_generator<at::CPUGeneratorImpl>(11);
+    const torch::Tensor q0 = upper_factor(d);
+    torch::Tensor q = q0.clone();
+    torch::Tensor lip = torch::zeros({}, torch::kFloat64);
+    psgd::update_factor_(q, t1, t2, lip, options, gen);
+    const auto eta = options.lr / (psgd::norm_lower_bound_spd(t1 + t2, gen_ref) + tiny);
+    const auto ref = q0 - eta * torch::triu(t1 - t2).mm(q0);
+    EXPECT_LE(max_diff(q, ref), 1e-12);
+    EXPECT_GT(max_diff(q, q0), 1e-3);                                    // the step is not negligible
+    EXPECT_EQ(max_diff(torch::tril(q, -1), torch::zeros_like(q)), 0.0);  // stays triangular
+  }
+  // Procrustes: Q + a (R Q + a/2 R R Q), R = (Q^T - Q) / ||Q^T - Q||_lb.
+  {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(12);
+    auto gen_ref = at::make_generator<at::CPUGeneratorImpl>(12);
+    const torch::Tensor q0 =
+        torch::eye(d, torch::kFloat64) + 0.2 * torch::randn({d, d}, torch::kFloat64) / std::sqrt(d);
+    torch::Tensor q = q0.clone();
+    psgd::procrustes_step_(q, gen, 0.125);
+    torch::Tensor r = q0.t() - q0;
+    r = r / (psgd::norm_lower_bound_skh(r, gen_ref) + tiny);
+    const auto rq = r.mm(q0);
+    const auto rrq = r.mm(rq);
+    const auto tr_rq = rq.diagonal().sum();
+    const auto tr_rrq = rrq.diagonal().sum();
+    const auto a = torch::where(tr_rrq < 0, torch::clamp_max(-tr_rq / tr_rrq, 0.125),
+                                torch::scalar_tensor(0.125, torch::kFloat64));
+    const auto ref = q0 + a * (rq + 0.5 * a * rrq);
+    EXPECT_LE(max_diff(q, ref), 1e-12);
+    EXPECT_GT(max_diff(q, q0), 1e-3);
+  }
+}
