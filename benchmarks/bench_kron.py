@@ -39,6 +39,7 @@ import math
 import os
 import statistics
 import time
+import sys
 
 import torch
 
