@@ -38,8 +38,8 @@ import io
 import math
 import os
 import statistics
-import time
 import sys
+import time
 
 import torch
 

@@ -152,9 +152,9 @@ __global__ void __launch_bounds__(kBlockSize) elementwise_kernel(const __grid_co
                                   : static_cast<double>(*static_cast<const float*>(args.lr));
       }
     }
-    typename Algo::TensorScalars ts =
-        meta.device_scalars != nullptr ? *static_cast<const typename Algo::TensorScalars*>(meta.device_scalars)
-                                       : meta.scalars;
+    typename Algo::TensorScalars ts = meta.device_scalars != nullptr
+                                          ? *static_cast<const typename Algo::TensorScalars*>(meta.device_scalars)
+                                          : meta.scalars;
     const double step = meta.step != nullptr ? static_cast<double>(*meta.step) : meta.host_step;
     if constexpr (requires { ts.step; }) {
       if (meta.step != nullptr) {
