@@ -46,8 +46,8 @@ TEST(PsgdBlocked, ContractionsMatchPlainGemms) {
     }
     const auto ref_q = along(along(x, qs[0], 0), qs[1], 1);
     const auto ref_p = along(along(x, qs[0].t().mm(qs[0]), 0), qs[1].t().mm(qs[1]), 1);
-    EXPECT_LE(max_diff(psgd::apply_q(x, qs, triangular), ref_q), 1e-12) << triangular;
-    EXPECT_LE(max_diff(psgd::apply_p(x, qs, triangular), ref_p), 1e-12) << triangular;
+    EXPECT_LE(max_diff(psgd::apply_q(x, qs, /*batched=*/false, triangular), ref_q), 1e-12) << triangular;
+    EXPECT_LE(max_diff(psgd::apply_p(x, qs, /*batched=*/false, triangular), ref_p), 1e-12) << triangular;
     const auto rows1 = x.t();
     EXPECT_LE(max_diff(psgd::factor_gram(x, 0, true), x.mm(x.t())), 1e-11);
     EXPECT_LE(max_diff(psgd::factor_gram(x, 1, true), rows1.mm(rows1.t())), 1e-11);
@@ -56,9 +56,9 @@ TEST(PsgdBlocked, ContractionsMatchPlainGemms) {
   std::vector<torch::Tensor> qs{torch::rand({2}, torch::kFloat64) + 0.5, upper_factor(770),
                                 torch::rand({3}, torch::kFloat64) + 0.5};
   const auto scaled = y * qs[0].view({2, 1, 1}) * qs[2].view({1, 1, 3});
-  EXPECT_LE(max_diff(psgd::apply_q(y, qs, true), along(scaled, qs[1], 1)), 1e-12);
+  EXPECT_LE(max_diff(psgd::apply_q(y, qs, /*batched=*/false, true), along(scaled, qs[1], 1)), 1e-12);
   const auto p_ref = along(y * qs[0].square().view({2, 1, 1}) * qs[2].square().view({1, 1, 3}), qs[1].t().mm(qs[1]), 1);
-  EXPECT_LE(max_diff(psgd::apply_p(y, qs, true), p_ref), 1e-12);
+  EXPECT_LE(max_diff(psgd::apply_p(y, qs, /*batched=*/false, true), p_ref), 1e-12);
   const auto rows = y.movedim(1, 0).reshape({770, -1});
   EXPECT_LE(max_diff(psgd::factor_gram(y, 1, true), rows.mm(rows.t())), 1e-11);
 }
