@@ -349,6 +349,6 @@ def _soap_step_fake(params, grads, exp_avgs, exp_avg_sqs, GGs, Qs, state_steps, 
 
 
 @torch.library.register_fake("torchopt_ext::raw_global_grad_clip_")
-def _raw_global_grad_clip_fake(grads, max_norm):
+def _raw_global_grad_clip_fake(grads, max_norm, sum_of_squares=None):
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((), dtype=torch.bool, device=device)

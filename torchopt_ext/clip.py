@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from .optim._base import local
+from .optim._base import is_dtensor, local, sharded_sum_of_squares
 
 __all__ = ["raw_global_grad_clip_", "SpikeGuard"]
 
@@ -50,11 +50,22 @@ def raw_global_grad_clip_(params: Iterable[Any], max_norm: float) -> torch.Tenso
     """Clips the gradients of ``params`` (tensors or param groups) in place to
     a global L2 norm of ``max_norm`` when they exceed it (a NaN norm is no
     spike) and returns the spike flag (0-d bool tensor, no host sync).
-    Gradients must share one device; DTensor gradients are not supported."""
+    Gradients must share one device. DTensor gradients (FSDP2) are clipped
+    shard by shard with the norm of the whole gradients: the shards' sums of
+    squares are all-reduced over their 1-D mesh (replicated and plain
+    gradients count once), so every rank takes the same decision."""
     grads = _grads(params)
-    if any(local(g) is not g for g in grads):
-        raise NotImplementedError("raw_global_grad_clip_: DTensor gradients need an all-reduced norm")
-    return torch.ops.torchopt_ext.raw_global_grad_clip_(grads, float(max_norm))
+    if not any(is_dtensor(g) for g in grads):
+        return torch.ops.torchopt_ext.raw_global_grad_clip_(grads, float(max_norm))
+    total = sharded_sum_of_squares(grads)
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64)
+    sharded = [g for g in grads if is_dtensor(g) and any(pl.is_shard() for pl in g.placements)]
+    for g in grads:
+        if not any(g is s for s in sharded):
+            total = total + torch.linalg.vector_norm(local(g), dtype=torch.float64).square()
+    shards = [local(g) for g in grads]
+    return torch.ops.torchopt_ext.raw_global_grad_clip_(shards, float(max_norm), total.to(shards[0].device))
 
 
 class SpikeGuard:

@@ -50,7 +50,8 @@ RawClipResult raw_global_clip_from_norm(const at::Tensor& norm_tensor, double ma
   return result;
 }
 
-at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm) {
+at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm,
+                                      const std::optional<at::Tensor>& sum_of_squares) {
   TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0, "raw_global_grad_clip: max_norm must be > 0, got ",
                     max_norm);
   const auto dtype = accumulation_type(grads);
@@ -59,8 +60,16 @@ at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm) {
   for (const auto& g : grads) {
     TORCH_CHECK_VALUE(g.device() == device, "raw_global_grad_clip: all grads must be on one device, got ", device,
                       " and ", g.device());
-    const at::Tensor x = g.to(dtype);
-    sum = sum + (x * x).sum();
+    if (!sum_of_squares) {
+      const at::Tensor x = g.to(dtype);
+      sum = sum + (x * x).sum();
+    }
+  }
+  if (sum_of_squares) {
+    TORCH_CHECK_VALUE(sum_of_squares->dim() == 0 && at::isFloatingType(sum_of_squares->scalar_type()),
+                      "raw_global_grad_clip: sum_of_squares must be a floating 0-d tensor, got shape ",
+                      sum_of_squares->sizes());
+    sum = sum_of_squares->to(sum.options());
   }
   const at::Tensor norm = sum.sqrt();
   const at::Tensor spike = norm > max_norm;  // a NaN norm is no spike, as raw_global_clip

@@ -6,14 +6,15 @@
 
 namespace {
 
-at::Tensor raw_global_grad_clip_op(at::TensorList grads, double max_norm) {
-  return torchopt_ext::common::raw_global_clip_on_device_(grads, max_norm);
+at::Tensor raw_global_grad_clip_op(at::TensorList grads, double max_norm,
+                                   const std::optional<at::Tensor>& sum_of_squares) {
+  return torchopt_ext::common::raw_global_clip_on_device_(grads, max_norm, sum_of_squares);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
-  m.def("raw_global_grad_clip_(Tensor(a!)[] grads, float max_norm) -> Tensor");
+  m.def("raw_global_grad_clip_(Tensor(a!)[] grads, float max_norm, Tensor? sum_of_squares=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CompositeExplicitAutograd, m) {

@@ -19,6 +19,7 @@ from distributed_utils import run_distributed
 from helpers import ALL_OPTIMIZERS
 
 import torchopt_ext.optim as topt
+from torchopt_ext.clip import SpikeGuard
 
 # Element-wise optimizers with no whole-tensor reduction: they run on the
 # local shards as they are.
@@ -599,3 +600,64 @@ def _hang(rank: int, world_size: int) -> None:
 def test_harness_kills_hung_ranks():
     with pytest.raises(TimeoutError):
         run_distributed(_hang, 2, timeout=15)
+
+
+# Whole-tensor decisions of element-wise optimizers under FSDP2: AdamW's Magma
+# (cosine per whole tensor; the group is gathered) and the spike guard's global
+# norm (all-reduced shard sums; the grads are clipped shard by shard). The max
+# norm of 0.7 makes some steps spikes (the worker checks), so clipping and skipping are exercised.
+GUARDED = {
+    "AdamW_magma": lambda params: topt.AdamW(params, lr=1e-2, weight_decay=0.1, use_magma=True, magma_p=0.6, seed=3),
+    "SpikeGuard_permissive": lambda params: SpikeGuard(topt.AdamW(params, lr=1e-2), max_norm=0.7),
+    "SpikeGuard_strict": lambda params: SpikeGuard(topt.AdamW(params, lr=1e-2), max_norm=0.7, permissive=False),
+}
+
+
+def _fsdp_guarded_worker(rank: int, world_size: int, names: list[str], steps: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    failures = []
+    for name in names:
+        torch.manual_seed(0)
+        model = MLP()
+        ref = copy.deepcopy(model)
+        _shard(model, world_size)
+        opt = GUARDED[name](list(model.parameters()))
+        ref_opt = GUARDED[name](list(ref.parameters()))
+        data = torch.Generator().manual_seed(1)
+        spikes = []
+        for _ in range(steps):
+            x = torch.randn(world_size * MICRO_BATCH, IN, generator=data)
+            y = torch.randn(world_size * MICRO_BATCH, 3, generator=data)
+            mine = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+            if isinstance(opt, SpikeGuard):
+                spikes.append(bool(opt.spike))
+            if rank == 0:
+                torch.nn.functional.mse_loss(ref(x), y).backward()
+                ref_opt.step()
+                ref_opt.zero_grad()
+                if isinstance(ref_opt, SpikeGuard) and bool(ref_opt.spike) != spikes[-1]:
+                    failures.append(f"{name}: spike decision differs from one process at step {len(spikes)}")
+        if spikes and (all(spikes) or not any(spikes)):
+            failures.append(f"{name}: spikes {spikes}: the test needs both clipped and unclipped steps")
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert isinstance(p, DTensor), f"{pname} is not sharded"
+            full = p.full_tensor()
+            if rank == 0:
+                try:
+                    torch.testing.assert_close(full, q.detach(), **TOL)
+                    if name == "AdamW_magma":
+                        score = opt.state[p]["magma_score"]
+                        torch.testing.assert_close(score, ref_opt.state[q]["magma_score"], rtol=1e-5, atol=1e-6)
+                except AssertionError as e:
+                    failures.append(f"{name} {pname}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_magma_and_spike_guard_take_whole_tensor_decisions(world_size):
+    run_distributed(_fsdp_guarded_worker, world_size, list(GUARDED), STEPS)

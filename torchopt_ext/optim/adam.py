@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, check_magma, draw_seed
+from ._base import FusedOptimizer, check_adam_like, check_magma, draw_seed, is_dtensor
 
 
 class Adam(FusedOptimizer):
@@ -85,6 +85,17 @@ class Adam(FusedOptimizer):
         if key == "magma_score":
             return torch.full((), 0.5, dtype=torch.float32, device=self._scalar_device(p))
         return super()._new_state(p, group, key)
+
+    def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
+        # Magma scores the cosine of whole tensors: DTensor (FSDP2) params
+        # of a Magma group are gathered for the op (as WholeTensors does for
+        # LAMB's gather path), so every rank scores and masks like one
+        # process; without Magma the op runs on the local shards.
+        self._gather_now = group["use_magma"] and any(is_dtensor(p) for p in group["params"])
+        try:
+            super()._group_step(group, amp)
+        finally:
+            self._gather_now = False
 
     def _op_for(self, group: dict[str, Any], state_lists: list) -> tuple[str, list, dict[str, Any]]:
         if group["use_magma"]:

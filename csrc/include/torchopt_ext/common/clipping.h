@@ -41,8 +41,12 @@ RawClipResult raw_global_clip_from_norm(const at::Tensor& norm, double max_norm,
 // The same clip with no host read, for the standalone spike guard: the
 // grads are multiplied in place by where(spike, max_norm / (norm + tiny), 1)
 // (a multiply by 1 leaves them bitwise unchanged) and the 0-d bool spike flag
-// is returned on the grads' device. max_norm > 0.
-at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm);
+// is returned on the grads' device. max_norm > 0. `sum_of_squares` (0-d):
+// the squared global norm computed elsewhere, used instead of the grads' own
+// (sharded grads: the front end all-reduces the shards' sums, and the grads
+// given are this rank's shards).
+at::Tensor raw_global_clip_on_device_(at::TensorList grads, double max_norm,
+                                      const std::optional<at::Tensor>& sum_of_squares = std::nullopt);
 
 enum class GradClipMode { PerTensorRMS, GlobalRMS };
 
