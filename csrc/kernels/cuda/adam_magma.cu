@@ -93,28 +93,8 @@ __global__ void __launch_bounds__(kBlockSize)
       acc[k] += static_cast<double>(terms[k]) * static_cast<double>(terms[k]);
     }
   }
-  // Fixed-shape tree over the block: the same sums on every run.
   __shared__ double reduce[kNorms][kBlockSize];
-#pragma unroll
-  for (int k = 0; k < kNorms; ++k) {
-    reduce[k][threadIdx.x] = acc[k];
-  }
-  __syncthreads();
-  for (int width = kBlockSize / 2; width > 0; width /= 2) {
-    if (static_cast<int>(threadIdx.x) < width) {
-#pragma unroll
-      for (int k = 0; k < kNorms; ++k) {
-        reduce[k][threadIdx.x] += reduce[k][threadIdx.x + width];
-      }
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int k = 0; k < kNorms; ++k) {
-      partials[(meta.first_partial + chunk) * kNorms + k] = reduce[k][0];
-    }
-  }
+  block_tree_sum<kNorms>(acc, reduce, partials + (meta.first_partial + chunk) * kNorms);
 }
 
 struct ScoreBatch {

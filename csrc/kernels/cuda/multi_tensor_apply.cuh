@@ -288,6 +288,33 @@ inline void increment_device_steps(at::TensorList steps, const float* found_inf,
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Sums each thread's K values over the block with a fixed-shape tree (the
+// same sums on every run: deterministic) through `scratch`, and thread 0
+// writes the K totals to out[0..K). Every thread of the block must call it.
+template <int K>
+__device__ void block_tree_sum(const double (&acc)[K], double (&scratch)[K][kBlockSize], double* out) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    scratch[k][threadIdx.x] = acc[k];
+  }
+  __syncthreads();
+  for (int width = kBlockSize / 2; width > 0; width /= 2) {
+    if (static_cast<int>(threadIdx.x) < width) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        scratch[k][threadIdx.x] += scratch[k][threadIdx.x + width];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      out[k] = scratch[k][0];
+    }
+  }
+}
+
 template <typename Algo, typename P, typename St>
 void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at::TensorList grads,
                   const std::array<at::TensorList, Algo::kNumState>& state,

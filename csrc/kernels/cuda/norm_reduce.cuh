@@ -136,27 +136,7 @@ __global__ void __launch_bounds__(kBlockSize) norm_sq_kernel(const __grid_consta
       add(static_cast<S>(param[i]), static_cast<S>(grad[i]), s);
     }
   }
-  // Fixed-shape tree over the block: the same sums on every run.
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    partial[k][threadIdx.x] = acc[k];
-  }
-  __syncthreads();
-  for (int width = kBlockSize / 2; width > 0; width /= 2) {
-    if (static_cast<int>(threadIdx.x) < width) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        partial[k][threadIdx.x] += partial[k][threadIdx.x + width];
-      }
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      out[k] = partial[k][0];
-    }
-  }
+  block_tree_sum<K>(acc, partial, out);
 }
 
 // Each tensor's partial rows added in chunk order into its output row.
