@@ -64,9 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--force", action="store_true", help="time even on a busy machine")
-    # kron-torch 0.3.3 under torch 2.13 grew to 20 GB RSS (OOM-killed) on its
-    # first step of a single (512, 128) matrix on this machine (square ones
-    # worked), so it is opt-in.
+    # kron-torch 0.3.3 without the opt_einsum package contracts through d^4
+    # intermediates (20 GB RSS, OOM-killed, on one (512, 128) matrix here), so
+    # it is opt-in; with opt_einsum==3.4.0 installed it runs normally
+    # (bench_kron.py compares Kron with it and with heavyball).
     parser.add_argument("--with-kron-torch", action="store_true", help="add kron_torch.Kron (see the note)")
     args = parser.parse_args()
     d = 128 if args.quick else 512
