@@ -138,45 +138,25 @@ void launch_norms(const std::vector<size_t>& indices, at::TensorList params, at:
                   const std::array<at::TensorList, AdamMaskedAlgo::kNumState>& state,
                   const std::vector<int64_t>& first_partial, const std::vector<double>& steps, NormArgs& args,
                   const DeviceArgs& dev, double* partials, cudaStream_t stream) {
-  int num_tensors = 0;
-  int num_blocks = 0;
-  auto flush = [&] {
-    if (num_blocks > 0) {
-      magma_norms_kernel<P, St><<<num_blocks, kBlockSize, 0, stream>>>(args, partials);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    num_blocks = 0;
-    num_tensors = 0;
-  };
-  for (size_t i : indices) {
-    const int64_t numel = params[i].numel();
-    if (numel == 0) {
-      continue;
-    }
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      // A full table or a new tensor that does not fit: launch what is there.
-      if (num_blocks == kMaxBlocks || (chunk == 0 && num_tensors == kMaxTensors)) {
-        flush();
-      }
-      if (chunk == 0 || num_blocks == 0) {
-        auto& meta = args.tensors[num_tensors++];
+  launch_chunked(
+      indices, params, kMaxTensors, args,
+      [&](int slot, size_t i) {
+        auto& meta = args.tensors[slot];
         meta.param = params[i].const_data_ptr();
         meta.grad = grads[i].const_data_ptr();
         for (int k = 0; k < AdamMaskedAlgo::kNumState; ++k) {
           meta.state[k] = state[k].empty() ? nullptr : state[k][i].const_data_ptr();
         }
-        meta.numel = numel;
+        meta.numel = params[i].numel();
         meta.step = dev.steps.empty() ? nullptr : dev.steps[i].const_data_ptr<float>();
         meta.host_step = steps[i];
         meta.first_partial = first_partial[i];
-      }
-      args.block_tensor[num_blocks] = static_cast<int16_t>(num_tensors - 1);
-      args.block_chunk[num_blocks] = static_cast<int32_t>(chunk);
-      ++num_blocks;
-    }
-  }
-  flush();
+      },
+      [&](int slot) { args.tensors[0] = args.tensors[slot]; },
+      [&](int num_blocks) {
+        magma_norms_kernel<P, St><<<num_blocks, kBlockSize, 0, stream>>>(args, partials);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace
@@ -212,31 +192,11 @@ void adam_magma_step(at::TensorList params, at::TensorList grads, at::TensorList
   args.found_inf = found_inf;
   args.has_grad_scale = args.grad_scale != nullptr || options.grad_scale.has_value();
   args.host_grad_scale = options.grad_scale.value_or(1.0);
-  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
-  for (size_t i = 0; i < n; ++i) {
-    const auto key = std::make_pair(params[i].scalar_type(), exp_avgs[i].scalar_type());
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
-    if (it == groups.end()) {
-      groups.push_back({key, {i}});
-    } else {
-      it->second.push_back(i);
-    }
-  }
-  for (const auto& [types, indices] : groups) {
-    bool launched = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.first, "adam_magma_norms", [&] {
-      using P = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "adam_magma_norms", [&] {
-        if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
-          launch_norms<P, scalar_t>(indices, params, grads, state, first_partial, steps, args, device,
-                                    partials.data_ptr<double>(), stream);
-          launched = true;
-        }
-      });
-    });
-    TORCH_CHECK(launched, "adam_magma_step_: no CUDA kernel for ", types.first, " params with ", types.second,
-                " state");
-  }
+  for_each_dtype_group("adam_magma_step_", group_by_dtypes(params, state),
+                       [&]<typename P, typename St>(const std::vector<size_t>& indices) {
+                         launch_norms<P, St>(indices, params, grads, state, first_partial, steps, args, device,
+                                             partials.data_ptr<double>(), stream);
+                       });
 
   // 2. Scores, draws and multipliers.
   auto* out_ptr = reinterpret_cast<MaskedScalars*>(out.data_ptr<double>());

@@ -315,21 +315,21 @@ __device__ void block_tree_sum(const double (&acc)[K], double (&scratch)[K][kBlo
   }
 }
 
-template <typename Algo, typename P, typename St>
-void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at::TensorList grads,
-                  const std::array<at::TensorList, Algo::kNumState>& state,
-                  const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
-                  LaunchArgs<Algo>& args, const common::DeviceArgs& dev, const void* device_scalars,
-                  cudaStream_t stream) {
+// Packs the chunks of params[indices] (empty tensors skipped) into launches
+// of at most `max_tensors` tensors and kMaxBlocks blocks; block b runs chunk
+// args.block_chunk[b] of the tensor in slot args.block_tensor[b].
+// fill(slot, i) writes tensor i's metadata into `slot`; carry(slot) moves the
+// tensor in flight to slot 0 when a launch ends inside it; launch(num_blocks)
+// runs one kernel over the table.
+template <typename Args, typename Fill, typename Carry, typename Launch>
+void launch_chunked(const std::vector<size_t>& indices, at::TensorList params, int max_tensors, Args& args, Fill fill,
+                    Carry carry, Launch launch) {
   int num_tensors = 0;
   int num_blocks = 0;
   auto flush = [&] {
-    if (num_blocks == 0) {
-      return;
+    if (num_blocks > 0) {
+      launch(num_blocks);
     }
-    args.num_blocks = num_blocks;
-    elementwise_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     num_blocks = 0;
   };
   for (size_t i : indices) {
@@ -337,35 +337,19 @@ void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at:
     if (numel == 0) {
       continue;
     }
-    if (num_tensors == kMaxTensors) {
+    if (num_tensors == max_tensors) {
       flush();
       num_tensors = 0;
     }
-    auto& meta = args.tensors[num_tensors];
-    meta.param = params[i].data_ptr();
-    meta.grad = grads[i].data_ptr();
-    meta.aligned = aligned16(meta.param) && aligned16(meta.grad);
-    for (int k = 0; k < Algo::kNumState; ++k) {
-      meta.state[k] = state[k].empty() ? nullptr : state[k][i].data_ptr();
-      meta.aligned = meta.aligned && (meta.state[k] == nullptr || aligned16(meta.state[k]));
-    }
-    meta.numel = numel;
-    meta.step = dev.steps.empty() ? nullptr : dev.steps[i].data_ptr<float>();
-    meta.host_step = steps[i];
-    meta.scalars = scalars[i];
-    meta.device_scalars = device_scalars == nullptr
-                              ? nullptr
-                              : static_cast<const char*>(device_scalars) + i * sizeof(typename Algo::TensorScalars);
-    meta.index = static_cast<int32_t>(i);
+    fill(num_tensors, i);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       args.block_tensor[num_blocks] = static_cast<int16_t>(num_tensors);
       args.block_chunk[num_blocks] = static_cast<int32_t>(chunk);
       if (++num_blocks == kMaxBlocks) {
         flush();
-        // The tensor in flight moves to slot 0 if it has chunks left.
         if (chunk + 1 < chunks) {
-          args.tensors[0] = meta;
+          carry(num_tensors);
           num_tensors = 0;
         } else {
           num_tensors = -1;
@@ -375,6 +359,93 @@ void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at:
     ++num_tensors;
   }
   flush();
+}
+
+// Indices of params grouped by (param dtype, state dtype); a param's state
+// dtype is that of its last non-empty state list (its own dtype without state).
+using DtypeGroups = std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>>;
+template <size_t N>
+DtypeGroups group_by_dtypes(at::TensorList params, const std::array<at::TensorList, N>& state) {
+  DtypeGroups groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::ScalarType state_type = params[i].scalar_type();
+    for (const auto& list : state) {
+      if (!list.empty()) {
+        state_type = list[i].scalar_type();
+      }
+    }
+    const auto key = std::make_pair(params[i].scalar_type(), state_type);
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+    if (it == groups.end()) {
+      groups.push_back({key, {i}});
+    } else {
+      it->second.push_back(i);
+    }
+  }
+  return groups;
+}
+
+// Calls launch.template operator()<P, St>(indices) for each group with the
+// C++ types of its dtypes; pairs whose math types differ have no kernel.
+template <typename Launch>
+void for_each_dtype_group(const char* op, const DtypeGroups& groups, Launch&& launch) {
+  for (const auto& [types, indices] : groups) {
+    bool launched = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.first, "torchopt_ext_cuda_kernel", [&] {
+      using P = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "torchopt_ext_cuda_kernel", [&] {
+        if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
+          launch.template operator()<P, scalar_t>(indices);
+          launched = true;
+        }
+      });
+    });
+    TORCH_CHECK(launched, op, ": no CUDA kernel for ", types.first, " params with ", types.second, " state");
+  }
+}
+
+// The metadata both the update and the norm passes read for tensor i.
+template <typename Algo>
+void fill_tensor_meta(TensorMeta<Algo>& meta, size_t i, at::TensorList params, at::TensorList grads,
+                      const std::array<at::TensorList, Algo::kNumState>& state,
+                      const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
+                      const common::DeviceArgs& dev) {
+  meta.param = params[i].data_ptr();
+  meta.grad = grads[i].data_ptr();
+  meta.aligned = aligned16(meta.param) && aligned16(meta.grad);
+  for (int k = 0; k < Algo::kNumState; ++k) {
+    meta.state[k] = state[k].empty() ? nullptr : state[k][i].data_ptr();
+    meta.aligned = meta.aligned && (meta.state[k] == nullptr || aligned16(meta.state[k]));
+  }
+  meta.numel = params[i].numel();
+  meta.step = dev.steps.empty() ? nullptr : dev.steps[i].data_ptr<float>();
+  meta.host_step = steps[i];
+  meta.scalars = scalars[i];
+  meta.device_scalars = nullptr;
+  meta.index = static_cast<int32_t>(i);
+}
+
+template <typename Algo, typename P, typename St>
+void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at::TensorList grads,
+                  const std::array<at::TensorList, Algo::kNumState>& state,
+                  const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
+                  LaunchArgs<Algo>& args, const common::DeviceArgs& dev, const void* device_scalars,
+                  cudaStream_t stream) {
+  launch_chunked(
+      indices, params, kMaxTensors, args,
+      [&](int slot, size_t i) {
+        auto& meta = args.tensors[slot];
+        fill_tensor_meta<Algo>(meta, i, params, grads, state, scalars, steps, dev);
+        if (device_scalars != nullptr) {
+          meta.device_scalars = static_cast<const char*>(device_scalars) + i * sizeof(typename Algo::TensorScalars);
+        }
+      },
+      [&](int slot) { args.tensors[0] = args.tensors[slot]; },
+      [&](int num_blocks) {
+        args.num_blocks = num_blocks;
+        elementwise_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // Algorithms whose per-tensor scalars are computed on the host (NAdam's
@@ -441,36 +512,10 @@ void elementwise_step(const char* op, at::TensorList params, at::TensorList grad
   args.norm_sqs = norm_sqs;
 
   // One launch sequence per (param dtype, state dtype) pair present.
-  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    at::ScalarType state_type = params[i].scalar_type();
-    for (int k = 0; k < Algo::kNumState; ++k) {
-      if (!state[k].empty()) {
-        state_type = state[k][i].scalar_type();
-      }
-    }
-    const auto key = std::make_pair(params[i].scalar_type(), state_type);
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
-    if (it == groups.end()) {
-      groups.push_back({key, {i}});
-    } else {
-      it->second.push_back(i);
-    }
-  }
-  for (const auto& [types, indices] : groups) {
-    bool launched = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.first, "torchopt_ext_cuda_kernel", [&] {
-      using P = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "torchopt_ext_cuda_kernel", [&] {
-        if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
-          launch_typed<Algo, P, scalar_t>(indices, params, grads, state, scalars, steps, args, dev, device_scalars,
-                                          stream);
-          launched = true;
-        }
+  for_each_dtype_group(
+      op, group_by_dtypes(params, state), [&]<typename P, typename St>(const std::vector<size_t>& indices) {
+        launch_typed<Algo, P, St>(indices, params, grads, state, scalars, steps, args, dev, device_scalars, stream);
       });
-    });
-    TORCH_CHECK(launched, op, ": no CUDA kernel for ", types.first, " params with ", types.second, " state");
-  }
 }
 
 }  // namespace torchopt_ext::kernels::cuda

@@ -171,59 +171,21 @@ void launch_norm_typed(const std::vector<size_t>& indices, at::TensorList params
                        const std::vector<typename Algo::TensorScalars>& scalars, const std::vector<double>& steps,
                        const std::vector<int32_t>& first_slot, NormLaunchArgs<Algo>& args,
                        const common::DeviceArgs& dev, cudaStream_t stream) {
-  int num_tensors = 0;
-  int num_blocks = 0;
-  auto flush = [&] {
-    if (num_blocks == 0) {
-      return;
-    }
-    args.num_blocks = num_blocks;
-    norm_sq_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    num_blocks = 0;
-  };
-  for (size_t i : indices) {
-    const int64_t numel = params[i].numel();
-    if (numel == 0) {
-      continue;
-    }
-    if (num_tensors == kNormMaxTensors) {
-      flush();
-      num_tensors = 0;
-    }
-    auto& meta = args.tensors[num_tensors];
-    meta.param = params[i].data_ptr();
-    meta.grad = grads[i].data_ptr();
-    meta.aligned = aligned16(meta.param) && aligned16(meta.grad);
-    for (int k = 0; k < Algo::kNumState; ++k) {
-      meta.state[k] = state[k].empty() ? nullptr : state[k][i].data_ptr();
-      meta.aligned = meta.aligned && (meta.state[k] == nullptr || aligned16(meta.state[k]));
-    }
-    meta.numel = numel;
-    meta.step = dev.steps.empty() ? nullptr : dev.steps[i].data_ptr<float>();
-    meta.host_step = steps[i];
-    meta.scalars = scalars[i];
-    meta.index = static_cast<int32_t>(i);
-    args.first_slot[num_tensors] = first_slot[i];
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      args.block_tensor[num_blocks] = static_cast<int16_t>(num_tensors);
-      args.block_chunk[num_blocks] = static_cast<int32_t>(chunk);
-      if (++num_blocks == kMaxBlocks) {
-        flush();
-        // The tensor in flight moves to slot 0 if it has chunks left.
-        if (chunk + 1 < chunks) {
-          args.tensors[0] = meta;
-          args.first_slot[0] = first_slot[i];
-          num_tensors = 0;
-        } else {
-          num_tensors = -1;
-        }
-      }
-    }
-    ++num_tensors;
-  }
-  flush();
+  launch_chunked(
+      indices, params, kNormMaxTensors, args,
+      [&](int slot, size_t i) {
+        fill_tensor_meta<Algo>(args.tensors[slot], i, params, grads, state, scalars, steps, dev);
+        args.first_slot[slot] = first_slot[i];
+      },
+      [&](int slot) {
+        args.tensors[0] = args.tensors[slot];
+        args.first_slot[0] = args.first_slot[slot];
+      },
+      [&](int num_blocks) {
+        args.num_blocks = num_blocks;
+        norm_sq_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // Writes each tensor's sums of squared norm terms into `out` (float64
@@ -265,36 +227,10 @@ void norm_sqs_into(const char* op, at::TensorList params, at::TensorList grads,
   args.host_grad_scale = options.grad_scale.value_or(1.0);
   args.partials = partials.data_ptr<double>();
 
-  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    at::ScalarType state_type = params[i].scalar_type();
-    for (int k = 0; k < Algo::kNumState; ++k) {
-      if (!state[k].empty()) {
-        state_type = state[k][i].scalar_type();
-      }
-    }
-    const auto key = std::make_pair(params[i].scalar_type(), state_type);
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
-    if (it == groups.end()) {
-      groups.push_back({key, {i}});
-    } else {
-      it->second.push_back(i);
-    }
-  }
-  for (const auto& [types, indices] : groups) {
-    bool launched = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.first, "torchopt_ext_cuda_norms", [&] {
-      using P = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, types.second, "torchopt_ext_cuda_norms", [&] {
-        if constexpr (std::is_same_v<at::opmath_type<P>, at::opmath_type<scalar_t>>) {
-          launch_norm_typed<Algo, P, scalar_t>(indices, params, grads, state, scalars, steps, first_slot, args, dev,
-                                               stream);
-          launched = true;
-        }
+  for_each_dtype_group(
+      op, group_by_dtypes(params, state), [&]<typename P, typename St>(const std::vector<size_t>& indices) {
+        launch_norm_typed<Algo, P, St>(indices, params, grads, state, scalars, steps, first_slot, args, dev, stream);
       });
-    });
-    TORCH_CHECK(launched, op, ": no CUDA kernel for ", types.first, " params with ", types.second, " state");
-  }
   for (size_t start = 0; start < params.size(); start += NormFinalizeBatch::kMax) {
     NormFinalizeBatch batch{};
     batch.count = static_cast<int32_t>(std::min<size_t>(NormFinalizeBatch::kMax, params.size() - start));
