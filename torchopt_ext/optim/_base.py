@@ -200,6 +200,20 @@ def shard_sum_rows(tensors: list[Any], sums: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, reduced, sums)
 
 
+def check_stacked(group: dict[str, Any]) -> None:
+    """The PSGD ``stacked`` group option: a bool, and with it every param is
+    (L, ...) with at least 2 dims (one preconditioner per slice p[i])."""
+    if not isinstance(group["stacked"], bool):
+        raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
+    if group["stacked"]:
+        for i, p in enumerate(group.get("params", [])):
+            if p.dim() < 2:
+                raise ValueError(
+                    f"Invalid stacked=True: params[{i}] has shape {tuple(p.shape)}; a stacked param is "
+                    "(L, ...) with at least 2 dims (one preconditioner per slice p[i])"
+                )
+
+
 def lr_tensor(group: dict[str, Any]) -> torch.Tensor:
     """A group's lr as the ops take it: a tensor lr as is (a scheduler can
     change it without recompiling), a float as float64 so it stays exact, as

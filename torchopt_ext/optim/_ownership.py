@@ -421,7 +421,9 @@ class OwnedStateMixin(DistributedModeMixin):
 
     def _owner_param_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
         """Param-shaped state of p, kept sharded like p."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define _owner_param_keys (the optimizers with owner-held state do)"
+        )
 
     def _owner_held_keys(self, group: dict[str, Any], p: torch.Tensor) -> list[str]:
         """The owner-held state p has once it has stepped."""

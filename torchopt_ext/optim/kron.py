@@ -13,6 +13,7 @@ from ._base import (
     check_lr,
     check_non_negative,
     check_range,
+    check_stacked,
     check_state_dtype,
     draw_seed,
     is_dtensor,
@@ -259,18 +260,10 @@ class Kron(OwnedStateMixin, FusedOptimizer):
             raise ValueError(f"Invalid magma_tau: must be > 0, got {group['magma_tau']}")
         if group["use_magma"] and group["b1"] == 0:
             raise ValueError("Invalid use_magma=True: Magma needs momentum (b1 > 0)")
-        if not isinstance(group["stacked"], bool):
-            raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
+        check_stacked(group)
         chunk = group["stacked_chunk_size"]
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"Invalid stacked_chunk_size: must be None or an int >= 1, got {chunk!r}")
-        if group["stacked"]:
-            for i, p in enumerate(group.get("params", [])):
-                if p.dim() < 2:
-                    raise ValueError(
-                        f"Invalid stacked=True: params[{i}] has shape {tuple(p.shape)}; a stacked param is "
-                        "(L, ...) with at least 2 dims (one preconditioner per slice p[i])"
-                    )
 
     # -- state ------------------------------------------------------------------
 

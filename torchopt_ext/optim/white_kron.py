@@ -6,7 +6,16 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, draw_seed, is_dtensor, local
+from ._base import (
+    FusedOptimizer,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_stacked,
+    draw_seed,
+    is_dtensor,
+    local,
+)
 from ._ownership import OwnedStateMixin
 
 _STYLES = ("skew", "quad")
@@ -138,17 +147,9 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
         if group["dtype"] not in _DTYPES:
             raise ValueError(f"Invalid dtype: must be torch.bfloat16 or torch.float32, got {group['dtype']}")
         check_non_negative("noise_scale value", group["noise_scale"])
-        if not isinstance(group["stacked"], bool):
-            raise ValueError(f"Invalid stacked: must be a bool, got {group['stacked']!r}")
-        if group["stacked"]:
-            for i, p in enumerate(group.get("params", [])):
-                if p.dim() < 2:
-                    raise ValueError(
-                        f"Invalid stacked=True: params[{i}] has shape {tuple(p.shape)}; a stacked param is "
-                        "(L, ...) with at least 2 dims (one preconditioner per slice p[i])"
-                    )
-                if is_dtensor(p):
-                    raise NotImplementedError("WhiteKron: stacked=True does not support DTensor params")
+        check_stacked(group)
+        if group["stacked"] and any(is_dtensor(p) for p in group.get("params", [])):
+            raise NotImplementedError("WhiteKron: stacked=True does not support DTensor params")
 
     def _uses_state(self, group: dict[str, Any], key: str) -> bool:
         return key != "mu" or group["b1"] > 0
