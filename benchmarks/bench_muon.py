@@ -13,6 +13,9 @@ Not a test. Two tables:
    ``[M, gamma D]``, Newton-Schulz on a matrix with twice the input features)
    against Muon with the same fp32 iteration.
 3. PRISM / Muon (both fp32 iterations) per matrix shape: square, wide and tall.
+4. MARS with ``mars_type="mars-shampoo"`` (Newton-Schulz of the variance-reduced
+   momentum) vs pytorch-optimizer's ``MARS(mars_type="shampoo")`` on the
+   matrices of table 2 (skipped, saying so, when pytorch-optimizer is missing).
 
     python benchmarks/bench_muon.py            # ~2 min on 2 cores
     python benchmarks/bench_muon.py --quick    # smoke run on small sizes
@@ -151,6 +154,33 @@ def prism_shape_rows(width, args) -> list[dict]:
     return rows
 
 
+def mars_shampoo_rows(shapes, args) -> list[dict]:
+    """torchopt_ext's MARS-Shampoo step vs pytorch-optimizer's (both bf16 Newton-Schulz)."""
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        print("pytorch-optimizer not installed: no MARS-Shampoo baseline (pip install pytorch-optimizer)")
+        return []
+    impls = {
+        "torchopt_ext.optim.MARS": lambda ps: torchopt_ext.optim.MARS(ps, lr=1e-3, mars_type="mars-shampoo"),
+        "pytorch_optimizer.MARS": lambda ps: pytorch_optimizer.MARS(ps, lr=1e-3, mars_type="shampoo"),
+    }
+    best = {}
+    for _ in range(args.repeats):  # alternate the implementations between rounds
+        for label, factory in impls.items():
+            torch.manual_seed(0)
+            params = [torch.randn(s) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = factory(params)
+            best[label] = min(best.get(label, float("inf")), best_median(opt.step, args.warmup, args.steps, 1))
+    ours = best["torchopt_ext.optim.MARS"]
+    return [
+        {"implementation": label, "ms_per_step": seconds * 1e3, "time_ratio": ours / seconds}
+        for label, seconds in best.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -168,6 +198,7 @@ def main() -> None:
     ns = ns_rows(ns_sizes, dtypes, args)
     steps = step_rows(step_shapes, args)
     prism = prism_shape_rows(width, args)
+    mars = mars_shampoo_rows(step_shapes, args)
     stamp = (
         f"Command: `python benchmarks/bench_muon.py{' --quick' if args.quick else ''}`  \n"
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
@@ -196,11 +227,15 @@ def main() -> None:
     table += "".join(
         f"| {r['shape']} | {r['size']} | {r['muon_ms']:.1f} | {r['prism_ms']:.1f} | {r['ratio']:.2f} |\n" for r in prism
     )
+    if mars:
+        table += f"\nMARS-Shampoo step, the {len(step_shapes)} matrices above:\n\n"
+        table += "| implementation | ms/step | torchopt_ext time / this |\n|---|--:|--:|\n"
+        table += "".join(f"| {r['implementation']} | {r['ms_per_step']:.1f} | {r['time_ratio']:.2f} |\n" for r in mars)
     print(table)
     RESULTS_DIR.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
     (RESULTS_DIR / f"muon{suffix}.json").write_text(
-        json.dumps({"newton_schulz": ns, "step": steps, "prism": prism}, indent=1)
+        json.dumps({"newton_schulz": ns, "step": steps, "prism": prism, "mars_shampoo": mars}, indent=1)
     )
     (RESULTS_DIR / f"muon{suffix}.md").write_text(table)
 

@@ -8,7 +8,7 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] last_grads, Tensor(g!)[] state_steps, Tensor lr, *, float beta1, "
       "float beta2, float eps, float weight_decay, float gamma, str mars_type, bool amsgrad, bool maximize, "
       "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? norm_sqs=None) -> ()");
+      "Tensor? norm_sqs=None, bool is_approx=True, ScalarType? ns_dtype=None) -> ()");
   // Stage 1 of a sharded step: per-param squared norms, read-only.
   m.def(
       "mars_norm_sqs(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "

@@ -25,9 +25,12 @@ void MARSOptions::validate() const {
   TORCH_CHECK_VALUE(weight_decay_1d() >= 0.0, "MARS: weight_decay_1d must be >= 0, got ", weight_decay_1d());
   TORCH_CHECK_VALUE(gamma() >= 0.0, "MARS: gamma must be >= 0, got ", gamma());
   TORCH_CHECK_VALUE(lr_1d() >= 0.0, "MARS: lr_1d must be >= 0, got ", lr_1d());
-  TORCH_CHECK_VALUE(mars_type() == "mars-adamw" || mars_type() == "mars-lion",
-                    "MARS: mars_type must be 'mars-adamw' or 'mars-lion', got '", mars_type(), "'");
+  TORCH_CHECK_VALUE(mars_type() == "mars-adamw" || mars_type() == "mars-lion" || mars_type() == "mars-shampoo",
+                    "MARS: mars_type must be 'mars-adamw', 'mars-lion' or 'mars-shampoo', got '", mars_type(), "'");
   TORCH_CHECK_VALUE(!(amsgrad() && mars_type() == "mars-lion"), "MARS: amsgrad applies to mars-adamw only");
+  if (ns_dtype()) {
+    TORCH_CHECK_VALUE(at::isFloatingType(*ns_dtype()), "MARS: ns_dtype must be a floating dtype, got ", *ns_dtype());
+  }
   detail::check_state_dtype("MARS", state_dtype());
 }
 
@@ -36,8 +39,9 @@ bool operator==(const MARSOptions& lhs, const MARSOptions& rhs) {
          lhs.weight_decay() == rhs.weight_decay() && lhs.amsgrad() == rhs.amsgrad() && lhs.gamma() == rhs.gamma() &&
          lhs.mars_type() == rhs.mars_type() && lhs.optimize_1d() == rhs.optimize_1d() && lhs.lr_1d() == rhs.lr_1d() &&
          lhs.betas_1d() == rhs.betas_1d() && lhs.weight_decay_1d() == rhs.weight_decay_1d() &&
-         lhs.maximize() == rhs.maximize() && lhs.state_dtype() == rhs.state_dtype() &&
-         lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed();
+         lhs.maximize() == rhs.maximize() && lhs.is_approx() == rhs.is_approx() && lhs.ns_dtype() == rhs.ns_dtype() &&
+         lhs.state_dtype() == rhs.state_dtype() && lhs.stochastic_rounding() == rhs.stochastic_rounding() &&
+         lhs.seed() == rhs.seed();
 }
 
 void MARSOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -53,6 +57,8 @@ void MARSOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas_1d);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay_1d);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(is_approx);
+  archive.write("ns_dtype", torch::IValue(detail::encode_dtype(ns_dtype())));
   detail::write_storage_options(archive, *this);
 }
 
@@ -69,6 +75,11 @@ void MARSOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas_1d);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay_1d);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  // Archives written before the exact mode and mars-shampoo lack these two.
+  torch::IValue value;
+  is_approx(archive.try_read("is_approx", value) ? value.toBool() : true);
+  ns_dtype(archive.try_read("ns_dtype", value) ? detail::decode_dtype(value.toInt())
+                                               : std::optional<at::ScalarType>(at::kBFloat16));
   detail::read_storage_options(archive, *this);
 }
 
@@ -81,7 +92,8 @@ bool operator==(const MARSParamState& lhs, const MARSParamState& rhs) {
   return same_state_tensor(lhs.step(), rhs.step()) && same_state_tensor(lhs.exp_avg(), rhs.exp_avg()) &&
          same_state_tensor(lhs.exp_avg_sq(), rhs.exp_avg_sq()) &&
          same_state_tensor(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq()) &&
-         same_state_tensor(lhs.last_grad(), rhs.last_grad());
+         same_state_tensor(lhs.last_grad(), rhs.last_grad()) &&
+         same_state_tensor(lhs.previous_grad(), rhs.previous_grad());
 }
 
 void MARSParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -90,6 +102,7 @@ void MARSParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_exp_avg_sq);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(last_grad);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(previous_grad);
 }
 
 void MARSParamState::serialize(torch::serialize::InputArchive& archive) {
@@ -98,6 +111,7 @@ void MARSParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg_sq);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, max_exp_avg_sq);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, last_grad);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, previous_grad);
 }
 
 MARS::MARS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MARSOptions defaults)
@@ -108,47 +122,69 @@ MARS::MARS(std::vector<at::Tensor> params, MARSOptions defaults)
     : MARS(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
            std::move(defaults)) {}
 
+namespace {
+
+bool mars_branch(const MARSOptions& options, const at::Tensor& param) {
+  return options.optimize_1d() || param.dim() == 2;
+}
+
+}  // namespace
+
+MARSParamState& MARS::state_for(const at::Tensor& param, const MARSOptions& options) {
+  return state_of<MARSParamState>(param, [&] {
+    const bool matrix = mars_branch(options, param);
+    const bool shampoo = options.mars_type() == "mars-shampoo";
+    const bool orthogonalized = shampoo && param.dim() == 2;
+    auto fresh = std::make_unique<MARSParamState>();
+    fresh->step(detail::new_step_counter());
+    fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
+    if (!matrix || options.mars_type() == "mars-adamw" || (shampoo && !orthogonalized)) {
+      fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
+    }
+    if (matrix && options.amsgrad() && !orthogonalized) {
+      fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
+    }
+    if (matrix) {
+      fresh->last_grad(detail::zeros_state(param, options.state_dtype()));
+    }
+    return fresh;
+  });
+}
+
 at::Tensor MARS::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
   at::Tensor loss = run_closure(closure);
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
-    const bool adamw = options.mars_type() == "mars-adamw";
-    // The MARS branch (matrices) and MARS's AdamW branch (everything else).
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_sqs, last_grads, steps;
+    // One op call per rule: the MARS branch's matrices (mars-shampoo on 2-D
+    // params), the rest of the MARS branch (mars-adamw under mars-shampoo) and
+    // MARS's AdamW branch (everything else).
+    struct Call {
+      std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_sqs, last_grads, steps;
+    };
+    const bool shampoo = options.mars_type() == "mars-shampoo";
+    Call main_call, shampoo_call;
     std::vector<at::Tensor> params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, steps_1d;
     for (auto& param : group.params()) {
       if (!param.grad().defined()) {
         continue;
       }
-      const bool matrix = options.optimize_1d() || param.dim() == 2;
-      auto& state = state_of<MARSParamState>(param, [&] {
-        auto fresh = std::make_unique<MARSParamState>();
-        fresh->step(detail::new_step_counter());
-        fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
-        if (!matrix || adamw) {
-          fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
-        }
-        if (matrix && options.amsgrad()) {
-          fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
-        }
-        if (matrix) {
-          fresh->last_grad(detail::zeros_state(param, options.state_dtype()));
-        }
-        return fresh;
-      });
+      const bool matrix = mars_branch(options, param);
+      const bool orthogonalized = shampoo && param.dim() == 2;
+      auto& state = state_for(param, options);
       if (matrix) {
-        params.push_back(param);
-        grads.push_back(param.grad());
-        exp_avgs.push_back(state.exp_avg());
-        if (adamw) {
-          exp_avg_sqs.push_back(state.exp_avg_sq());
+        Call& call = orthogonalized ? shampoo_call : main_call;
+        call.params.push_back(param);
+        call.grads.push_back(param.grad());
+        call.exp_avgs.push_back(state.exp_avg());
+        if (state.exp_avg_sq().defined()) {
+          call.exp_avg_sqs.push_back(state.exp_avg_sq());
         }
-        if (options.amsgrad()) {
-          max_sqs.push_back(state.max_exp_avg_sq());
+        if (state.max_exp_avg_sq().defined()) {
+          call.max_sqs.push_back(state.max_exp_avg_sq());
         }
-        last_grads.push_back(state.last_grad());
-        steps.push_back(state.step());
+        call.last_grads.push_back(state.last_grad());
+        call.steps.push_back(state.step());
       } else {
         params_1d.push_back(param);
         grads_1d.push_back(param.grad());
@@ -157,24 +193,77 @@ at::Tensor MARS::step(LossClosure closure) {
         steps_1d.push_back(state.step());
       }
     }
-    if (!params.empty()) {
-      const auto [beta1, beta2] = options.betas();
-      functional::mars_step_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, last_grads, steps,
-                             at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
-                             options.weight_decay(), options.gamma(), options.mars_type(), options.amsgrad(),
-                             options.maximize(), options.stochastic_rounding(), options.seed(), std::nullopt,
-                             std::nullopt);
-    }
+    const auto [beta1, beta2] = options.betas();
+    const auto run = [&](Call& call, const std::string& mars_type, bool amsgrad) {
+      if (call.params.empty()) {
+        return;
+      }
+      functional::mars_step_(call.params, call.grads, call.exp_avgs, call.exp_avg_sqs, call.max_sqs, call.last_grads,
+                             call.steps, at::scalar_tensor(options.lr(), at::kDouble), beta1, beta2, options.eps(),
+                             options.weight_decay(), options.gamma(), mars_type, amsgrad, options.maximize(),
+                             options.stochastic_rounding(), options.seed(), std::nullopt, std::nullopt, std::nullopt,
+                             options.is_approx(), options.ns_dtype());
+    };
+    run(main_call, shampoo ? std::string("mars-adamw") : options.mars_type(), options.amsgrad());
+    run(shampoo_call, "mars-shampoo", false);
     if (!params_1d.empty()) {
-      const auto [beta1, beta2] = options.betas_1d();
+      const auto [beta1_1d, beta2_1d] = options.betas_1d();
       functional::adam_step_(params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, {}, steps_1d,
-                             at::scalar_tensor(options.lr() * lr_1d_factor_, at::kDouble), beta1, beta2, options.eps(),
-                             options.weight_decay_1d(), /*decoupled_weight_decay=*/true,
+                             at::scalar_tensor(options.lr() * lr_1d_factor_, at::kDouble), beta1_1d, beta2_1d,
+                             options.eps(), options.weight_decay_1d(), /*decoupled_weight_decay=*/true,
                              /*amsgrad=*/false, options.maximize(), options.stochastic_rounding(), options.seed(),
                              std::nullopt, std::nullopt);
     }
   }
   return loss;
+}
+
+void MARS::update_previous_grad() {
+  torch::NoGradGuard no_grad;
+  for (auto& group : param_groups_) {
+    auto& options = options_of(group);
+    if (options.is_approx()) {
+      continue;
+    }
+    for (auto& param : group.params()) {
+      if (!param.grad().defined() || !mars_branch(options, param)) {
+        continue;
+      }
+      auto& state = state_for(param, options);
+      if (!state.previous_grad().defined()) {
+        state.previous_grad(detail::zeros_state(param, options.state_dtype()));
+      }
+      // g_prev keeps the step's sign convention (negated with maximize).
+      if (options.maximize()) {
+        at::neg_out(state.previous_grad(), param.grad());
+      } else {
+        state.previous_grad().copy_(param.grad());
+      }
+    }
+  }
+}
+
+void MARS::update_last_grad() {
+  torch::NoGradGuard no_grad;
+  for (auto& group : param_groups_) {
+    auto& options = options_of(group);
+    if (options.is_approx()) {
+      continue;
+    }
+    for (auto& param : group.params()) {
+      if (!mars_branch(options, param)) {
+        continue;
+      }
+      auto it = state_.find(param.unsafeGetTensorImpl());
+      if (it == state_.end()) {
+        continue;
+      }
+      auto& state = static_cast<MARSParamState&>(*it->second);
+      if (state.previous_grad().defined() && state.last_grad().defined()) {
+        state.last_grad().copy_(state.previous_grad());
+      }
+    }
+  }
 }
 
 void MARS::save(torch::serialize::OutputArchive& archive) const {

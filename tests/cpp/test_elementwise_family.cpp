@@ -229,14 +229,77 @@ TEST(MARS, ClassDrivesTheMatrixAndAdamWBranches) {
   EXPECT_TRUE(torch::equal(state.last_grad(), grads.back()[0]));
 }
 
+TEST(MARS, ShampooOrthogonalizesTheMomentumOfMatrices) {
+  // (17, 33) takes the Newton-Schulz rule; with optimize_1d the other params
+  // take mars-adamw (one call each, as the class makes them).
+  auto params = make_params(torch::kFloat64);
+  auto direct = clone_all(params);
+  const auto grads = make_grads(params, 20);
+  optim::MARS opt(
+      params,
+      optim::MARSOptions(1e-2).mars_type("mars-shampoo").optimize_1d(true).weight_decay(0.1).ns_dtype(std::nullopt));
+  run(opt, params, grads);
+
+  std::vector<torch::Tensor> matrix = {direct[0]};
+  std::vector<torch::Tensor> others = {direct[1], direct[2]};
+  auto m = zeros_like_all(matrix), last = zeros_like_all(matrix);
+  auto m1 = zeros_like_all(others), v1 = zeros_like_all(others), last1 = zeros_like_all(others);
+  auto steps = step_counters(1), steps_1d = step_counters(2);
+  for (const auto& g : grads) {
+    functional::mars_step_(others, {g[1].clone(), g[2].clone()}, m1, v1, {}, last1, steps_1d, lr_tensor(1e-2), 0.95,
+                           0.99, 1e-8, 0.1, 0.025, "mars-adamw", false, false, false, 0, std::nullopt, std::nullopt);
+    functional::mars_step_(matrix, {g[0].clone()}, m, {}, {}, last, steps, lr_tensor(1e-2), 0.95, 0.99, 1e-8, 0.1,
+                           0.025, "mars-shampoo", false, false, false, 0, std::nullopt, std::nullopt, std::nullopt,
+                           true, std::nullopt);
+  }
+  expect_bitwise_equal(params, {matrix[0], others[0], others[1]});
+  const auto& state = static_cast<const optim::MARSParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));
+  EXPECT_FALSE(state.exp_avg_sq().defined());  // no second moment for the orthogonalized matrix
+
+  // The orthogonalized direction has singular values near 1: the update of a
+  // zero-decay step is lr * sqrt(max(1, r/c)) * O with ||O||_2 ~ 1.
+  auto p = torch::zeros({17, 33}, torch::kFloat64);
+  optim::MARS one({p}, optim::MARSOptions(1.0).mars_type("mars-shampoo").ns_dtype(std::nullopt));
+  p.mutable_grad() = torch::randn({17, 33}, torch::kFloat64);
+  one.step();
+  const auto singular = torch::linalg_svdvals(p);
+  EXPECT_GT(singular.min().item<double>(), 0.5);
+  EXPECT_LT(singular.max().item<double>(), 1.3);
+}
+
+TEST(MARS, ExactModeTakesGPrevFromUpdateLastGrad) {
+  auto p = torch::randn({5, 4}, torch::kFloat64);
+  optim::MARS opt({p}, optim::MARSOptions(1e-2).is_approx(false));
+  const auto next_batch_grad = torch::randn({5, 4}, torch::kFloat64);
+  p.mutable_grad() = next_batch_grad.clone();
+  opt.update_previous_grad();
+  p.mutable_grad() = torch::randn({5, 4}, torch::kFloat64);
+  opt.step();
+  const auto& state = static_cast<const optim::MARSParamState&>(*opt.state().at(p.unsafeGetTensorImpl()));
+  // The step leaves g_prev alone in the exact mode (zeros until update_last_grad).
+  EXPECT_TRUE(torch::equal(state.last_grad(), torch::zeros_like(p)));
+  opt.update_last_grad();
+  EXPECT_TRUE(torch::equal(state.last_grad(), next_batch_grad));
+  // Approximate groups ignore both calls.
+  auto q = torch::randn({5, 4}, torch::kFloat64);
+  optim::MARS approx({q}, optim::MARSOptions(1e-2));
+  q.mutable_grad() = torch::randn({5, 4}, torch::kFloat64);
+  approx.update_previous_grad();
+  EXPECT_TRUE(approx.state().empty());
+}
+
 TEST(MARS, SaveLoadContinuesBitwise) {
   check_save_load_continues_bitwise<optim::MARS>(optim::MARSOptions(1e-2).weight_decay(0.1));
   check_save_load_continues_bitwise<optim::MARS>(optim::MARSOptions(1e-3).mars_type("mars-lion").optimize_1d(true));
+  check_save_load_continues_bitwise<optim::MARS>(
+      optim::MARSOptions(1e-2).mars_type("mars-shampoo").weight_decay(0.1).ns_dtype(std::nullopt));
+  check_save_load_continues_bitwise<optim::MARS>(optim::MARSOptions(1e-2).mars_type("mars-shampoo").optimize_1d(true));
 }
 
 TEST(MARS, BadOptionsNameTheArgument) {
   auto params = make_params(torch::kFloat32);
-  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().mars_type("mars-shampoo")); }, "mars_type");
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().mars_type("mars-muon")); }, "mars_type");
+  expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().ns_dtype(torch::kInt32)); }, "ns_dtype");
   expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().gamma(-1)); }, "gamma");
   expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().betas_1d({0.9, 1.0})); }, "betas_1d[1]");
   expect_error_naming([&] { optim::MARS(params, optim::MARSOptions().mars_type("mars-lion").amsgrad(true)); },

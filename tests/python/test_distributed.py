@@ -58,6 +58,8 @@ NORM_VARIANTS = {
     "MARS_clipped": ("MARS", ALL_OPTIMIZERS["MARS"], 50.0),
     "MARS_lion_1d": ("MARS", dict(lr=1e-3, weight_decay=0.1, mars_type="mars-lion", optimize_1d=True), 50.0),
     "MARS_adamw_1d": ("MARS", dict(lr=1e-2, weight_decay=0.1, optimize_1d=True), 50.0),
+    # Newton-Schulz needs whole matrices: mars-shampoo gathers its matrices by itself.
+    "MARS_shampoo": ("MARS", dict(lr=1e-2, weight_decay=0.1, mars_type="mars-shampoo"), 50.0),
 }
 
 # Optimizers whose op needs whole-tensor quantities: DTensor params and state
@@ -397,9 +399,9 @@ def _fsdp_sharded_norms_worker(rank: int, world_size: int, names: list[str], ste
         ref = copy.deepcopy(model)
         _shard(model, world_size)
         opt = getattr(topt, opt_name)(model.parameters(), **options)
-        gather = mode == ["gather"]
-        if gather:
+        if mode == ["gather"]:
             opt.distributed_mode = "gather"
+        gather = mode == ["gather"] or options.get("mars_type") == "mars-shampoo"
         ref_opt = getattr(topt, opt_name)(ref.parameters(), **options)
         data = torch.Generator().manual_seed(1)
         sent = 0

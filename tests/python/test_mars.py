@@ -61,9 +61,8 @@ def test_large_corrected_gradient_is_clipped_to_unit_norm():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mars_type="mars-shampoo"), "Newton-Schulz"),
         (dict(mars_type="adamw"), "mars_type"),
-        (dict(is_approx=False), "is_approx"),
+        (dict(mars_type="mars-shampoo", ns_dtype=torch.int32), "ns_dtype"),
         (dict(gamma=-0.1), "gamma"),
         (dict(betas_1d=(0.9, 1.5)), "betas\\[1\\]"),
         (dict(mars_type="mars-lion", amsgrad=True), "amsgrad"),
@@ -72,3 +71,135 @@ def test_large_corrected_gradient_is_clipped_to_unit_norm():
 def test_mars_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tox.MARS([torch.randn(3, 3)], **kwargs)
+
+
+# mars-shampoo: 2-D params (tall, wide, wider) take the Newton-Schulz rule,
+# the rest MARS's AdamW branch, or with optimize_1d the mars-adamw rule.
+SHAMPOO_SHAPES = [(40, 30), (30, 40), (12, 50), (7,), (2, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(lr=1e-2, mars_type="mars-shampoo", weight_decay=0.1),
+        dict(lr=1e-2, mars_type="mars-shampoo", optimize_1d=True, amsgrad=True, gamma=0.05),
+    ],
+    ids=["shampoo", "shampoo-optimize_1d-amsgrad"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mars_shampoo_matches_float64_reference(config, dtype):
+    # ns_dtype=None iterates in the state's dtype (fp32 / fp64), so the
+    # float64 polynomial is the exact reference.
+    ours, ref = run_side_by_side(
+        lambda ps: tox.MARS(ps, ns_dtype=None, **config),
+        lambda ps: MarsReference(ps, **config),
+        SHAMPOO_SHAPES,
+        dtype,
+    )
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_mars_shampoo_bf16_newton_schulz_is_close_to_the_exact_polynomial():
+    # The default (official) bf16 iteration: within bf16 rounding of the
+    # float64 polynomial. Each step moves a param by ~lr * sqrt(max(1, r/c)) / sqrt(min(r, c))
+    # per entry (~2e-3 here), so 20 steps of a wrong rule would miss by ~1e-2.
+    ours, ref = run_side_by_side(
+        lambda ps: tox.MARS(ps, lr=1e-2, mars_type="mars-shampoo"),
+        lambda ps: MarsReference(ps, lr=1e-2, mars_type="mars-shampoo"),
+        SHAMPOO_SHAPES[:3],
+        torch.float32,
+    )
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+def _exact_protocol(opt, params, grad_at, steps):
+    """The official exact-mode loop: grads of the next batch at the current
+    params, update_previous_grad(); grads of this batch, step(), update_last_grad()."""
+    for t in range(steps):
+        for p, g in zip(params, grad_at(t + 1, params)):
+            p.grad = g
+        opt.update_previous_grad()
+        for p, g in zip(params, grad_at(t, params)):
+            p.grad = g
+        opt.step()
+        opt.update_last_grad()
+
+
+@pytest.mark.parametrize("mars_type", ["mars-adamw", "mars-lion", "mars-shampoo"])
+def test_exact_mars_uses_the_previous_params_gradient_on_the_current_batch(mars_type):
+    torch.manual_seed(0)
+    shapes = [(6, 5), (4, 9), (5,)]
+    # Batch t's loss 0.5 ||A_t x - b_t||^2 per param: grad A_t^T (A_t x - b_t).
+    batches = [[(torch.randn(s[0], s[0], dtype=torch.float64), torch.randn(s, dtype=torch.float64)) for s in shapes]]
+    for _ in range(25):
+        batches.append(
+            [(torch.randn(s[0], s[0], dtype=torch.float64), torch.randn(s, dtype=torch.float64)) for s in shapes]
+        )
+
+    def grad_at(t, xs):
+        return [a.T @ (a @ x.detach() - b) for (a, b), x in zip(batches[t], xs)]
+
+    init = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ours = [x.clone() for x in init]
+    opt = tox.MARS(ours, lr=1e-2, is_approx=False, mars_type=mars_type, gamma=0.1, ns_dtype=None)
+    _exact_protocol(opt, ours, grad_at, steps=20)
+
+    ref = [x.clone() for x in init]
+    ref_opt = MarsReference(ref, lr=1e-2, mars_type=mars_type, gamma=0.1, exact=True)
+    previous = [x.clone() for x in ref]
+    for t in range(20):
+        for p, g in zip(ref, grad_at(t, ref)):
+            p.grad = g
+        ref_opt.step()
+        # g_prev of step t + 1: batch t + 1 at the params before this step.
+        for s, g in zip(ref_opt.state, grad_at(t + 1, previous)):
+            s["g_prev"] = g
+        previous = [x.clone() for x in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # The approximate mode on the same grads follows another trajectory.
+    approx = [x.clone() for x in init]
+    _exact_protocol(tox.MARS(approx, lr=1e-2, mars_type=mars_type, gamma=0.1, ns_dtype=None), approx, grad_at, 20)
+    assert max((a - b).abs().max().item() for a, b in zip(approx, ref)) > 1e-6
+
+
+def test_exact_mars_state_round_trips():
+    p = torch.randn(4, 3)
+    opt = tox.MARS([p], is_approx=False)
+    p.grad = torch.randn(4, 3)
+    opt.update_previous_grad()
+    opt.step()
+    opt.update_last_grad()
+    torch.testing.assert_close(opt.state[p]["last_grad"], opt.state[p]["previous_grad"], rtol=0, atol=0)
+    q = p.detach().clone()
+    other = tox.MARS([q], is_approx=False)
+    other.load_state_dict(opt.state_dict())
+    for key in ("exp_avg", "last_grad", "previous_grad"):
+        torch.testing.assert_close(other.state[q][key], opt.state[p][key], rtol=0, atol=0)
+    assert other.param_groups[0]["is_approx"] is False
+
+
+def test_mars_shampoo_tracks_pytorch_optimizer():
+    # pytorch-optimizer's MARS(mars_type="shampoo") runs the same rule with its
+    # own bf16 Newton-Schulz: the trajectories agree to bf16 rounding (a step
+    # moves entries by ~3e-3 here; the two differ by ~1e-4 after 20 steps).
+    import pytorch_optimizer  # test dependency (.ci/test.sh)
+
+    torch.manual_seed(0)
+    ours = [torch.randn(64, 32), torch.randn(32, 96)]
+    theirs = [p.clone() for p in ours]
+    a = tox.MARS(ours, lr=1e-2, mars_type="mars-shampoo", weight_decay=0.1)
+    b = pytorch_optimizer.MARS(theirs, lr=1e-2, mars_type="shampoo", weight_decay=0.1)
+    start = [p.clone() for p in ours]
+    for _ in range(20):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q, s in zip(ours, theirs, start):
+        assert (p - s).abs().max() > 1e-2  # it moved
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3)

@@ -96,7 +96,8 @@ def _op_call_of(opt):
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature):
         lists = [[] for _ in opt._state_keys]
     else:
-        lists = [[] for _ in range(len(signature) - 4)]
+        positional = [p for p in signature if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        lists = [[] for _ in range(len(positional) - 4)]
     opt._init_group(group, params, grads, steps, *lists)
     op, state_lists, extra = opt._op_for(group, lists[: len(opt._state_keys)])
     args = (params, grads, *state_lists, steps, torch.tensor(group["lr"], dtype=torch.float64))

@@ -1,5 +1,6 @@
 """MARS (Yuan et al. 2024, "MARS: Unleashing the Power of Variance Reduction for Training Large
-Models"), approximate mode, with the AdamW and Lion update rules."""
+Models") with the AdamW, Lion and Shampoo (Newton-Schulz) update rules, in the approximate and the
+exact mode."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ._base import (
     shard_sum_rows,
 )
 
-_MARS_TYPES = ("mars-adamw", "mars-lion")
+_MARS_TYPES = ("mars-adamw", "mars-lion", "mars-shampoo")
 
 
 class MARS(FusedOptimizer):
@@ -36,19 +37,37 @@ class MARS(FusedOptimizer):
     ``weight_decay_1d`` and learning rate ``lr * lr_1d / lr_at_construction``
     (so a schedule scales both branches alike).
 
+    ``mars_type="mars-shampoo"``: a 2-D param moves by
+    ``lr * (sqrt(max(1, rows/cols)) * NS5(m / (1 - b1)) + weight_decay * p)``,
+    NS5 being five Newton-Schulz steps with Keller Jordan's coefficients on
+    ``X / (||X|| + eps)`` in ``ns_dtype`` (bf16 as the official code; ``None``
+    for fp32; CPU tensors only for now). Other params of the MARS branch
+    (``optimize_1d``) take the mars-adamw rule, as in the official code.
+    Sharded DTensors are gathered for the Newton-Schulz step.
+
+    ``is_approx=False`` is the exact mode: ``g_prev`` is the gradient of the
+    previous params on the current batch, which the caller provides with the
+    official two calls: after a backward pass at the current params on the
+    next batch, ``update_previous_grad()``; after ``step()``,
+    ``update_last_grad()``. Both read ``p.grad`` as it is (call
+    ``GradScaler.unscale_`` first under AMP).
+
     FSDP2 (sharded DTensors on one 1-D mesh): the step runs on the local
     shards; ``mars_norm_sqs`` gives each shard's ||c||^2, one all-reduce sums
     them per tensor, and ``mars_step_`` clips with the whole-tensor norm.
     Other DTensor layouts, or ``opt.distributed_mode = "gather"``, gather the
     DTensors whole for the op instead.
 
-    Not provided: ``mars_type="mars-shampoo"`` (needs the Newton-Schulz core of
-    the spectral optimizers) and the exact mode ``is_approx=False``.
+    Not matched: the official code applies ``amsgrad`` to the AdamW branch too;
+    here it applies to the MARS branch only.
     """
 
     _op = "mars_step_"
     distributed_mode = "shards"
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "last_grad")
+    # The exact mode's copy of the next batch's grads: not an op input, but
+    # restored by load_state_dict like the op's state.
+    _fallback_state_keys = ("previous_grad",)
 
     def __init__(
         self,
@@ -66,13 +85,12 @@ class MARS(FusedOptimizer):
         betas_1d: tuple[float, float] = (0.9, 0.95),
         weight_decay_1d: float = 0.1,
         *,
+        ns_dtype: Optional[torch.dtype] = torch.bfloat16,
         maximize: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
     ) -> None:
-        if not is_approx:
-            raise ValueError("is_approx=False (exact MARS with a second gradient evaluation) is not supported")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -80,7 +98,9 @@ class MARS(FusedOptimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             gamma=gamma,
+            is_approx=is_approx,
             mars_type=mars_type,
+            ns_dtype=ns_dtype,
             optimize_1d=optimize_1d,
             lr_1d_factor=lr_1d / float(lr) if float(lr) > 0 else 0.0,
             betas_1d=tuple(betas_1d),
@@ -102,14 +122,9 @@ class MARS(FusedOptimizer):
         check_non_negative("weight_decay_1d value", group["weight_decay_1d"])
         check_non_negative("gamma value", group["gamma"])
         if group["mars_type"] not in _MARS_TYPES:
-            raise ValueError(
-                f"Invalid mars_type: must be one of {_MARS_TYPES}, got {group['mars_type']!r}"
-                + (
-                    " (mars-shampoo needs the Newton-Schulz core, not built yet)"
-                    if "shampoo" in group["mars_type"]
-                    else ""
-                )
-            )
+            raise ValueError(f"Invalid mars_type: must be one of {_MARS_TYPES}, got {group['mars_type']!r}")
+        if group["ns_dtype"] is not None and not group["ns_dtype"].is_floating_point:
+            raise ValueError(f"Invalid ns_dtype: must be a floating dtype or None, got {group['ns_dtype']}")
         if group["amsgrad"] and group["mars_type"] == "mars-lion":
             raise ValueError("Invalid amsgrad: it applies to mars_type='mars-adamw' only")
         check_state_dtype(group["state_dtype"])
@@ -117,42 +132,105 @@ class MARS(FusedOptimizer):
     def _is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["optimize_1d"] or p.dim() == 2
 
-    def _uses_state(self, group: dict[str, Any], key: str) -> bool:
-        if key == "exp_avg_sq":
-            return group["mars_type"] == "mars-adamw"
-        if key == "max_exp_avg_sq":
-            return group["amsgrad"]
-        return True
+    @staticmethod
+    def _orthogonalized(group: dict[str, Any], p: torch.Tensor) -> bool:
+        """mars-shampoo's Newton-Schulz rule (2-D params of the MARS branch)."""
+        return group["mars_type"] == "mars-shampoo" and p.dim() == 2
+
+    def _matrix_keys(self, group: dict[str, Any], p: torch.Tensor) -> tuple[str, ...]:
+        """The state a MARS-branch param keeps, in the op's list order."""
+        ortho = self._orthogonalized(group, p)
+        keys = ["exp_avg"]
+        if group["mars_type"] == "mars-adamw" or (group["mars_type"] == "mars-shampoo" and not ortho):
+            keys.append("exp_avg_sq")
+        if group["amsgrad"] and not ortho:
+            keys.append("max_exp_avg_sq")
+        keys.append("last_grad")
+        return tuple(keys)
+
+    def _op_kwargs(self, group: dict[str, Any], orthogonalized: bool = False) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        mars_type = group["mars_type"]
+        if mars_type == "mars-shampoo" and not orthogonalized:
+            mars_type = "mars-adamw"
+        return dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            gamma=group["gamma"],
+            mars_type=mars_type,
+            amsgrad=group["amsgrad"] and not orthogonalized,
+            maximize=group["maximize"],
+        )
 
     def _init_group(
-        self,
-        group,
-        params,
-        grads,
-        state_steps,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        last_grads,
-        params_1d,
-        grads_1d,
-        steps_1d,
-        exp_avgs_1d,
-        exp_avg_sqs_1d,
+        self, group, params, grads, state_steps, exp_avgs, exp_avg_sqs, max_sqs, last_grads, *, members=None
     ):
+        """The op lists of ``members`` ((param, state) pairs of one rule), by
+        default the group's MARS-branch params of the plain rule."""
         unwrap, unwrap_input = self._unwrappers()
-        for _, p, state in self._params_with_grad(group):
-            if self._is_matrix(group, p):
-                lists = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads)
-                for key, out in zip(self._state_keys, lists):
-                    if self._uses_state(group, key):
-                        if key not in state:
-                            state[key] = self._new_state(p, group, key)
-                        out.append(unwrap(state[key]))
-                params.append(unwrap(p))
-                grads.append(unwrap_input(p.grad))
-                state_steps.append(state["step"])
-            else:
+        lists = dict(exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs, max_exp_avg_sq=max_sqs, last_grad=last_grads)
+        if members is None:
+            members = [
+                (p, state)
+                for _, p, state in self._params_with_grad(group)
+                if self._is_matrix(group, p) and not self._orthogonalized(group, p)
+            ]
+        for p, state in members:
+            for key in self._matrix_keys(group, p):
+                if key not in state:
+                    state[key] = self._new_state(p, group, key)
+                lists[key].append(unwrap(state[key]))
+            params.append(unwrap(p))
+            grads.append(unwrap_input(p.grad))
+            state_steps.append(state["step"])
+
+    def _mars_call(self, group, members, orthogonalized, lr, amp) -> None:
+        """One mars_step_ call over one rule's MARS-branch (param, state) pairs."""
+        matrices = [p for p, _ in members]
+        layout = norm_layout(matrices, self.distributed_mode)
+        if orthogonalized and layout == "sharded":
+            layout = "gather"  # Newton-Schulz needs whole matrices
+        self._gather_now = layout == "gather"
+        params, grads, steps = [], [], []
+        state_lists = ([], [], [], [])
+        self._init_group(group, params, grads, steps, *state_lists, members=members)
+        kwargs = self._op_kwargs(group, orthogonalized)
+        extra = {}
+        if layout == "sharded":
+            # The clip needs whole-tensor norms: local sums of squares, all-reduced.
+            sums = torch.ops.torchopt_ext.mars_norm_sqs(params, grads, *state_lists, steps, lr, **kwargs, **amp)
+            extra["norm_sqs"] = shard_sum_rows(matrices, sums)
+        torch.ops.torchopt_ext.mars_step_(
+            params,
+            grads,
+            *state_lists,
+            steps,
+            lr,
+            **kwargs,
+            **self._rounding_args(group),
+            **amp,
+            **extra,
+            is_approx=group["is_approx"],
+            ns_dtype=group["ns_dtype"],
+        )
+        self._whole_tensors.write_back()
+        self._gather_now = False
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = self._run_closure(closure)
+        amp = self._amp_args()
+        for group in self.param_groups:
+            plain, orthogonalized = [], []
+            params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d = [], [], [], [], []
+            # (param, state) pairs gathered in one pass: a second pass over
+            # self.state in a torch.compile'd step lost the state made in the first.
+            for _, p, state in self._params_with_grad(group):
+                if self._is_matrix(group, p):
+                    (orthogonalized if self._orthogonalized(group, p) else plain).append((p, state))
+                    continue
                 for key, out in (("exp_avg", exp_avgs_1d), ("exp_avg_sq", exp_avg_sqs_1d)):
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
@@ -160,56 +238,10 @@ class MARS(FusedOptimizer):
                 params_1d.append(local(p))
                 grads_1d.append(local(p.grad))
                 steps_1d.append(state["step"])
-
-    def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            gamma=group["gamma"],
-            mars_type=group["mars_type"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-        )
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = self._run_closure(closure)
-        amp = self._amp_args()
-        for group in self.param_groups:
-            lists = [[] for _ in range(12)]
-            matrices = [p for p in group["params"] if p.grad is not None and self._is_matrix(group, p)]
-            layout = norm_layout(matrices, self.distributed_mode)
-            if (layout == "gather") != self._gather_now:
-                self._gather_now = layout == "gather"
-            self._init_group(group, *lists)
-            params, grads, state_steps, exp_avgs, exp_avg_sqs, max_sqs, last_grads = lists[:7]
-            params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d = lists[7:]
             lr = lr_tensor(group)
-            rounding = self._rounding_args(group)
-            if params:
-                state_lists = (exp_avgs, exp_avg_sqs, max_sqs, last_grads)
-                extra = {}
-                if layout == "sharded":
-                    # The clip needs whole-tensor norms: local sums of squares, all-reduced.
-                    sums = torch.ops.torchopt_ext.mars_norm_sqs(
-                        params, grads, *state_lists, state_steps, lr, **self._op_kwargs(group), **amp
-                    )
-                    extra["norm_sqs"] = shard_sum_rows(matrices, sums)
-                torch.ops.torchopt_ext.mars_step_(
-                    params,
-                    grads,
-                    *state_lists,
-                    state_steps,
-                    lr,
-                    **self._op_kwargs(group),
-                    **rounding,
-                    **amp,
-                    **extra,
-                )
-                self._whole_tensors.write_back()
+            for members, ortho in ((plain, False), (orthogonalized, True)):
+                if members:
+                    self._mars_call(group, members, ortho, lr, amp)
             adamw_fallback_step(
                 params_1d,
                 grads_1d,
@@ -221,7 +253,42 @@ class MARS(FusedOptimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay_1d"],
                 maximize=group["maximize"],
-                **rounding,
+                **self._rounding_args(group),
                 **amp,
             )
         return loss
+
+    # -- exact MARS (is_approx=False) ------------------------------------------
+
+    @torch.no_grad()
+    def update_previous_grad(self) -> None:
+        """Exact mode: keep the current grads (the backward pass at the current
+        params on the next batch) as ``previous_grad``; no-op for groups with
+        ``is_approx=True``."""
+        for group in self.param_groups:
+            if group["is_approx"]:
+                continue
+            for p in group["params"]:
+                if p.grad is None or not self._is_matrix(group, p):
+                    continue
+                state = self.state[p]
+                if "previous_grad" not in state:
+                    state["previous_grad"] = self._new_state(p, group, "previous_grad")
+                # g_prev keeps the step's sign convention (negated with maximize).
+                grad = p.grad.neg() if group["maximize"] else p.grad
+                state["previous_grad"].copy_(grad)
+
+    @torch.no_grad()
+    def update_last_grad(self) -> None:
+        """Exact mode: after ``step()``, make ``previous_grad`` the next step's
+        ``g_prev``."""
+        for group in self.param_groups:
+            if group["is_approx"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "previous_grad" not in state or not self._is_matrix(group, p):
+                    continue
+                if "last_grad" not in state:
+                    state["last_grad"] = self._new_state(p, group, "last_grad")
+                state["last_grad"].copy_(state["previous_grad"])

@@ -1,4 +1,4 @@
-// MARS per-element math, approximate mode (the Algo of
+// MARS per-element math (the Algo of
 // kernels/cpu/elementwise_apply.h, the official implementation's formulas,
 // classic.md §13), shared by the CPU kernel and the CUDA launcher so both run
 // the same code.
@@ -43,6 +43,8 @@ struct MARSAlgo {
     bool lion;
     bool amsgrad;
     bool maximize;
+    bool momentum_only;
+    bool is_approx;
   };
 
   template <typename S>
@@ -61,7 +63,9 @@ struct MARSAlgo {
             t.norms[0] > 1.0,
             hp.lion,
             hp.amsgrad,
-            hp.maximize};
+            hp.maximize,
+            hp.momentum_only,
+            hp.is_approx};
   }
 
   // The variance-reduced gradient before clipping.
@@ -87,6 +91,12 @@ struct MARSAlgo {
       corrected = corrected / V(c.norm);
     }
     exp_avg = exp_avg * V(c.beta1) + V(c.one_minus_beta1) * corrected;
+    if (c.is_approx) {
+      last_grad = grad;
+    }
+    if (c.momentum_only) {
+      return;
+    }
     V direction;
     if (c.lion) {
       direction = vsign(exp_avg);
@@ -101,7 +111,6 @@ struct MARSAlgo {
       direction = exp_avg / denom;
     }
     param = param + V(c.neg_lr) * (V(c.weight_decay) * param + direction);
-    last_grad = grad;
   }
 };
 

@@ -18,6 +18,12 @@ struct MARSHyperparams {
   bool lion;  // mars-lion: sign of the momentum instead of the Adam ratio
   bool amsgrad;
   bool maximize;
+  // mars-shampoo's matrices: only the momentum (and g_prev) is updated here;
+  // the functional orthogonalizes it and moves the param.
+  bool momentum_only = false;
+  // Approximate mode stores g as the next step's g_prev; the exact mode
+  // (is_approx=false) leaves g_prev to the caller (update_last_grad).
+  bool is_approx = true;
 };
 
 // Fused MARS (Yuan et al. 2024; classic.md §13), approximate mode, for the
