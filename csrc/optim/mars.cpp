@@ -141,7 +141,8 @@ MARSParamState& MARS::state_for(const at::Tensor& param, const MARSOptions& opti
     if (!matrix || options.mars_type() == "mars-adamw" || (shampoo && !orthogonalized)) {
       fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
     }
-    if (matrix && options.amsgrad() && !orthogonalized) {
+    // The official code's 1-D (AdamW) branch honours amsgrad too.
+    if (options.amsgrad() && !orthogonalized) {
       fresh->max_exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
     }
     if (matrix) {
@@ -164,7 +165,7 @@ at::Tensor MARS::step(LossClosure closure) {
     };
     const bool shampoo = options.mars_type() == "mars-shampoo";
     Call main_call, shampoo_call;
-    std::vector<at::Tensor> params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, steps_1d;
+    std::vector<at::Tensor> params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, max_sqs_1d, steps_1d;
     for (auto& param : group.params()) {
       if (!param.grad().defined()) {
         continue;
@@ -190,6 +191,9 @@ at::Tensor MARS::step(LossClosure closure) {
         grads_1d.push_back(param.grad());
         exp_avgs_1d.push_back(state.exp_avg());
         exp_avg_sqs_1d.push_back(state.exp_avg_sq());
+        if (state.max_exp_avg_sq().defined()) {
+          max_sqs_1d.push_back(state.max_exp_avg_sq());
+        }
         steps_1d.push_back(state.step());
       }
     }
@@ -208,10 +212,10 @@ at::Tensor MARS::step(LossClosure closure) {
     run(shampoo_call, "mars-shampoo", false);
     if (!params_1d.empty()) {
       const auto [beta1_1d, beta2_1d] = options.betas_1d();
-      functional::adam_step_(params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, {}, steps_1d,
+      functional::adam_step_(params_1d, grads_1d, exp_avgs_1d, exp_avg_sqs_1d, max_sqs_1d, steps_1d,
                              at::scalar_tensor(options.lr() * lr_1d_factor_, at::kDouble), beta1_1d, beta2_1d,
                              options.eps(), options.weight_decay_1d(), /*decoupled_weight_decay=*/true,
-                             /*amsgrad=*/false, options.maximize(), options.stochastic_rounding(), options.seed(),
+                             options.amsgrad(), options.maximize(), options.stochastic_rounding(), options.seed(),
                              std::nullopt, std::nullopt);
     }
   }

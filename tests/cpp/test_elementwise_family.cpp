@@ -216,13 +216,15 @@ TEST(MARS, ClassDrivesTheMatrixAndAdamWBranches) {
   std::vector<torch::Tensor> others = {direct[1], direct[2]};
   auto m = zeros_like_all(matrix), v = zeros_like_all(matrix), vmax = zeros_like_all(matrix);
   auto last = zeros_like_all(matrix);
-  auto m1 = zeros_like_all(others), v1 = zeros_like_all(others);
+  auto m1 = zeros_like_all(others), v1 = zeros_like_all(others), vmax1 = zeros_like_all(others);
   auto steps = step_counters(1), steps_1d = step_counters(2);
   for (const auto& g : grads) {
     functional::mars_step_(matrix, {g[0].clone()}, m, v, vmax, last, steps, lr_tensor(1e-2), 0.95, 0.99, 1e-8, 0.1,
                            0.025, "mars-adamw", true, false, false, 0, std::nullopt, std::nullopt);
-    functional::adam_step_(others, {g[1].clone(), g[2].clone()}, m1, v1, {}, steps_1d, lr_tensor(1e-2 * (5e-3 / 1e-2)),
-                           0.9, 0.95, 1e-8, 0.1, true, false, false, false, 0, std::nullopt, std::nullopt);
+    // amsgrad reaches the AdamW branch too, as in the official code.
+    functional::adam_step_(others, {g[1].clone(), g[2].clone()}, m1, v1, vmax1, steps_1d,
+                           lr_tensor(1e-2 * (5e-3 / 1e-2)), 0.9, 0.95, 1e-8, 0.1, true, true, false, false, 0,
+                           std::nullopt, std::nullopt);
   }
   expect_bitwise_equal(params, {matrix[0], others[0], others[1]});
   const auto& state = static_cast<const optim::MARSParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl()));

@@ -80,7 +80,11 @@ class MarsReference:
                 b1, b2 = self.betas_1d
                 s["m"] = b1 * s["m"] + (1 - b1) * g
                 s["v"] = b2 * s["v"] + (1 - b2) * g * g
-                denom = (s["v"].sqrt() / math.sqrt(1 - b2**t) + self.eps) * (1 - b1**t)
+                v = s["v"]
+                if self.amsgrad:  # the official 1-D branch honours amsgrad too
+                    s["v_max"] = torch.maximum(s["v_max"], v)
+                    v = s["v_max"]
+                denom = (v.sqrt() / math.sqrt(1 - b2**t) + self.eps) * (1 - b1**t)
                 theta = theta - self.lr_1d * (self.wd_1d * theta + s["m"] / denom)
             if not self.exact:
                 s["g_prev"] = g

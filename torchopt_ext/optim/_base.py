@@ -237,11 +237,13 @@ def adamw_fallback_step(
     magma_scores: Optional[list[torch.Tensor]] = None,
     magma_p: float = 0.5,
     magma_tau: float = 2.0,
+    max_exp_avg_sqs: Optional[list[torch.Tensor]] = None,
     **extra: Any,
 ) -> None:
     """The AdamW branch of the matrix optimizers (MARS's 1-D branch, Muon's
-    and PRISM's fallback): ``adam_step_`` with decoupled decay and no amsgrad,
-    or ``adam_magma_step_`` when ``magma_scores`` is given (rollfast masks
+    and PRISM's fallback): ``adam_step_`` with decoupled decay (amsgrad when
+    ``max_exp_avg_sqs`` is given, as MARS's official 1-D branch), or
+    ``adam_magma_step_`` when ``magma_scores`` is given (rollfast masks
     every leaf, fallback included; the caller salts the seed with
     ``MAGMA_FALLBACK_SEED_SALT`` so these draws are not the matrix branch's).
     ``extra`` carries the rounding and AMP keyword arguments."""
@@ -253,11 +255,13 @@ def adamw_fallback_step(
         eps=eps,
         weight_decay=weight_decay,
         decoupled_weight_decay=True,
-        amsgrad=False,
+        amsgrad=max_exp_avg_sqs is not None,
         maximize=maximize,
         **extra,
     )
     if magma_scores is not None:
+        if max_exp_avg_sqs is not None:
+            raise ValueError("adamw_fallback_step: amsgrad (max_exp_avg_sqs) is not combined with Magma")
         torch.ops.torchopt_ext.adam_magma_step_(
             params,
             grads,
@@ -272,7 +276,9 @@ def adamw_fallback_step(
             **kwargs,
         )
         return
-    torch.ops.torchopt_ext.adam_step_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, lr, **kwargs)
+    torch.ops.torchopt_ext.adam_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps, lr, **kwargs
+    )
 
 
 class FusedOptimizer(torch.optim.Optimizer):

@@ -57,9 +57,6 @@ class MARS(FusedOptimizer):
     them per tensor, and ``mars_step_`` clips with the whole-tensor norm.
     Other DTensor layouts, or ``opt.distributed_mode = "gather"``, gather the
     DTensors whole for the op instead.
-
-    Not matched: the official code applies ``amsgrad`` to the AdamW branch too;
-    here it applies to the MARS branch only.
     """
 
     _op = "mars_step_"
@@ -224,14 +221,17 @@ class MARS(FusedOptimizer):
         amp = self._amp_args()
         for group in self.param_groups:
             plain, orthogonalized = [], []
-            params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d = [], [], [], [], []
+            params_1d, grads_1d, steps_1d, exp_avgs_1d, exp_avg_sqs_1d, max_sqs_1d = [], [], [], [], [], []
             # (param, state) pairs gathered in one pass: a second pass over
             # self.state in a torch.compile'd step lost the state made in the first.
             for _, p, state in self._params_with_grad(group):
                 if self._is_matrix(group, p):
                     (orthogonalized if self._orthogonalized(group, p) else plain).append((p, state))
                     continue
-                for key, out in (("exp_avg", exp_avgs_1d), ("exp_avg_sq", exp_avg_sqs_1d)):
+                keys = [("exp_avg", exp_avgs_1d), ("exp_avg_sq", exp_avg_sqs_1d)]
+                if group["amsgrad"]:  # the official code's 1-D branch honours amsgrad too
+                    keys.append(("max_exp_avg_sq", max_sqs_1d))
+                for key, out in keys:
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
                     out.append(local(state[key]))
@@ -253,6 +253,7 @@ class MARS(FusedOptimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay_1d"],
                 maximize=group["maximize"],
+                max_exp_avg_sqs=max_sqs_1d if group["amsgrad"] else None,
                 **self._rounding_args(group),
                 **amp,
             )
