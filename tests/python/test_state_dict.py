@@ -114,3 +114,32 @@ def test_load_state_dict_with_wrong_group_size_fails():
     other = tox.SGD([torch.randn(2)], lr=0.1)
     with pytest.raises(ValueError, match="size"):
         other.load_state_dict(opt.state_dict())
+
+
+DROP_INS = [
+    (tox.SGD, torch.optim.SGD),
+    (tox.Adam, torch.optim.Adam),
+    (tox.AdamW, torch.optim.AdamW),
+    (tox.NAdamW, torch.optim.NAdam),
+    (tox.RAdam, torch.optim.RAdam),
+    (tox.Adafactor, torch.optim.Adafactor),
+    (tox.Muon, torch.optim.Muon),
+]
+
+
+@pytest.mark.parametrize("ours_cls, ref_cls", DROP_INS, ids=[c.__name__ for c, _ in DROP_INS])
+def test_accepts_every_torch_optim_argument(ours_cls, ref_cls):
+    # A drop-in takes every argument of its torch.optim namesake, the
+    # implementation switches (foreach / fused / capturable) included.
+    import inspect
+
+    ours = inspect.signature(ours_cls.__init__).parameters
+    theirs = inspect.signature(ref_cls.__init__).parameters
+    assert [name for name in theirs if name not in ours] == []
+    switches = {k: False for k in ("foreach", "fused", "capturable", "differentiable") if k in theirs}
+    p = torch.randn(4, 3)
+    opt = ours_cls([p], **switches)
+    assert all(opt.param_groups[0][k] is False for k in switches)
+    if "differentiable" in theirs:
+        with pytest.raises(ValueError, match="differentiable"):
+            ours_cls([p], differentiable=True)

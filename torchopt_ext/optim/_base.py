@@ -53,6 +53,25 @@ def math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def torch_switches(
+    name: str,
+    *,
+    foreach: Optional[bool] = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: Optional[bool] = None,
+) -> dict[str, Any]:
+    """torch.optim's implementation switches, accepted (and kept in the group,
+    as torch.optim does) so a class drops in for its torch.optim namesake: the
+    step is always the one fused op, so ``foreach`` and ``fused`` choose
+    nothing, and a CUDA step is capturable wherever the class keeps device
+    step counters (``_device_steps``). ``differentiable=True`` (autograd
+    through the step) is refused: the ops update in place under no_grad."""
+    if differentiable:
+        raise ValueError(f"{name}: differentiable=True is not supported (the fused step is not differentiable)")
+    return dict(foreach=foreach, capturable=capturable, differentiable=False, fused=fused)
+
+
 def draw_seed(seed: Optional[int], stochastic_rounding: bool) -> int:
     """The stochastic-rounding seed: the given one, else (when rounding is on)
     one drawn from torch's default generator, so torch.manual_seed makes runs

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, check_magma, draw_seed, is_dtensor
+from ._base import FusedOptimizer, check_adam_like, check_magma, draw_seed, is_dtensor, torch_switches
 
 
 class Adam(FusedOptimizer):
@@ -47,6 +47,10 @@ class Adam(FusedOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
@@ -69,6 +73,11 @@ class Adam(FusedOptimizer):
             use_magma=use_magma,
             magma_p=magma_p,
             magma_tau=magma_tau,
+        )
+        defaults.update(
+            torch_switches(
+                type(self).__name__, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused
+            )
         )
         super().__init__(params, defaults)
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, check_non_negative, draw_seed
+from ._base import FusedOptimizer, check_adam_like, check_non_negative, draw_seed, torch_switches
 
 
 class NAdamW(FusedOptimizer):
@@ -39,6 +39,9 @@ class NAdamW(FusedOptimizer):
         decoupled_weight_decay: bool = True,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
@@ -54,6 +57,9 @@ class NAdamW(FusedOptimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=draw_seed(seed, stochastic_rounding),
+        )
+        defaults.update(
+            torch_switches(type(self).__name__, foreach=foreach, capturable=capturable, differentiable=differentiable)
         )
         super().__init__(params, defaults)
 

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_adam_like, draw_seed
+from ._base import FusedOptimizer, check_adam_like, draw_seed, torch_switches
 
 
 class RAdam(FusedOptimizer):
@@ -29,6 +29,9 @@ class RAdam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
@@ -43,6 +46,9 @@ class RAdam(FusedOptimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=draw_seed(seed, stochastic_rounding),
+        )
+        defaults.update(
+            torch_switches(type(self).__name__, foreach=foreach, capturable=capturable, differentiable=differentiable)
         )
         super().__init__(params, defaults)
 

@@ -6,7 +6,15 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, check_lr, check_non_negative, check_range, check_state_dtype, draw_seed
+from ._base import (
+    FusedOptimizer,
+    check_lr,
+    check_non_negative,
+    check_range,
+    check_state_dtype,
+    draw_seed,
+    torch_switches,
+)
 
 
 class SGD(FusedOptimizer):
@@ -32,6 +40,9 @@ class SGD(FusedOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
@@ -46,6 +57,9 @@ class SGD(FusedOptimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=draw_seed(seed, stochastic_rounding),
+        )
+        defaults.update(
+            torch_switches(type(self).__name__, foreach=foreach, differentiable=differentiable, fused=fused)
         )
         super().__init__(params, defaults)
 
