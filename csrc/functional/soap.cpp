@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/tensor_lists.h"
+#include "functional/matrix_parts.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 
@@ -198,6 +199,15 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_hyperparameter(op, "precondition_frequency", static_cast<double>(precondition_frequency),
                        precondition_frequency >= 1, ">= 1");
   common::check_params_and_grads(op, params, grads);
+  // SOAP branches on the step on the host (the preconditioner's first call,
+  // refresh steps) and its eigh / QR read LAPACK's status there anyway, so on
+  // CUDA it takes host counters and a host lr (the Python class creates them
+  // on the CPU). Checked before anything is incremented.
+  if (!params.empty() && params[0].is_cuda()) {
+    TORCH_CHECK_VALUE(!lr.is_cuda() && (state_steps.empty() || !state_steps[0].is_cuda()), op,
+                      ": on CUDA, lr and state_steps must be CPU tensors (the step decides the preconditioner's "
+                      "refreshes on the host)");
+  }
   const auto layouts = check_factors(op, params, GGs, Qs, max_precond_dim, merge_dims, precondition_1d, data_format);
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
@@ -209,9 +219,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   for (size_t i = 0; i < group->params.size(); ++i) {
     at::Tensor& param = group->params[i];
     at::Tensor& grad = group->grads[i];
-    if (group->amp.grad_scale) {
-      grad.div_(*group->amp.grad_scale);
-    }
+    detail::unscale_grad(grad, group->amp.grad_scale, group->device.grad_scale);
     const auto& layout = layouts[i];
     const auto math = factor_dtype(param);
     const auto ggs = factor_views(GGs[i], layout);
@@ -246,8 +254,13 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       // (p - s U)(1 - lr wd) in one rounding of the fp32 result.
       const double decay = weight_decay > 0.0 ? 1.0 - group->lr * weight_decay : 1.0;
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), t);
-      kernels::cpu::muon_apply_update_reduced(param, update, decay, -step_size * decay, stochastic_rounding, stream);
+      if (param.is_cuda()) {
+        detail::apply_fixed_update_cuda(param, update, decay, -step_size * decay, detail::MatrixScalars{0.0, {}, t, {}},
+                                        stochastic_rounding, seed, static_cast<int64_t>(i));
+      } else {
+        const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), t);
+        kernels::cpu::muon_apply_update_reduced(param, update, decay, -step_size * decay, stochastic_rounding, stream);
+      }
     } else {
       param.add_(update, -step_size);
       if (weight_decay > 0.0) {
