@@ -8,11 +8,19 @@
 
 #include "common/tensor_lists.h"
 #include "functional/matrix_parts.h"
+#include "kernels/algos/matrix_apply.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
+#include "kernels/cuda/matrix.h"
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/functional/muon.h"
 #include "torchopt_ext/functional/prism.h"
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+#define TORCHOPT_EXT_CUDA_NOTE " or tensors on one CUDA device"
+#else
+#define TORCHOPT_EXT_CUDA_NOTE " only (built without CUDA kernels)"
+#endif
 
 namespace torchopt_ext::functional {
 
@@ -30,7 +38,7 @@ MuonMomentum muon_momentum(const at::Tensor& grad, at::Tensor& buffer, double mo
 }
 
 PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const PrismOptions& options, double raw_scale,
-                             int64_t seed, int64_t index, double step) {
+                             int64_t seed, int64_t index, double step, const at::Tensor& step_device) {
   const double b1 = options.b1;
   // Momentum math in float32 (float64 for float64 state), whatever the storage.
   const auto math = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -45,22 +53,30 @@ PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const P
   const at::Tensor m_prev = buffer.to(math);
   const at::Tensor m = options.ema ? at::lerp(m_prev, g, 1.0 - b1) : g + b1 * m_prev;
   // Store the new momentum (bf16: stochastic rounding, as rollfast).
-  if (buffer.scalar_type() == at::kBFloat16) {
-    const uint64_t stream = kernels::cpu::rounding_stream(seed ^ 0x5052534D, index, step);
+  constexpr int64_t kMomentumSalt = 0x5052534D;
+  if (buffer.scalar_type() == at::kBFloat16 && buffer.is_cuda()) {
+    apply_fixed_update_cuda(buffer, m, 0.0, 1.0, MatrixScalars{0.0, {}, step, step_device}, true, seed ^ kMomentumSalt,
+                            index);
+  } else if (buffer.scalar_type() == at::kBFloat16) {
+    const uint64_t stream = kernels::cpu::rounding_stream(seed ^ kMomentumSalt, index, step);
     kernels::cpu::muon_apply_update_reduced(buffer, m.contiguous(), 0.0, 1.0, true, stream);
   } else {
     buffer.copy_(m);
   }
+  // CUDA counters: the bias corrections from the device step (no host read).
+  const bool device_step = step_device.defined();
   at::Tensor target;
   if (options.nesterov && options.shape_nesterov) {
     if (options.bias_correction && options.ema) {
-      target = nesterov_bias_corrected(m, g, b1, step);
+      target = device_step ? nesterov_bias_corrected(m, g, b1, step_device.to(at::kDouble).reshape({}))
+                           : nesterov_bias_corrected(m, g, b1, step);
     } else {
       // Nesterov look-ahead: ema beta m + (1 - beta) g, heavy-ball beta m + g.
       target = options.ema ? at::lerp(g, m, b1) : m * b1 + g;
     }
   } else if (!options.nesterov && options.bias_correction && options.ema) {
-    target = m / (1.0 - std::pow(b1, step));
+    target =
+        device_step ? m / one_minus_power(b1, step_device.to(at::kDouble).reshape({})) : m / (1.0 - std::pow(b1, step));
   } else {
     target = m;
   }
@@ -69,6 +85,17 @@ PrismMomentum prism_momentum(const at::Tensor& grad, at::Tensor& buffer, const P
 
 at::Tensor nesterov_bias_corrected(const at::Tensor& m, const at::Tensor& g, double beta, double t) {
   return m * (beta / (1.0 - std::pow(beta, t + 1.0))) + g * ((1.0 - beta) / (1.0 - std::pow(beta, t)));
+}
+
+at::Tensor one_minus_power(double beta, const at::Tensor& t) { return at::pow(beta, t).neg_().add_(1.0); }
+
+at::Tensor nesterov_bias_corrected(const at::Tensor& m, const at::Tensor& g, double beta, const at::Tensor& t) {
+  // The host formula's coefficients in float64 on the device; the 0-d
+  // coefficients do not promote m / g (they are rounded to m's dtype as the
+  // host doubles are).
+  const at::Tensor c_m = at::full_like(t, beta) / one_minus_power(beta, t + 1.0);
+  const at::Tensor c_g = at::full_like(t, 1.0 - beta) / one_minus_power(beta, t);
+  return m * c_m + g * c_g;
 }
 
 at::Tensor prism_shape(const at::Tensor& M, const at::Tensor& D, const at::Tensor& grad, const PrismOptions& options,
@@ -118,8 +145,7 @@ void apply_matrix_update(at::Tensor& param, const at::Tensor& update, double lr,
                          double lr_scale, bool stochastic_rounding, int64_t seed, int64_t index, double step) {
   // Decoupled decay with the unscaled lr, then the scaled step; Magma's
   // multiplier scales both (decay folded into the masked update).
-  const double decay = 1.0 - lr * multiplier * weight_decay;
-  const double alpha = -lr * multiplier * lr_scale;
+  const auto [decay, alpha] = kernels::matrix_apply_factors(lr, multiplier, weight_decay, lr_scale);
   if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
     const uint64_t stream = kernels::cpu::rounding_stream(seed, index, step);
     kernels::cpu::muon_apply_update_reduced(param, update.reshape(param.sizes()).contiguous(), decay, alpha,
@@ -130,22 +156,189 @@ void apply_matrix_update(at::Tensor& param, const at::Tensor& update, double lr,
   }
 }
 
+at::Tensor MatrixScalars::step_tensor() const { return step_device.to(at::kDouble).reshape({}); }
+
+bool begin_cuda_matrix_step(const common::DeviceArgs& device) {
+  if (device.found_inf.defined() && device.found_inf.item<double>() != 0.0) {
+    return false;
+  }
+  if (!device.steps.empty()) {
+    at::_foreach_add_(device.steps, 1.0);
+  }
+  return true;
+}
+
+void unscale_grad(at::Tensor& grad, const std::optional<double>& host_scale, const at::Tensor& device_scale) {
+  if (host_scale) {
+    grad.div_(*host_scale);
+  } else if (device_scale.defined()) {
+    grad.div_(device_scale);
+  }
+}
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+namespace {
+// The update in the math dtype, as the CPU path converts it (a no-op for an
+// fp32 update of an fp32 param).
+at::Tensor math_update(const at::Tensor& param, const at::Tensor& update) {
+  return update.to(param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+kernels::cuda::MatrixApplyScalars kernel_scalars(const MatrixScalars& s, bool stochastic_rounding, int64_t seed,
+                                                 int64_t index) {
+  kernels::cuda::MatrixApplyScalars k;
+  k.lr = s.lr;
+  k.lr_device = s.lr_device;
+  k.step = s.step;
+  k.step_device = s.step_device;
+  k.stochastic_rounding = stochastic_rounding;
+  k.rounding_seed = seed;
+  k.index = index;
+  return k;
+}
+}  // namespace
+#endif
+
+void apply_matrix_update_cuda(at::Tensor& param, const at::Tensor& update, const MatrixScalars& scalars,
+                              const at::Tensor& magma_score, const common::MagmaOptions& magma, double weight_decay,
+                              double lr_scale, bool stochastic_rounding, int64_t seed, int64_t index) {
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  auto k = kernel_scalars(scalars, stochastic_rounding, seed, index);
+  k.weight_decay = weight_decay;
+  k.lr_scale = lr_scale;
+  k.magma_score = magma_score;
+  k.magma_p = magma.p;
+  k.magma_seed = magma.seed;
+  kernels::cuda::matrix_apply_update(param, math_update(param, update), k);
+#else
+  TORCH_CHECK(false, "apply_matrix_update_cuda: this build of torchopt_ext has no CUDA kernels");
+#endif
+}
+
+void apply_fixed_update_cuda(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
+                             const MatrixScalars& scalars, bool stochastic_rounding, int64_t seed, int64_t index) {
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  auto k = kernel_scalars(scalars, stochastic_rounding, seed, index);
+  k.fixed = true;
+  k.decay = decay;
+  k.alpha = alpha;
+  kernels::cuda::matrix_apply_update(param, math_update(param, update), k);
+#else
+  TORCH_CHECK(false, "apply_fixed_update_cuda: this build of torchopt_ext has no CUDA kernels");
+#endif
+}
+
+namespace {
+// Runs `update(score_on_device)`; a CPU score is updated on `device` and copied back (one sync).
+template <typename F>
+at::Tensor on_device_score(const at::Tensor& score, const at::Device& device, F update) {
+  if (score.device() == device) {
+    at::Tensor s = score;
+    return update(s);
+  }
+  at::Tensor s = score.to(device);
+  at::Tensor out = update(s);
+  at::Tensor(score).copy_(s);
+  return out;
+}
+}  // namespace
+
+at::Tensor magma_score_cuda(const at::Tensor& grad, const at::Tensor& moment, const at::Tensor& score, double tau) {
+  return on_device_score(score, grad.device(), [&](at::Tensor& s) {
+    // keep = true: the draw is made in the apply kernel from the device step.
+    return common::magma_multiplier(grad, moment, s, /*keep=*/true, tau);
+  });
+}
+
+at::Tensor magma_score_from_sums_cuda(const at::Tensor& sums, const at::Tensor& score, double tau,
+                                      const at::Device& device) {
+  return on_device_score(score, device, [&](at::Tensor& s) {
+    return common::magma_multiplier_from_sums(sums.to(device), s, /*keep=*/true, tau);
+  });
+}
+
+void check_magma_scores(const char* op, at::TensorList params, at::TensorList scores) {
+  if (params.empty() || !params[0].is_cuda()) {
+    common::check_scalar_list(op, "magma_scores", params, scores);
+    return;
+  }
+  TORCH_CHECK_VALUE(scores.size() == params.size(), op, ": magma_scores must have one tensor per param (",
+                    params.size(), "), got ", scores.size());
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const auto& s = scores[i];
+    TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat &&
+                          (s.is_cpu() || s.device() == params[i].device()),
+                      op, ": magma_scores[", i, "] must be a one-element float32 tensor on the CPU or on ",
+                      params[i].device());
+  }
+}
+
 }  // namespace detail
 
 namespace {
 
-void check_grads_and_buffers(const char* op, at::TensorList grads, at::TensorList buffers, at::TensorList state_steps) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_VALUE(grads[i].defined() && grads[i].layout() == at::kStrided && grads[i].is_cpu(), op, ": grads[", i,
-                      "] must be a dense CPU tensor");
+// Step counters: one-element float32/float64 CPU tensors, or (CUDA tensors)
+// float32 counters on their device. Returns whether they are on the device.
+bool check_step_list(const char* op, at::TensorList tensors, at::TensorList state_steps) {
+  if (tensors.empty() || !tensors[0].is_cuda() || state_steps.empty() || !state_steps[0].is_cuda()) {
+    common::check_scalar_list(op, "state_steps", tensors, state_steps);
+    return false;
   }
-  common::check_state_list(op, "momentum_buffers", grads, buffers);
-  common::check_scalar_list(op, "state_steps", grads, state_steps);
+  TORCH_CHECK_VALUE(state_steps.size() == tensors.size(), op, ": state_steps must have one tensor per param (",
+                    tensors.size(), "), got ", state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const auto& s = state_steps[i];
+    TORCH_CHECK_VALUE(
+        s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == tensors[0].device(), op,
+        ": state_steps[", i, "] must be a one-element float32 tensor on ", tensors[0].device(),
+        " (CUDA step counters are all on the params' device)");
+  }
+  return true;
 }
 
-double read_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
-  const auto amp = common::read_amp(op, grad_scale, std::nullopt);
-  return amp.grad_scale.value_or(1.0);
+// Dense tensors on the CPU, or all on one CUDA device (builds with CUDA kernels).
+void check_device(const char* op, const char* name, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined() && t.layout() == at::kStrided, op, ": ", name, "[", i,
+                      "] must be a defined dense tensor");
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+    const bool ok = t.is_cpu() || (t.is_cuda() && t.device() == tensors[0].device());
+#else
+    const bool ok = t.is_cpu();
+#endif
+    TORCH_CHECK_VALUE(ok, op, ": ", name, "[", i, "] is on ", t.device(), ", ", name, "[0] on ", tensors[0].device(),
+                      "; this build takes CPU tensors", TORCHOPT_EXT_CUDA_NOTE);
+  }
+}
+
+bool check_grads_and_buffers(const char* op, at::TensorList grads, at::TensorList buffers, at::TensorList state_steps) {
+  check_device(op, "grads", grads);
+  common::check_state_list(op, "momentum_buffers", grads, buffers);
+  return check_step_list(op, grads, state_steps);
+}
+
+// The AMP scale: a host value, or (a CUDA grad_scale with CUDA grads) a device tensor the grads are divided by.
+struct GradScale {
+  std::optional<double> host;
+  at::Tensor device;
+};
+GradScale read_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale, at::TensorList grads) {
+  if (grad_scale && grad_scale->defined() && grad_scale->is_cuda() && !grads.empty() && grads[0].is_cuda()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device() == grads[0].device(), op,
+                      ": a CUDA grad_scale must have one element on the grads' device");
+    return {std::nullopt, *grad_scale};
+  }
+  return {common::read_amp(op, grad_scale, std::nullopt).grad_scale, {}};
+}
+
+// Advances the counters: host ones here, device ones with one foreach add.
+std::vector<double> advance_steps(at::TensorList state_steps, bool on_device) {
+  if (on_device) {
+    at::_foreach_add_(state_steps, 1.0);
+    return std::vector<double>(state_steps.size(), std::nan(""));
+  }
+  return common::increment_steps(state_steps);
 }
 
 // One output per grad, its shape, the buffer's dtype (math: its math dtype).
@@ -178,16 +371,14 @@ void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::T
                     bool maximize, bool use_magma, const std::optional<at::Tensor>& grad_scale) {
   constexpr const char* op = "muon_momentum_";
   common::check_hyperparameter(op, "momentum", momentum, momentum >= 0.0 && momentum < 1.0, "in [0, 1)");
-  check_grads_and_buffers(op, grads, momentum_buffers, state_steps);
+  const bool device_steps = check_grads_and_buffers(op, grads, momentum_buffers, state_steps);
   check_outputs(op, "ns_inputs", grads, ns_inputs, momentum_buffers, false);
   check_sums(op, grads, magma_sums, use_magma);
-  const double scale = read_grad_scale(op, grad_scale);
-  common::increment_steps(state_steps);
+  const auto scale = read_grad_scale(op, grad_scale, grads);
+  advance_steps(state_steps, device_steps);
   for (size_t i = 0; i < grads.size(); ++i) {
     at::Tensor grad = grads[i];
-    if (grad_scale) {
-      grad.div_(scale);
-    }
+    detail::unscale_grad(grad, scale.host, scale.device);
     at::Tensor buffer = momentum_buffers[i];
     auto parts = detail::muon_momentum(grad, buffer, momentum, nesterov, maximize);
     ns_inputs[i].copy_(parts.ns_input);
@@ -206,7 +397,7 @@ void prism_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::
   common::check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
   TORCH_CHECK_VALUE(momentum_accumulator == "ema" || momentum_accumulator == "heavy_ball", op,
                     ": momentum_accumulator must be 'ema' or 'heavy_ball', got '", momentum_accumulator, "'");
-  check_grads_and_buffers(op, grads, momentum_buffers, state_steps);
+  const bool device_steps = check_grads_and_buffers(op, grads, momentum_buffers, state_steps);
   check_outputs(op, "targets", grads, targets, momentum_buffers, true);
   check_outputs(op, "innovations", grads, innovations, momentum_buffers, true);
   const bool lookahead = nesterov && !shape_nesterov;
@@ -219,15 +410,14 @@ void prism_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::
   check_sums(op, grads, magma_sums, use_magma);
   const detail::PrismOptions options{b1,      momentum_accumulator == "ema", nesterov, shape_nesterov, bias_correction,
                                      maximize};
-  const double scale = read_grad_scale(op, grad_scale);
-  const auto steps = common::increment_steps(state_steps);
+  const auto scale = read_grad_scale(op, grad_scale, grads);
+  const auto steps = advance_steps(state_steps, device_steps);
   for (size_t i = 0; i < grads.size(); ++i) {
     at::Tensor grad = grads[i];
-    if (grad_scale) {
-      grad.div_(scale);
-    }
+    detail::unscale_grad(grad, scale.host, scale.device);
     at::Tensor buffer = momentum_buffers[i];
-    auto parts = detail::prism_momentum(grad, buffer, options, 1.0, seed, static_cast<int64_t>(i), steps[i]);
+    auto parts = detail::prism_momentum(grad, buffer, options, 1.0, seed, static_cast<int64_t>(i), steps[i],
+                                        device_steps ? state_steps[i] : at::Tensor());
     targets[i].copy_(parts.target);
     innovations[i].copy_(parts.innovation);
     if (lookahead) {
@@ -280,11 +470,13 @@ void matrix_apply_(at::TensorList params, at::TensorList updates, at::TensorList
                     updates.size());
   TORCH_CHECK_VALUE(matrix_sizes.size() == 2 * n, op, ": matrix_sizes must hold (rows, cols) per param (", 2 * n,
                     " values), got ", matrix_sizes.size());
-  common::check_scalar_list(op, "state_steps", params, state_steps);
+  check_device(op, "params", params);
+  const bool device_steps = check_step_list(op, params, state_steps);
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
   const common::MagmaOptions magma{magma_p, magma_tau, seed};
   common::check_magma_options(op, magma);
   if (use_magma) {
-    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+    detail::check_magma_scores(op, params, magma_scores);
     TORCH_CHECK_VALUE(magma_sums && magma_sums->dim() == 2 && magma_sums->size(0) == static_cast<int64_t>(n) &&
                           magma_sums->size(1) == 3,
                       op, ": use_magma needs magma_sums of shape (", n, ", 3)");
@@ -292,14 +484,39 @@ void matrix_apply_(at::TensorList params, at::TensorList updates, at::TensorList
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(params[i].defined() && params[i].is_cpu() && params[i].is_floating_point(), op, ": params[", i,
-                      "] must be a floating CPU tensor");
+    TORCH_CHECK_VALUE(params[i].is_floating_point(), op, ": params[", i, "] must be a floating tensor");
     TORCH_CHECK_VALUE(updates[i].numel() == params[i].numel(), op, ": updates[", i, "] has ", updates[i].numel(),
                       " elements but params[", i, "] has ", params[i].numel());
   }
-  const double lr_value = common::read_lr(op, lr);
+  // A CUDA lr is read by the kernel (no host sync).
+  const bool device_lr = on_cuda && lr.is_cuda();
+  if (device_lr) {
+    TORCH_CHECK_VALUE(lr.numel() == 1 && (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble) &&
+                          lr.device() == params[0].device(),
+                      op, ": a CUDA lr must be a one-element float32 or float64 tensor on the params' device");
+  }
+  const double lr_value = device_lr ? std::nan("") : common::read_lr(op, lr);
   common::DenseWorkspace workspace;
   auto dense = workspace.dense(params, /*write_back=*/true);
+  if (on_cuda) {
+    for (size_t i = 0; i < n; ++i) {
+      detail::MatrixScalars scalars{lr_value, device_lr ? lr : at::Tensor(), 0.0, {}};
+      if (device_steps) {
+        scalars.step_device = state_steps[i];
+      } else {
+        scalars.step = state_steps[i].item<double>();  // a CPU counter: no sync
+      }
+      const auto index = static_cast<int64_t>(i);
+      const at::Tensor score = use_magma ? detail::magma_score_from_sums_cuda((*magma_sums)[index], magma_scores[i],
+                                                                              magma_tau, params[i].device())
+                                         : at::Tensor();
+      const double scale = scaled ? muon_lr_scale(adjust_lr_fn, matrix_sizes[2 * i], matrix_sizes[2 * i + 1]) : 1.0;
+      detail::apply_matrix_update_cuda(dense[i], updates[i], scalars, score, magma, weight_decay, scale,
+                                       stochastic_rounding, seed, index);
+    }
+    workspace.finish();
+    return;
+  }
   for (size_t i = 0; i < n; ++i) {
     const double step = state_steps[i].item<double>();
     double multiplier = 1.0;

@@ -52,7 +52,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   const common::MagmaOptions magma{magma_p, magma_tau, seed};
   common::check_magma_options(op, magma);
   if (use_magma) {
-    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+    detail::check_magma_scores(op, params, magma_scores);
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
@@ -65,7 +65,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   }
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
-  if (!group) {
+  if (!group || (group->on_cuda && !detail::begin_cuda_matrix_step(group->device))) {
     return;
   }
   const size_t n = group->params.size();
@@ -75,9 +75,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   for (size_t i = 0; i < n; ++i) {
     at::Tensor& param = group->params[i];
     at::Tensor& grad = group->grads[i];
-    if (group->amp.grad_scale) {
-      grad.div_(*group->amp.grad_scale);
-    }
+    detail::unscale_grad(grad, group->amp.grad_scale, group->device.grad_scale);
     at::Tensor& buffer = group->state[0][i];
     const auto parts = detail::muon_momentum(grad, buffer, momentum, nesterov, maximize);
     // A param with more dims is the (shape[0], rest) matrix, or the batch of
@@ -85,14 +83,22 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     const auto& layout = layouts[i];
     const at::Tensor update = common::from_matrices(
         common::newton_schulz(common::to_matrices(parts.ns_input, layout), ns), layout, param.sizes());
+    const double scale = muon_lr_scale(adjust_lr_fn, layout.rows, layout.cols);
+    if (group->on_cuda) {
+      // lr, step and Magma's keep * score are read by the apply kernel on the device.
+      const at::Tensor score =
+          use_magma ? detail::magma_score_cuda(parts.grad, buffer, magma_scores[i], magma_tau) : at::Tensor();
+      detail::apply_matrix_update_cuda(param, update, detail::matrix_scalars(*group, i), score, magma, weight_decay,
+                                       scale, stochastic_rounding, seed, static_cast<int64_t>(i));
+      continue;
+    }
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
       const bool keep = common::magma_keep(magma, static_cast<int64_t>(i), group->steps[i]);
-      // Host read of a CPU scalar: no device sync (the functional is CPU-only).
+      // Host read of a CPU scalar: no device sync (CUDA params take the branch above).
       multiplier = common::magma_multiplier(parts.grad, buffer, score, keep, magma_tau).item<double>();
     }
-    const double scale = muon_lr_scale(adjust_lr_fn, layout.rows, layout.cols);
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, scale, stochastic_rounding, seed,
                                 static_cast<int64_t>(i), group->steps[i]);
   }

@@ -154,7 +154,7 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   const common::MagmaOptions magma{magma_p, magma_tau, seed};
   common::check_magma_options(op, magma);
   if (use_magma) {
-    common::check_scalar_list(op, "magma_scores", params, magma_scores);
+    detail::check_magma_scores(op, params, magma_scores);
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
   }
@@ -167,22 +167,29 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
   }
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
-  if (!group) {
+  if (!group || (group->on_cuda && !detail::begin_cuda_matrix_step(group->device))) {
     return;
   }
   const size_t n = group->params.size();
-  if (group->amp.grad_scale) {
-    for (auto& grad : group->grads) {
-      grad.div_(*group->amp.grad_scale);
-    }
+  for (auto& grad : group->grads) {
+    detail::unscale_grad(grad, group->amp.grad_scale, group->device.grad_scale);
   }
-  // Raw global clip over this call's grads (before maximize: the norm is sign-blind).
+  // Raw global clip over this call's grads (before maximize: the norm is
+  // sign-blind). On CUDA the spike decision reads the norm on the host (one
+  // sync per step, see common/clipping.h).
   double raw_scale = 1.0;
   if (raw_global_grad_clip) {
+    at::Tensor norm;
+    if (raw_grad_norm) {
+      norm = *raw_grad_norm;
+      if (group->amp.grad_scale) {
+        norm = norm / *group->amp.grad_scale;
+      } else if (group->device.grad_scale.defined()) {
+        norm = norm / group->device.grad_scale.to(norm.device());
+      }
+    }
     const auto clip = raw_grad_norm
-                          ? common::raw_global_clip_from_norm(
-                                group->amp.grad_scale ? *raw_grad_norm / *group->amp.grad_scale : *raw_grad_norm,
-                                *raw_global_grad_clip, permissive_spike_protection)
+                          ? common::raw_global_clip_from_norm(norm, *raw_global_grad_clip, permissive_spike_protection)
                           : common::raw_global_clip(group->grads, *raw_global_grad_clip, permissive_spike_protection);
     if (clip.skip) {
       // Strict protection: nothing changes, the step counters included
@@ -199,19 +206,27 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     at::Tensor& param = group->params[i];
     at::Tensor& buffer = group->state[0][i];
     const auto index = static_cast<int64_t>(i);
-    const auto parts =
-        detail::prism_momentum(group->grads[i], buffer, options, raw_scale, seed, index, group->steps[i]);
+    const auto scalars = detail::matrix_scalars(*group, i);
+    const auto parts = detail::prism_momentum(group->grads[i], buffer, options, raw_scale, seed, index, group->steps[i],
+                                              scalars.step_device);
     // (rows, cols) matrices, or (batch, rows, cols) under a spec.
     const auto& layout = layouts[i];
     const at::Tensor update = common::from_matrices(
         detail::prism_shape(common::to_matrices(parts.target, layout), common::to_matrices(parts.innovation, layout),
                             common::to_matrices(parts.grad, layout), options, shaping),
         layout, param.sizes());
+    if (group->on_cuda) {
+      const at::Tensor score =
+          use_magma ? detail::magma_score_cuda(parts.raw_grad, parts.moment, magma_scores[i], magma_tau) : at::Tensor();
+      detail::apply_matrix_update_cuda(param, update, scalars, score, magma, weight_decay, 1.0, stochastic_rounding,
+                                       seed, index);
+      continue;
+    }
     double multiplier = 1.0;
     if (use_magma) {
       at::Tensor score = magma_scores[i];
       const bool keep = common::magma_keep(magma, index, group->steps[i]);
-      // Host read of a CPU scalar: no device sync (the functional is CPU-only).
+      // Host read of a CPU scalar: no device sync (CUDA params take the branch above).
       multiplier = common::magma_multiplier(parts.raw_grad, parts.moment, score, keep, magma_tau).item<double>();
     }
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, 1.0, stochastic_rounding, seed,
@@ -234,7 +249,7 @@ void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorL
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
                                            state_steps, lr, grad_scale, found_inf);
-  if (!group) {
+  if (!group || (group->on_cuda && !detail::begin_cuda_matrix_step(group->device))) {
     return;
   }
   for (size_t i = 0; i < group->params.size(); ++i) {
@@ -245,6 +260,8 @@ void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorL
     at::Tensor g = group->grads[i].to(math);
     if (group->amp.grad_scale) {
       g = g / *group->amp.grad_scale;
+    } else if (group->device.grad_scale.defined()) {
+      g = g / group->device.grad_scale;
     }
     if (maximize) {
       g = g.neg();
@@ -253,6 +270,22 @@ void prism_nadamw_step_(at::TensorList params, at::TensorList grads, at::TensorL
     const at::Tensor v = exp_avg_sq.to(math) * beta2 + g.square() * (1.0 - beta2);
     exp_avg.copy_(m);
     exp_avg_sq.copy_(v);
+    if (group->on_cuda) {
+      // Bias corrections from the device step when the counters live there.
+      const auto scalars = detail::matrix_scalars(*group, i);
+      at::Tensor update;
+      if (scalars.on_device()) {
+        const at::Tensor t = scalars.step_tensor();
+        update =
+            detail::nesterov_bias_corrected(m, g, beta1, t) / ((v / detail::one_minus_power(beta2, t)).sqrt() + eps);
+      } else {
+        const double t = scalars.step;
+        update = detail::nesterov_bias_corrected(m, g, beta1, t) / ((v / (1.0 - std::pow(beta2, t))).sqrt() + eps);
+      }
+      detail::apply_matrix_update_cuda(param, update, scalars, at::Tensor(), common::MagmaOptions{}, weight_decay, 1.0,
+                                       stochastic_rounding, seed, static_cast<int64_t>(i));
+      continue;
+    }
     const double t = group->steps[i];
     const at::Tensor m_hat = detail::nesterov_bias_corrected(m, g, beta1, t);
     const at::Tensor update = m_hat / ((v / (1.0 - std::pow(beta2, t))).sqrt() + eps);

@@ -3,11 +3,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "common/tensor_lists.h"
+#include "functional/matrix_parts.h"
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 
@@ -164,6 +166,64 @@ void init_preconditioner(const at::Tensor& g, const SoapLayout& layout, const st
   }
 }
 
+// --- Batched forms: x has a leading batch axis B, each factor is (B, d, d)
+// (issue 7: the params of one call with equal layouts and steps run as one
+// bmm / batched eigh / batched QR instead of one small op per tensor).
+
+// The per-tensor project's contraction of dim k (tensordot over the leading
+// dim, result dims cycled) with one Q per batch entry: (B, N, d) x (B, d, d).
+at::Tensor contract_leading(const at::Tensor& x, const at::Tensor& q, bool transpose) {
+  const at::Tensor moved = x.movedim(1, -1);
+  const auto sizes = moved.sizes().vec();
+  const int64_t d = sizes.back();
+  const at::Tensor flat = moved.reshape({sizes[0], -1, d});
+  return at::bmm(flat, transpose ? q.transpose(1, 2) : q).view(sizes);
+}
+
+at::Tensor project_batched(at::Tensor x, const std::vector<at::Tensor>& qs) {
+  for (const auto& q : qs) {
+    x = q.defined() ? contract_leading(x, q, false) : x.movedim(1, -1);
+  }
+  return x;
+}
+
+at::Tensor project_back_batched(at::Tensor x, const std::vector<at::Tensor>& qs) {
+  for (const auto& q : qs) {
+    x = q.defined() ? contract_leading(x, q, true) : x.movedim(1, -1);
+  }
+  return x;
+}
+
+at::Tensor gram_batched(const at::Tensor& g, int64_t k, int64_t d) {
+  const at::Tensor rows = g.movedim(k + 1, 1).reshape({g.size(0), d, -1});
+  return at::bmm(rows, rows.transpose(1, 2));
+}
+
+at::Tensor descending_eigenvectors_batched(const at::Tensor& gg) {
+  const int64_t d = gg.size(-1);
+  auto solve = [&](at::ScalarType dtype) {
+    const at::Tensor m = gg.to(dtype) + 1e-30 * at::eye(d, gg.options().dtype(dtype));
+    return std::get<1>(at::linalg_eigh(m)).flip({-1});
+  };
+  try {
+    return solve(at::kFloat);
+  } catch (const c10::Error&) {
+    return solve(at::kDouble);
+  }
+}
+
+// Equal layouts, math dtypes and step values: one batch (the refresh and
+// first-call decisions and the bias correction are per step).
+struct BatchKey {
+  std::vector<int64_t> shape;
+  std::vector<int64_t> factor_sizes;
+  at::ScalarType math;
+  double step;
+  bool operator==(const BatchKey& o) const {
+    return shape == o.shape && factor_sizes == o.factor_sizes && math == o.math && step == o.step;
+  }
+};
+
 }  // namespace
 
 SoapLayout soap_layout(at::IntArrayRef param_shape, int64_t max_precond_dim, bool merge_dims, bool precondition_1d,
@@ -188,7 +248,8 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta2, double shampoo_beta, double eps, double weight_decay, int64_t precondition_frequency,
                 int64_t max_precond_dim, bool merge_dims, bool precondition_1d, bool normalize_grads,
                 c10::string_view data_format, bool correct_bias, bool stochastic_rounding, int64_t seed,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                bool batch_equal_shapes) {
   constexpr const char* op = "soap_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "betas[0]", beta1, beta1 >= 0.0 && beta1 < 1.0, "in [0, 1)");
@@ -198,6 +259,15 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_hyperparameter(op, "precondition_frequency", static_cast<double>(precondition_frequency),
                        precondition_frequency >= 1, ">= 1");
   common::check_params_and_grads(op, params, grads);
+  // SOAP branches on the step on the host (the preconditioner's first call,
+  // refresh steps) and its eigh / QR read LAPACK's status there anyway, so on
+  // CUDA it takes host counters and a host lr (the Python class creates them
+  // on the CPU). Checked before anything is incremented.
+  if (!params.empty() && params[0].is_cuda()) {
+    TORCH_CHECK_VALUE(!lr.is_cuda() && (state_steps.empty() || !state_steps[0].is_cuda()), op,
+                      ": on CUDA, lr and state_steps must be CPU tensors (the step decides the preconditioner's "
+                      "refreshes on the host)");
+  }
   const auto layouts = check_factors(op, params, GGs, Qs, max_precond_dim, merge_dims, precondition_1d, data_format);
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},
@@ -206,12 +276,43 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     return;
   }
   const double beta_s = shampoo_beta_of(shampoo_beta, beta2);
-  for (size_t i = 0; i < group->params.size(); ++i) {
+  const size_t n = group->params.size();
+  for (auto& grad : group->grads) {
+    detail::unscale_grad(grad, group->amp.grad_scale, group->device.grad_scale);
+  }
+  // The update of param i: bias-corrected step size, normalization, decay.
+  auto apply_update = [&](size_t i, at::Tensor update, double t) {
+    at::Tensor& param = group->params[i];
+    // eps on the uncorrected sqrt(v); the bias corrections fold into the step size.
+    double step_size = group->lr;
+    if (correct_bias) {
+      step_size *= std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
+    }
+    if (normalize_grads) {
+      update = update / (update.square().mean().sqrt() + 1e-30);
+    }
+    update = update.reshape(param.sizes());
+    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+      // (p - s U)(1 - lr wd) in one rounding of the fp32 result.
+      const double decay = weight_decay > 0.0 ? 1.0 - group->lr * weight_decay : 1.0;
+      if (param.is_cuda()) {
+        detail::apply_fixed_update_cuda(param, update, decay, -step_size * decay, detail::MatrixScalars{0.0, {}, t, {}},
+                                        stochastic_rounding, seed, static_cast<int64_t>(i));
+      } else {
+        const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), t);
+        kernels::cpu::muon_apply_update_reduced(param, update, decay, -step_size * decay, stochastic_rounding, stream);
+      }
+    } else {
+      param.add_(update, -step_size);
+      if (weight_decay > 0.0) {
+        param.add_(param, -group->lr * weight_decay);  // decoupled, on the updated param
+      }
+    }
+  };
+  // One param on its own.
+  auto step_one = [&](size_t i) {
     at::Tensor& param = group->params[i];
     at::Tensor& grad = group->grads[i];
-    if (group->amp.grad_scale) {
-      grad.div_(*group->amp.grad_scale);
-    }
     const auto& layout = layouts[i];
     const auto math = factor_dtype(param);
     const auto ggs = factor_views(GGs[i], layout);
@@ -224,7 +325,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     if (group->steps[i] == 0.0) {
       // The step was -1: this call only builds the preconditioner (no update).
       init_preconditioner(g, layout, ggs, qs, beta_s);
-      continue;
+      return;
     }
     at::Tensor m = exp_avg_state.to(math).reshape(layout.shape);
     at::Tensor v = exp_avg_sq_state.to(math).reshape(layout.shape);
@@ -233,27 +334,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const double t = group->steps[i];
     m.mul_(beta1).add_(g_rot, 1.0 - beta1);
     v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
-    // eps on the uncorrected sqrt(v); the bias corrections fold into the step size.
-    double step_size = group->lr;
-    if (correct_bias) {
-      step_size *= std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
-    }
-    at::Tensor update = project_back(m / (v.sqrt() + eps), qs);
-    if (normalize_grads) {
-      update = update / (update.square().mean().sqrt() + 1e-30);
-    }
-    update = update.reshape(param.sizes());
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      // (p - s U)(1 - lr wd) in one rounding of the fp32 result.
-      const double decay = weight_decay > 0.0 ? 1.0 - group->lr * weight_decay : 1.0;
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), t);
-      kernels::cpu::muon_apply_update_reduced(param, update, decay, -step_size * decay, stochastic_rounding, stream);
-    } else {
-      param.add_(update, -step_size);
-      if (weight_decay > 0.0) {
-        param.add_(param, -group->lr * weight_decay);  // decoupled, on the updated param
-      }
-    }
+    apply_update(i, project_back(m / (v.sqrt() + eps), qs), t);
 
     // Preconditioner: EMA of the Grams of the raw gradient; on refresh steps
     // one QR power iteration per factor, v permuted to the new eigenvalue
@@ -290,6 +371,144 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     }
     if (!v.is_same(exp_avg_sq_state) && v.data_ptr() != exp_avg_sq_state.data_ptr()) {
       exp_avg_sq_state.copy_(v.reshape(exp_avg_sq_state.sizes()));
+    }
+  };
+
+  // Params with equal layouts and steps at once: the same math with a leading
+  // batch axis (bmm, batched eigh / QR). eigh / QR may pick other signs than
+  // the per-tensor calls; SOAP is invariant to a column's sign (it rotates
+  // and rotates back with the same Q, and v depends on squares only).
+  auto step_batch = [&](const std::vector<size_t>& members) {
+    const auto& layout = layouts[members[0]];
+    const auto math = factor_dtype(group->params[members[0]]);
+    const double t = group->steps[members[0]];
+    const auto count = static_cast<int64_t>(members.size());
+    const size_t dims = layout.factor_sizes.size();
+    std::vector<at::Tensor> g_list;
+    std::vector<std::vector<at::Tensor>> gg_views(dims);
+    std::vector<std::vector<at::Tensor>> q_views(dims);
+    for (const size_t i : members) {
+      g_list.push_back(group->grads[i].to(math).reshape(layout.shape));
+      const auto ggs = factor_views(GGs[i], layout);
+      const auto qs = factor_views(Qs[i], layout);
+      for (size_t k = 0; k < dims; ++k) {
+        gg_views[k].push_back(ggs[k]);
+        q_views[k].push_back(qs[k]);
+      }
+    }
+    const at::Tensor g = at::stack(g_list);
+    std::vector<at::Tensor> ggs(dims);
+    std::vector<at::Tensor> qs(dims);
+    for (size_t k = 0; k < dims; ++k) {
+      if (layout.factor_sizes[k] > 0) {
+        ggs[k] = at::stack(gg_views[k]);
+        qs[k] = at::stack(q_views[k]);
+      }
+    }
+    // Copies the stacked factors back into each param's flat GG / Q.
+    auto write_factors = [&](bool gg_too) {
+      for (size_t k = 0; k < dims; ++k) {
+        for (int64_t b = 0; ggs[k].defined() && b < count; ++b) {
+          if (gg_too) {
+            gg_views[k][b].copy_(ggs[k][b]);
+          }
+          q_views[k][b].copy_(qs[k][b]);
+        }
+      }
+    };
+    if (t == 0.0) {
+      for (size_t k = 0; k < dims; ++k) {
+        if (ggs[k].defined()) {
+          const auto d = layout.factor_sizes[k];
+          ggs[k] = at::zeros_like(ggs[k]).lerp_(gram_batched(g, static_cast<int64_t>(k), d), 1.0 - beta_s);
+          qs[k] = descending_eigenvectors_batched(ggs[k]).to(qs[k].scalar_type());
+        }
+      }
+      write_factors(true);
+      return;
+    }
+    std::vector<at::Tensor> m_list;
+    std::vector<at::Tensor> v_list;
+    for (const size_t i : members) {
+      m_list.push_back(group->state[0][i].to(math).reshape(layout.shape));
+      v_list.push_back(group->state[1][i].to(math).reshape(layout.shape));
+    }
+    at::Tensor m = at::stack(m_list);
+    at::Tensor v = at::stack(v_list);
+    const at::Tensor g_rot = project_batched(g, qs);
+    m.mul_(beta1).add_(g_rot, 1.0 - beta1);
+    v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
+    const at::Tensor update = project_back_batched(m / (v.sqrt() + eps), qs);
+    for (int64_t b = 0; b < count; ++b) {
+      apply_update(members[b], update[b], t);
+    }
+    for (size_t k = 0; k < dims; ++k) {
+      if (ggs[k].defined()) {
+        ggs[k].lerp_(gram_batched(g, static_cast<int64_t>(k), layout.factor_sizes[k]), 1.0 - beta_s);
+      }
+    }
+    const bool refresh = std::fmod(t, static_cast<double>(precondition_frequency)) == 0.0;
+    if (refresh) {
+      const at::Tensor m_unrotated = project_back_batched(m, qs);
+      for (size_t k = 0; k < dims; ++k) {
+        if (!ggs[k].defined()) {
+          continue;
+        }
+        const at::Tensor l32 = ggs[k].to(at::kFloat);
+        const at::Tensor q32 = qs[k].to(at::kFloat);
+        const at::Tensor lq = at::bmm(l32, q32);
+        const at::Tensor estimate = (q32 * lq).sum(1);                                   // (B, d)
+        const at::Tensor order = at::argsort(estimate, /*dim=*/1, /*descending=*/true);  // per entry
+        // v's dim k (axis k + 1 here) permuted per entry: the order broadcast over the other axes.
+        std::vector<int64_t> index_shape(static_cast<size_t>(v.dim()), 1);
+        index_shape[0] = count;
+        index_shape[k + 1] = layout.factor_sizes[k];
+        v = at::take_along_dim(v, order.view(index_shape), static_cast<int64_t>(k) + 1);
+        const at::Tensor columns = at::take_along_dim(lq, order.unsqueeze(1), 2);
+        at::Tensor q_new;
+        try {
+          q_new = std::get<0>(at::linalg_qr(columns));
+        } catch (const c10::Error&) {
+          q_new = std::get<0>(at::linalg_qr(columns.to(at::kDouble)));
+        }
+        qs[k] = q_new.to(qs[k].scalar_type());
+      }
+      m = project_batched(m_unrotated, qs);
+    }
+    write_factors(true);
+    for (int64_t b = 0; b < count; ++b) {
+      const size_t i = members[b];
+      group->state[0][i].copy_(m[b].reshape(group->state[0][i].sizes()));
+      group->state[1][i].copy_(v[b].reshape(group->state[1][i].sizes()));
+    }
+  };
+
+  // Batches: equal layout, math dtype and step (in first-seen order).
+  std::vector<BatchKey> keys;
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i = 0; i < n; ++i) {
+    BatchKey key{layouts[i].shape, layouts[i].factor_sizes, factor_dtype(group->params[i]), group->steps[i]};
+    const auto it = std::find(keys.begin(), keys.end(), key);
+    if (it == keys.end()) {
+      keys.push_back(std::move(key));
+      batches.push_back({i});
+    } else {
+      batches[static_cast<size_t>(it - keys.begin())].push_back(i);
+    }
+  }
+  for (size_t b = 0; b < batches.size(); ++b) {
+    // A batch pays off only with matrix factors and two or more members; the
+    // rest keep the per-tensor path (bitwise as before batching). Vectors
+    // (precondition_1d) stay per tensor: their rank-deficient Grams leave the
+    // eigenbasis of the null space to rounding noise, which the batched
+    // products would reorder (equally valid, but not the per-tensor result).
+    const auto& layout = layouts[batches[b][0]];
+    if (batch_equal_shapes && batches[b].size() > 1 && layout.factor_numel() > 0 && layout.shape.size() >= 2) {
+      step_batch(batches[b]);
+    } else {
+      for (const size_t i : batches[b]) {
+        step_one(i);
+      }
     }
   }
   group->finish();

@@ -9,7 +9,8 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "Tensor(e!)[] GGs, Tensor(f!)[] Qs, Tensor(g!)[] state_steps, Tensor lr, *, float beta1, float beta2, "
       "float shampoo_beta, float eps, float weight_decay, int precondition_frequency, int max_precond_dim, "
       "bool merge_dims, bool precondition_1d, bool normalize_grads, str data_format, bool correct_bias, "
-      "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool batch_equal_shapes=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) { m.impl("soap_step_", &torchopt_ext::functional::soap_step_); }

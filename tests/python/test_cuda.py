@@ -947,3 +947,402 @@ def test_cuda_adafactor_compiled_step_matches_eager():
     torch._dynamo.reset()
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+# == Matrix optimizers on CUDA (kernels/cuda/matrix.cu; Muon, PRISM, SOAP and the
+# ownership-path ops muon_momentum_ / prism_momentum_ / prism_shape / matrix_apply_).
+# Grads are fixed sequences, so CPU and CUDA runs only differ by rounding
+# (GEMMs, reductions, eigh/QR), never by feedback through the loss.
+
+# Two Muon matrices (one wide: the transposed Newton-Schulz path), a conv
+# weight (flattened to (6, 36) with use_muon, else AdamW) and a vector (the
+# AdamW fallback, its own CUDA kernel with the device counters).
+MATRIX_SHAPES = [(48, 32), (24, 72), (6, 4, 3, 3), (17,)]
+MATRIX_STEPS = 10
+MATRIX_CONFIGS = {
+    # Newton-Schulz in the param's math dtype, so fp32 / fp64 compare tightly.
+    "Muon": (tox.Muon, dict(lr=0.02, weight_decay=0.1)),
+    "Muon-magma": (tox.Muon, dict(lr=0.02, weight_decay=0.1, use_magma=True, magma_p=0.5, seed=5)),
+    "Muon-aol-polar": (tox.Muon, dict(lr=0.02, ns_normalization="aol", ns_coefficients="polar_express")),
+    "Muon-schatten-dion": (tox.Muon, dict(lr=0.02, ns_normalization="schatten", ns_coefficients="dion")),
+    "Muon-conv-nonesterov": (
+        tox.Muon,
+        dict(lr=0.02, nesterov=False, maximize=True, adjust_lr_fn="match_rms_adamw", use_muon=True),
+    ),
+    "PRISM": (tox.PRISM, dict(lr=0.02, weight_decay=0.1)),
+    "PRISM-bidirectional": (tox.PRISM, dict(lr=0.02, mode="bidirectional", gamma_l=0.5, weight_decay=0.1)),
+    "PRISM-bias-lookahead": (
+        tox.PRISM,
+        dict(lr=0.02, bias_correction=True, shape_nesterov=False, grad_clip_max_amps=(0.5, 2.0)),
+    ),
+    "PRISM-heavy-ball-magma": (
+        tox.PRISM,
+        dict(lr=0.02, momentum_accumulator="heavy_ball", nesterov=False, use_magma=True, seed=7),
+    ),
+    "PRISM-nadamw-clip": (
+        tox.PRISM,
+        dict(lr=0.02, adam_nesterov=True, raw_global_grad_clip=5.0, weight_decay=0.1, bias_correction=True),
+    ),
+    # Factors only on dims <= 32 (full-rank Grams: eigenbases unique up to sign,
+    # which SOAP's rotate / rotate-back cancels), refreshes every 3 steps.
+    "SOAP": (tox.SOAP, dict(lr=0.01, weight_decay=0.1, precondition_frequency=3, max_precond_dim=32)),
+}
+# Per dtype, (rtol, atol) on the params after MATRIX_STEPS steps. fp32: the
+# GEMM / eigh rounding of one fp32 update (~1e-5 relative, see
+# test_cuda_fp32_newton_schulz_matches_cpu) times lr over 10 steps stays
+# under 2e-5 absolute; a wrong scale, decay or mask is >1e-3. fp64: GEMMs in
+# fp64 (SOAP's eigh runs in fp32 on both, so it keeps the fp32 bound). bf16
+# params (fp32 state): one to two bf16 ulps, and nearly every element equal.
+MATRIX_TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=2e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-11),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+
+
+def _matrix_run(name, device, dtype, steps=MATRIX_STEPS, **extra):
+    cls, options = MATRIX_CONFIGS[name]
+    options = {**options, **extra}
+    if cls is not tox.SOAP and "ns_dtype" not in options:
+        options["ns_dtype"] = torch.float64 if dtype == torch.float64 else torch.float32
+    if dtype == torch.bfloat16:
+        options.setdefault("state_dtype" if cls is not tox.PRISM else "mu_dtype", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in MATRIX_SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in MATRIX_SHAPES] for _ in range(steps)]
+    params = [x.to(device=device, dtype=dtype).requires_grad_() for x in init]
+    if options.pop("use_muon", False):
+        # The conv weight as a (6, 36) Muon matrix; the vector stays on AdamW.
+        matrices = [p for p in params if p.dim() >= 2]
+        groups = [dict(params=matrices, use_muon=True), dict(params=[p for p in params if p.dim() < 2])]
+        opt = cls(groups, **options)
+    else:
+        opt = cls(params, **options)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device=device, dtype=dtype)
+        opt.step()
+    return [p.detach().cpu() for p in params], opt, [x.to(dtype) for x in init]
+
+
+def _matrix_dtypes(name):
+    # SOAP's fp64 params still take fp32 eigenbases (as the reference): fp32 and bf16 cover it.
+    return [torch.float32, torch.bfloat16] if name == "SOAP" else [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in sorted(MATRIX_CONFIGS) for d in _matrix_dtypes(n)], ids=str)
+def test_cuda_matrix_optimizer_matches_cpu(name, dtype):
+    cpu, _, _ = _matrix_run(name, "cpu", dtype)
+    cuda, opt, _ = _matrix_run(name, "cuda", dtype)
+    for a, b in zip(cuda, cpu):
+        torch.testing.assert_close(a, b, **MATRIX_TOLERANCES[dtype])
+        if dtype == torch.bfloat16:
+            assert (a == b).float().mean() > 0.999
+    device_scalars = name != "SOAP"  # SOAP keeps host counters (its refresh branches on the step)
+    steps = MATRIX_STEPS - 1 if name == "SOAP" else MATRIX_STEPS  # SOAP's first call only builds Q
+    for state in opt.state.values():
+        assert state["step"].is_cuda == device_scalars and state["step"].item() == steps
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                assert value.is_cuda, key
+
+
+@pytest.mark.parametrize("name", ["Muon", "Muon-magma"])
+def test_cuda_muon_bf16_newton_schulz_tracks_fp32_cpu(name):
+    # The default bf16 GEMMs (cuBLAS vs the CPU's) differ by bf16 rounding: the
+    # summed update of 10 steps stays within the 0.03 relative Frobenius bound
+    # of one bf16 Newton-Schulz (test_cuda_bf16_newton_schulz_is_close_to_fp32_cpu).
+    cpu, _, init = _matrix_run(name, "cpu", torch.float32, ns_dtype=torch.float32)
+    cuda, _, _ = _matrix_run(name, "cuda", torch.float32, ns_dtype=torch.bfloat16)
+    for a, b, x in zip(cuda, cpu, init):
+        if a.dim() == 2:
+            assert ((a - x) - (b - x)).norm() / (b - x).norm() < 0.03
+
+
+@pytest.mark.parametrize("name", ["Muon-magma", "PRISM"])
+def test_cuda_matrix_bf16_stochastic_rounding_follows_the_cpu_stream(name):
+    extra = dict(stochastic_rounding=True, seed=11)
+    cpu, _, _ = _matrix_run(name, "cpu", torch.bfloat16, **extra)
+    cuda, _, _ = _matrix_run(name, "cuda", torch.bfloat16, **extra)
+    for a, b in zip(cuda, cpu):
+        # Same counter hash: off-grid values round the same way element by element.
+        assert (a == b).float().mean() > 0.999
+
+
+def test_cuda_prism_bf16_momentum_with_device_counters_matches_cpu():
+    # mu in bf16 is stored with stochastic rounding keyed by the device step,
+    # and the bias corrections use it too.
+    extra = dict(mu_dtype=torch.bfloat16, bias_correction=True, seed=2)
+    cpu, cpu_opt, _ = _matrix_run("PRISM", "cpu", torch.float32, **extra)
+    cuda, cuda_opt, _ = _matrix_run("PRISM", "cuda", torch.float32, **extra)
+    for a, b in zip(cuda, cpu):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for p_cuda, p_cpu in zip(cuda_opt.state, cpu_opt.state):
+        if "mu" in cuda_opt.state[p_cuda]:
+            mu_cuda, mu_cpu = cuda_opt.state[p_cuda]["mu"].cpu(), cpu_opt.state[p_cpu]["mu"]
+            assert (mu_cuda == mu_cpu).float().mean() > 0.999
+
+
+def _matrix_op_problem(device, device_steps, n=3, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(40, 24), (16, 56), (40, 24)][:n]
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    bufs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    steps_device = device if device_steps else "cpu"
+    steps = [torch.zeros((), dtype=torch.float32, device=steps_device) for _ in params]
+    scores = [torch.full((), 0.5, dtype=torch.float32, device=steps_device) for _ in params]
+    return params, grads, bufs, steps, scores
+
+
+MUON_OP_KW = dict(
+    weight_decay=0.1,
+    momentum=0.95,
+    nesterov=True,
+    ns_coefficients=[3.4445, -4.775, 2.0315],
+    ns_steps=5,
+    eps=1e-7,
+    adjust_lr_fn="original",
+    ns_dtype=torch.float32,
+)
+
+
+@pytest.mark.parametrize("device_steps", [False, True])
+@pytest.mark.parametrize("device_lr", [False, True])
+def test_cuda_muon_op_device_and_host_scalars_agree(device_steps, device_lr):
+    # Where the scalars live must not change the math: host lr / counters
+    # (passed by value) and device ones (read by the kernel) give equal params.
+    results = []
+    for on_device in (False, True):
+        params, grads, bufs, steps, scores = _matrix_op_problem("cuda", on_device and device_steps)
+        lr = torch.tensor(0.02, dtype=torch.float64, device="cuda" if on_device and device_lr else "cpu")
+        for _ in range(4):
+            torch.ops.torchopt_ext.muon_step_(
+                params, [g.clone() for g in grads], bufs, scores, steps, lr,
+                use_magma=True, magma_p=0.5, seed=3, **MUON_OP_KW,
+            )  # fmt: skip
+        assert all(s.item() == 4 for s in steps)
+        results.append((params, scores))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_cuda_matrix_found_inf_skips_and_grad_scale_unscales(device_steps):
+    params, grads, bufs, steps, scores = _matrix_op_problem("cuda", device_steps)
+    before = [t.clone() for t in params + bufs + steps + scores]
+    found_inf = torch.ones((), device="cuda")
+    for op_kw in (dict(op="muon"), dict(op="prism")):
+        if op_kw["op"] == "muon":
+            torch.ops.torchopt_ext.muon_step_(
+                params, grads, bufs, scores, steps, torch.tensor(0.02), use_magma=True, found_inf=found_inf,
+                **MUON_OP_KW,
+            )  # fmt: skip
+        else:
+            torch.ops.torchopt_ext.prism_step_(
+                params, grads, bufs, scores, steps, torch.tensor(0.02), b1=0.9, gamma=1.0, weight_decay=0.1,
+                ns_iters=5, ns_coeffs=[3.4445, -4.775, 2.0315], use_magma=True, found_inf=found_inf,
+            )  # fmt: skip
+        for a, b in zip(params + bufs + steps + scores, before):
+            assert torch.equal(a, b)
+    # grad_scale on the device: the grads are unscaled in place, the step equals unscaled grads.
+    ref_params, ref_grads, ref_bufs, ref_steps, _ = _matrix_op_problem("cuda", device_steps)
+    scaled = [g * 1024.0 for g in grads]
+    torch.ops.torchopt_ext.muon_step_(
+        params, scaled, bufs, [], steps, torch.tensor(0.02), grad_scale=torch.full((), 1024.0, device="cuda"),
+        found_inf=torch.zeros((), device="cuda"), **MUON_OP_KW,
+    )  # fmt: skip
+    torch.ops.torchopt_ext.muon_step_(ref_params, ref_grads, ref_bufs, [], ref_steps, torch.tensor(0.02), **MUON_OP_KW)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(scaled, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(s.item() == 1 for s in steps)
+
+
+@pytest.mark.parametrize("use_magma", [False, True])
+@pytest.mark.parametrize("device_steps", [False, True])
+def test_cuda_muon_split_ops_track_the_fused_step(use_magma, device_steps):
+    # The ownership path on one rank: muon_momentum_ -> newton_schulz ->
+    # matrix_apply_ on CUDA tensors equals muon_step_ (bitwise without Magma;
+    # with Magma the cosine comes from float64 sums, so the scores agree to
+    # rounding and the masks exactly).
+    fused = _matrix_op_problem("cuda", device_steps)
+    split = _matrix_op_problem("cuda", device_steps)
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    magma = dict(use_magma=use_magma, magma_p=0.5, magma_tau=2.0, seed=3)
+    kw = {k: v for k, v in MUON_OP_KW.items() if k != "adjust_lr_fn"}
+    ops = torch.ops.torchopt_ext
+    for _ in range(5):
+        params, grads, bufs, steps, scores = fused
+        ops.muon_step_(params, [g.clone() for g in grads], bufs, scores if use_magma else [], steps, lr,
+                       adjust_lr_fn="original", **kw, **magma)  # fmt: skip
+        params, grads, bufs, steps, scores = split
+        inputs = [torch.empty_like(b) for b in bufs]
+        sums = torch.zeros(len(params), 3, dtype=torch.float64, device="cuda")
+        ops.muon_momentum_([g.clone() for g in grads], bufs, steps, inputs, sums, momentum=kw["momentum"],
+                           nesterov=True, use_magma=use_magma)  # fmt: skip
+        updates = [
+            ops.newton_schulz(x, coefficients=kw["ns_coefficients"], steps=5, eps=1e-7, dtype=torch.float32).reshape(-1)
+            for x in inputs
+        ]
+        ops.matrix_apply_(params, updates, scores if use_magma else [], steps, lr, weight_decay=0.1,
+                          matrix_sizes=[n for p in params for n in p.shape], adjust_lr_fn="original",
+                          magma_sums=sums if use_magma else None, **magma)  # fmt: skip
+    for a, b in zip(fused[0], split[0]):
+        if use_magma:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+    for a, b in zip(fused[3], split[3]):
+        assert a.is_cuda == device_steps and a.item() == b.item() == 5
+
+
+def test_cuda_prism_split_ops_equal_the_fused_step():
+    fused = _matrix_op_problem("cuda", True)
+    split = _matrix_op_problem("cuda", True)
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    ops = torch.ops.torchopt_ext
+    shape_kw = dict(gamma=1.0, ns_iters=5, ns_coeffs=[3.4445, -4.775, 2.0315], ns_dtype=torch.float32, b1=0.9)
+    for _ in range(4):
+        params, grads, bufs, steps, _ = fused
+        ops.prism_step_(params, [g.clone() for g in grads], bufs, [], steps, lr, weight_decay=0.1, **shape_kw)
+        params, grads, bufs, steps, _ = split
+        targets = [torch.empty_like(b) for b in bufs]
+        innovations = [torch.empty_like(b) for b in bufs]
+        sums = torch.zeros(0, 3, dtype=torch.float64, device="cuda")
+        ops.prism_momentum_([g.clone() for g in grads], bufs, steps, targets, innovations, [], sums, b1=0.9)
+        updates = [ops.prism_shape(m, d, None, **shape_kw).reshape(-1) for m, d in zip(targets, innovations)]
+        assert all(u.is_cuda for u in updates)
+        ops.matrix_apply_(params, updates, [], steps, lr, weight_decay=0.1,
+                          matrix_sizes=[n for p in params for n in p.shape])  # fmt: skip
+    for a, b in zip(fused[0], split[0]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["Muon", "Muon-magma", "PRISM", "PRISM-bias-lookahead", "PRISM-nadamw"])
+def test_cuda_graph_capture_of_a_matrix_optimizer_step(name):
+    # No host sync in these steps (device counters, scores and the apply
+    # kernel's scalars), so the step captures; replays advance the counters.
+    # PRISM-nadamw: the NAdamW fallback's bias corrections from the device step.
+    cls, options = MATRIX_CONFIGS[name.replace("PRISM-nadamw", "PRISM")]
+    if name == "PRISM-nadamw":
+        options = dict(options, adam_nesterov=True, bias_correction=True)
+    options = dict(options, ns_dtype=torch.float32, seed=3, stochastic_rounding=True)
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in MATRIX_SHAPES]
+    grads = [[torch.randn(s, generator=gen).cuda() for s in MATRIX_SHAPES] for _ in range(6)]
+
+    def make():
+        params = [x.cuda().requires_grad_() for x in init]
+        return params, cls(params, **options)
+
+    eager_params, eager_opt = make()
+    graph_params, graph_opt = make()
+    for p in graph_params:
+        p.grad = torch.zeros_like(p)
+
+    def load(params, gs):
+        for p, g in zip(params, gs):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(graph_params, grads[0])
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    load(eager_params, grads[0])
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for gs in grads[1:]:
+        load(graph_params, gs)
+        graph.replay()
+        load(eager_params, gs)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for state in graph_opt.state.values():
+        assert state["step"].is_cuda and state["step"].item() == len(grads)
+    # Same kernels on the same device; cuBLAS may pick another GEMM algorithm
+    # under capture, so allow fp32 rounding rather than bit equality.
+    for a, b in zip(graph_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Muon-magma", "PRISM", "SOAP"])
+def test_cuda_compiled_matrix_step_matches_eager(name):
+    cls, options = MATRIX_CONFIGS[name]
+
+    def run(compiled):
+        torch.manual_seed(1)
+        params = [torch.randn(s, device="cuda") for s in MATRIX_SHAPES]
+        grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+        opt = cls(params, **options)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+SOAP_OP_KW = dict(
+    beta1=0.9, beta2=0.95, shampoo_beta=-1.0, eps=1e-8, weight_decay=0.0, precondition_frequency=2,
+    max_precond_dim=100, merge_dims=False, precondition_1d=False, normalize_grads=False,
+    data_format="channels_first", correct_bias=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("on_device", ["lr", "steps"])
+def test_cuda_soap_with_device_lr_or_steps_is_rejected_before_touching_state(on_device):
+    p = torch.randn(8, 6, device="cuda")
+    g = torch.randn(8, 6, device="cuda")
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    gg, q = torch.zeros(100, device="cuda"), torch.zeros(100, device="cuda")
+    step = torch.zeros((), device="cuda" if on_device == "steps" else "cpu")
+    lr = torch.tensor(0.01, device="cuda" if on_device == "lr" else "cpu")
+    before = [t.clone() for t in (p, m, v, gg, q, step)]
+    with pytest.raises(ValueError, match="on CUDA, lr and state_steps must be CPU tensors"):
+        torch.ops.torchopt_ext.soap_step_([p], [g], [m], [v], [gg], [q], [step], lr, **SOAP_OP_KW)
+    for a, b in zip((p, m, v, gg, q, step), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_soap_batched_factor_updates_track_the_per_tensor_path(dtype):
+    # cuSOLVER's batched eigh may choose other eigenvector signs than the
+    # single-matrix call (SOAP cancels them) and rounds differently: the
+    # fp32 bound of test_cuda_matrix_optimizer_matches_cpu applies.
+    class Switched(tox.SOAP):
+        def __init__(self, params, batch, **kwargs):
+            self._batch = batch
+            super().__init__(params, **kwargs)
+
+        def _op_kwargs(self, group):
+            return dict(super()._op_kwargs(group), batch_equal_shapes=self._batch)
+
+    shapes = [(32, 24), (32, 24), (32, 24), (12, 20), (6, 4, 3, 3), (6, 4, 3, 3)]
+
+    def run(batch):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).to("cuda", dtype).requires_grad_() for s in shapes]
+        opt = Switched(params, batch, lr=0.01, weight_decay=0.1, precondition_frequency=3, max_precond_dim=32)
+        for _ in range(MATRIX_STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+            opt.step()
+        return [p.detach().cpu() for p in params]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, **MATRIX_TOLERANCES[dtype])

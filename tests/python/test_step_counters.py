@@ -12,6 +12,8 @@ import torchopt_ext.optim as tox
 # The classes whose ops have CUDA kernels that read device step counters.
 DEVICE_STEP_CLASSES = {"SGD", "Adam", "AdamW", "RAdam", "QHAdamW", "Lion", "SophiaH", "SophiaG"}
 DEVICE_STEP_CLASSES |= {"ScheduleFreeAdamW", "ScheduleFreeSGD"}
+# The matrix optimizers (kernels/cuda/matrix.cu reads their counters on the device).
+DEVICE_STEP_CLASSES |= {"Muon", "PRISM"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))

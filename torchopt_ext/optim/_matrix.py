@@ -96,6 +96,9 @@ class MatrixOptimizer(DistributedModeMixin, FusedOptimizer):
     _route_key: str = ""
     _whole_tensor_op = True  # matrix functions need the whole matrix
     _scalar_state_keys = ("magma_score",)
+    # CUDA params: step counters and Magma scores on the device; the ops read
+    # them there (kernels/cuda/matrix.cu), so a step needs no host sync.
+    _device_steps = True
     _fallback_state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -274,7 +277,7 @@ class MatrixOptimizer(DistributedModeMixin, FusedOptimizer):
                 moments.append(unwrap(state[self._momentum_key]))
                 if group["use_magma"]:
                     if "magma_score" not in state:  # also when Magma is turned on later
-                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32, device=self._scalar_device(p))
                     magma_scores.append(state["magma_score"])
                 params.append(unwrap(p))
                 grads.append(unwrap_input(p.grad))
@@ -289,7 +292,7 @@ class MatrixOptimizer(DistributedModeMixin, FusedOptimizer):
                     out.append(fb_unwrap(state[key]))
                 if group["use_magma"]:
                     if "magma_score" not in state:
-                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32)
+                        state["magma_score"] = torch.full((), 0.5, dtype=torch.float32, device=self._scalar_device(p))
                     magma_scores_adam.append(state["magma_score"])
                 params_adam.append(fb_unwrap(p))
                 grads_adam.append(fb_input(p.grad))

@@ -222,8 +222,10 @@ class Muon(MatrixOptimizer):
     # -- whole-matrix ownership hooks (see _matrix.MatrixOptimizer) ----------
 
     def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
-        inputs = [torch.empty(m.shape, dtype=m.dtype) for m in moments]
-        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64)
+        # On the grads' device (CUDA params: the op runs there, NCCL reduces the sums there).
+        device = grads[0].device if grads else None
+        inputs = [torch.empty(m.shape, dtype=m.dtype, device=m.device) for m in moments]
+        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64, device=device)
         torch.ops.torchopt_ext.muon_momentum_(
             grads,
             moments,

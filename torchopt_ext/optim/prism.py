@@ -312,11 +312,13 @@ class PRISM(MatrixOptimizer):
     def _owner_momentum(self, group, grads, moments, state_steps, grad_scale):
         def outputs():
             # Math dtype: float32, float64 for float64 state.
-            return [torch.empty(m.shape, dtype=math_dtype(m)) for m in moments]
+            return [torch.empty(m.shape, dtype=math_dtype(m), device=m.device) for m in moments]
 
         targets, innovations = outputs(), outputs()
         lookahead = outputs() if group["nesterov"] and not group["shape_nesterov"] else []
-        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64)
+        # On the grads' device (CUDA params: the op runs there, NCCL reduces the sums there).
+        device = grads[0].device if grads else None
+        sums = torch.zeros((len(grads) if group["use_magma"] else 0, 3), dtype=torch.float64, device=device)
         torch.ops.torchopt_ext.prism_momentum_(
             grads,
             moments,

@@ -5,6 +5,7 @@
 
 #include <array>
 
+#include "kernels/algos/matrix_apply.h"
 #include "kernels/cpu/multi_tensor_apply.h"
 #include "kernels/cpu/stochastic_rounding.h"
 
@@ -26,7 +27,7 @@ void muon_apply_update_reduced(const at::Tensor& param, const at::Tensor& update
       for (int64_t b = begin; b < end; b += kBlock) {
         const int64_t n = std::min(kBlock, end - b);
         for (int64_t i = 0; i < n; ++i) {
-          values[i] = static_cast<float>(p[b + i]) * decay32 + alpha32 * u[b + i];
+          values[i] = matrix_apply_value(static_cast<float>(p[b + i]), u[b + i], decay32, alpha32);
         }
         if (stochastic_rounding) {
           store_stochastic(p + b, values.data(), n, rounding_stream, b);
