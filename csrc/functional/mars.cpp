@@ -12,6 +12,7 @@
 #include "functional/matrix_parts.h"
 #include "kernels/cpu/mars.h"
 #include "kernels/cuda/elementwise.h"
+#include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
 
 namespace torchopt_ext::functional {
@@ -67,10 +68,10 @@ MarsArgs prepare_mars(const char* op, at::TensorList params, at::TensorList grad
 // (Keller Jordan's coefficients, X / (||X|| + eps) as the official code), then
 // p <- p - lr (sqrt(max(1, rows / cols)) O + wd p). One matrix at a time, as
 // Muon: on CPU a batched bf16 bmm is no faster than separate GEMMs, and each
-// temporary is freed before the next matrix.
+// temporary is freed before the next matrix. CUDA params take Muon's apply
+// kernel, which reads lr and the (already advanced) step on the device.
 void mars_shampoo_apply(common::DenseGroup<4>& group, double beta1, double eps, double weight_decay,
                         std::optional<at::ScalarType> ns_dtype, bool stochastic_rounding, int64_t seed) {
-  TORCH_CHECK_VALUE(!group.on_cuda, "mars_step_: mars-shampoo runs on CPU tensors only for now (no CUDA path yet)");
   common::NewtonSchulzOptions ns;
   ns.eps = eps;
   ns.eps_clamp = false;
@@ -83,6 +84,12 @@ void mars_shampoo_apply(common::DenseGroup<4>& group, double beta1, double eps, 
     const at::Tensor update = common::newton_schulz(moment, ns).to(m.scalar_type());
     const double scale =
         std::sqrt(std::max(1.0, static_cast<double>(param.size(0)) / static_cast<double>(param.size(1))));
+    if (group.on_cuda) {
+      detail::apply_matrix_update_cuda(param, update, detail::matrix_scalars(group, i), at::Tensor(),
+                                       common::MagmaOptions{}, weight_decay, scale, stochastic_rounding, seed,
+                                       static_cast<int64_t>(i));
+      continue;
+    }
     detail::apply_matrix_update(param, update, group.lr, 1.0, weight_decay, scale, stochastic_rounding, seed,
                                 static_cast<int64_t>(i), group.steps[i]);
   }
@@ -106,6 +113,12 @@ void mars_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                    eps, weight_decay, gamma, mars_type, amsgrad, maximize, is_approx, grad_scale, found_inf);
   auto& group = args.group;
   if (!group) {
+    return;
+  }
+  // mars-shampoo's Newton-Schulz and apply are ATen work with no device-side
+  // skip: a CUDA found_inf is read here (one sync), as Muon's step does.
+  if (args.hp.momentum_only && group->on_cuda && group->device.found_inf.defined() &&
+      group->device.found_inf.item<double>() != 0.0) {
     return;
   }
   const auto& s = group->state;

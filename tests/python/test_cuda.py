@@ -986,6 +986,14 @@ MATRIX_CONFIGS = {
     # Factors only on dims <= 32 (full-rank Grams: eigenbases unique up to sign,
     # which SOAP's rotate / rotate-back cancels), refreshes every 3 steps.
     "SOAP": (tox.SOAP, dict(lr=0.01, weight_decay=0.1, precondition_frequency=3, max_precond_dim=32)),
+    # MARS-Shampoo: the fused momentum kernel (momentum only), Newton-Schulz,
+    # then Muon's apply kernel; with optimize_1d the conv weight and the
+    # vector take the mars-adamw kernel (amsgrad), else the AdamW branch.
+    "MARS-shampoo": (tox.MARS, dict(lr=0.02, weight_decay=0.1, mars_type="mars-shampoo")),
+    "MARS-shampoo-1d": (
+        tox.MARS,
+        dict(lr=0.02, weight_decay=0.1, mars_type="mars-shampoo", optimize_1d=True, amsgrad=True, gamma=0.05),
+    ),
 }
 # Per dtype, (rtol, atol) on the params after MATRIX_STEPS steps. fp32: the
 # GEMM / eigh rounding of one fp32 update (~1e-5 relative, see
@@ -1222,7 +1230,9 @@ def test_cuda_prism_split_ops_equal_the_fused_step():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Muon", "Muon-magma", "PRISM", "PRISM-bias-lookahead", "PRISM-nadamw"])
+@pytest.mark.parametrize(
+    "name", ["Muon", "Muon-magma", "PRISM", "PRISM-bias-lookahead", "PRISM-nadamw", "MARS-shampoo"]
+)
 def test_cuda_graph_capture_of_a_matrix_optimizer_step(name):
     # No host sync in these steps (device counters, scores and the apply
     # kernel's scalars), so the step captures; replays advance the counters.
@@ -1276,7 +1286,7 @@ def test_cuda_graph_capture_of_a_matrix_optimizer_step(name):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["Muon-magma", "PRISM", "SOAP"])
+@pytest.mark.parametrize("name", ["Muon-magma", "PRISM", "SOAP", "MARS-shampoo-1d"])
 def test_cuda_compiled_matrix_step_matches_eager(name):
     cls, options = MATRIX_CONFIGS[name]
 

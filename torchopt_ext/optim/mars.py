@@ -41,7 +41,7 @@ class MARS(FusedOptimizer):
     ``lr * (sqrt(max(1, rows/cols)) * NS5(m / (1 - b1)) + weight_decay * p)``,
     NS5 being five Newton-Schulz steps with Keller Jordan's coefficients on
     ``X / (||X|| + eps)`` in ``ns_dtype`` (bf16 as the official code; ``None``
-    for fp32; CPU tensors only for now). Other params of the MARS branch
+    for fp32). Other params of the MARS branch
     (``optimize_1d``) take the mars-adamw rule, as in the official code.
     Sharded DTensors are gathered for the Newton-Schulz step.
 
