@@ -12,6 +12,7 @@ import torchopt_ext.optim as tox
 # The classes whose ops have CUDA kernels that read device step counters.
 DEVICE_STEP_CLASSES = {"SGD", "Adam", "AdamW", "RAdam", "QHAdamW", "Lion", "SophiaH", "SophiaG"}
 DEVICE_STEP_CLASSES |= {"ScheduleFreeAdamW", "ScheduleFreeSGD"}
+DEVICE_STEP_CLASSES |= {"NAdamW", "LAMB", "MARS", "Adafactor"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))

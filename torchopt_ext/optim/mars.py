@@ -49,6 +49,7 @@ class MARS(FusedOptimizer):
     _op = "mars_step_"
     distributed_mode = "shards"
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "last_grad")
+    _device_steps = True  # the CUDA kernels read and advance device counters
 
     def __init__(
         self,
