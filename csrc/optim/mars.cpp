@@ -124,7 +124,7 @@ at::Tensor MARS::step(LossClosure closure) {
       const bool matrix = options.optimize_1d() || param.dim() == 2;
       auto& state = state_of<MARSParamState>(param, [&] {
         auto fresh = std::make_unique<MARSParamState>();
-        fresh->step(detail::new_step_counter());
+        fresh->step(detail::new_step_counter(param));
         fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
         if (!matrix || adamw) {
           fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
@@ -137,6 +137,7 @@ at::Tensor MARS::step(LossClosure closure) {
         }
         return fresh;
       });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       if (matrix) {
         params.push_back(param);
         grads.push_back(param.grad());
