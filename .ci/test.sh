@@ -32,6 +32,8 @@ echo "== lint"
 ruff check .
 ruff format --check .
 git ls-files '*.cpp' '*.h' '*.cu' '*.cuh' | xargs clang-format --dry-run --Werror
+bash -n .ci/gpu_session.sh  # the GPU runbook runs only on a device machine: at least parse it here
+bash .ci/gpu_session.sh --dry-run >/dev/null
 
 echo "== CUDA compile check (nvcc -c on every .cu against the installed torch's headers)"
 bash .ci/nvcc_check.sh

@@ -20,17 +20,28 @@ void nadam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp
   check_hyperparameter(op, "eps", eps, eps >= 0.0, ">= 0");
   check_hyperparameter(op, "weight_decay", weight_decay, weight_decay >= 0.0, ">= 0");
   check_hyperparameter(op, "momentum_decay", momentum_decay, momentum_decay >= 0.0, ">= 0");
-  common::check_scalar_list(op, "mu_products", params, mu_products);
-  // The per-tensor scalars come from the host mu-products: on CUDA too, lr and
-  // the step counters must be host values (checked before any counter moves).
-  if (!params.empty() && params[0].is_cuda()) {
-    bool host_steps = true;
-    for (const auto& s : state_steps) {
-      host_steps = host_steps && !s.is_cuda();
+  // mu_products live with the step counters: on the host (advanced there, so
+  // a CUDA group then needs a host lr too), or, for CUDA params with CUDA
+  // counters, on the params' device (advanced by a CUDA pre-kernel, no sync).
+  // Checked before any counter moves.
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
+  const bool device_counters = on_cuda && !state_steps.empty() && state_steps[0].is_cuda();
+  if (!device_counters) {
+    common::check_scalar_list(op, "mu_products", params, mu_products);
+    TORCH_CHECK_VALUE(!on_cuda || !lr.defined() || !lr.is_cuda(), op,
+                      ": with CPU state_steps the per-tensor scalars are computed on the host, so lr must be a CPU "
+                      "tensor (or a float); keep state_steps and mu_products on the params' device to use a CUDA lr");
+  } else {
+    TORCH_CHECK_VALUE(mu_products.size() == params.size(), op, ": mu_products must have one tensor per param (",
+                      params.size(), "), got ", mu_products.size());
+    for (size_t i = 0; i < mu_products.size(); ++i) {
+      const auto& t = mu_products[i];
+      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 &&
+                            (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
+                            t.device() == params[i].device() && t.is_contiguous(),
+                        op, ": mu_products[", i, "] must be a one-element float32 or float64 tensor on ",
+                        params[i].device(), " (with CUDA state_steps the mu-products live on the params' device)");
     }
-    TORCH_CHECK_VALUE(!lr.is_cuda() && host_steps, op,
-                      ": on CUDA this optimizer needs its lr and state_steps as CPU tensors (its per-tensor scalars "
-                      "are computed on the host)");
   }
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},

@@ -124,7 +124,7 @@ at::Tensor Adafactor::step(LossClosure closure) {
       const bool factored = param.dim() >= 2;
       auto& state = state_of<AdafactorParamState>(param, [&] {
         auto fresh = std::make_unique<AdafactorParamState>();
-        fresh->step(detail::new_step_counter());
+        fresh->step(detail::new_step_counter(param));
         if (factored) {
           auto row_shape = param.sizes().vec();
           row_shape.back() = 1;
@@ -137,6 +137,7 @@ at::Tensor Adafactor::step(LossClosure closure) {
         }
         return fresh;
       });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       // beta1 may be switched on after the first step: its moment starts at zero then.
       if (options.beta1() && !state.exp_avg().defined()) {
         state.exp_avg(detail::zeros_state(param, options.state_dtype()));

@@ -101,7 +101,7 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
 std::unique_ptr<AdamParamState> detail::new_adam_state(const at::Tensor& param,
                                                        const std::optional<at::ScalarType>& dtype, bool amsgrad) {
   auto fresh = std::make_unique<AdamParamState>();
-  fresh->step(new_step_counter());
+  fresh->step(new_step_counter(param));
   fresh->exp_avg(zeros_state(param, dtype));
   fresh->exp_avg_sq(zeros_state(param, dtype));
   if (amsgrad) {

@@ -85,10 +85,11 @@ at::Tensor Lion::step(LossClosure closure) {
       }
       auto& state = state_of<LionParamState>(param, [&] {
         auto fresh = std::make_unique<LionParamState>();
-        fresh->step(detail::new_step_counter());
+        fresh->step(detail::new_step_counter(param));
         fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
         return fresh;
       });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       params.push_back(param);
       grads.push_back(param.grad());
       exp_avgs.push_back(state.exp_avg());

@@ -136,7 +136,7 @@ MARSParamState& MARS::state_for(const at::Tensor& param, const MARSOptions& opti
     const bool shampoo = options.mars_type() == "mars-shampoo";
     const bool orthogonalized = shampoo && param.dim() == 2;
     auto fresh = std::make_unique<MARSParamState>();
-    fresh->step(detail::new_step_counter());
+    fresh->step(detail::new_step_counter(param));
     fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
     if (!matrix || options.mars_type() == "mars-adamw" || (shampoo && !orthogonalized)) {
       fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
@@ -173,6 +173,7 @@ at::Tensor MARS::step(LossClosure closure) {
       const bool matrix = mars_branch(options, param);
       const bool orthogonalized = shampoo && param.dim() == 2;
       auto& state = state_for(param, options);
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       if (matrix) {
         Call& call = orthogonalized ? shampoo_call : main_call;
         call.params.push_back(param);

@@ -95,12 +95,15 @@ at::Tensor NAdamW::step(LossClosure closure) {
       }
       auto& state = state_of<NAdamWParamState>(param, [&] {
         auto fresh = std::make_unique<NAdamWParamState>();
-        fresh->step(detail::new_step_counter());
-        fresh->mu_product(at::ones({}, at::TensorOptions().dtype(at::kFloat)));
+        fresh->step(detail::new_step_counter(param));
+        // Lives with the counter: on a CUDA param's device the kernel advances it.
+        fresh->mu_product(at::ones({}, at::TensorOptions().dtype(at::kFloat).device(detail::scalar_device(param))));
         fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
         fresh->exp_avg_sq(detail::zeros_state(param, options.state_dtype()));
         return fresh;
       });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
+      state.mu_product(detail::placed_scalar(state.mu_product(), param));
       params.push_back(param);
       grads.push_back(param.grad());
       exp_avgs.push_back(state.exp_avg());

@@ -24,4 +24,26 @@ bool same_state_tensor(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor new_step_counter() { return at::zeros({}, at::TensorOptions().dtype(at::kFloat)); }
 
+at::Device scalar_device(const at::Tensor& param) { return param.is_cuda() ? param.device() : at::Device(at::kCPU); }
+
+at::Tensor new_step_counter(const at::Tensor& param) {
+  return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(scalar_device(param)));
+}
+
+at::Tensor placed_step(const at::Tensor& step, const at::Tensor& param) {
+  const auto device = scalar_device(param);
+  if (!step.defined() || step.device() == device) {
+    return step;
+  }
+  return step.to(device, at::kFloat).reshape({});
+}
+
+at::Tensor placed_scalar(const at::Tensor& value, const at::Tensor& param) {
+  const auto device = scalar_device(param);
+  if (!value.defined() || value.device() == device) {
+    return value;
+  }
+  return value.to(device);
+}
+
 }  // namespace torchopt_ext::optim::detail

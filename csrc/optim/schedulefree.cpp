@@ -22,20 +22,31 @@ void check_schedule(const char* name, double lr, double weight_decay, int64_t wa
   detail::check_state_dtype(name, state_dtype);
 }
 
-at::Tensor scalar_state(double value) { return at::full({}, value, at::TensorOptions().dtype(at::kDouble)); }
+// Weights live with the step counter (on a CUDA param's device the kernel advances them).
+at::Tensor scalar_state(double value, const at::Tensor& param) {
+  return at::full({}, value, at::TensorOptions().dtype(at::kDouble).device(detail::scalar_device(param)));
+}
+
+// Moves loaded counters and weights next to the param (host ones from a
+// checkpoint onto a CUDA param's device); nothing moves when they are there.
+void place_scalars(ScheduleFreeParamState& state, const at::Tensor& param) {
+  state.step(detail::placed_step(state.step(), param));
+  state.weight_sum(detail::placed_scalar(state.weight_sum(), param));
+  state.lr_max(detail::placed_scalar(state.lr_max(), param));
+}
 
 // State of a param on its first step: z = copy of the param (in state_dtype).
 std::unique_ptr<ScheduleFreeParamState> fresh_state(const at::Tensor& param,
                                                     const std::optional<at::ScalarType>& state_dtype, bool adam) {
   auto state = std::make_unique<ScheduleFreeParamState>();
-  state->step(detail::new_step_counter());
+  state->step(detail::new_step_counter(param));
   state->z(param.detach().to(state_dtype.value_or(param.scalar_type()), /*non_blocking=*/false, /*copy=*/true,
                              at::MemoryFormat::Preserve));
   if (adam) {
     state->exp_avg_sq(detail::zeros_state(param, state_dtype));
   }
-  state->weight_sum(scalar_state(0.0));
-  state->lr_max(scalar_state(-1.0));  // as the schedulefree package: any lr >= 0 replaces it
+  state->weight_sum(scalar_state(0.0, param));
+  state->lr_max(scalar_state(-1.0, param));  // as the schedulefree package: any lr >= 0 replaces it
   return state;
 }
 
@@ -226,6 +237,7 @@ at::Tensor ScheduleFreeAdamW::step(LossClosure closure) {
       }
       auto& state =
           state_of<ScheduleFreeParamState>(param, [&] { return fresh_state(param, options.state_dtype(), true); });
+      place_scalars(state, param);
       params.push_back(param);
       grads.push_back(param.grad());
       zs.push_back(state.z());
@@ -288,6 +300,7 @@ at::Tensor ScheduleFreeSGD::step(LossClosure closure) {
       }
       auto& state =
           state_of<ScheduleFreeParamState>(param, [&] { return fresh_state(param, options.state_dtype(), false); });
+      place_scalars(state, param);
       params.push_back(param);
       grads.push_back(param.grad());
       zs.push_back(state.z());

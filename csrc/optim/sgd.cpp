@@ -86,16 +86,17 @@ at::Tensor SGD::step(LossClosure closure) {
       if (!param.grad().defined()) {
         continue;
       }
-      auto& state = state_of<SGDParamState>(param, [] {
+      auto& state = state_of<SGDParamState>(param, [&] {
         auto fresh = std::make_unique<SGDParamState>();
-        fresh->step(detail::new_step_counter());
+        fresh->step(detail::new_step_counter(param));
         return fresh;
       });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       if (has_momentum && !state.momentum_buffer().defined()) {
         // Created when momentum is first used; the kernel fills it with the
         // gradient on the first momentum step.
         state.momentum_buffer(detail::zeros_state(param, options.state_dtype()));
-        state.step(detail::new_step_counter());
+        state.step(detail::new_step_counter(param));
       }
       params.push_back(param);
       grads.push_back(param.grad());

@@ -155,7 +155,7 @@ template <typename Options>
 SophiaParamState& SophiaBase<Options>::state_for(const at::Tensor& param, const Options& options) {
   return this->template state_of<SophiaParamState>(param, [&] {
     auto fresh = std::make_unique<SophiaParamState>();
-    fresh->step(detail::new_step_counter());
+    fresh->step(detail::new_step_counter(param));
     fresh->exp_avg(detail::zeros_state(param, options.state_dtype()));
     fresh->hessian(detail::zeros_state(param, options.state_dtype()));
     return fresh;
@@ -174,6 +174,7 @@ at::Tensor SophiaBase<Options>::step(torch::optim::Optimizer::LossClosure closur
         continue;
       }
       auto& state = state_for(param, options);
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       params.push_back(param);
       grads.push_back(param.grad());
       exp_avgs.push_back(state.exp_avg());

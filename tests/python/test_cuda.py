@@ -289,8 +289,9 @@ def test_cuda_compiled_step_matches_eager(name):
 
 
 @pytest.mark.parametrize("on_device", ["lr", "steps"])
-def test_cuda_nadam_with_device_lr_or_steps_is_rejected_before_touching_state(on_device):
-    # NAdam's scalars come from the host mu-products: device lr / counters are refused up front.
+def test_cuda_nadam_host_mu_products_with_device_lr_or_steps_are_rejected_before_touching_state(on_device):
+    # Host mu-products are advanced on the host: a CUDA lr needs device
+    # counters and mu-products, and device counters need device mu-products.
     params = [torch.randn(5, device="cuda")]
     grads = [torch.randn(5, device="cuda")]
     m, v = [torch.zeros(5, device="cuda")], [torch.zeros(5, device="cuda")]
@@ -298,7 +299,7 @@ def test_cuda_nadam_with_device_lr_or_steps_is_rejected_before_touching_state(on
     steps = [torch.zeros((), device="cuda" if on_device == "steps" else "cpu")]
     lr = torch.tensor(1e-2, dtype=torch.float64, device="cuda" if on_device == "lr" else "cpu")
     before = params[0].clone()
-    with pytest.raises(ValueError, match="CPU tensors"):
+    with pytest.raises(ValueError, match="lr must be a CPU tensor" if on_device == "lr" else "mu_products"):
         torch.ops.torchopt_ext.nadam_step_(
             params,
             grads,
@@ -331,6 +332,7 @@ def test_cuda_params_and_cpu_state_are_rejected_with_a_clear_error():
 # Classes whose ops take CUDA step counters create them on the param's device.
 DEVICE_STEP_OPTIMIZERS = ["SGD", "Adam", "AdamW", "AdamW-magma", "RAdam", "QHAdamW", "Lion", "SophiaG"]
 DEVICE_STEP_OPTIMIZERS += ["ScheduleFreeAdamW", "ScheduleFreeSGD"]
+DEVICE_STEP_OPTIMIZERS += ["NAdamW", "LAMB", "MARS", "MARS-lion"]  # issue 7
 
 
 @pytest.mark.parametrize("name", DEVICE_STEP_OPTIMIZERS)
@@ -339,16 +341,9 @@ def test_cuda_params_get_device_step_counters_and_scalar_state(name):
     for state in opt.state.values():
         assert state["step"].is_cuda and state["step"].dtype == torch.float32
         assert state["step"].item() == 2.0
-        for key in ("weight_sum", "lr_max", "magma_score"):
+        for key in ("weight_sum", "lr_max", "magma_score", "mu_product"):
             if key in state:
                 assert state[key].is_cuda, key
-
-
-def test_cuda_nadamw_keeps_host_step_counters():
-    # Its op computes the mu-product scalars on the host and refuses device steps.
-    _, opt = _run("NAdamW", "cuda", torch.float32, steps=2)
-    for state in opt.state.values():
-        assert not state["step"].is_cuda and not state["mu_product"].is_cuda
 
 
 @pytest.mark.parametrize("name", ["AdamW", "ScheduleFreeAdamW", "AdamW-magma"])
@@ -1356,3 +1351,226 @@ def test_cuda_soap_batched_factor_updates_track_the_per_tensor_path(dtype):
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(a, b, **MATRIX_TOLERANCES[dtype])
+
+
+# ==============================================================================
+# Issue 7: device step counters for NAdamW, LAMB, MARS and Adafactor (their
+# counters, and NAdamW's mu_product, live on a CUDA param's device) and CUDA
+# graph capture of their optimizer-class steps.
+# ==============================================================================
+
+ISSUE7_OPTIMIZERS = {
+    "NAdamW": lambda ps: tox.NAdamW(ps, lr=1e-2, weight_decay=0.1, momentum_decay=0.02),
+    "LAMB": lambda ps: tox.LAMB(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    "MARS": lambda ps: tox.MARS(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),  # 1-D params take its AdamW branch
+    "Adafactor": lambda ps: tox.Adafactor(ps, lr=1e-2, beta1=0.9, weight_decay=0.01),
+}
+ISSUE7_SHAPES = [(65536 + 9,), (17, 3), (), (2, 5, 4)]
+
+
+def _issue7_data(steps, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in ISSUE7_SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in ISSUE7_SHAPES] for _ in range(steps)]
+    return init, grads
+
+
+def _issue7_run(name, device, init, grads, opt=None, params=None):
+    if params is None:
+        params = [x.to(device).requires_grad_() for x in init]
+    if opt is None:
+        opt = ISSUE7_OPTIMIZERS[name](params)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE7_OPTIMIZERS))
+def test_cuda_issue7_classes_create_device_counters_and_match_cpu(name):
+    init, grads = _issue7_data(4)
+    p_cpu, _ = _issue7_run(name, "cpu", init, grads)
+    p_cuda, opt = _issue7_run(name, "cuda", init, grads)
+    for state in opt.state.values():
+        assert state["step"].is_cuda and state["step"].dtype == torch.float32 and state["step"].dim() == 0
+        assert state["step"].item() == 4.0
+        if name == "NAdamW":
+            assert state["mu_product"].is_cuda and state["mu_product"].dtype == torch.float32
+    for a, b in zip(p_cuda, p_cpu):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE7_OPTIMIZERS))
+def test_cuda_issue7_graph_capture_of_the_optimizer_class_step(name):
+    init, grads = _issue7_data(6)
+    grads = [[g.cuda() for g in gs] for gs in grads]
+    eager_params = [x.cuda().requires_grad_() for x in init]
+    graph_params = [x.cuda().requires_grad_() for x in init]
+    eager_opt = ISSUE7_OPTIMIZERS[name](eager_params)
+    graph_opt = ISSUE7_OPTIMIZERS[name](graph_params)
+
+    def load(params, gs):
+        for p, g in zip(params, gs):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    # Warm-up (creates the state) on a side stream, as torch.cuda.graphs advises.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(graph_params, grads[0])
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    load(eager_params, grads[0])
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for gs in grads[1:]:
+        load(graph_params, gs)
+        graph.replay()
+        load(eager_params, gs)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    # The counters (and NAdamW's mu-products) advanced on the device at every
+    # replay; a host value would have been baked into the graph.
+    for state in graph_opt.state.values():
+        assert state["step"].is_cuda and state["step"].item() == len(grads)
+    for a, b in zip(graph_params, eager_params):
+        assert torch.equal(a, b)
+    for p_graph, p_eager in zip(graph_params, eager_params):
+        for key, value in graph_opt.state[p_graph].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, eager_opt.state[p_eager][key]), key
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE7_OPTIMIZERS))
+def test_cuda_issue7_checkpoints_move_counters_to_the_params_device(name):
+    init, grads = _issue7_data(6)
+    first, second = grads[:3], grads[3:]
+    cpu_params, cpu_opt = _issue7_run(name, "cpu", init, first)
+    saved = cpu_opt.state_dict()
+    cuda_params = [p.detach().cuda().requires_grad_() for p in cpu_params]
+    cuda_opt = ISSUE7_OPTIMIZERS[name](cuda_params)
+    cuda_opt.load_state_dict(saved)
+    for state in cuda_opt.state.values():
+        assert state["step"].is_cuda and state["step"].item() == 3.0
+        if name == "NAdamW":
+            assert state["mu_product"].is_cuda
+    _issue7_run(name, "cpu", init, second, opt=cpu_opt, params=cpu_params)
+    _issue7_run(name, "cuda", init, second, opt=cuda_opt, params=cuda_params)
+    for a, b in zip(cuda_params, cpu_params):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=2e-5, atol=1e-6)
+    # A CUDA checkpoint resumed on CPU params keeps CPU counters.
+    cpu_opt.load_state_dict(cuda_opt.state_dict())
+    for state in cpu_opt.state.values():
+        assert all(not v.is_cuda for v in state.values() if torch.is_tensor(v))
+
+
+def test_cuda_issue7_nadamw_checkpoint_with_host_counters_loads_onto_the_device():
+    # What a NAdamW checkpoint of CUDA params held before device counters:
+    # CPU step and mu_product next to CUDA moments.
+    init, grads = _issue7_data(6)
+    params, opt = _issue7_run("NAdamW", "cuda", init, grads[:3])
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["step"] = state["step"].cpu()
+        state["mu_product"] = state["mu_product"].cpu()
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = ISSUE7_OPTIMIZERS["NAdamW"](resumed_params)
+    resumed.load_state_dict(saved)
+    for state in resumed.state.values():
+        assert state["step"].is_cuda and state["mu_product"].is_cuda
+    _issue7_run("NAdamW", "cuda", init, grads[3:], opt=opt, params=params)
+    _issue7_run("NAdamW", "cuda", init, grads[3:], opt=resumed, params=resumed_params)
+    for a, b in zip(resumed_params, params):
+        assert torch.equal(a, b)
+
+
+def _nadam_issue7_args(device_counters, device_lr=False, shapes=((65536 + 7,), (5, 3), ())):
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    scalar_device = "cuda" if device_counters else "cpu"
+    m = [torch.zeros(s, device="cuda") for s in shapes]
+    v = [torch.zeros(s, device="cuda") for s in shapes]
+    mu = [torch.ones((), device=scalar_device) for _ in shapes]
+    steps = [torch.zeros((), device=scalar_device) for _ in shapes]
+    lr = torch.tensor(1e-2, dtype=torch.float64, device="cuda" if device_lr else "cpu")
+    kwargs = dict(
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.1,
+        momentum_decay=0.05,
+        decoupled_weight_decay=True,
+        maximize=False,
+    )
+    return [params, grads, m, v, mu, steps, lr], kwargs
+
+
+@pytest.mark.parametrize("device_lr", [False, True])
+def test_cuda_issue7_nadam_device_counters_match_host_counters(device_lr):
+    host, kwargs = _nadam_issue7_args(device_counters=False)
+    dev, _ = _nadam_issue7_args(device_counters=True, device_lr=device_lr)
+    for _ in range(20):
+        torch.ops.torchopt_ext.nadam_step_(*host, **kwargs)
+        torch.ops.torchopt_ext.nadam_step_(*dev, **kwargs)
+    torch.cuda.synchronize()
+    # The pre-kernel runs the host's nadam_advance; only the device pow may
+    # round differently in the last bit (an off-by-one step would move the
+    # mu-products by ~1e-3).
+    for a, b in zip(dev[4], host[4]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0.0)
+    for a, b in zip(dev[5], host[5]):
+        assert a.item() == b.item() == 20.0
+    for a, b in zip(dev[0] + dev[2] + dev[3], host[0] + host[2] + host[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_issue7_nadam_found_inf_skips_counters_and_mu_products():
+    args, kwargs = _nadam_issue7_args(device_counters=True)
+    torch.ops.torchopt_ext.nadam_step_(*args, **kwargs)
+    before = [[t.clone() for t in lst] for lst in args[:6]]
+    found_inf = torch.ones((), device="cuda")
+    torch.ops.torchopt_ext.nadam_step_(*args, **kwargs, found_inf=found_inf)
+    torch.cuda.synchronize()
+    for lst, old in zip(args[:6], before):
+        for a, b in zip(lst, old):
+            assert torch.equal(a, b)
+
+
+def test_cuda_issue7_nadam_device_counters_with_host_mu_products_are_rejected():
+    args, kwargs = _nadam_issue7_args(device_counters=True)
+    args[4] = [torch.ones(()) for _ in args[4]]  # mu_products on the CPU
+    before = args[0][0].clone()
+    with pytest.raises(ValueError, match=r"mu_products\[0\] must be a one-element"):
+        torch.ops.torchopt_ext.nadam_step_(*args, **kwargs)
+    assert torch.equal(args[0][0], before) and all(s.item() == 0.0 for s in args[5])
+
+
+@pytest.mark.parametrize("name", ["NAdamW", "Adafactor"])
+def test_cuda_issue7_compiled_step_matches_eager(name):
+    def run(compiled):
+        torch.manual_seed(1)
+        params = [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")]
+        grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+        opt = ISSUE7_OPTIMIZERS[name](params)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+# ==============================================================================
+# End of the issue 7 block.
+# ==============================================================================

@@ -14,6 +14,7 @@ DEVICE_STEP_CLASSES = {"SGD", "Adam", "AdamW", "RAdam", "QHAdamW", "Lion", "Soph
 DEVICE_STEP_CLASSES |= {"ScheduleFreeAdamW", "ScheduleFreeSGD"}
 # The matrix optimizers (kernels/cuda/matrix.cu reads their counters on the device).
 DEVICE_STEP_CLASSES |= {"Muon", "PRISM"}
+DEVICE_STEP_CLASSES |= {"NAdamW", "LAMB", "MARS", "Adafactor"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))

@@ -327,9 +327,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The op takes step counters (and the other one-element state) on a CUDA
     # param's device: they are created there, so a step needs no host sync and
     # can be captured in a CUDA graph (as torch's fused / capturable Adam).
-    # Off for ops whose per-tensor scalars are computed on the host (NAdamW's
-    # mu-product) and for ops without CUDA kernels; CPU params always keep
-    # CPU counters.
+    # Off for ops without CUDA kernels; CPU params always keep CPU counters.
+    # One-element state other than the step (``_scalar_state_keys``:
+    # NAdamW's mu_product, Schedule-Free's weights) lives with the counter.
     _device_steps: bool = False
     # Set by two-stage optimizers (LAMB, MARS) for a group whose DTensor
     # layout they cannot reduce over (see norm_layout): gather it instead.

@@ -113,6 +113,7 @@ class Adafactor(FusedOptimizer):
     """
 
     _op = "adafactor_step_"
+    _device_steps = True  # the CUDA kernels read and advance device counters
     _state_keys = ("row_var", "col_var", "variance", "exp_avg")
 
     def __init__(

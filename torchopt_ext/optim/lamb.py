@@ -64,6 +64,7 @@ class LAMB(FusedOptimizer):
 
     _op = "lamb_step_"
     _state_keys = ("exp_avg", "exp_avg_sq")
+    _device_steps = True  # the CUDA kernels read and advance device counters
     distributed_mode = "shards"
 
     def __init__(

@@ -65,6 +65,7 @@ class MARS(FusedOptimizer):
     # The exact mode's copy of the next batch's grads: not an op input, but
     # restored by load_state_dict like the op's state.
     _fallback_state_keys = ("previous_grad",)
+    _device_steps = True  # the CUDA kernels read and advance device counters
 
     def __init__(
         self,

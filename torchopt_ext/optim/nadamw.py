@@ -19,14 +19,17 @@ class NAdamW(FusedOptimizer):
 
     State per param: ``step``, ``mu_product`` (float32 scalar, as torch keeps
     it), ``exp_avg``, ``exp_avg_sq``; a torch.optim.NAdam checkpoint loads.
+    For a CUDA param ``step`` and ``mu_product`` live on its device (the CUDA
+    kernel advances both: no host sync, so ``step()`` can be captured in a
+    CUDA graph); loading a checkpoint moves them there.
     """
 
     _op = "nadam_step_"
     _state_keys = ("exp_avg", "exp_avg_sq", "mu_product")
     _scalar_state_keys = ("mu_product",)
-    # Host counters even for CUDA params: the op computes each tensor's
-    # mu-product scalars on the host, so its CUDA kernel refuses device steps.
-    _device_steps = False
+    # mu_product lives with the counter: on a CUDA param's device it is
+    # advanced by the op's CUDA pre-kernel.
+    _device_steps = True
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class NAdamW(FusedOptimizer):
 
     def _new_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         if key == "mu_product":
-            return torch.ones((), dtype=torch.float32)
+            return torch.ones((), dtype=torch.float32, device=self._scalar_device(p))
         return super()._new_state(p, group, key)
 
     def _op_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:

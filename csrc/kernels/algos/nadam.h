@@ -15,10 +15,26 @@ inline namespace TORCHOPT_EXT_ALGO_ABI {
 
 using cpu::NAdamHyperparams;
 
+// One tensor's step t of torch's momentum-decay schedule: mu_t and
+// mu_{t+1}, the mu-product advanced in its storage type T (float32 or
+// float64: rounded as torch's in-place tensor-by-scalar multiply rounds it)
+// and the tensor's scalars. The CPU (nadam_scalars) and the CUDA pre-kernel
+// (device counters) both call it, so they advance the product alike.
+template <typename T>
+C10_HOST_DEVICE inline cpu::NAdamScalars nadam_advance(const NAdamHyperparams& hp, double lr, double step,
+                                                       T& mu_product) {
+  const double mu = hp.beta1 * (1.0 - 0.5 * ::pow(0.96, step * hp.momentum_decay));
+  const double mu_next = hp.beta1 * (1.0 - 0.5 * ::pow(0.96, (step + 1.0) * hp.momentum_decay));
+  mu_product = mu_product * static_cast<T>(mu);
+  const double product = static_cast<double>(mu_product);
+  const double product_next = product * mu_next;
+  return {1.0 - ::pow(hp.beta2, step), -lr * (1.0 - mu) / (1.0 - product), (-lr * mu_next) / (1.0 - product_next)};
+}
+
 struct NAdamAlgo {
   static constexpr int kNumState = 2;  // exp_avg, exp_avg_sq
   using Hyper = NAdamHyperparams;
-  using TensorScalars = cpu::NAdamScalars;  // host-computed (mu-product): host lr and steps only
+  using TensorScalars = cpu::NAdamScalars;  // from nadam_advance: on the host, or a CUDA pre-kernel
 
   template <typename S>
   struct Coeffs {

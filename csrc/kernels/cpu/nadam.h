@@ -19,8 +19,9 @@ struct NAdamHyperparams {
   bool maximize;
 };
 
-// NAdam's per-tensor scalars, computed on the host from the step and the
-// mu-product (by nadam_scalars) for the CPU and the CUDA kernels alike.
+// NAdam's per-tensor scalars, computed from the step and the mu-product by
+// kernels::nadam_advance (kernels/algos/nadam.h): on the host (nadam_scalars)
+// for host counters, in a CUDA pre-kernel for device counters.
 struct NAdamScalars {
   double bias_correction2;
   double grad_coeff;     // -lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)

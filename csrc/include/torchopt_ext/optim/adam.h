@@ -93,6 +93,7 @@ class AdamFamilyOptimizer : public OptimizerBase<Options> {
       }
       auto& state = this->template state_of<AdamParamState>(
           param, [&] { return detail::new_adam_state(param, options.state_dtype(), amsgrad); });
+      state.step(detail::placed_step(state.step(), param));  // e.g. host counters from a checkpoint
       lists.params.push_back(param);
       lists.grads.push_back(param.grad());
       lists.exp_avgs.push_back(state.exp_avg());
@@ -105,8 +106,10 @@ class AdamFamilyOptimizer : public OptimizerBase<Options> {
       lists.steps.push_back(state.step());
       if (magma) {
         if (!state.magma_score().defined()) {  // also when Magma is turned on later
-          state.magma_score(at::full({}, 0.5, at::kFloat));
+          state.magma_score(
+              at::full({}, 0.5, at::TensorOptions().dtype(at::kFloat).device(detail::scalar_device(param))));
         }
+        state.magma_score(detail::placed_scalar(state.magma_score(), param));
         lists.magma_scores.push_back(state.magma_score());
       }
     }

@@ -84,7 +84,29 @@ inline std::optional<at::ScalarType> decode_dtype(int64_t code) {
 at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype);
 
 // The per-param step counter: a float32 scalar, as torch.optim keeps it.
+// This overload makes a host counter (the optimizers whose ops have no CUDA
+// kernels, e.g. the matrix ones).
 at::Tensor new_step_counter();
+
+// Where a param's step counter and its other one-element state (NAdamW's
+// mu_product, Schedule-Free's weights, Magma's score) live for the
+// optimizers whose ops have CUDA kernels: on a CUDA param's device (the
+// kernels read and advance them there: no host sync, so a step can be
+// captured in a CUDA graph, as the Python classes do), on the CPU otherwise.
+at::Device scalar_device(const at::Tensor& param);
+
+// A float32 zero step counter on scalar_device(param).
+at::Tensor new_step_counter(const at::Tensor& param);
+
+// `step` as a float32 0-d counter on scalar_device(param) when it lives
+// elsewhere (a checkpoint saved with host counters loads onto the device, a
+// device one onto the CPU); returned unchanged when it is already there, so
+// CPU params keep exactly what they had.
+at::Tensor placed_step(const at::Tensor& step, const at::Tensor& param);
+
+// The same for other one-element state, keeping its dtype (undefined stays
+// undefined).
+at::Tensor placed_scalar(const at::Tensor& value, const at::Tensor& param);
 
 void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype);
 
