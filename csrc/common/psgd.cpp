@@ -360,6 +360,11 @@ at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, 
       continue;
     }
     const at::Tensor& q = factors[i];
+    if (q.dim() == 1) {
+      // A diagonal P_i = q^2 (a d-vector): one pass over x instead of two.
+      out = apply_factor(out, q.square(), axis, false);
+      continue;
+    }
     if (q.dim() == 2 && x.dim() > 0) {
       const int64_t d = q.size(0);
       // Q^T (Q x) costs 2 d numel; forming P = Q^T Q first (symmetric: about
@@ -475,14 +480,17 @@ void procrustes_step_(at::Tensor& q, const ProbeSource& probes, double max_step)
     // the GEMM R (R Q), and the step becomes (I + a R + a^2/2 R R) Q, one
     // GEMM. The traces need no product: tr(R Q) = sum(R o Q^T), likewise
     // tr(R R Q).
-    const at::Tensor rr = -symmetric_gram(r.t());
-    const at::Tensor qt = q.t();
-    const at::Tensor tr_rq = (r * qt).sum();
-    const at::Tensor tr_rrq = (rr * qt).sum();
+    // S = R^T R = -R R. With R^T = -R and S^T = S both traces are plain
+    // dot products of contiguous storage: tr(R Q) = -<R, Q>, tr(R R Q) =
+    // -<S, Q> (no product, no transposed read).
+    const at::Tensor s = symmetric_gram(r.t());
+    const at::Tensor tr_rq = -at::dot(r.reshape({-1}), q.reshape({-1}));
+    const at::Tensor tr_rrq = -at::dot(s.reshape({-1}), q.reshape({-1}));
     // Where tr(RRQ) >= 0 the division is unused (and may be inf/nan).
     const at::Tensor a =
         at::where(tr_rrq < 0, at::clamp_max(-tr_rq / tr_rrq, max_step), at::scalar_tensor(max_step, q.options()));
-    q = q + (a * r + (0.5 * a * a) * rr).mm(q);
+    // Q + (a R - a^2/2 S) Q: the outer sum rides on the GEMM (addmm).
+    q = at::addmm(q, r.mul_(a).sub_(s.mul_(0.5 * a * a)), q);
     return;
   }
   const at::Tensor rq = r.matmul(q);
@@ -569,12 +577,23 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
       if (q.dim() == 3) {
         q = q - eta_q * at::triu(t1 - t2).matmul(q);
       } else {
+        // (I - eta triu(T1 - T2)) Q: one GEMM and no pass over its result.
         // Both upper triangular: the blocked product skips the zero blocks.
-        q = q - eta_q * upper_mm(at::triu(t1 - t2), q, /*b_upper=*/true);
+        at::Tensor m = (t1 - t2).triu_().mul_(-eta_q);
+        m.diagonal().add_(1.0);
+        q = upper_mm(m, q, /*b_upper=*/true);
       }
       return;
     case Geometry::Q0p5EQ1p5:
-      q = q - eta_q * (t1r.matmul(q) - t2 * q);
+      if (q.dim() == 3) {
+        q = q - eta_q * (t1r.matmul(q) - t2 * q);
+      } else {
+        // ((1 + eta T2) I - eta T1r) Q: the four passes over Q's size after
+        // the GEMM become one over T1r's before it.
+        at::Tensor m = t1r * -eta_q;
+        m.diagonal().add_(1.0 + eta_q * t2);
+        q = m.mm(q);
+      }
       procrustes_step_(q, probes);
       return;
     case Geometry::QUAD: {
