@@ -333,9 +333,38 @@ at::Tensor apply_one(const at::Tensor& x, const at::Tensor& q, int64_t axis, boo
   return batched ? apply_factor_batched(x, q, axis, transpose) : apply_factor(x, q, axis, transpose);
 }
 
+// A tensor of rank >= 3 whose factors are all dense (a conv weight): the
+// per-axis path moves middle axes with movedim copies (and multiplies the
+// last axis as a (numel/d, d) x (d, d) product, slow in BLAS for small d).
+bool rotates(const at::Tensor& x, const std::vector<at::Tensor>& factors) {
+  if (x.dim() < 3 || static_cast<int64_t>(factors.size()) != x.dim()) {
+    return false;
+  }
+  return std::all_of(factors.begin(), factors.end(), [](const at::Tensor& q) { return q.dim() == 2; });
+}
+
+// Contracts the axes from last to first, each step taking the last axis of
+// the storage to the front: front(i, b) gets the (d_i, rest) matrix b (a
+// transposed view of contiguous storage, no copy) and returns the contiguous
+// (d_i, rest) result M_i b. After rank steps the axes are back in order, so
+// no step copies the tensor.
+template <class Front>
+at::Tensor rotate_apply(const at::Tensor& x, Front&& front) {
+  at::Tensor y = x.contiguous();
+  for (int64_t i = x.dim() - 1; i >= 0; --i) {
+    y = front(i, y.view({-1, x.size(i)}).t()).contiguous();
+  }
+  return y.view(x.sizes());
+}
+
 }  // namespace
 
 at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched, bool upper_triangular) {
+  if (!batched && rotates(x, factors)) {
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      return upper_triangular ? upper_mm(factors[i], b) : factors[i].mm(b);
+    });
+  }
   at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
     const auto axis = static_cast<int64_t>(i);
@@ -351,8 +380,19 @@ at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, 
 }
 
 at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched, bool upper_triangular) {
-  at::Tensor out = x;
   const int64_t numel = x.numel();
+  if (!batched && rotates(x, factors)) {
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      const at::Tensor& q = factors[i];
+      const int64_t d = q.size(0);
+      // As below: the formed P_i when 0.6 d^2 <= numel.
+      if (d * d * 5 <= numel * 8) {
+        return symmetric_gram(q.t(), upper_triangular).mm(b);
+      }
+      return q.t().mm(upper_triangular ? upper_mm(q, b) : q.mm(b));
+    });
+  }
+  at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
     const auto axis = static_cast<int64_t>(i);
     if (batched) {
@@ -404,6 +444,14 @@ at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& fac
   }
   if (x.dim() == 0) {
     return x / factors[0].reshape({});
+  }
+  if (rotates(x, factors)) {
+    // Fibers times q^{-1} is q^{-T} on the (d, rest) matrix: the solve of
+    // rows(rest, d) q^{-1} writes its column-major result, i.e. the rotated
+    // (d, rest) storage; the row-major rows are copied once for LAPACK.
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      return at::linalg_solve_triangular(factors[i], b.t(), /*upper=*/true, /*left=*/false).t();
+    });
   }
   at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
