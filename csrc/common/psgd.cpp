@@ -333,9 +333,38 @@ at::Tensor apply_one(const at::Tensor& x, const at::Tensor& q, int64_t axis, boo
   return batched ? apply_factor_batched(x, q, axis, transpose) : apply_factor(x, q, axis, transpose);
 }
 
+// A tensor of rank >= 3 whose factors are all dense (a conv weight): the
+// per-axis path moves middle axes with movedim copies (and multiplies the
+// last axis as a (numel/d, d) x (d, d) product, slow in BLAS for small d).
+bool rotates(const at::Tensor& x, const std::vector<at::Tensor>& factors) {
+  if (x.dim() < 3 || static_cast<int64_t>(factors.size()) != x.dim()) {
+    return false;
+  }
+  return std::all_of(factors.begin(), factors.end(), [](const at::Tensor& q) { return q.dim() == 2; });
+}
+
+// Contracts the axes from last to first, each step taking the last axis of
+// the storage to the front: front(i, b) gets the (d_i, rest) matrix b (a
+// transposed view of contiguous storage, no copy) and returns the contiguous
+// (d_i, rest) result M_i b. After rank steps the axes are back in order, so
+// no step copies the tensor.
+template <class Front>
+at::Tensor rotate_apply(const at::Tensor& x, Front&& front) {
+  at::Tensor y = x.contiguous();
+  for (int64_t i = x.dim() - 1; i >= 0; --i) {
+    y = front(i, y.view({-1, x.size(i)}).t()).contiguous();
+  }
+  return y.view(x.sizes());
+}
+
 }  // namespace
 
 at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched, bool upper_triangular) {
+  if (!batched && rotates(x, factors)) {
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      return upper_triangular ? upper_mm(factors[i], b) : factors[i].mm(b);
+    });
+  }
   at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
     const auto axis = static_cast<int64_t>(i);
@@ -351,8 +380,19 @@ at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, 
 }
 
 at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched, bool upper_triangular) {
-  at::Tensor out = x;
   const int64_t numel = x.numel();
+  if (!batched && rotates(x, factors)) {
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      const at::Tensor& q = factors[i];
+      const int64_t d = q.size(0);
+      // As below: the formed P_i when 0.6 d^2 <= numel.
+      if (d * d * 5 <= numel * 8) {
+        return symmetric_gram(q.t(), upper_triangular).mm(b);
+      }
+      return q.t().mm(upper_triangular ? upper_mm(q, b) : q.mm(b));
+    });
+  }
+  at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
     const auto axis = static_cast<int64_t>(i);
     if (batched) {
@@ -360,6 +400,11 @@ at::Tensor apply_p(const at::Tensor& x, const std::vector<at::Tensor>& factors, 
       continue;
     }
     const at::Tensor& q = factors[i];
+    if (q.dim() == 1) {
+      // A diagonal P_i = q^2 (a d-vector): one pass over x instead of two.
+      out = apply_factor(out, q.square(), axis, false);
+      continue;
+    }
     if (q.dim() == 2 && x.dim() > 0) {
       const int64_t d = q.size(0);
       // Q^T (Q x) costs 2 d numel; forming P = Q^T Q first (symmetric: about
@@ -399,6 +444,14 @@ at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& fac
   }
   if (x.dim() == 0) {
     return x / factors[0].reshape({});
+  }
+  if (rotates(x, factors)) {
+    // Fibers times q^{-1} is q^{-T} on the (d, rest) matrix: the solve of
+    // rows(rest, d) q^{-1} writes its column-major result, i.e. the rotated
+    // (d, rest) storage; the row-major rows are copied once for LAPACK.
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
+      return at::linalg_solve_triangular(factors[i], b.t(), /*upper=*/true, /*left=*/false).t();
+    });
   }
   at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
@@ -475,14 +528,17 @@ void procrustes_step_(at::Tensor& q, const ProbeSource& probes, double max_step)
     // the GEMM R (R Q), and the step becomes (I + a R + a^2/2 R R) Q, one
     // GEMM. The traces need no product: tr(R Q) = sum(R o Q^T), likewise
     // tr(R R Q).
-    const at::Tensor rr = -symmetric_gram(r.t());
-    const at::Tensor qt = q.t();
-    const at::Tensor tr_rq = (r * qt).sum();
-    const at::Tensor tr_rrq = (rr * qt).sum();
+    // S = R^T R = -R R. With R^T = -R and S^T = S both traces are plain
+    // dot products of contiguous storage: tr(R Q) = -<R, Q>, tr(R R Q) =
+    // -<S, Q> (no product, no transposed read).
+    const at::Tensor s = symmetric_gram(r.t());
+    const at::Tensor tr_rq = -at::dot(r.reshape({-1}), q.reshape({-1}));
+    const at::Tensor tr_rrq = -at::dot(s.reshape({-1}), q.reshape({-1}));
     // Where tr(RRQ) >= 0 the division is unused (and may be inf/nan).
     const at::Tensor a =
         at::where(tr_rrq < 0, at::clamp_max(-tr_rq / tr_rrq, max_step), at::scalar_tensor(max_step, q.options()));
-    q = q + (a * r + (0.5 * a * a) * rr).mm(q);
+    // Q + (a R - a^2/2 S) Q: the outer sum rides on the GEMM (addmm).
+    q = at::addmm(q, r.mul_(a).sub_(s.mul_(0.5 * a * a)), q);
     return;
   }
   const at::Tensor rq = r.matmul(q);
@@ -569,12 +625,23 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
       if (q.dim() == 3) {
         q = q - eta_q * at::triu(t1 - t2).matmul(q);
       } else {
+        // (I - eta triu(T1 - T2)) Q: one GEMM and no pass over its result.
         // Both upper triangular: the blocked product skips the zero blocks.
-        q = q - eta_q * upper_mm(at::triu(t1 - t2), q, /*b_upper=*/true);
+        at::Tensor m = (t1 - t2).triu_().mul_(-eta_q);
+        m.diagonal().add_(1.0);
+        q = upper_mm(m, q, /*b_upper=*/true);
       }
       return;
     case Geometry::Q0p5EQ1p5:
-      q = q - eta_q * (t1r.matmul(q) - t2 * q);
+      if (q.dim() == 3) {
+        q = q - eta_q * (t1r.matmul(q) - t2 * q);
+      } else {
+        // ((1 + eta T2) I - eta T1r) Q: the four passes over Q's size after
+        // the GEMM become one over T1r's before it.
+        at::Tensor m = t1r * -eta_q;
+        m.diagonal().add_(1.0 + eta_q * t2);
+        q = m.mm(q);
+      }
       procrustes_step_(q, probes);
       return;
     case Geometry::QUAD: {

@@ -463,7 +463,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       // The noise scale: damping + eps |G|, eps of the math dtype (rollfast / LX).
       const double eps_i = math[i] == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                   : static_cast<double>(std::numeric_limits<float>::epsilon());
-      const at::Tensor noisy = G + (damping + eps_i * G.abs()) * V;
+      const at::Tensor noisy = at::addcmul(G, G.abs().mul_(eps_i).add_(damping), V);
       auto& qs = old_factors[u];
       const at::Tensor X = psgd::probes_with_q(factor_options.geometry)
                                ? psgd::apply_q(noisy, qs, unit.batched, triangular)
@@ -483,7 +483,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
         const at::Tensor t2 = conj_b.defined()
                                   ? psgd::factor_gram(conj_b, axis, dense[f], unit.batched)
                                   : at::scalar_tensor(static_cast<double>(numel) / static_cast<double>(d), X.options());
-        at::Tensor q = qs[f].clone();
+        at::Tensor q = qs[f];  // update_factor_ rebinds q, never writes it
         at::Tensor l = lip.select(-1, axis);
         // Probe k of slice s of this factor: entry s * draws + k.
         const int64_t draws = psgd::probe_draws(factor_options.geometry, dense[f]);

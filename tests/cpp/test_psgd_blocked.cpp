@@ -63,6 +63,39 @@ TEST(PsgdBlocked, ContractionsMatchPlainGemms) {
   EXPECT_LE(max_diff(psgd::factor_gram(y, 1, true), rows.mm(rows.t())), 1e-11);
 }
 
+// Rank >= 3 with every factor dense (a conv weight) takes the rotating path:
+// each axis contracted as the last one and moved to the front.
+TEST(PsgdBlocked, RotatingContractionsMatchPerAxis) {
+  torch::manual_seed(5);
+  // (60, 4, 3, 2): P_0 applied as Q_0 then Q_0^T (0.6 d^2 > numel), the
+  // others as the formed P_i; (5, 6, 7): every P_i formed.
+  for (const auto& shape : {std::vector<int64_t>{60, 4, 3, 2}, std::vector<int64_t>{5, 6, 7}}) {
+    for (const bool triangular : {false, true}) {
+      const torch::Tensor x = torch::randn(shape, torch::kFloat64);
+      std::vector<torch::Tensor> qs;
+      for (const auto d : shape) {
+        torch::Tensor q = upper_factor(d);
+        qs.push_back(triangular ? q : q + 0.1 * torch::randn_like(q) / std::sqrt(d));
+      }
+      torch::Tensor ref_q = x;
+      torch::Tensor ref_p = x;
+      torch::Tensor ref_s = x;
+      for (size_t i = 0; i < qs.size(); ++i) {
+        const auto axis = static_cast<int64_t>(i);
+        ref_q = along(ref_q, qs[i], axis);
+        ref_p = along(ref_p, qs[i].t().mm(qs[i]), axis);
+        ref_s = along(ref_s, torch::linalg_inv(qs[i]).t(), axis);  // fibers times q^{-1}
+      }
+      EXPECT_LE(max_diff(psgd::apply_q(x, qs, /*batched=*/false, triangular), ref_q), 1e-12) << triangular;
+      EXPECT_LE(max_diff(psgd::apply_p(x, qs, /*batched=*/false, triangular), ref_p), 1e-12) << triangular;
+      if (triangular) {
+        EXPECT_LE(max_diff(psgd::solve_q_right(x, qs), ref_s), 1e-12);
+      }
+      EXPECT_TRUE(psgd::apply_p(x, qs).is_contiguous());
+    }
+  }
+}
+
 TEST(PsgdBlocked, FactorUpdatesMatchPlainFormulas) {
   torch::manual_seed(4);
   const int64_t d = 530;
@@ -87,6 +120,28 @@ TEST(PsgdBlocked, FactorUpdatesMatchPlainFormulas) {
     EXPECT_LE(max_diff(q, ref), 1e-12);
     EXPECT_GT(max_diff(q, q0), 1e-3);                                    // the step is not negligible
     EXPECT_EQ(max_diff(torch::tril(q, -1), torch::zeros_like(q)), 0.0);  // stays triangular
+  }
+  // Q0.5EQ1.5 before its Procrustes step: Q - eta (T1r Q - T2 Q), T1r =
+  // T1 + damping (every entry), T2 = numel / d, eta = lr / (||T1r||_lb + T2).
+  {
+    psgd::FactorUpdateOptions options;
+    options.geometry = psgd::Geometry::Q0p5EQ1p5;
+    options.track_lipschitz = false;
+    options.damping = 1e-3;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(13);
+    auto gen_ref = at::make_generator<at::CPUGeneratorImpl>(13);
+    const torch::Tensor q0 =
+        torch::eye(d, torch::kFloat64) + 0.2 * torch::randn({d, d}, torch::kFloat64) / std::sqrt(d);
+    torch::Tensor q = q0.clone();
+    torch::Tensor lip = torch::zeros({}, torch::kFloat64);
+    const auto t2s = torch::scalar_tensor(60.0 / d * 400.0, torch::kFloat64);
+    psgd::update_factor_(q, t1, t2s, lip, options, gen);
+    const auto t1r = t1 + options.damping;
+    const auto eta = options.lr / (psgd::norm_lower_bound_spd(t1r, gen_ref) + t2s + tiny);
+    torch::Tensor ref = q0 - eta * (t1r.mm(q0) - t2s * q0);
+    psgd::procrustes_step_(ref, gen_ref, 0.125);
+    EXPECT_LE(max_diff(q, ref), 1e-12);
+    EXPECT_GT(max_diff(q, q0), 1e-3);
   }
   // Procrustes: Q + a (R Q + a/2 R R Q), R = (Q^T - Q) / ||Q^T - Q||_lb.
   {
