@@ -61,7 +61,7 @@ done
 # to the CUDA kernels, the CUDA group preparation): a syntax/type check with
 # the host compiler and TORCHOPT_EXT_WITH_CUDA defined.
 cxx="${CXX:-c++}"
-for src in $(grep -rlE 'TORCHOPT_EXT_WITH_CUDA|kernels/cuda/elementwise.h' csrc --include='*.cpp' | sort); do
+for src in $(grep -rlE 'TORCHOPT_EXT_WITH_CUDA|kernels/cuda/elementwise.h|functional/psgd_device.h' csrc --include='*.cpp' | sort); do
   if "$cxx" -std=c++20 -fsyntax-only -DTORCHOPT_EXT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$abi" \
     -I"$inc" -I"$inc/torch/csrc/api/include" -Icsrc -Icsrc/include "$src"; then
     echo "nvcc_check: ok   $src (host compiler, TORCHOPT_EXT_WITH_CUDA)"

@@ -303,36 +303,71 @@ if __name__ == "__main__" and "--stacked" not in sys.argv:
 
 
 def stacked_main() -> None:
-    """``python benchmarks/bench_kron.py --stacked``: one stacked (L, m, n)
-    param (``stacked=True``, slices updated as bmm batches; also in chunks)
-    against the same L slices as L separate params (one op entry each: the
-    per-slice path stacked groups took before batching), default geometry,
-    update probability 1, one thread, fastest of 5 x 3 calls each."""
-    torch.set_num_threads(1)
+    """``python benchmarks/bench_kron.py --stacked [--threads 1,2] [--force]``:
+    batched vs one-problem-at-a-time updates of L problems of one shape
+    (issue 5's open item, the default of ``batch_equal_shapes``). Per size:
+    one stacked (L, m, n) param with ``batch_equal_shapes=True`` (bmm over
+    the L slices) and ``False`` (a loop of mm chains over the slices), the
+    default (None), and the same L slices as L separate params, batched
+    (issue 7) and not. Default geometry, update probability 1, init scale 1;
+    the runs alternate call by call, fastest of 5 rounds x 3 calls each. The
+    1-minute load average is printed; refuses to time above 1.5 unless --force."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stacked", action="store_true")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--force", action="store_true", help="time even when the load average is >= 1.5")
+    args = parser.parse_args()
     torch._dynamo.config.disable = True
     common = dict(lr=1e-3, preconditioner_update_probability=1.0, preconditioner_init_scale=1.0)
-    print("| stacked param | per-slice ms | batched ms | batched, chunk 4 ms | per-slice / batched |")
-    print("|---|--:|--:|--:|--:|")
-    for layers, rows, cols in ((64, 32, 32), (16, 128, 128), (8, 256, 512)):
-        (stacked,) = make([(layers, rows, cols)])
-        separate = [stacked[i].clone() for i in range(layers)]
-        for i, q in enumerate(separate):
-            q.grad = stacked.grad[i].clone()
-        runs = {
-            "per-slice": tox.Kron(separate, **common),
-            "batched": tox.Kron([stacked.clone()], stacked=True, **common),
-            "chunk 4": tox.Kron([stacked.clone()], stacked=True, stacked_chunk_size=4, **common),
-        }
-        for name in ("batched", "chunk 4"):
-            runs[name].param_groups[0]["params"][0].grad = stacked.grad.clone()
-        best = {name: float("inf") for name in runs}
-        for _ in range(5):
-            for name, opt in runs.items():
-                best[name] = min(best[name], best_ms(opt, 3))
+    sizes = [
+        (64, 16, 16),
+        (64, 32, 32),
+        (32, 48, 48),
+        (32, 64, 64),
+        (16, 64, 128),
+        (16, 96, 96),
+        (16, 128, 128),
+        (8, 256, 512),
+    ]
+    for threads in (int(t) for t in args.threads.split(",")):
+        load = os.getloadavg()[0]
+        print(f"\ntorch {torch.__version__}, threads {threads}, load {load:.2f}\n")
+        if load >= 1.5 and not args.force:
+            print("load >= 1.5: not timed; rerun on an idle machine or with --force")
+            continue
+        torch.set_num_threads(threads)
         print(
-            f"| ({layers}, {rows}, {cols}) | {best['per-slice']:.2f} | {best['batched']:.2f} | "
-            f"{best['chunk 4']:.2f} | {best['per-slice'] / best['batched']:.2f} |"
+            "| (L, m, n) | slice numel | stacked loop ms | stacked batched ms | loop / batched | default ms "
+            "| L params, per-param ms | L params, batched ms | per-param / batched |"
         )
+        print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for layers, rows, cols in sizes:
+            (stacked,) = make([(layers, rows, cols)])
+            separate = [stacked[i].clone() for i in range(layers)]
+            runs = {
+                "loop": tox.Kron([stacked.clone()], stacked=True, batch_equal_shapes=False, **common),
+                "batched": tox.Kron([stacked.clone()], stacked=True, batch_equal_shapes=True, **common),
+                "default": tox.Kron([stacked.clone()], stacked=True, **common),
+                "params loop": tox.Kron([q.clone() for q in separate], batch_equal_shapes=False, **common),
+                "params batched": tox.Kron([q.clone() for q in separate], batch_equal_shapes=True, **common),
+            }
+            for opt in runs.values():
+                ps = opt.param_groups[0]["params"]
+                if len(ps) == 1:
+                    ps[0].grad = stacked.grad.clone()
+                else:
+                    for i, q in enumerate(ps):
+                        q.grad = stacked.grad[i].clone()
+                opt.step()  # first step: factor creation, not timed
+            best = {name: float("inf") for name in runs}
+            for _ in range(5):
+                for name, opt in runs.items():
+                    best[name] = min(best[name], best_ms(opt, 3))
+            print(
+                f"| ({layers}, {rows}, {cols}) | {rows * cols} | {best['loop']:.2f} | {best['batched']:.2f} | "
+                f"{best['loop'] / best['batched']:.2f} | {best['default']:.2f} | {best['params loop']:.2f} | "
+                f"{best['params batched']:.2f} | {best['params loop'] / best['params batched']:.2f} |"
+            )
 
 
 if __name__ == "__main__" and "--stacked" in sys.argv:

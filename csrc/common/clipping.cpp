@@ -23,7 +23,9 @@ at::ScalarType accumulation_type(at::TensorList tensors) {
 
 at::Tensor global_l2_norm(at::TensorList tensors) {
   const auto dtype = accumulation_type(tensors);
-  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(dtype));
+  // Summed on the first tensor's device: no per-tensor copy (a sync on CUDA).
+  const auto device = tensors.empty() ? at::Device(at::kCPU) : tensors[0].device();
+  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(dtype).device(device));
   for (const auto& t : tensors) {
     // Square-sum per tensor in the accumulation dtype (bf16 grads upcast first).
     const at::Tensor x = t.to(dtype);

@@ -721,3 +721,11 @@ void balance_factors_(std::vector<at::Tensor>& factors, bool batched) {
 }
 
 }  // namespace torchopt_ext::common::psgd
+
+namespace torchopt_ext::common::psgd {
+
+bool prefer_batched(const at::Device& device, int64_t slice_numel) {
+  return !device.is_cpu() || slice_numel <= kCpuBatchedMaxNumel;
+}
+
+}  // namespace torchopt_ext::common::psgd

@@ -4,13 +4,16 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
 
 #include "common/tensor_lists.h"
-#include "kernels/cpu/muon.h"
+#include "functional/psgd_device.h"
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
@@ -32,8 +35,7 @@ void store(const at::Tensor& storage, const at::Tensor& value, int64_t seed, uin
            double step) {
   if (storage.scalar_type() == at::kBFloat16) {
     const uint64_t stream = kernels::cpu::rounding_stream(seed ^ static_cast<int64_t>(salt), index, step);
-    kernels::cpu::muon_apply_update_reduced(storage, value.reshape(storage.sizes()).contiguous(), 0.0, 1.0, true,
-                                            stream);
+    psgd_device::apply_update_reduced(storage, value.reshape(storage.sizes()).contiguous(), 0.0, 1.0, true, stream);
   } else {
     storage.copy_(value.reshape(storage.sizes()));
   }
@@ -78,9 +80,9 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
-                at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices,
-                at::IntArrayRef group_shapes) {
+                at::OptionalIntArrayRef stacked_slices, std::optional<bool> batch_equal_shapes,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                at::IntArrayRef param_indices, at::IntArrayRef group_shapes) {
   constexpr const char* op = "kron_step_";
   using common::check_hyperparameter;
   check_hyperparameter(op, "b1", b1, b1 >= 0.0 && b1 < 1.0, "in [0, 1)");
@@ -248,18 +250,23 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (update_probability) {
     TORCH_CHECK_VALUE(update_probability->numel() == 1, op,
                       ": preconditioner_update_probability must be one value, got shape ", update_probability->sizes());
+    // The gate is a host decision (see below): a CUDA value would cost a sync per step.
+    TORCH_CHECK_VALUE(update_probability->is_cpu(), op,
+                      ": preconditioner_update_probability must be a float or a CPU tensor, got a tensor on ",
+                      update_probability->device());
   }
+  const bool on_cuda = n > 0 && params[0].is_cuda();
+  // Magma's scores are host scalars updated from per-param cosines: on CUDA
+  // that is a sync per param, not ported yet.
+  TORCH_CHECK_VALUE(!(use_magma && on_cuda), op, ": use_magma is not supported for CUDA params yet");
+  psgd_device::check_host_scalars(op, params, lr, state_steps);
 
   auto group = common::prepare_elementwise_group<1>(
       op, params, grads, {{{"momentum_buffers", momentum_buffers, b1 > 0.0}}}, state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
-  if (group->amp.grad_scale) {
-    for (auto& grad : group->grads) {
-      grad.div_(*group->amp.grad_scale);
-    }
-  }
+  psgd_device::unscale_grads_(*group);
   // One problem per (param, local slice) in group order: s = -1 for an
   // unstacked param. Per-slice work (clips, Magma, rounding streams) runs
   // over these, so a stacked param behaves like its slices listed as params.
@@ -282,7 +289,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
   // The group's step (1-based): the first param's counter.
   const double step = group->steps[0];
-  // Host read of a CPU scalar: no device sync (the functional is CPU-only).
+  // Host read of a CPU scalar (checked above): no device sync on CUDA either.
   const double probability =
       update_probability ? update_probability->item<double>() : kron_default_update_probability(step);
   TORCH_CHECK_VALUE(std::isfinite(probability) && probability >= 0.0 && probability <= 1.0, op,
@@ -295,6 +302,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       slice_grads.push_back(part(group->grads[slice.i], slice));
     }
     // rollfast: a spike only continues (clipped) while p >= 1 and protection is permissive.
+    // The norm is summed on the grads' device; its one host read (the skip
+    // decision gates every state write, the generator included) is a sync on CUDA.
     const auto clip =
         common::raw_global_clip(slice_grads, *raw_global_grad_clip, permissive_spike_protection && probability >= 1.0);
     if (clip.skip) {
@@ -350,13 +359,18 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (!fresh.empty()) {
     double scale = preconditioner_init_scale.value_or(0.0);
     if (!preconditioner_init_scale) {
-      double largest = 0.0;
+      // One host read (a sync on CUDA) on a param's first step only.
+      std::vector<at::Tensor> means;
       for (const auto& slice : fresh) {
         const at::Tensor gs = part(g[slice.i], slice);
         if (gs.numel() > 0) {
-          largest = std::max(largest, gs.abs().pow(4).mean().item<double>());
+          means.push_back(gs.abs().pow(4).mean().to(at::kDouble));
         }
       }
+      // NaN means are ignored, as a running std::max over them would.
+      const at::Tensor all = means.empty() ? at::Tensor() : at::stack(means);
+      const double largest =
+          means.empty() ? 0.0 : std::max(0.0, at::where(at::isnan(all), 0.0, all).max().item<double>());
       scale = std::pow(largest + std::pow(damping, 4), -1.0 / 8.0);
     }
     for (const auto& slice : fresh) {
@@ -365,46 +379,121 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     }
   }
 
-  // Work units: an unstacked param, or a chunk of at most stacked_chunk_size
-  // consecutive slices of a stacked param, updated as one batch (leading
-  // axis of B slices, bmm / batched solves and norm bounds).
+  // Work units: one problem (an unstacked param, or a stacked slice) run
+  // through the unbatched primitives, or a batch of problems of one slice
+  // shape and math dtype run as one (B, ...) stack through the batched ones
+  // (bmm, batched solves and norm bounds): at most stacked_chunk_size
+  // consecutive slices of a stacked param, or unstacked params of equal
+  // shape (the first such param's turn collects the later ones). Whether a
+  // shape batches: batch_equal_shapes, or by default psgd::prefer_batched
+  // (always on CUDA; on the CPU only for small slices, where bmm beats a loop
+  // of mm). The draws do not depend on the grouping (made per problem in
+  // group order before any math), so neither do the results beyond rounding.
   struct Unit {
-    size_t i;
-    int64_t start, count;
-    bool batched;
+    std::vector<Slice> members;
+    bool batched = false;
+    bool chunk = false;  // consecutive slices of one stacked param: narrow views, no gather
   };
+  std::vector<int64_t> slice_begin(n, 0);  // position of param i's first problem in `slices`
+  for (size_t i = 1; i < n; ++i) {
+    slice_begin[i] = slice_begin[i - 1] + (stacked ? layers[i - 1] : 1);
+  }
+  auto position = [&](const Slice& slice) { return slice_begin[slice.i] + std::max<int64_t>(slice.s, 0); };
+  auto batch_shape = [&](size_t i) {
+    if (batch_equal_shapes) {
+      return *batch_equal_shapes;
+    }
+    return psgd::prefer_batched(params[i].device(), c10::multiply_integers(shapes[i]));
+  };
+  const int64_t cap = stacked_chunk_size.value_or(std::numeric_limits<int64_t>::max());
   std::vector<Unit> units;
-  for (size_t i = 0; i < n; ++i) {
-    if (!stacked) {
-      units.push_back({i, 0, 1, false});
-      continue;
+  if (stacked) {
+    for (size_t i = 0; i < n; ++i) {
+      if (layers[i] == 0) {
+        continue;  // an empty shard: it only skips the draws
+      }
+      const bool batch = batch_shape(i);
+      const int64_t chunk = batch ? std::min(cap, layers[i]) : 1;
+      for (int64_t s = 0; s < layers[i]; s += chunk) {
+        Unit unit;
+        for (int64_t k = s; k < std::min(s + chunk, layers[i]); ++k) {
+          unit.members.push_back({i, k});
+        }
+        unit.batched = batch;
+        unit.chunk = batch;
+        units.push_back(std::move(unit));
+      }
     }
-    if (layers[i] == 0) {
-      units.push_back({i, 0, 0, true});  // an empty shard: it only skips the draws
-      continue;
-    }
-    const int64_t chunk = stacked_chunk_size.value_or(layers[i]);
-    for (int64_t s = 0; s < layers[i]; s += chunk) {
-      units.push_back({i, s, std::min(chunk, layers[i] - s), true});
+  } else {
+    std::vector<bool> taken(n, false);
+    for (size_t i = 0; i < n; ++i) {
+      if (taken[i]) {
+        continue;
+      }
+      Unit unit;
+      unit.members.push_back({i, -1});
+      // 0-d and empty params stay unbatched (the batched primitives take rank >= 1).
+      if (params[i].dim() >= 1 && params[i].numel() > 0 && batch_shape(i)) {
+        for (size_t j = i + 1; j < n && static_cast<int64_t>(unit.members.size()) < cap; ++j) {
+          if (!taken[j] && shapes[j] == shapes[i] && math[j] == math[i]) {
+            unit.members.push_back({j, -1});
+            taken[j] = true;
+          }
+        }
+      }
+      unit.batched = unit.members.size() > 1;
+      units.push_back(std::move(unit));
     }
   }
-  auto chunk_of = [](const at::Tensor& t, const Unit& u) { return u.batched ? t.narrow(0, u.start, u.count) : t; };
-  auto factors_of = [&](const at::Tensor& flat, const Unit& u) {
-    return u.batched ? psgd::unflatten_factors_batched(flat, shapes[u.i], layouts[u.i])
-                     : psgd::unflatten_factors(flat, shapes[u.i], layouts[u.i]);
+  // A unit's tensor from a per-param one: the problem's own, a narrow view
+  // of the stacked tensor, or the members' stacked (then a copy).
+  auto of_unit = [&](const Unit& unit, const std::function<at::Tensor(size_t)>& whole,
+                     std::optional<at::ScalarType> dtype) {
+    const Slice& head = unit.members[0];
+    at::Tensor out;
+    if (!unit.batched) {
+      out = part(whole(head.i), head);
+    } else if (unit.chunk) {
+      out = whole(head.i).narrow(0, head.s, static_cast<int64_t>(unit.members.size()));
+    } else {
+      std::vector<at::Tensor> parts;
+      for (const auto& member : unit.members) {
+        parts.push_back(dtype ? whole(member.i).to(*dtype) : whole(member.i));
+      }
+      return at::stack(parts);
+    }
+    return dtype ? out.to(*dtype) : out;
+  };
+  auto factors_of = [&](const at::Tensor& flat, const Unit& unit) {
+    const size_t i = unit.members[0].i;
+    return unit.batched ? psgd::unflatten_factors_batched(flat, shapes[i], layouts[i])
+                        : psgd::unflatten_factors(flat, shapes[i], layouts[i]);
   };
 
+  // The gate and every random draw come from the CPU generator that rng_state
+  // holds: a host decision and host draws (copied to the params' device), so
+  // no device sync, and a seed gives the same draws, hence the same
+  // trajectory up to rounding, on the CPU and on CUDA. The cost on CUDA is
+  // host randn time and one copy per noise / probe batch.
   const bool do_update = at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < probability;
   const size_t units_n = units.size();
   std::vector<std::vector<at::Tensor>> old_factors(units_n), new_factors(units_n);
   for (size_t u = 0; u < units_n; ++u) {
-    old_factors[u] = factors_of(chunk_of(preconditioners[units[u].i], units[u]).to(math[units[u].i]), units[u]);
+    const size_t i = units[u].members[0].i;
+    old_factors[u] = factors_of(of_unit(units[u], [&](size_t j) { return preconditioners[j]; }, math[i]), units[u]);
   }
   if (do_update) {
-    // The draws of slices another rank holds (a sharded stacked param): drawn
-    // and dropped so every rank's generator stays the single-process one.
-    // The ownership path does the same for the group's params that other
-    // ranks step (see kron.h), in group order around this call's params.
+    // 1. The draws of every problem in group order (the unbatched order: per
+    // problem the noise V, then per dense factor in axis order its probes),
+    // on the host. The draws of slices another rank holds (a sharded
+    // stacked param) are drawn and dropped so every rank's generator stays
+    // the single-process one; the ownership path does the same for the
+    // group's params that other ranks step (see kron.h).
+    struct Draws {
+      at::Tensor noise;
+      std::vector<std::vector<at::Tensor>> probes;  // [factor][k]
+    };
+    std::vector<Draws> draws(slices.size());
     auto skip_param = [&](at::IntArrayRef shape, at::ScalarType dtype) {
       (void)at::randn(shape, gen, at::TensorOptions().dtype(dtype));
       const auto dense = psgd::factor_layout(shape, layout);
@@ -425,41 +514,59 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
         }
       }
     };
-    for (size_t u = 0; u < units_n; ++u) {
-      const Unit& unit = units[u];
-      const size_t i = unit.i;
-      const auto& shape = shapes[i];
-      const auto& dense = layouts[i];
-      const auto opts = at::TensorOptions().dtype(math[i]);
+    auto draw = [&](const Slice& slice) {
+      const auto& shape = shapes[slice.i];
+      const auto& dense = layouts[slice.i];
+      const auto opts = at::TensorOptions().dtype(math[slice.i]);
+      Draws& out = draws[position(slice)];
+      out.noise = at::randn(shape, gen, opts);
+      out.probes.resize(dense.size());
+      for (size_t f = 0; f < dense.size(); ++f) {
+        for (int64_t k = 0; k < psgd::probe_draws(factor_options.geometry, dense[f]); ++k) {
+          out.probes[f].push_back(at::randn({psgd::kNormProbeRows, shape.empty() ? 1 : shape[f]}, gen, opts));
+        }
+      }
+    };
+    for (size_t i = 0; i < n; ++i) {
       if (!group_sizes.empty()) {
         skip_group_until(static_cast<size_t>(param_indices[i]));
         next_group = static_cast<size_t>(param_indices[i]) + 1;
       }
-      if (unit.count == 0) {
+      if (!stacked) {
+        draw({i, -1});
+        continue;
+      }
+      if (layers[i] == 0) {
         skip_slices(i, total[i]);
         continue;
       }
-      if (unit.batched && unit.start == 0) {
-        skip_slices(i, first[i]);
+      skip_slices(i, first[i]);
+      for (int64_t s = 0; s < layers[i]; ++s) {
+        draw({i, s});
       }
-      // The draws in the unbatched order: per slice the noise V, then per
-      // dense factor in axis order its probes. Drawn before any math (they
-      // do not depend on it), stacked into (B, ...) batches.
-      std::vector<at::Tensor> noise;
-      std::vector<std::vector<at::Tensor>> probes(dense.size());
-      for (int64_t s = 0; s < unit.count; ++s) {
-        noise.push_back(at::randn(shape, gen, opts));
-        for (size_t f = 0; f < dense.size(); ++f) {
-          for (int64_t k = 0; k < psgd::probe_draws(factor_options.geometry, dense[f]); ++k) {
-            probes[f].push_back(at::randn({psgd::kNormProbeRows, shape.empty() ? 1 : shape[f]}, gen, opts));
-          }
+      skip_slices(i, total[i] - first[i] - layers[i]);
+    }
+    skip_group_until(group_sizes.size());
+
+    // 2. The factor updates, unit by unit.
+    for (size_t u = 0; u < units_n; ++u) {
+      const Unit& unit = units[u];
+      const size_t i = unit.members[0].i;
+      const auto& dense = layouts[i];
+      const at::Tensor G = of_unit(unit, [&](size_t j) { return whiten_grad ? g[j] : m[j]; }, std::nullopt);
+      // The members' host draws picked by `pick(position)`, stacked when
+      // batched, on G's device.
+      auto host_batch = [&](const std::function<at::Tensor(int64_t)>& pick) {
+        if (!unit.batched) {
+          return psgd_device::to_device_of(pick(position(unit.members[0])), G);
         }
-      }
-      if (unit.batched && unit.start + unit.count == layers[i]) {
-        skip_slices(i, total[i] - first[i] - layers[i]);
-      }
-      const at::Tensor V = unit.batched ? at::stack(noise) : noise[0];
-      const at::Tensor G = chunk_of(whiten_grad ? g[i] : m[i], unit);
+        std::vector<at::Tensor> rows;
+        for (const auto& member : unit.members) {
+          rows.push_back(pick(position(member)));
+        }
+        return psgd_device::to_device_of(at::stack(rows), G);
+      };
+      const at::Tensor V = host_batch([&](int64_t k) { return draws[k].noise; });
       // The noise scale: damping + eps |G|, eps of the math dtype (rollfast / LX).
       const double eps_i = math[i] == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                   : static_cast<double>(std::numeric_limits<float>::epsilon());
@@ -472,9 +579,9 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       if (factor_options.geometry == psgd::Geometry::EQ) {
         conj_b = psgd::solve_q_right(V, qs, unit.batched);
       }
-      const int64_t numel = unit.batched ? G.numel() / unit.count : G.numel();
-      const at::Tensor lip_store = chunk_of(lipschitz[i], unit);
-      at::Tensor lip = lip_store.to(math[i]);
+      const auto count = static_cast<int64_t>(unit.members.size());
+      const int64_t numel = unit.batched ? G.numel() / count : G.numel();
+      at::Tensor lip = of_unit(unit, [&](size_t j) { return lipschitz[j]; }, math[i]);
       std::vector<at::Tensor> updated;
       for (size_t f = 0; f < qs.size(); ++f) {
         const auto axis = static_cast<int64_t>(f);
@@ -485,29 +592,25 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                                   : at::scalar_tensor(static_cast<double>(numel) / static_cast<double>(d), X.options());
         at::Tensor q = qs[f];  // update_factor_ rebinds q, never writes it
         at::Tensor l = lip.select(-1, axis);
-        // Probe k of slice s of this factor: entry s * draws + k.
-        const int64_t draws = psgd::probe_draws(factor_options.geometry, dense[f]);
         int64_t next = 0;
-        const psgd::ProbeSource source = [&, f, draws](int64_t) {
+        const psgd::ProbeSource source = [&, f](int64_t) {
           const int64_t k = next++;
-          if (!unit.batched) {
-            return probes[f][k];
-          }
-          std::vector<at::Tensor> rows;
-          for (int64_t s = 0; s < unit.count; ++s) {
-            rows.push_back(probes[f][s * draws + k]);
-          }
-          return at::stack(rows);
+          return host_batch([&](int64_t p) { return draws[p].probes[f][k]; });
         };
         psgd::update_factor_(q, t1, t2, l, factor_options, source, unit.batched);
         updated.push_back(q);
       }
       if (track_lipschitz) {
-        lip_store.copy_(lip);
+        if (unit.batched && !unit.chunk) {
+          for (int64_t s = 0; s < count; ++s) {
+            lipschitz[unit.members[s].i].copy_(lip.select(0, s));
+          }
+        } else {
+          of_unit(unit, [&](size_t j) { return lipschitz[j]; }, std::nullopt).copy_(lip);
+        }
       }
       new_factors[u] = std::move(updated);
     }
-    skip_group_until(group_sizes.size());
     // LX / rollfast: balance the factor norms with probability 0.01.
     if (at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < 0.01) {
       for (size_t u = 0; u < units_n; ++u) {
@@ -517,25 +620,17 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   }
   rng_state.copy_(gen.get_state());
 
-  // d = P m per unit, then per-slice views for the clip and the apply.
-  std::vector<at::Tensor> unit_updates(units_n);
+  // d = P m per unit, then per-problem views (group order) for the clip and the apply.
+  std::vector<at::Tensor> updates(slices.size());
   for (size_t u = 0; u < units_n; ++u) {
     const Unit& unit = units[u];
-    if (unit.count == 0) {
-      continue;
-    }
     const auto& factors = do_update && update_preconditioner_first ? new_factors[u] : old_factors[u];
-    unit_updates[u] =
-        psgd::apply_p(chunk_of(b1 > 0.0 ? m[unit.i] : g[unit.i], unit), factors, unit.batched, triangular);
-  }
-  std::vector<at::Tensor> updates;
-  for (size_t u = 0; u < units_n; ++u) {
-    if (!units[u].batched) {
-      updates.push_back(unit_updates[u]);
-      continue;
-    }
-    for (int64_t s = 0; s < units[u].count; ++s) {
-      updates.push_back(unit_updates[u].select(0, s));  // views: the clip scales them in place
+    const at::Tensor d = psgd::apply_p(of_unit(
+                                           unit, [&](size_t j) { return b1 > 0.0 ? m[j] : g[j]; }, std::nullopt),
+                                       factors, unit.batched, triangular);
+    for (size_t s = 0; s < unit.members.size(); ++s) {
+      // Views: the clip scales them in place.
+      updates[position(unit.members[s])] = unit.batched ? d.select(0, static_cast<int64_t>(s)) : d;
     }
   }
   if (post_clip) {
@@ -545,23 +640,22 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     // After preconditioning: old_factors may view the stored factors.
     for (size_t u = 0; u < units_n; ++u) {
       const Unit& unit = units[u];
-      if (unit.count == 0) {
-        continue;
-      }
       if (!unit.batched) {
-        store(preconditioners[unit.i], flatten_factors(new_factors[u]), seed, kPreconditionerSalt,
-              index_of({unit.i, -1}), group->steps[unit.i]);
+        const Slice& slice = unit.members[0];
+        store(part(preconditioners[slice.i], slice), flatten_factors(new_factors[u]), seed, kPreconditionerSalt,
+              index_of(slice), group->steps[slice.i]);
         continue;
       }
+      const auto count = static_cast<int64_t>(unit.members.size());
       std::vector<at::Tensor> flat;
       for (const auto& q : new_factors[u]) {
-        flat.push_back(q.reshape({unit.count, -1}));
+        flat.push_back(q.reshape({count, -1}));
       }
       const at::Tensor all = at::cat(flat, 1);
-      for (int64_t s = 0; s < unit.count; ++s) {
-        const Slice slice{unit.i, unit.start + s};
-        store(part(preconditioners[unit.i], slice), all.select(0, s), seed, kPreconditionerSalt, index_of(slice),
-              group->steps[unit.i]);
+      for (int64_t s = 0; s < count; ++s) {
+        const Slice& slice = unit.members[s];
+        store(part(preconditioners[slice.i], slice), all.select(0, s), seed, kPreconditionerSalt, index_of(slice),
+              group->steps[slice.i]);
       }
     }
   }
@@ -583,8 +677,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     const double alpha = -group->lr * multiplier;
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       const uint64_t stream = kernels::cpu::rounding_stream(seed, index, slice_step);
-      kernels::cpu::muon_apply_update_reduced(param, updates[k].to(at::kFloat).contiguous(), decay, alpha,
-                                              stochastic_rounding, stream);
+      psgd_device::apply_update_reduced(param, updates[k], decay, alpha, stochastic_rounding, stream);
     } else {
       param.mul_(decay);
       param.add_(updates[k].to(param.scalar_type()), alpha);

@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "common/tensor_lists.h"
-#include "kernels/cpu/muon.h"
+#include "functional/psgd_device.h"
 #include "kernels/cpu/stochastic_rounding.h"
 
 namespace torchopt_ext::functional {
@@ -115,16 +115,15 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
       ++k;
     }
   }
+  // On CUDA every step is ATen ops plus the reduced-precision store: no host
+  // read (the clip and the Lie step's norm stay 0-d device tensors).
+  psgd_device::check_host_scalars(op, params, lr, state_steps);
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"momentum_buffers", momentum_buffers}}},
                                                     state_steps, lr, grad_scale, found_inf);
   if (!group) {
     return;
   }
-  if (group->amp.grad_scale) {
-    for (auto& grad : group->grads) {
-      grad.div_(*group->amp.grad_scale);
-    }
-  }
+  psgd_device::unscale_grads_(*group);
   size_t k = 0;
   for (size_t i = 0; i < group->params.size(); ++i) {
     at::Tensor& param = group->params[i];
@@ -153,7 +152,7 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
     buffer.mul_(momentum).add_(direction);
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(param, buffer.contiguous(), 1.0, -group->lr, stochastic_rounding, stream);
+      psgd_device::apply_update_reduced(param, buffer.contiguous(), 1.0, -group->lr, stochastic_rounding, stream);
     } else {
       param.add_(buffer, -group->lr);
     }

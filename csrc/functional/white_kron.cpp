@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "common/tensor_lists.h"
-#include "kernels/cpu/muon.h"
+#include "functional/psgd_device.h"
 #include "kernels/cpu/stochastic_rounding.h"
 
 namespace torchopt_ext::functional {
@@ -67,22 +67,25 @@ at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe) {
   return at::where(bcast(rotate & (tr_rq > 0)), rotated, q);
 }
 
-at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math) {
-  return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(math);
+// Draws come from a CPU generator (the stream seeds are host values) and are
+// copied to `device`: the same numbers on the CPU and on CUDA, no sync.
+at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math, at::Device device) {
+  return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(device, math);
 }
 
 // Draws for a tile stack. With `index` (the ownership path: this call holds
 // some tiles of the group's stack of `total`), the whole stack's draws are
 // made and this call's rows taken, so a tile's draws do not depend on which
 // rank steps it.
-at::Tensor draw_tiles(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math, const at::Tensor& index,
-                      int64_t total) {
+at::Tensor draw_tiles(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math, at::Device device,
+                      const at::Tensor& index, int64_t total) {
   if (!index.defined()) {
-    return draw(gen, shape, math);
+    return draw(gen, shape, math, device);
   }
   std::vector<int64_t> whole(shape.begin(), shape.end());
   whole[0] = total;
-  return draw(gen, whole, math).index_select(0, index);
+  // Rows picked on the host (index is a host tensor), then copied.
+  return draw(gen, whole, math, at::kCPU).index_select(0, index).to(device);
 }
 
 // Dense factor update (QUAD or skew) of each tile; returns the new Q and L.
@@ -91,9 +94,9 @@ std::pair<at::Tensor, at::Tensor> dense_update(const at::Tensor& term1, const at
                                                at::Generator& gen, const at::Tensor& tile_index, int64_t total_tiles) {
   const int64_t t = q.size(0);
   const int64_t n = q.size(1);
-  const at::Tensor ell_probe = draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), tile_index, total_tiles);
+  const at::Tensor ell_probe = draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), q.device(), tile_index, total_tiles);
   const at::Tensor rot_probe =
-      skew ? draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), tile_index, total_tiles) : at::Tensor();
+      skew ? draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), q.device(), tile_index, total_tiles) : at::Tensor();
   const at::Tensor ell = norm_lower_bound(term1, ell_probe, false) + term2;
   const at::Tensor new_lip = at::maximum(kBetaLipschitz * lip + (1 - kBetaLipschitz) * ell, ell);
   const at::Tensor t2 = bcast(term2);
@@ -128,10 +131,14 @@ struct Batch {
   int64_t total_tiles = 0;
 };
 
-at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& valid_rows, const at::Tensor& valid_cols,
-                        const at::Tensor& plr, double noise_scale, bool skew, at::Generator& gen) {
+at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& host_valid_rows,
+                        const at::Tensor& host_valid_cols, const at::Tensor& plr, double noise_scale, bool skew,
+                        at::Generator& gen) {
   const auto math = g.scalar_type();
-  const at::Tensor noise = draw_tiles(gen, g.sizes(), math, b.tile_index, b.total_tiles);
+  const at::Tensor noise = draw_tiles(gen, g.sizes(), math, g.device(), b.tile_index, b.total_tiles);
+  // The valid extents are built on the host from the shapes.
+  const at::Tensor valid_rows = host_valid_rows.to(g.device());
+  const at::Tensor valid_cols = host_valid_cols.to(g.device());
   const at::Tensor rmask = at::arange(g.size(1), valid_rows.options()).unsqueeze(0) < valid_rows.unsqueeze(1);
   const at::Tensor cmask = at::arange(g.size(2), valid_cols.options()).unsqueeze(0) < valid_cols.unsqueeze(1);
   const at::Tensor mask = (rmask.unsqueeze(2) & cmask.unsqueeze(1)).to(math);
@@ -175,8 +182,9 @@ at::Tensor from_tiles(const at::Tensor& tiles, int64_t m, int64_t n, int64_t bs)
   return tiles.view({tr, tc, bs, bs}).permute({0, 2, 1, 3}).reshape({tr * bs, tc * bs}).narrow(0, 0, m).narrow(1, 0, n);
 }
 
-// Valid extent of each of `count` blocks of size bs covering `size`.
-at::Tensor valid_extents(int64_t size, int64_t bs, int64_t count_along, int64_t repeat_inner, int64_t repeat_outer) {
+// Valid extent of each of `count` blocks of size bs covering `size` (host values).
+std::vector<int64_t> valid_extent_values(int64_t size, int64_t bs, int64_t count_along, int64_t repeat_inner,
+                                         int64_t repeat_outer) {
   std::vector<int64_t> out;
   for (int64_t o = 0; o < repeat_outer; ++o) {
     for (int64_t i = 0; i < count_along; ++i) {
@@ -185,7 +193,12 @@ at::Tensor valid_extents(int64_t size, int64_t bs, int64_t count_along, int64_t 
       }
     }
   }
-  return at::tensor(out, at::kLong);
+  return out;
+}
+
+// The same as a CPU int64 tensor.
+at::Tensor valid_extents(int64_t size, int64_t bs, int64_t count_along, int64_t repeat_inner, int64_t repeat_outer) {
+  return at::tensor(valid_extent_values(size, bs, count_along, repeat_inner, repeat_outer), at::kLong);
 }
 
 at::Tensor padded_identity(int64_t bs, int64_t valid, const at::TensorOptions& options) {
@@ -269,10 +282,10 @@ std::vector<at::Tensor> white_kron_init_state(const at::Tensor& param, int64_t m
   const auto lip_opts = param.options().dtype(math);
   const double s = preconditioner_init_scale;
   const int64_t bs = block_size;
-  auto identity_tiles = [&](const at::Tensor& valid) {
+  auto identity_tiles = [&](const std::vector<int64_t>& valid) {
     std::vector<at::Tensor> tiles;
-    for (int64_t i = 0; i < valid.size(0); ++i) {
-      tiles.push_back(padded_identity(bs, valid[i].item<int64_t>(), param.options().dtype(math)) * s);
+    for (const int64_t extent : valid) {
+      tiles.push_back(padded_identity(bs, extent, param.options().dtype(math)) * s);
     }
     return at::stack(tiles).to(storage);
   };
@@ -282,16 +295,17 @@ std::vector<at::Tensor> white_kron_init_state(const at::Tensor& param, int64_t m
       return {at::full({m}, s, opts), at::empty({0}, opts), at::zeros({1}, lip_opts), at::zeros({1}, lip_opts)};
     case WhiteKronLayout::kDense: {
       const int64_t tr = ceil_div(m, bs), tc = ceil_div(n, bs);
-      return {identity_tiles(valid_extents(m, bs, tr, tc, 1)), identity_tiles(valid_extents(n, bs, tc, 1, tr)),
-              at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
+      return {identity_tiles(valid_extent_values(m, bs, tr, tc, 1)),
+              identity_tiles(valid_extent_values(n, bs, tc, 1, tr)), at::zeros({layout.tiles}, lip_opts),
+              at::zeros({layout.tiles}, lip_opts)};
     }
     case WhiteKronLayout::kLargeDiag:
       return {at::full({m}, s, opts), at::full({n}, s, opts), at::zeros({1}, lip_opts), at::zeros({1}, lip_opts)};
     case WhiteKronLayout::kRowStrips:
-      return {identity_tiles(valid_extents(m, bs, layout.tiles, 1, 1)), at::full({layout.tiles, n}, s, opts),
+      return {identity_tiles(valid_extent_values(m, bs, layout.tiles, 1, 1)), at::full({layout.tiles, n}, s, opts),
               at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
     case WhiteKronLayout::kColStrips:
-      return {at::full({layout.tiles, m}, s, opts), identity_tiles(valid_extents(n, bs, layout.tiles, 1, 1)),
+      return {at::full({layout.tiles, m}, s, opts), identity_tiles(valid_extent_values(n, bs, layout.tiles, 1, 1)),
               at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
   }
   TORCH_CHECK(false, "white_kron_init_state: unknown layout");
@@ -360,16 +374,13 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
         op, ": ql[", i, "] / qr[", i, "] must be float32 or bfloat16 (float64 for float64 params), got ",
         ql[i].scalar_type());
   }
+  psgd_device::check_host_scalars(op, params, lr, state_steps);
   auto group = common::prepare_elementwise_group<1>(op, params, grads, {{{"mus", mus, b1 > 0.0}}}, state_steps, lr,
                                                     grad_scale, found_inf);
   if (!group) {
     return;
   }
-  if (group->amp.grad_scale) {
-    for (auto& grad : group->grads) {
-      grad.div_(*group->amp.grad_scale);
-    }
-  }
+  psgd_device::unscale_grads_(*group);
   const int64_t bs = block_size;
   // 1. The (bias-corrected, optionally normalised) momentum of every param.
   std::vector<at::Tensor> u(count);
@@ -437,11 +448,18 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       b.total_tiles = dense_tiles[0];
       stream_step = dense_tiles[1];
     }
+    // Host step counters: the per-tile schedules are built on the host and copied.
+    const auto device = group->params[dense[0]].device();
     const at::Tensor steps = at::cat(tile_steps);
-    const at::Tensor plr = ((preconditioner_lr / (1.0 + steps / 10000.0).sqrt()).clamp_min(0.4)).to(math);
-    // Balance the two factors of a tile every balance_every steps (before the update).
-    const at::Tensor balance = at::fmod(steps, static_cast<double>(balance_every)) == 0;
-    if (balance.any().item<bool>()) {
+    const at::Tensor plr = ((preconditioner_lr / (1.0 + steps / 10000.0).sqrt()).clamp_min(0.4)).to(device, math);
+    // Balance the two factors of a tile every balance_every steps (before the
+    // update). Whether any tile balances is a host decision (no read back).
+    const at::Tensor balance = (at::fmod(steps, static_cast<double>(balance_every)) == 0).to(device);
+    bool any_balance = false;
+    for (size_t i : dense) {
+      any_balance = any_balance || std::fmod(group->steps[i], static_cast<double>(balance_every)) == 0.0;
+    }
+    if (any_balance) {
       const at::Tensor nl = b.ql.abs().amax({1, 2});
       const at::Tensor nr = b.qr.abs().amax({1, 2});
       const at::Tensor s = (nl * nr).sqrt();
@@ -469,8 +487,8 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     const auto math = math_of(group->params[i]);
     const double t = group->steps[i];
-    const at::Tensor plr =
-        at::full({lay.kind == WhiteKronLayout::kOneD ? 1 : lay.tiles}, plr_of(t), at::TensorOptions().dtype(math));
+    const at::Tensor plr = at::full({lay.kind == WhiteKronLayout::kOneD ? 1 : lay.tiles}, plr_of(t),
+                                    group->params[i].options().dtype(math));
     const int64_t path = lay.kind == WhiteKronLayout::kLargeDiag   ? 1
                          : lay.kind == WhiteKronLayout::kRowStrips ? 2
                          : lay.kind == WhiteKronLayout::kColStrips ? 3
@@ -480,7 +498,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     if (lay.kind == WhiteKronLayout::kOneD) {
       const at::Tensor g = u[i].reshape({1, -1});
       const at::Tensor q = ql[i].to(math).unsqueeze(0);
-      const at::Tensor gn = g + draw(gen, g.sizes(), math) * noise_scale;
+      const at::Tensor gn = g + draw(gen, g.sizes(), math, g.device()) * noise_scale;
       const at::Tensor pg = q * q * gn;
       auto [q_new, l_new] = diag_update(pg * pg, at::ones({1}, g.options()), lip_l[i], q, plr, skew);
       out[i] = (q_new * q_new * g).reshape(group->params[i].sizes());
@@ -547,8 +565,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     const double decay = 1.0 - group->lr * weight_decay;
     if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
       const uint64_t stream = kernels::cpu::rounding_stream(seed, key_of(i), group->steps[i]);
-      kernels::cpu::muon_apply_update_reduced(param, upd.to(at::kFloat).contiguous(), decay, -group->lr,
-                                              stochastic_rounding, stream);
+      psgd_device::apply_update_reduced(param, upd, decay, -group->lr, stochastic_rounding, stream);
     } else {
       param.mul_(decay).add_(upd.to(param.scalar_type()), -group->lr);
     }

@@ -29,7 +29,8 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "float? raw_global_grad_clip=None, bool permissive_spike_protection=True, int newton_schulz_iters=5, "
       "bool maximize=False, bool use_magma=False, float magma_p=0.5, float magma_tau=2.0, "
       "bool stochastic_rounding=False, int seed=0, bool stacked=False, int? stacked_chunk_size=None, "
-      "int[]? stacked_slices=None, Tensor? grad_scale=None, Tensor? found_inf=None, int[] param_indices=[], "
+      "int[]? stacked_slices=None, bool? batch_equal_shapes=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "int[] param_indices=[], "
       "int[] group_shapes=[]) -> ()");
   m.def(
       "kron_factor_layout(int[] shape, *, int max_size_triangular=8192, float max_skew_triangular=1.0, "
@@ -38,3 +39,9 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) { m.impl("kron_step_", &torchopt_ext::functional::kron_step_); }
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+// ATen ops (cuBLAS GEMMs, cuSOLVER-free triangular solves) plus the CUDA
+// reduced-precision store; the generator stays on the host (functional/kron.h).
+TORCH_LIBRARY_IMPL(torchopt_ext, CUDA, m) { m.impl("kron_step_", &torchopt_ext::functional::kron_step_); }
+#endif

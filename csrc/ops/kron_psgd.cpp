@@ -12,3 +12,8 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) { m.impl("kron_psgd_step_", &torchopt_ext::functional::kron_psgd_step_); }
+
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+// ATen ops (cuBLAS GEMMs, triangular solves) plus the CUDA reduced-precision store.
+TORCH_LIBRARY_IMPL(torchopt_ext, CUDA, m) { m.impl("kron_psgd_step_", &torchopt_ext::functional::kron_psgd_step_); }
+#endif

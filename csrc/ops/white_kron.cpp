@@ -19,6 +19,12 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) { m.impl("white_kron_step_", &torchopt_ext::functional::white_kron_step_); }
 
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+// ATen ops (batched cuBLAS GEMMs over the tile stack) plus the CUDA
+// reduced-precision store; draws on the host generator (functional/white_kron.h).
+TORCH_LIBRARY_IMPL(torchopt_ext, CUDA, m) { m.impl("white_kron_step_", &torchopt_ext::functional::white_kron_step_); }
+#endif
+
 TORCH_LIBRARY_IMPL(torchopt_ext, CompositeExplicitAutograd, m) {
   m.impl("white_kron_init_state", &torchopt_ext::functional::white_kron_init_state);
 }

@@ -82,7 +82,8 @@ bool operator==(const KronOptions& lhs, const KronOptions& rhs) {
          lhs.newton_schulz_iters() == rhs.newton_schulz_iters() && lhs.maximize() == rhs.maximize() &&
          lhs.use_magma() == rhs.use_magma() && lhs.magma_p() == rhs.magma_p() && lhs.magma_tau() == rhs.magma_tau() &&
          lhs.stochastic_rounding() == rhs.stochastic_rounding() && lhs.seed() == rhs.seed() &&
-         lhs.stacked_chunk_size() == rhs.stacked_chunk_size() && lhs.stacked() == rhs.stacked();
+         lhs.stacked_chunk_size() == rhs.stacked_chunk_size() && lhs.stacked() == rhs.stacked() &&
+         lhs.batch_equal_shapes() == rhs.batch_equal_shapes();
 }
 
 namespace {
@@ -143,6 +144,9 @@ void KronOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stacked);
   // 0 encodes nullopt (a chunk size is >= 1).
   archive.write("stacked_chunk_size", torch::IValue(stacked_chunk_size().value_or(0)));
+  // -1 encodes nullopt (the default rule), 0 / 1 false / true.
+  archive.write("batch_equal_shapes",
+                torch::IValue(static_cast<int64_t>(batch_equal_shapes() ? (*batch_equal_shapes() ? 1 : 0) : -1)));
 }
 
 void KronOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -189,6 +193,8 @@ void KronOptions::serialize(torch::serialize::InputArchive& archive) {
   stacked(archive.try_read("stacked", value) && value.toBool());
   const int64_t chunk = archive.try_read("stacked_chunk_size", value) ? value.toInt() : 0;
   stacked_chunk_size(chunk > 0 ? std::optional<int64_t>(chunk) : std::nullopt);
+  const int64_t batch = archive.try_read("batch_equal_shapes", value) ? value.toInt() : -1;
+  batch_equal_shapes(batch < 0 ? std::nullopt : std::optional<bool>(batch == 1));
 }
 
 double KronOptions::get_lr() const { return lr(); }
@@ -289,17 +295,17 @@ at::Tensor Kron::step(LossClosure closure) {
     if (options.preconditioner_update_probability()) {
       probability = at::scalar_tensor(*options.preconditioner_update_probability(), at::kDouble);
     }
-    functional::kron_step_(params, grads, mus, qs, ls, scores, steps, at::scalar_tensor(options.lr(), at::kDouble),
-                           rng_state_, options.b1(), options.weight_decay(), probability, options.max_size_triangular(),
-                           options.max_skew_triangular(), options.min_ndim_triangular(),
-                           memory_save_mode ? std::optional<c10::string_view>(*memory_save_mode) : std::nullopt,
-                           options.whiten_grad(), options.update_preconditioner_first(), options.preconditioner_lr(),
-                           options.preconditioner_init_scale(), options.preconditioner_mode(), options.beta_lipschitz(),
-                           options.track_lipschitz(), options.damping(), clip_amps(options), options.grad_clip_mode(),
-                           options.raw_global_grad_clip(), options.permissive_spike_protection(),
-                           options.newton_schulz_iters(), options.maximize(), options.use_magma(), options.magma_p(),
-                           options.magma_tau(), options.stochastic_rounding(), options.seed(), options.stacked(),
-                           options.stacked_chunk_size(), std::nullopt, std::nullopt, std::nullopt);
+    functional::kron_step_(
+        params, grads, mus, qs, ls, scores, steps, at::scalar_tensor(options.lr(), at::kDouble), rng_state_,
+        options.b1(), options.weight_decay(), probability, options.max_size_triangular(), options.max_skew_triangular(),
+        options.min_ndim_triangular(),
+        memory_save_mode ? std::optional<c10::string_view>(*memory_save_mode) : std::nullopt, options.whiten_grad(),
+        options.update_preconditioner_first(), options.preconditioner_lr(), options.preconditioner_init_scale(),
+        options.preconditioner_mode(), options.beta_lipschitz(), options.track_lipschitz(), options.damping(),
+        clip_amps(options), options.grad_clip_mode(), options.raw_global_grad_clip(),
+        options.permissive_spike_protection(), options.newton_schulz_iters(), options.maximize(), options.use_magma(),
+        options.magma_p(), options.magma_tau(), options.stochastic_rounding(), options.seed(), options.stacked(),
+        options.stacked_chunk_size(), std::nullopt, options.batch_equal_shapes(), std::nullopt, std::nullopt);
   }
   return loss;
 }

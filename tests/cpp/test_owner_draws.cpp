@@ -53,7 +53,7 @@ void call(KronState& s, const std::vector<at::Tensor>& grads, const std::vector<
                          pick(s.steps), torch::scalar_tensor(0.01, torch::kDouble), rng, 0.9, 0.1, prob, 8192, 1.0, 2,
                          std::nullopt, true, true, 0.1, 1.0, "Q0.5EQ1.5", 0.9, true, 1e-9, amps, "per_tensor_rms",
                          std::nullopt, true, 5, false, true, 0.6, 2.0, false, 5, /*stacked=*/false, std::nullopt,
-                         std::nullopt, std::nullopt, std::nullopt,
+                         std::nullopt, /*batch_equal_shapes=*/std::nullopt, std::nullopt, std::nullopt,
                          group_shapes.empty() ? at::IntArrayRef(none) : at::IntArrayRef(idx), group_shapes);
 }
 

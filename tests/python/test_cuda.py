@@ -1574,3 +1574,209 @@ def test_cuda_issue7_compiled_step_matches_eager(name):
 # ==============================================================================
 # End of the issue 7 block.
 # ==============================================================================
+
+
+# -- PSGD family on CUDA: Kron, KronPSGD, WhiteKron ----------------------------
+# ATen ops (cuBLAS) plus the CUDA reduced-precision store; the generators,
+# the update gate and every random draw stay on the host and are copied, so
+# a seed draws the same numbers on both devices and CUDA vs CPU differ only
+# by GEMM / reduction rounding. TF32 is disabled (fp32 GEMMs in full fp32).
+# Tolerances over 10 steps: float64 1e-9 (cuBLAS vs MKL summation order,
+# compounded over the factor updates), float32 1e-3 absolute on O(1) values.
+PSGD_TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+
+
+@pytest.fixture
+def no_tf32():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _psgd_run(cls, shapes, device, dtype, steps=10, **kwargs):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    params = [x.to(device=device, dtype=dtype).requires_grad_() for x in init]
+    opt = cls(params, **kwargs)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device=device, dtype=dtype)
+        opt.step()
+    return [p.detach().cpu() for p in params], opt
+
+
+def _psgd_compare(cls, shapes, dtype, **kwargs):
+    cpu, cpu_opt = _psgd_run(cls, shapes, "cpu", dtype, **kwargs)
+    gpu, gpu_opt = _psgd_run(cls, shapes, "cuda", dtype, **kwargs)
+    for a, b in zip(cpu, gpu):
+        err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        assert err <= PSGD_TOL[dtype], f"{cls.__name__} {kwargs}: CUDA vs CPU {err}"
+    return cpu_opt, gpu_opt
+
+
+# 1-D (diagonal), dense 2-D, mixed (one axis over max_size_triangular), 3-D,
+# a 0-d, and two params of equal shape (batched together on CUDA by default).
+KRON_SHAPES = [(7,), (12, 9), (40, 6), (3, 4, 5), (), (12, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "EQ", "QUAD", "NS", "EXP", "TAYLOR2", "HYPER"])
+def test_cuda_kron_matches_cpu(no_tf32, mode, dtype):
+    cpu_opt, gpu_opt = _psgd_compare(
+        tox.Kron,
+        KRON_SHAPES,
+        dtype,
+        lr=0.02,
+        seed=3,
+        preconditioner_mode=mode,
+        max_size_triangular=20,
+        preconditioner_update_probability=1.0,
+    )
+    # The host generator drew the same numbers in the same order.
+    assert torch.equal(cpu_opt.param_groups[0]["rng_state"], gpu_opt.param_groups[0]["rng_state"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),  # default schedule for the update probability, lazy init scale
+        dict(memory_save_mode="all_diag"),
+        dict(grad_clip_mode="global_rms", raw_global_grad_clip=5.0),
+        dict(whiten_grad=False, update_preconditioner_first=False, weight_decay=0.1),
+        dict(batch_equal_shapes=False),
+    ],
+)
+def test_cuda_kron_options_match_cpu(no_tf32, kwargs):
+    _psgd_compare(tox.Kron, KRON_SHAPES, torch.float64, lr=0.02, seed=3, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "EQ"])
+def test_cuda_kron_stacked_matches_cpu(no_tf32, mode, chunk):
+    _psgd_compare(
+        tox.Kron,
+        [(4, 8, 6), (3, 5, 2, 3)],
+        torch.float64,
+        lr=0.02,
+        seed=3,
+        stacked=True,
+        stacked_chunk_size=chunk,
+        preconditioner_mode=mode,
+        preconditioner_update_probability=1.0,
+    )
+
+
+def test_cuda_kron_bf16_state_and_params_track_cpu(no_tf32):
+    # bf16 params, momentum and factors stored with stochastic rounding from
+    # the same hash on both devices: after rounding-level differences in the
+    # fp32 math the stored values mostly agree bit for bit.
+    kwargs = dict(lr=0.02, seed=3, mu_dtype=torch.bfloat16, precond_dtype=torch.bfloat16, stochastic_rounding=True)
+    cpu, _ = _psgd_run(tox.Kron, [(12, 9), (7,)], "cpu", torch.bfloat16, **kwargs)
+    gpu, _ = _psgd_run(tox.Kron, [(12, 9), (7,)], "cuda", torch.bfloat16, **kwargs)
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        assert (a == b).float().mean() > 0.9
+
+
+def test_cuda_kron_rejects_device_lr_probability_and_magma_before_touching_state():
+    p = torch.randn(4, 3, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    for kwargs, message in [
+        (dict(lr=torch.tensor(0.01, device="cuda")), "lr must be a float or a CPU tensor"),
+        (dict(use_magma=True), "use_magma"),
+    ]:
+        opt = tox.Kron([p], **kwargs)
+        before = p.detach().clone()
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert torch.equal(p.detach(), before)
+        assert float(opt.state[p]["step"]) == 0.0
+    opt = tox.Kron([p], preconditioner_update_probability=lambda n: torch.ones((), device="cuda"))
+    with pytest.raises((ValueError, RuntimeError), match="preconditioner_update_probability"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["Kron", "KronPSGD", "WhiteKron"])
+def test_cuda_psgd_gradscaler_unscales_on_the_device_like_cpu(no_tf32, name):
+    # GradScaler hands the optimizer a CUDA grad_scale / found_inf: the grads
+    # are divided on the device (no host read of the scale); the model matches
+    # an unscaled CPU run.
+    cls = getattr(tox, name)
+    model = torch.nn.Linear(16, 8).double().cuda()
+    ref = torch.nn.Linear(16, 8).double()
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    opt = cls(model.parameters(), lr=1e-2)
+    ref_opt = cls(ref.parameters(), lr=1e-2)
+    if name != "KronPSGD":
+        opt = cls(model.parameters(), lr=1e-2, seed=4)
+        ref_opt = cls(ref.parameters(), lr=1e-2, seed=4)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(model(x.cuda()).square().sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        ref(x).square().sum().backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_kron_psgd_matches_cpu(no_tf32, dtype):
+    _psgd_compare(tox.KronPSGD, [(12, 9), (7,), (5, 5)], dtype, lr=0.01)
+
+
+def test_cuda_kron_psgd_bf16_params_track_cpu(no_tf32):
+    kwargs = dict(lr=0.01, stochastic_rounding=True)
+    cpu, _ = _psgd_run(tox.KronPSGD, [(12, 9), (7,)], "cpu", torch.bfloat16, **kwargs)
+    gpu, _ = _psgd_run(tox.KronPSGD, [(12, 9), (7,)], "cuda", torch.bfloat16, **kwargs)
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("style", ["skew", "quad"])
+def test_cuda_white_kron_matches_cpu(no_tf32, style, dtype):
+    # Dense tiles (with padding), row and column strips, large-diagonal, 1-D;
+    # balance_every=3 balances within the run.
+    _psgd_compare(
+        tox.WhiteKron,
+        [(20, 12), (9,), (40, 6), (6, 40), (50, 45), (3, 4, 5)],
+        dtype,
+        lr=0.01,
+        update_style=style,
+        block_size=8,
+        max_size_dense=32,
+        balance_every=3,
+        seed=2,
+    )
+
+
+@pytest.mark.parametrize("name", ["Kron", "KronPSGD", "WhiteKron"])
+def test_cuda_psgd_compiled_step_matches_eager(no_tf32, name):
+    cls = getattr(tox, name)
+    kwargs = {"Kron": dict(seed=1, preconditioner_update_probability=1.0), "KronPSGD": {}, "WhiteKron": dict(seed=1)}[
+        name
+    ]
+
+    def run(compiled):
+        torch.manual_seed(1)
+        params = [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda"), torch.randn(8, 5, device="cuda")]
+        grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+        opt = cls(params, lr=0.01, **kwargs)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

@@ -121,6 +121,21 @@ class Kron(OwnedStateMixin, FusedOptimizer):
     the lazy init scale (a max over all slices) costs one all-reduce of a
     float64 on a param's first step, and ``raw_global_grad_clip`` and
     ``grad_clip_mode="global_rms"`` (group-wide norms) are not supported.
+
+    ``batch_equal_shapes`` (a group option): problems of one shape (the
+    slices of a stacked param, and unstacked params of equal shape and math
+    dtype) are updated as one batch (True: bmm chains, at most
+    ``stacked_chunk_size`` problems each) or one at a time (False). None (the
+    default): batched on CUDA, on the CPU only for slices of at most 8192
+    elements, where bmm beats a loop of mm (docs/benchmarks.md). The draws are
+    the same either way, so results agree to rounding.
+
+    CUDA params: the op runs on the params' device (ATen / cuBLAS, disable
+    TF32 for fp32-exact GEMMs); the generator, the update gate and the draws
+    stay on the host (copied to the device), so a step makes no device sync
+    except the lazy init scale on a param's first step, a CUDA ``found_inf``
+    and ``raw_global_grad_clip``'s skip decision. lr must be a float or CPU
+    tensor; ``use_magma`` is CPU-only for now.
     """
 
     _op = "kron_step_"
@@ -167,6 +182,7 @@ class Kron(OwnedStateMixin, FusedOptimizer):
         stochastic_rounding: bool = False,
         stacked: bool = False,
         stacked_chunk_size: Optional[int] = None,
+        batch_equal_shapes: Optional[bool] = None,
     ) -> None:
         seed = draw_seed(seed, True)
         generator = torch.Generator()
@@ -204,6 +220,7 @@ class Kron(OwnedStateMixin, FusedOptimizer):
             seed=seed,
             stacked=stacked,
             stacked_chunk_size=stacked_chunk_size,
+            batch_equal_shapes=batch_equal_shapes,
             # One generator per optimizer: every group holds this same tensor.
             rng_state=generator.get_state(),
         )
@@ -264,6 +281,9 @@ class Kron(OwnedStateMixin, FusedOptimizer):
         chunk = group["stacked_chunk_size"]
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"Invalid stacked_chunk_size: must be None or an int >= 1, got {chunk!r}")
+        batch = group.setdefault("batch_equal_shapes", None)  # absent from older checkpoints
+        if batch is not None and not isinstance(batch, bool):
+            raise ValueError(f"Invalid batch_equal_shapes: must be None, True or False, got {batch!r}")
 
     # -- state ------------------------------------------------------------------
 
@@ -482,6 +502,7 @@ class Kron(OwnedStateMixin, FusedOptimizer):
             stacked=group["stacked"],
             stacked_chunk_size=group["stacked_chunk_size"],
             stacked_slices=stacked_slices,
+            batch_equal_shapes=group["batch_equal_shapes"],
             **kwargs,
             **amp,
         )

@@ -20,7 +20,8 @@
 namespace torchopt_ext::common {
 
 // The L2 norm over all elements of all `tensors`, as a 0-d tensor in float32
-// (float64 when any input is float64), accumulated in that dtype.
+// (float64 when any input is float64), accumulated in that dtype on the
+// first tensor's device.
 at::Tensor global_l2_norm(at::TensorList tensors);
 
 struct RawClipResult {

@@ -23,6 +23,7 @@
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/ArrayRef.h>
 
 #include <functional>
@@ -175,6 +176,18 @@ int64_t probe_draws(Geometry geometry, bool dense);
 // exactly as the rank that does (Kron's ownership path).
 void skip_update_factor_draws(int64_t d, bool dense, const FactorUpdateOptions& options, at::ScalarType dtype,
                               at::Generator& gen);
+
+// ---- batched vs one problem at a time -------------------------------------
+
+// Largest slice (numel of one problem) that the CPU updates as a batch by
+// default: above it ATen's bmm loses to a loop of separate mm calls
+// (measured with benchmarks/bench_kron.py --stacked, docs/benchmarks.md).
+constexpr int64_t kCpuBatchedMaxNumel = 8192;
+
+// The default of Kron's batch_equal_shapes for problems of `slice_numel`
+// elements: always batched off the CPU (one bmm chain instead of many small
+// GEMM launches), on the CPU only up to kCpuBatchedMaxNumel.
+bool prefer_batched(const at::Device& device, int64_t slice_numel);
 
 // LX balance_kron_precond: n_i = max |Q_i|, g = (prod n_i)^(1/k),
 // Q_i <- Q_i g / n_i (no-op for fewer than two factors). In place.

@@ -39,6 +39,19 @@
 // the draws of the slices other ranks hold, so the generator and the
 // tensor indices are the single-process ones.
 //
+// Batching, `batch_equal_shapes`: problems of one shape and math dtype
+// (the slices of a stacked param, in chunks of at most stacked_chunk_size;
+// unstacked params of equal shape, at most stacked_chunk_size per batch)
+// are updated as one batch (true) or one at a time (false); nullopt:
+// common::psgd::prefer_batched (always on CUDA, on the CPU only up to
+// kCpuBatchedMaxNumel elements per problem). The draws are made per problem
+// in group order before any math either way, so only rounding differs.
+//
+// Devices: CPU and CUDA params (ATen ops; the reduced-precision store has a
+// CUDA kernel). rng_state, update_probability, lr and the step counters are
+// host tensors (the gate and all draws come from the host generator; the
+// draws are copied to the params' device); use_magma is CPU-only.
+//
 // Ownership path (distributed, Python's Kron with distributed_mode): a call
 // holds the params one rank owns. `param_indices` (ascending; one per param:
 // its index among the group's params with grads) keys Magma's draws and the
@@ -86,8 +99,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 std::optional<double> raw_global_grad_clip, bool permissive_spike_protection,
                 int64_t newton_schulz_iters, bool maximize, bool use_magma, double magma_p, double magma_tau,
                 bool stochastic_rounding, int64_t seed, bool stacked, std::optional<int64_t> stacked_chunk_size,
-                at::OptionalIntArrayRef stacked_slices, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, at::IntArrayRef param_indices = {},
-                at::IntArrayRef group_shapes = {});
+                at::OptionalIntArrayRef stacked_slices, std::optional<bool> batch_equal_shapes,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                at::IntArrayRef param_indices = {}, at::IntArrayRef group_shapes = {});
 
 }  // namespace torchopt_ext::functional

@@ -60,6 +60,11 @@ struct KronOptions : public torch::optim::OptimizerCloneableOptions<KronOptions>
   // Slices per batch of a stacked param (bounds the batched temporaries);
   // nullopt: all L at once. >= 1.
   TORCH_ARG(std::optional<int64_t>, stacked_chunk_size) = std::nullopt;
+  // Problems of one slice shape (the slices of a stacked param, unstacked
+  // params of equal shape) updated as one batch (true) or one at a time
+  // (false); nullopt: batched on CUDA, on the CPU only for small slices
+  // (common::psgd::prefer_batched). Results agree up to rounding.
+  TORCH_ARG(std::optional<bool>, batch_equal_shapes) = std::nullopt;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
