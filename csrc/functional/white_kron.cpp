@@ -226,7 +226,11 @@ at::Tensor precondition_stack(Batch& b, const at::Tensor& g, const std::vector<i
     const bool all = static_cast<int64_t>(tiles.size()) == t;
     const at::Tensor index = at::tensor(tiles, at::TensorOptions().dtype(at::kLong)).to(g.device());
     auto take = [&](const at::Tensor& x) { return all ? x : x.index_select(0, index); };
-    auto block = [&](const at::Tensor& x, int64_t r, int64_t c) { return take(x).narrow(1, 0, r).narrow(2, 0, c); };
+    // Contiguous blocks: a tile's products then see one layout whichever
+    // tiles share its call (the ownership and sharded paths step subsets).
+    auto block = [&](const at::Tensor& x, int64_t r, int64_t c) {
+      return take(x).narrow(1, 0, r).narrow(2, 0, c).contiguous();
+    };
     const at::Tensor gv = block(g, vr, vc);
     const at::Tensor qlv = block(b.ql, vr, vr);
     const at::Tensor qrv = block(b.qr, vc, vc);
