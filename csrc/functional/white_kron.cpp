@@ -29,6 +29,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 at::Tensor bcast(const at::Tensor& per_tile) { return per_tile.view({-1, 1, 1}); }
 
+// max |x| over dims, exactly, without an |x| temporary (two reductions are
+// cheaper than abs + amax here; ATen's inf-norm is slower still).
+at::Tensor max_abs(const at::Tensor& x, at::IntArrayRef dims) { return at::maximum(x.amax(dims), x.amin(dims).neg()); }
+
 // Randomised lower bound of the spectral norm of each A[t] (symmetric PSD, or
 // skew-symmetric with skew=true), eformer's power iteration on k probes.
 // padded_n: the tile size eformer's row energies are averaged over (the
@@ -38,7 +42,7 @@ at::Tensor norm_lower_bound(at::Tensor a, const at::Tensor& probe, bool skew, in
                             bool unit_scale = false) {
   at::Tensor scale;
   if (!unit_scale) {
-    scale = skew ? at::linalg_vector_norm(a, INFINITY, {1, 2}) : a.diagonal(0, 1, 2).amax(1);
+    scale = skew ? max_abs(a, {1, 2}) : a.diagonal(0, 1, 2).amax(1);
     a = a / bcast(scale);
   }
   const at::Tensor energies = padded_n == a.size(2) ? (a * a).mean(2) : (a * a).sum(2) / padded_n;  // (T, n)
@@ -48,7 +52,7 @@ at::Tensor norm_lower_bound(at::Tensor a, const at::Tensor& probe, bool skew, in
   const at::Tensor max_vec = a.index({rows, j});  // (T, n)
   at::Tensor x = at::matmul((max_vec * power.rsqrt().unsqueeze(1)).unsqueeze(1) + probe, a);
   for (int64_t i = 0; i < kPowerIters; ++i) {
-    x = at::matmul(x / bcast(at::linalg_vector_norm(x, INFINITY, {1, 2})), a);
+    x = at::matmul(x / bcast(max_abs(x, {1, 2})), a);
   }
   x = at::matmul(x / at::linalg_vector_norm(x, 2, {2}, true), a);
   const at::Tensor bound = at::linalg_vector_norm(x, 2, {2}).amax(1);
@@ -59,14 +63,13 @@ at::Tensor batched_trace(const at::Tensor& a) { return a.diagonal(0, 1, 2).sum(1
 
 // One Procrustes rotation of each Q[t] towards orthogonality (eformer's
 // _procrustes_step): skipped per tile when Q^T - Q vanishes or tr(R Q) <= 0.
-// Consumes q (updated in place where that saves a pass).
 at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe, int64_t padded_n) {
   at::Tensor r = q.transpose(1, 2) - q;
-  const at::Tensor max_abs = at::linalg_vector_norm(r, INFINITY, {1, 2});
+  const at::Tensor largest = max_abs(r, {1, 2});
   const double tiny =
       q.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const at::Tensor rotate = max_abs > tiny;
-  r.div_(bcast(at::where(rotate, max_abs, at::ones_like(max_abs))));
+  const at::Tensor rotate = largest > tiny;
+  r.div_(bcast(at::where(rotate, largest, at::ones_like(largest))));
   const at::Tensor rq = at::matmul(r, q);
   const at::Tensor tr_rq = batched_trace(rq);
   // A rotated tile's R now has max |R| = 1 exactly (the bound's scale); the
@@ -496,9 +499,10 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     if (b1 > 0.0) {
       at::Tensor& mu = group->state[0][i];
-      const at::Tensor m = mu.to(math) * b1 + g * (1.0 - b1);
+      at::Tensor m = mu.to(math) * b1;  // a fresh tensor: updated in place from here
+      m.add_(g * (1.0 - b1));
       mu.copy_(m);
-      u[i] = m / (1.0 - std::pow(b1, group->steps[i]));
+      u[i] = m.div_(1.0 - std::pow(b1, group->steps[i]));
     } else {
       u[i] = g;
     }
@@ -659,11 +663,11 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   // 4. RMS clip at 1.1, lr_style "adam", decoupled decay, -lr.
   for (size_t i = 0; i < count; ++i) {
-    at::Tensor upd = out[i];
+    at::Tensor upd = out[i];  // made by this step (no alias of a param or grad): scaled in place
     const at::Tensor rms = upd.square().mean().sqrt();
-    upd = upd * (1.1 / at::clamp_min(rms, 1.1));
+    upd.mul_(1.1 / at::clamp_min(rms, 1.1));
     if (lr_style == "adam") {
-      upd = upd / 5.0;
+      upd.div_(5.0);
     }
     at::Tensor& param = group->params[i];
     const double decay = 1.0 - group->lr * weight_decay;
