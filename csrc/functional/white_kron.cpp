@@ -1,13 +1,19 @@
 #include "torchopt_ext/functional/white_kron.h"
+#include "torchopt_ext/functional/white_kron_randn.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <c10/util/Exception.h>
+#include <c10/util/MathConstants.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -84,7 +90,7 @@ at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe, int64_t padd
 }
 
 at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math) {
-  return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(math);
+  return white_kron_randn(gen, shape).to(math);
 }
 
 // Draws for a tile stack. With `index` (the ownership path: this call holds
@@ -413,6 +419,37 @@ std::vector<at::Tensor> white_kron_init_state(const at::Tensor& param, int64_t m
               at::zeros({layout.tiles}, lip_opts), at::zeros({layout.tiles}, lip_opts)};
   }
   TORCH_CHECK(false, "white_kron_init_state: unknown layout");
+}
+
+at::Tensor white_kron_randn(at::Generator& gen, at::IntArrayRef shape) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const int64_t size = c10::multiply_integers(shape);
+  if (size < 16 || size % 16 != 0) {
+    return at::randn(shape, gen, options);  // ATen redraws a partial last block
+  }
+  at::Tensor out = at::empty(shape, options);
+  double* data = out.data_ptr<double>();
+  {
+    auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
+    std::lock_guard<std::mutex> lock(cpu->mutex_);
+    at::uniform_real_distribution<double> uniform(0, 1);
+    for (int64_t i = 0; i < size; ++i) {
+      data[i] = uniform(cpu);
+    }
+  }
+  // Box-Muller on each block of 16: value j pairs uniforms j and j + 8.
+  at::parallel_for(0, size / 16, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double* d = data + 16 * b;
+      for (int64_t j = 0; j < 8; ++j) {
+        const double radius = std::sqrt(-2 * std::log(1 - d[j]));
+        const double theta = 2.0 * c10::pi<double> * d[j + 8];
+        d[j] = std::fma(radius * std::cos(theta), 1.0, 0.0);
+        d[j + 8] = std::fma(radius * std::sin(theta), 1.0, 0.0);
+      }
+    }
+  });
+  return out;
 }
 
 uint64_t white_kron_stream_seed(int64_t seed, int64_t step, int64_t path, int64_t index) {
