@@ -1,12 +1,19 @@
 #include "torchopt_ext/functional/white_kron.h"
+#include "torchopt_ext/functional/white_kron_randn.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <c10/util/Exception.h>
+#include <c10/util/MathConstants.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -28,49 +35,64 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 at::Tensor bcast(const at::Tensor& per_tile) { return per_tile.view({-1, 1, 1}); }
 
+// max |x| over dims, exactly, without an |x| temporary (two reductions are
+// cheaper than abs + amax here; ATen's inf-norm is slower still).
+at::Tensor max_abs(const at::Tensor& x, at::IntArrayRef dims) { return at::maximum(x.amax(dims), x.amin(dims).neg()); }
+
 // Randomised lower bound of the spectral norm of each A[t] (symmetric PSD, or
 // skew-symmetric with skew=true), eformer's power iteration on k probes.
-at::Tensor norm_lower_bound(at::Tensor a, const at::Tensor& probe, bool skew) {
-  const at::Tensor scale = skew ? a.abs().amax({1, 2}) : a.diagonal(0, 1, 2).amax(1);
-  a = a / bcast(scale);
-  const at::Tensor energies = (a * a).mean(2);  // (T, n)
-  const at::Tensor j = energies.argmax(1);      // (T,)
+// padded_n: the tile size eformer's row energies are averaged over (the
+// valid block a may be smaller; its padding would add zeros). unit_scale: a
+// is already divided by its max |.| (the Procrustes R), so the scale is 1.
+at::Tensor norm_lower_bound(at::Tensor a, const at::Tensor& probe, bool skew, int64_t padded_n,
+                            bool unit_scale = false) {
+  at::Tensor scale;
+  if (!unit_scale) {
+    scale = skew ? max_abs(a, {1, 2}) : a.diagonal(0, 1, 2).amax(1);
+    a = a / bcast(scale);
+  }
+  const at::Tensor energies = padded_n == a.size(2) ? (a * a).mean(2) : (a * a).sum(2) / padded_n;  // (T, n)
+  const at::Tensor j = energies.argmax(1);                                                          // (T,)
   const at::Tensor power = energies.gather(1, j.unsqueeze(1)).squeeze(1);
   const at::Tensor rows = at::arange(a.size(0), j.options());
   const at::Tensor max_vec = a.index({rows, j});  // (T, n)
   at::Tensor x = at::matmul((max_vec * power.rsqrt().unsqueeze(1)).unsqueeze(1) + probe, a);
   for (int64_t i = 0; i < kPowerIters; ++i) {
-    x = at::matmul(x / bcast(x.abs().amax({1, 2})), a);
+    x = at::matmul(x / bcast(max_abs(x, {1, 2})), a);
   }
   x = at::matmul(x / at::linalg_vector_norm(x, 2, {2}, true), a);
-  return at::linalg_vector_norm(x, 2, {2}).amax(1) * scale;
+  const at::Tensor bound = at::linalg_vector_norm(x, 2, {2}).amax(1);
+  return unit_scale ? bound : bound * scale;
 }
 
 at::Tensor batched_trace(const at::Tensor& a) { return a.diagonal(0, 1, 2).sum(1); }
 
 // One Procrustes rotation of each Q[t] towards orthogonality (eformer's
 // _procrustes_step): skipped per tile when Q^T - Q vanishes or tr(R Q) <= 0.
-at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe) {
+at::Tensor procrustes(const at::Tensor& q, const at::Tensor& probe, int64_t padded_n) {
   at::Tensor r = q.transpose(1, 2) - q;
-  const at::Tensor max_abs = r.abs().amax({1, 2});
+  const at::Tensor largest = max_abs(r, {1, 2});
   const double tiny =
       q.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const at::Tensor rotate = max_abs > tiny;
-  r = r / bcast(at::where(rotate, max_abs, at::ones_like(max_abs)));
+  const at::Tensor rotate = largest > tiny;
+  r.div_(bcast(at::where(rotate, largest, at::ones_like(largest))));
   const at::Tensor rq = at::matmul(r, q);
   const at::Tensor tr_rq = batched_trace(rq);
-  at::Tensor a = kMaxRotation / norm_lower_bound(r, probe, /*skew=*/true);
-  const at::Tensor rrq = at::matmul(r, rq);
+  // A rotated tile's R now has max |R| = 1 exactly (the bound's scale); the
+  // others are discarded below.
+  at::Tensor a = kMaxRotation / norm_lower_bound(r, probe, /*skew=*/true, padded_n, /*unit_scale=*/true);
+  at::Tensor rrq = at::matmul(r, rq);
   const at::Tensor tr_rrq = batched_trace(rrq);
   a = at::where(tr_rrq < 0, at::minimum(a, -tr_rq / tr_rrq), a);
-  const at::Tensor rotated = q + bcast(a) * (rq + 0.5 * bcast(a) * rrq);
-  return at::where(bcast(rotate & (tr_rq > 0)), rotated, q);
+  // q + a (rq + a/2 rrq), in place in rrq.
+  rrq.mul_(bcast(0.5 * a)).add_(rq).mul_(bcast(a)).add_(q);
+  return at::where(bcast(rotate & (tr_rq > 0)), rrq, q);
 }
 
 // Draws come from a CPU generator (the stream seeds are host values) and are
 // copied to `device`: the same numbers on the CPU and on CUDA, no sync.
 at::Tensor draw(at::Generator& gen, at::IntArrayRef shape, at::ScalarType math, at::Device device) {
-  return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(device, math);
+  return white_kron_randn(gen, shape).to(device, math);
 }
 
 // Draws for a tile stack. With `index` (the ownership path: this call holds
@@ -88,27 +110,40 @@ at::Tensor draw_tiles(at::Generator& gen, at::IntArrayRef shape, at::ScalarType 
   return draw(gen, whole, math, at::kCPU).index_select(0, index).to(device);
 }
 
+// One dense side's norm-bound probes, (T, k, n) each, in stream order: the
+// factor update's, then (skew) the rotation's.
+std::pair<at::Tensor, at::Tensor> draw_probes(at::Generator& gen, int64_t t, int64_t n, at::ScalarType math,
+                                              at::Device device, bool skew, const at::Tensor& index, int64_t total) {
+  at::Tensor ell = draw_tiles(gen, {t, kProbes, n}, math, device, index, total);
+  at::Tensor rot = skew ? draw_tiles(gen, {t, kProbes, n}, math, device, index, total) : at::Tensor();
+  return {ell, rot};
+}
+
+// Q - z (T1 Q - T2 Q) with per-tile z and T2 (T, 1, 1), in one temporary.
+at::Tensor descend(const at::Tensor& t1q, const at::Tensor& q, const at::Tensor& t2, const at::Tensor& z) {
+  at::Tensor out = t1q;
+  return out.sub_(t2 * q).mul_(-z).add_(q);
+}
+
 // Dense factor update (QUAD or skew) of each tile; returns the new Q and L.
+// ell_probe / rot_probe: the (T, k, n) norm-bound probes (rot: skew only);
+// padded_n: see norm_lower_bound.
 std::pair<at::Tensor, at::Tensor> dense_update(const at::Tensor& term1, const at::Tensor& term2, const at::Tensor& lip,
                                                const at::Tensor& q, const at::Tensor& plr, bool skew,
-                                               at::Generator& gen, const at::Tensor& tile_index, int64_t total_tiles) {
-  const int64_t t = q.size(0);
-  const int64_t n = q.size(1);
-  const at::Tensor ell_probe = draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), q.device(), tile_index, total_tiles);
-  const at::Tensor rot_probe =
-      skew ? draw_tiles(gen, {t, kProbes, n}, q.scalar_type(), q.device(), tile_index, total_tiles) : at::Tensor();
-  const at::Tensor ell = norm_lower_bound(term1, ell_probe, false) + term2;
+                                               const at::Tensor& ell_probe, const at::Tensor& rot_probe,
+                                               int64_t padded_n) {
+  const at::Tensor ell = norm_lower_bound(term1, ell_probe, false, padded_n) + term2;
   const at::Tensor new_lip = at::maximum(kBetaLipschitz * lip + (1 - kBetaLipschitz) * ell, ell);
   const at::Tensor t2 = bcast(term2);
   if (skew) {
     const at::Tensor z = bcast(plr / new_lip);
-    const at::Tensor stepped = q - z * (at::matmul(term1, q) - t2 * q);
-    return {procrustes(stepped, rot_probe), new_lip};
+    return {procrustes(descend(at::matmul(term1, q), q, t2, z), rot_probe, padded_n), new_lip};
   }
   const at::Tensor z = bcast(plr / (2.0 * new_lip));
-  at::Tensor p = q - z * (at::matmul(term1, q) - t2 * q);
-  p = p - z * (at::matmul(p, term1) - p * t2);
-  return {(p + p.transpose(1, 2)) * 0.5, new_lip};
+  const at::Tensor p = descend(at::matmul(term1, q), q, t2, z);
+  at::Tensor pp = at::matmul(p, term1);
+  pp.sub_(p * t2).mul_(-z).add_(p);  // P - z (P T1 - P T2)
+  return {pp.add(pp.transpose(1, 2)).mul_(0.5), new_lip};
 }
 
 // Diagonal factor update of each row of q (T, n).
@@ -157,16 +192,107 @@ at::Tensor precondition(Batch& b, const at::Tensor& g, const at::Tensor& host_va
   if (b.diag_left) {
     std::tie(b.ql, b.lip_l) = diag_update(pg2.sum(2), n, b.lip_l, b.ql, plr, skew);
   } else {
-    std::tie(b.ql, b.lip_l) =
-        dense_update(at::matmul(pg, pg.transpose(1, 2)), n, b.lip_l, b.ql, plr, skew, gen, b.tile_index, b.total_tiles);
+    const at::Tensor term1 = at::matmul(pg, pg.transpose(1, 2));
+    auto [ell_probe, rot_probe] =
+        draw_probes(gen, b.ql.size(0), b.ql.size(1), math, g.device(), skew, b.tile_index, b.total_tiles);
+    std::tie(b.ql, b.lip_l) = dense_update(term1, n, b.lip_l, b.ql, plr, skew, ell_probe, rot_probe, b.ql.size(1));
   }
   if (b.diag_right) {
     std::tie(b.qr, b.lip_r) = diag_update(pg2.sum(1), m, b.lip_r, b.qr, plr, skew);
   } else {
-    std::tie(b.qr, b.lip_r) =
-        dense_update(at::matmul(pg.transpose(1, 2), pg), m, b.lip_r, b.qr, plr, skew, gen, b.tile_index, b.total_tiles);
+    const at::Tensor term1 = at::matmul(pg.transpose(1, 2), pg);
+    auto [ell_probe, rot_probe] =
+        draw_probes(gen, b.qr.size(0), b.qr.size(1), math, g.device(), skew, b.tile_index, b.total_tiles);
+    std::tie(b.qr, b.lip_r) = dense_update(term1, m, b.lip_r, b.qr, plr, skew, ell_probe, rot_probe, b.qr.size(1));
   }
   return right_apply(b.qr, left_apply(b.ql, g));
+}
+
+// The dense tile stack: b.ql / b.qr (T, bs, bs), g (T, bs, bs) zero-padded,
+// valid rows / cols per tile. Padding is inert: a tile's factors are zero
+// outside their valid block and its padded gradient and noise are zero, so
+// every product, Gram, trace and max of the step stays inside the valid
+// (vr x vc) block; only the draws' shapes and the norm bound's energy mean
+// (over bs) see the padding. So tiles are grouped by valid size and each
+// group runs at that size (eformer's padded math, to rounding): a conv
+// weight's (128, 576) in 256-tiles costs about a third of three full tiles.
+// Updates b and returns the preconditioned tiles (zero-padded).
+at::Tensor precondition_stack(Batch& b, const at::Tensor& g, const std::vector<int64_t>& valid_rows,
+                              const std::vector<int64_t>& valid_cols, const at::Tensor& plr, double noise_scale,
+                              bool skew, at::Generator& gen) {
+  const auto math = g.scalar_type();
+  const int64_t t = g.size(0), bs = g.size(1);
+  // Stream order as one batch: noise, left probes, right probes.
+  const at::Tensor noise = draw_tiles(gen, g.sizes(), math, g.device(), b.tile_index, b.total_tiles);
+  const auto [ell_l, rot_l] = draw_probes(gen, t, bs, math, g.device(), skew, b.tile_index, b.total_tiles);
+  const auto [ell_r, rot_r] = draw_probes(gen, t, bs, math, g.device(), skew, b.tile_index, b.total_tiles);
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
+  for (int64_t i = 0; i < t; ++i) {
+    groups[{valid_rows[i], valid_cols[i]}].push_back(i);
+  }
+  const bool whole = groups.size() == 1 && groups.begin()->first == std::make_pair(bs, bs);
+  at::Tensor out, ql, qr, lip_l, lip_r;
+  if (!whole) {
+    out = at::zeros_like(g);
+    ql = at::zeros_like(b.ql);
+    qr = at::zeros_like(b.qr);
+    lip_l = at::empty_like(b.lip_l);
+    lip_r = at::empty_like(b.lip_r);
+  }
+  for (const auto& [size, tiles] : groups) {
+    const auto [vr, vc] = size;
+    const bool all = static_cast<int64_t>(tiles.size()) == t;
+    const at::Tensor index = at::tensor(tiles, at::TensorOptions().dtype(at::kLong)).to(g.device());
+    auto take = [&](const at::Tensor& x) { return all ? x : x.index_select(0, index); };
+    // Contiguous blocks: a tile's products then see one layout whichever
+    // tiles share its call (the ownership and sharded paths step subsets).
+    auto block = [&](const at::Tensor& x, int64_t r, int64_t c) {
+      return take(x).narrow(1, 0, r).narrow(2, 0, c).contiguous();
+    };
+    const at::Tensor gv = block(g, vr, vc);
+    const at::Tensor qlv = block(b.ql, vr, vr);
+    const at::Tensor qrv = block(b.qr, vc, vc);
+    const at::Tensor plr_v = take(plr);
+    at::Tensor gn = block(noise, vr, vc).mul_(noise_scale).add_(gv);  // the noise is not reused
+    auto apply = [](const at::Tensor& l, const at::Tensor& r, const at::Tensor& x) {
+      return at::matmul(at::matmul(at::matmul(l.transpose(1, 2), at::matmul(l, x)), r.transpose(1, 2)), r);
+    };
+    const at::Tensor pg = apply(qlv, qrv, gn);
+    gn.reset();
+    const int64_t tg = qlv.size(0);
+    auto [ql_new, lip_l_new] = dense_update(
+        at::matmul(pg, pg.transpose(1, 2)), at::full({tg}, static_cast<double>(vc), plr.options()), take(b.lip_l), qlv,
+        plr_v, skew, block(ell_l, kProbes, vr), skew ? block(rot_l, kProbes, vr) : rot_l, bs);
+    auto [qr_new, lip_r_new] = dense_update(
+        at::matmul(pg.transpose(1, 2), pg), at::full({tg}, static_cast<double>(vr), plr.options()), take(b.lip_r), qrv,
+        plr_v, skew, block(ell_r, kProbes, vc), skew ? block(rot_r, kProbes, vc) : rot_r, bs);
+    at::Tensor result = apply(ql_new, qr_new, gv);
+    if (whole) {
+      b.ql = ql_new;
+      b.qr = qr_new;
+      b.lip_l = lip_l_new;
+      b.lip_r = lip_r_new;
+      return result;
+    }
+    auto put = [&](at::Tensor& dst, const at::Tensor& src) {
+      at::Tensor view = src.dim() == 3 ? dst.narrow(1, 0, src.size(1)).narrow(2, 0, src.size(2)) : dst;
+      if (all) {
+        view.copy_(src);
+      } else {
+        view.index_copy_(0, index, src);
+      }
+    };
+    put(out, result);
+    put(ql, ql_new);
+    put(qr, qr_new);
+    put(lip_l, lip_l_new);
+    put(lip_r, lip_r_new);
+  }
+  b.ql = ql;
+  b.qr = qr;
+  b.lip_l = lip_l;
+  b.lip_r = lip_r;
+  return out;
 }
 
 // (m, n) -> (tiles_r * tiles_c, bs, bs), zero-padded, row-major tile order.
@@ -311,6 +437,37 @@ std::vector<at::Tensor> white_kron_init_state(const at::Tensor& param, int64_t m
   TORCH_CHECK(false, "white_kron_init_state: unknown layout");
 }
 
+at::Tensor white_kron_randn(at::Generator& gen, at::IntArrayRef shape) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const int64_t size = c10::multiply_integers(shape);
+  if (size < 16 || size % 16 != 0) {
+    return at::randn(shape, gen, options);  // ATen redraws a partial last block
+  }
+  at::Tensor out = at::empty(shape, options);
+  double* data = out.data_ptr<double>();
+  {
+    auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
+    std::lock_guard<std::mutex> lock(cpu->mutex_);
+    at::uniform_real_distribution<double> uniform(0, 1);
+    for (int64_t i = 0; i < size; ++i) {
+      data[i] = uniform(cpu);
+    }
+  }
+  // Box-Muller on each block of 16: value j pairs uniforms j and j + 8.
+  at::parallel_for(0, size / 16, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double* d = data + 16 * b;
+      for (int64_t j = 0; j < 8; ++j) {
+        const double radius = std::sqrt(-2 * std::log(1 - d[j]));
+        const double theta = 2.0 * c10::pi<double> * d[j + 8];
+        d[j] = std::fma(radius * std::cos(theta), 1.0, 0.0);
+        d[j + 8] = std::fma(radius * std::sin(theta), 1.0, 0.0);
+      }
+    }
+  });
+  return out;
+}
+
 uint64_t white_kron_stream_seed(int64_t seed, int64_t step, int64_t path, int64_t index) {
   using kernels::cpu::mix64;
   return mix64(mix64(static_cast<uint64_t>(seed)) ^
@@ -392,9 +549,10 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     if (b1 > 0.0) {
       at::Tensor& mu = group->state[0][i];
-      const at::Tensor m = mu.to(math) * b1 + g * (1.0 - b1);
+      at::Tensor m = mu.to(math) * b1;  // a fresh tensor: updated in place from here
+      m.add_(g * (1.0 - b1));
       mu.copy_(m);
-      u[i] = m / (1.0 - std::pow(b1, group->steps[i]));
+      u[i] = m.div_(1.0 - std::pow(b1, group->steps[i]));
     } else {
       u[i] = g;
     }
@@ -413,7 +571,8 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   if (!dense.empty()) {
     const auto math = math_of(group->params[dense[0]]);
-    std::vector<at::Tensor> g_tiles, ql_tiles, qr_tiles, ll, lr_, vr, vc, tile_steps;
+    std::vector<at::Tensor> g_tiles, ql_tiles, qr_tiles, ll, lr_, tile_steps;
+    std::vector<int64_t> vr, vc;  // valid rows / cols per tile, on the host (tiles are grouped by them)
     for (size_t i : dense) {
       const auto& lay = layouts[i];
       const int64_t tr = ceil_div(lay.rows, bs), tc = ceil_div(lay.cols, bs);
@@ -422,15 +581,21 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       qr_tiles.push_back(qr[i].to(math));
       ll.push_back(lip_l[i].to(math));
       lr_.push_back(lip_r[i].to(math));
-      vr.push_back(valid_extents(lay.rows, bs, tr, tc, 1));
-      vc.push_back(valid_extents(lay.cols, bs, tc, 1, tr));
+      for (int64_t r = 0; r < tr; ++r) {
+        for (int64_t c = 0; c < tc; ++c) {
+          vr.push_back(std::min(bs, lay.rows - r * bs));
+          vc.push_back(std::min(bs, lay.cols - c * bs));
+        }
+      }
       tile_steps.push_back(at::full({lay.tiles}, group->steps[i], at::TensorOptions().dtype(at::kDouble)));
     }
+    // One param: its tensors are the stack (no copy; they are only read).
+    auto stack = [](const std::vector<at::Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts); };
     Batch b;
-    b.ql = at::cat(ql_tiles);
-    b.qr = at::cat(qr_tiles);
-    b.lip_l = at::cat(ll);
-    b.lip_r = at::cat(lr_);
+    b.ql = stack(ql_tiles);
+    b.qr = stack(qr_tiles);
+    b.lip_l = stack(ll);
+    b.lip_r = stack(lr_);
     int64_t stream_step = static_cast<int64_t>(group->steps[dense[0]]);
     if (!dense_tiles.empty()) {
       // [group's stack size, its stream step, then each dense param's first tile in the stack].
@@ -467,7 +632,7 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       b.qr = at::where(bcast(balance), b.qr * bcast(s / nr), b.qr);
     }
     auto gen = at::make_generator<at::CPUGeneratorImpl>(white_kron_stream_seed(seed, stream_step, 0, 0));
-    const at::Tensor pg = precondition(b, at::cat(g_tiles), at::cat(vr), at::cat(vc), plr, noise_scale, skew, gen);
+    const at::Tensor pg = precondition_stack(b, stack(g_tiles), vr, vc, plr, noise_scale, skew, gen);
     int64_t offset = 0;
     for (size_t i : dense) {
       const auto& lay = layouts[i];
@@ -555,11 +720,11 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   // 4. RMS clip at 1.1, lr_style "adam", decoupled decay, -lr.
   for (size_t i = 0; i < count; ++i) {
-    at::Tensor upd = out[i];
+    at::Tensor upd = out[i];  // made by this step (no alias of a param or grad): scaled in place
     const at::Tensor rms = upd.square().mean().sqrt();
-    upd = upd * (1.1 / at::clamp_min(rms, 1.1));
+    upd.mul_(1.1 / at::clamp_min(rms, 1.1));
     if (lr_style == "adam") {
-      upd = upd / 5.0;
+      upd.div_(5.0);
     }
     at::Tensor& param = group->params[i];
     const double decay = 1.0 - group->lr * weight_decay;

@@ -17,6 +17,7 @@ from ._base import (
     local,
 )
 from ._ownership import OwnedStateMixin
+from .kron import _sharded_stacked
 
 _STYLES = ("skew", "quad")
 _LR_STYLES = ("adam", None)
@@ -67,7 +68,12 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
     (views, updated in place), params in group order and slices 0..L-1, so
     all dense tiles of all slices join the group's one tile stack (L slices
     cost one batch) and the draws are those of the slices listed as params.
-    DTensor params are not supported in stacked groups.
+    Stacked DTensor params (FSDP2's ``Shard(0)`` on a 1-D mesh, sharded along
+    L) hold whole slices: each rank steps its own slices on the local shards,
+    with no gather or other communication, and its state (``ql`` ... and
+    ``mu``) is sharded the same way. The slices' draws are keyed by their
+    places in the whole group's entry list, so the result is bitwise that of
+    one process. Other DTensor placements in stacked groups are an error.
     """
 
     _op = "white_kron_step_"
@@ -75,6 +81,7 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
     _whole_tensor_op = True  # tiles need the whole matrix
     _owner_state_keys = ("ql", "qr", "lip_l", "lip_r")  # on the param's owner only (distributed_mode)
     _update_style: Optional[str] = None  # fixed by Skew / Quad
+    _local_shards = False  # set while a stacked Shard(0) group is collected (_init_group)
 
     def __init__(
         self,
@@ -148,8 +155,7 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
             raise ValueError(f"Invalid dtype: must be torch.bfloat16 or torch.float32, got {group['dtype']}")
         check_non_negative("noise_scale value", group["noise_scale"])
         check_stacked(group)
-        if group["stacked"] and any(is_dtensor(p) for p in group.get("params", [])):
-            raise NotImplementedError("WhiteKron: stacked=True does not support DTensor params")
+        self._sharded_stacked_group(group)  # raises for other DTensor placements
 
     def _uses_state(self, group: dict[str, Any], key: str) -> bool:
         return key != "mu" or group["b1"] > 0
@@ -177,11 +183,14 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
             kwargs["dense_tiles"] = [total, step] + [first_tile[j] for j in dense]
         return kwargs
 
-    def _fresh(self, p: torch.Tensor, group: dict[str, Any]) -> list[torch.Tensor]:
-        # A storage-free stand-in with p's shape / dtype / device: the factors
-        # are whole-matrix tensors, also for DTensor params (no DTensor dispatch).
+    def _fresh(
+        self, p: torch.Tensor, group: dict[str, Any], shape: Optional[tuple[int, ...]] = None
+    ) -> list[torch.Tensor]:
+        # A storage-free stand-in with p's shape (or `shape`) / dtype / device:
+        # the factors are whole-matrix tensors, also for DTensor params (no
+        # DTensor dispatch).
         device = p.device if p.device.type == "meta" else local(p).device
-        shape_only = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+        shape_only = torch.empty((), dtype=p.dtype, device=device).expand(p.shape if shape is None else shape)
         return torch.ops.torchopt_ext.white_kron_init_state(
             shape_only, group["max_size_dense"], group["block_size"], group["preconditioner_init_scale"], group["dtype"]
         )
@@ -208,13 +217,85 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
         if not group["stacked"]:
             return self._fresh(p, group)[index]
         # One slice's fresh state, repeated along a leading L axis.
-        one = self._fresh(p[0], group)[index]
-        return one.unsqueeze(0).repeat(p.shape[0], *([1] * one.dim()))
+        one = self._fresh(p, group, tuple(p.shape[1:]))[index]
+        full = one.unsqueeze(0).repeat(p.shape[0], *([1] * one.dim()))
+        if is_dtensor(p):
+            # Sharded along L like the param (src_data_rank=None: each rank
+            # keeps its own slices, no communication).
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        return full
 
     def _owner_supported(self, group: dict[str, Any]) -> bool:
-        # Stacked groups slice their params in _group_step; they have no
-        # ownership path (DTensor params are refused in them).
+        # Stacked groups slice their params in _group_step; Shard(0) DTensor
+        # params step their own slices there (no ownership path).
         return not group["stacked"]
+
+    @staticmethod
+    def _sharded_stacked_group(group: dict[str, Any]) -> bool:
+        """Whether a stacked group holds DTensor params; then every param must
+        be Shard(0) on a 1-D mesh (sharded along L: whole slices per rank)."""
+        params = group.get("params", [])
+        if not group["stacked"] or not any(is_dtensor(p) for p in params):
+            return False
+        for i, p in enumerate(params):
+            if not _sharded_stacked(p):
+                found = f"placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if is_dtensor(p) else "plain"
+                raise NotImplementedError(
+                    "WhiteKron: stacked=True supports DTensor params only as Shard(0) on a 1-D mesh (sharded "
+                    f"along the layer axis), for every param of the group; params[{i}] is {found}"
+                )
+        return True
+
+    def _unwrappers(self):
+        if self._local_shards:
+            return local, local
+        return super()._unwrappers()
+
+    def _init_group(self, group, params, grads, state_steps, *state_lists):
+        # Shard(0) of a stacked param holds whole slices: the op steps the
+        # local shards (the state is sharded the same way), no gather.
+        self._local_shards = self._sharded_stacked_group(group)
+        try:
+            super()._init_group(group, params, grads, state_steps, *state_lists)
+        finally:
+            self._local_shards = False
+
+    def _slice_tiles(self, p: torch.Tensor, group: dict[str, Any]) -> Optional[int]:
+        """Dense tiles of one slice of a stacked p (None: not a dense path)."""
+        meta = torch.empty(p.shape[1:], dtype=p.dtype, device="meta")
+        ql, qr = self._fresh(meta, group)[:2]
+        return ql.shape[0] if ql.dim() == 3 and qr.dim() == 3 else None
+
+    def _sharded_stacked_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's keys for this rank's slices: each slice's index in the
+        whole group's entry list (params with grads in order, slices 0..L-1)
+        and, for the dense tile stack, [tiles of the whole stack, its stream
+        step, first tile of each local dense slice], as the ownership path
+        passes them (functional/white_kron.h). Shard(0) follows torch.chunk:
+        ceil(L / n) slices per rank."""
+        indices, firsts = [], []
+        entry = tile = 0
+        stream_step = None
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            total, ranks = p.shape[0], p.device_mesh.size()
+            first = min(p.device_mesh.get_local_rank() * -(-total // ranks), total)
+            mine = range(first, first + local(p).shape[0])
+            indices += [entry + i for i in mine]
+            tiles = self._slice_tiles(p, group)
+            if tiles is not None:
+                if stream_step is None:  # the single process's first dense entry, after its increment
+                    stream_step = int(float(self.state[p]["step"])) + 1
+                firsts += [tile + i * tiles for i in mine]
+                tile += total * tiles
+            entry += total
+        kwargs: dict[str, Any] = {"param_indices": indices}
+        if firsts:
+            kwargs["dense_tiles"] = [tile, stream_step] + firsts
+        return kwargs
 
     def _group_step(self, group: dict[str, Any], amp: dict[str, Any]) -> None:
         params, grads, state_steps = [], [], []
@@ -223,9 +304,15 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
         if not params:
             return
         if group["stacked"]:
+            sharded = self._sharded_stacked_group(group)
+            if sharded:
+                # Before the op: it advances the step counters.
+                group = dict(group, _owner_op_kwargs=self._sharded_stacked_kwargs(group))
             # Here, not in _init_group (which torch.compile runs untraced:
             # views made there would reach the op as unrelated inputs).
             layers = [p.shape[0] for p in params]
+            # A rank may hold no slice of a param (L < ranks): no entry advances its counter.
+            idle = [s for s, n in zip(state_steps, layers) if n == 0]
             params, grads, *state_lists = [
                 [t[i] for t, n in zip(entries, layers) for i in range(n)] if entries else []
                 for entries in [params, grads, *state_lists]
@@ -233,6 +320,13 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
             # The op counts every entry's step: slices after the first get
             # throwaway copies so the param's counter advances once.
             state_steps = [s if i == 0 else s.clone() for s, n in zip(state_steps, layers) for i in range(n)]
+            if idle:
+                found_inf = amp.get("found_inf")
+                # Host read of a CPU tensor, as the op's own found_inf check.
+                if found_inf is None or not bool(found_inf.item()):
+                    torch._foreach_add_(idle, 1.0)
+            if not params:
+                return
         self._run_op(group, params, grads, state_lists, state_steps, amp)
         self._whole_tensors.write_back()
 
