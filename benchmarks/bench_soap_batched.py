@@ -1,6 +1,6 @@
 """SOAP's batched factor updates (issue 7): soap_step_ with params of equal
-shape batched (bmm, batched eigh / QR: ``batch_equal_shapes=True``, the
-default) vs one param at a time (``False``), on models with many equal-shaped
+shape batched (bmm, batched eigh / QR: ``batch_equal_shapes=True``) vs one
+param at a time (``False``; unset, the default picks per size and device), on models with many equal-shaped
 layers. Mean step time over ``--steps`` steps (refreshes every
 ``precondition_frequency`` included, the first, init-only call excluded),
 the two paths alternated over rounds and each one's best round kept; prints

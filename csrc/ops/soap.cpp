@@ -10,7 +10,7 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "float shampoo_beta, float eps, float weight_decay, int precondition_frequency, int max_precond_dim, "
       "bool merge_dims, bool precondition_1d, bool normalize_grads, str data_format, bool correct_bias, "
       "bool stochastic_rounding=False, int seed=0, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "bool batch_equal_shapes=True) -> ()");
+      "bool? batch_equal_shapes=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) { m.impl("soap_step_", &torchopt_ext::functional::soap_step_); }

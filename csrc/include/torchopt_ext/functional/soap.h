@@ -41,13 +41,15 @@ SoapLayout soap_layout(at::IntArrayRef param_shape, int64_t max_precond_dim, boo
 // batch_equal_shapes: params of the call with equal (merged) layouts, math
 // dtypes and steps run as one batch (bmm, batched eigh / QR); equal to the
 // per-tensor path to rounding (eigenvector signs may differ, which SOAP's
-// rotate / rotate-back cancels). false: one param at a time.
+// rotate / rotate-back cancels). false: one param at a time; nullopt: batched
+// on CUDA, and on the CPU for params of at most common::psgd::kCpuBatchedMaxNumel
+// elements (larger CPU batches measured slower than the loop).
 void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList GGs, at::TensorList Qs, at::TensorList state_steps, const at::Tensor& lr, double beta1,
                 double beta2, double shampoo_beta, double eps, double weight_decay, int64_t precondition_frequency,
                 int64_t max_precond_dim, bool merge_dims, bool precondition_1d, bool normalize_grads,
                 c10::string_view data_format, bool correct_bias, bool stochastic_rounding, int64_t seed,
                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                bool batch_equal_shapes = true);
+                std::optional<bool> batch_equal_shapes = std::nullopt);
 
 }  // namespace torchopt_ext::functional
