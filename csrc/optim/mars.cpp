@@ -223,7 +223,8 @@ at::Tensor MARS::step(LossClosure closure) {
   return loss;
 }
 
-void MARS::update_previous_grad() {
+template <typename Fn>
+void MARS::for_each_exact_param(const Fn& fn) {
   torch::NoGradGuard no_grad;
   for (auto& group : param_groups_) {
     auto& options = options_of(group);
@@ -231,44 +232,42 @@ void MARS::update_previous_grad() {
       continue;
     }
     for (auto& param : group.params()) {
-      if (!param.grad().defined() || !mars_branch(options, param)) {
-        continue;
-      }
-      auto& state = state_for(param, options);
-      if (!state.previous_grad().defined()) {
-        state.previous_grad(detail::zeros_state(param, options.state_dtype()));
-      }
-      // g_prev keeps the step's sign convention (negated with maximize).
-      if (options.maximize()) {
-        at::neg_out(state.previous_grad(), param.grad());
-      } else {
-        state.previous_grad().copy_(param.grad());
+      if (mars_branch(options, param)) {
+        fn(param, options);
       }
     }
   }
 }
 
+void MARS::update_previous_grad() {
+  for_each_exact_param([&](const at::Tensor& param, const MARSOptions& options) {
+    if (!param.grad().defined()) {
+      return;
+    }
+    auto& state = state_for(param, options);
+    if (!state.previous_grad().defined()) {
+      state.previous_grad(detail::zeros_state(param, options.state_dtype()));
+    }
+    // g_prev keeps the step's sign convention (negated with maximize).
+    if (options.maximize()) {
+      at::neg_out(state.previous_grad(), param.grad());
+    } else {
+      state.previous_grad().copy_(param.grad());
+    }
+  });
+}
+
 void MARS::update_last_grad() {
-  torch::NoGradGuard no_grad;
-  for (auto& group : param_groups_) {
-    auto& options = options_of(group);
-    if (options.is_approx()) {
-      continue;
+  for_each_exact_param([&](const at::Tensor& param, const MARSOptions& /*options*/) {
+    auto it = state_.find(param.unsafeGetTensorImpl());
+    if (it == state_.end()) {
+      return;
     }
-    for (auto& param : group.params()) {
-      if (!mars_branch(options, param)) {
-        continue;
-      }
-      auto it = state_.find(param.unsafeGetTensorImpl());
-      if (it == state_.end()) {
-        continue;
-      }
-      auto& state = static_cast<MARSParamState&>(*it->second);
-      if (state.previous_grad().defined() && state.last_grad().defined()) {
-        state.last_grad().copy_(state.previous_grad());
-      }
+    auto& state = static_cast<MARSParamState&>(*it->second);
+    if (state.previous_grad().defined() && state.last_grad().defined()) {
+      state.last_grad().copy_(state.previous_grad());
     }
-  }
+  });
 }
 
 void MARS::save(torch::serialize::OutputArchive& archive) const {

@@ -362,21 +362,10 @@ def test_cuda_state_dict_moves_step_counters_to_the_params_device(name):
         assert all(not v.is_cuda for v in state.values() if torch.is_tensor(v))
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "ScheduleFreeAdamW", "AdamW-magma"])
-def test_cuda_graph_capture_of_the_optimizer_class_step(name):
-    shapes = [(65536 + 9,), (17, 3), ()]
-    gen = torch.Generator().manual_seed(3)
-    init = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(6)]
-
-    def make():
-        params = [x.cuda().requires_grad_() for x in init]
-        return params, _make(name, params)
-
-    eager_params, eager_opt = make()
-    graph_params, graph_opt = make()
-    for p in graph_params:
-        p.grad = torch.zeros_like(p)  # static grads the graph reads
+def _capture_and_replay(graph_params, graph_opt, eager_params, eager_opt, grads):
+    """Captures graph_opt.step() in a CUDA graph (after a warm-up step on a
+    side stream, as torch.cuda.graphs advises, which creates the state) and
+    replays it for grads[1:], stepping eager_opt on the same grads."""
 
     def load(params, gs):
         for p, g in zip(params, gs):
@@ -385,7 +374,6 @@ def test_cuda_graph_capture_of_the_optimizer_class_step(name):
             else:
                 p.grad.copy_(g)
 
-    # Warm-up (creates the state) on a side stream, as torch.cuda.graphs advises.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -403,6 +391,25 @@ def test_cuda_graph_capture_of_the_optimizer_class_step(name):
         load(eager_params, gs)
         eager_opt.step()
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "ScheduleFreeAdamW", "AdamW-magma"])
+def test_cuda_graph_capture_of_the_optimizer_class_step(name):
+    shapes = [(65536 + 9,), (17, 3), ()]
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(6)]
+
+    def make():
+        params = [x.cuda().requires_grad_() for x in init]
+        return params, _make(name, params)
+
+    eager_params, eager_opt = make()
+    graph_params, graph_opt = make()
+    for p in graph_params:
+        p.grad = torch.zeros_like(p)  # static grads the graph reads
+
+    _capture_and_replay(graph_params, graph_opt, eager_params, eager_opt, grads)
     # The counters advanced on the device at every replay (a host counter
     # would have been baked into the graph).
     for state in graph_opt.state.values():
@@ -1249,30 +1256,7 @@ def test_cuda_graph_capture_of_a_matrix_optimizer_step(name):
     for p in graph_params:
         p.grad = torch.zeros_like(p)
 
-    def load(params, gs):
-        for p, g in zip(params, gs):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        load(graph_params, grads[0])
-        graph_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    load(eager_params, grads[0])
-    eager_opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_opt.step()
-    for gs in grads[1:]:
-        load(graph_params, gs)
-        graph.replay()
-        load(eager_params, gs)
-        eager_opt.step()
-    torch.cuda.synchronize()
+    _capture_and_replay(graph_params, graph_opt, eager_params, eager_opt, grads)
     for state in graph_opt.state.values():
         assert state["step"].is_cuda and state["step"].item() == len(grads)
     # Same kernels on the same device; cuBLAS may pick another GEMM algorithm
@@ -1410,31 +1394,7 @@ def test_cuda_issue7_graph_capture_of_the_optimizer_class_step(name):
     eager_opt = ISSUE7_OPTIMIZERS[name](eager_params)
     graph_opt = ISSUE7_OPTIMIZERS[name](graph_params)
 
-    def load(params, gs):
-        for p, g in zip(params, gs):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-
-    # Warm-up (creates the state) on a side stream, as torch.cuda.graphs advises.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        load(graph_params, grads[0])
-        graph_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    load(eager_params, grads[0])
-    eager_opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_opt.step()
-    for gs in grads[1:]:
-        load(graph_params, gs)
-        graph.replay()
-        load(eager_params, gs)
-        eager_opt.step()
-    torch.cuda.synchronize()
+    _capture_and_replay(graph_params, graph_opt, eager_params, eager_opt, grads)
     # The counters (and NAdamW's mu-products) advanced on the device at every
     # replay; a host value would have been baked into the graph.
     for state in graph_opt.state.values():

@@ -80,6 +80,9 @@ class MARS : public OptimizerBase<MARSOptions> {
 
  private:
   MARSParamState& state_for(const at::Tensor& param, const MARSOptions& options);
+  // fn(param, options) for the MARS-branch params of groups with is_approx = false.
+  template <typename Fn>
+  void for_each_exact_param(const Fn& fn);
 
   double lr_1d_factor_;  // lr_1d / lr at construction: a schedule scales both branches alike
 };
