@@ -240,27 +240,41 @@ int64_t factors_numel(at::IntArrayRef shape, const std::vector<bool>& dense) {
   return total;
 }
 
-std::vector<at::Tensor> unflatten_factors(const at::Tensor& flat, at::IntArrayRef shape,
-                                          const std::vector<bool>& dense) {
-  TORCH_CHECK_VALUE(flat.dim() == 1 && flat.numel() == factors_numel(shape, dense),
-                    "Kron: a preconditioner of a param of shape ", shape, " must be 1-D with ",
-                    factors_numel(shape, dense), " elements, got shape ", flat.sizes());
+namespace {
+
+// Views of the factors in the last dim of `flat` (leading dims, if any, are a
+// batch): (..., d, d) for a dense axis, (..., d) for a diagonal one.
+std::vector<at::Tensor> split_factors(const at::Tensor& flat, at::IntArrayRef shape, const std::vector<bool>& dense) {
   if (shape.empty()) {
     return {flat};
   }
+  const auto lead = flat.sizes().slice(0, flat.dim() - 1);
   std::vector<at::Tensor> factors;
   int64_t offset = 0;
   for (size_t i = 0; i < shape.size(); ++i) {
     const int64_t d = shape[i];
     if (dense[i]) {
-      factors.push_back(flat.narrow(0, offset, d * d).view({d, d}));
+      std::vector<int64_t> view(lead.begin(), lead.end());
+      view.push_back(d);
+      view.push_back(d);
+      factors.push_back(flat.narrow(-1, offset, d * d).view(view));
       offset += d * d;
     } else {
-      factors.push_back(flat.narrow(0, offset, d));
+      factors.push_back(flat.narrow(-1, offset, d));
       offset += d;
     }
   }
   return factors;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> unflatten_factors(const at::Tensor& flat, at::IntArrayRef shape,
+                                          const std::vector<bool>& dense) {
+  TORCH_CHECK_VALUE(flat.dim() == 1 && flat.numel() == factors_numel(shape, dense),
+                    "Kron: a preconditioner of a param of shape ", shape, " must be 1-D with ",
+                    factors_numel(shape, dense), " elements, got shape ", flat.sizes());
+  return split_factors(flat, shape, dense);
 }
 
 std::vector<at::Tensor> unflatten_factors_batched(const at::Tensor& flat, at::IntArrayRef shape,
@@ -268,23 +282,7 @@ std::vector<at::Tensor> unflatten_factors_batched(const at::Tensor& flat, at::In
   TORCH_CHECK_VALUE(flat.dim() == 2 && flat.size(1) == factors_numel(shape, dense),
                     "Kron: stacked preconditioners of slices of shape ", shape, " must be (L, ",
                     factors_numel(shape, dense), "), got shape ", flat.sizes());
-  const int64_t batch = flat.size(0);
-  if (shape.empty()) {
-    return {flat};
-  }
-  std::vector<at::Tensor> factors;
-  int64_t offset = 0;
-  for (size_t i = 0; i < shape.size(); ++i) {
-    const int64_t d = shape[i];
-    if (dense[i]) {
-      factors.push_back(flat.narrow(1, offset, d * d).view({batch, d, d}));
-      offset += d * d;
-    } else {
-      factors.push_back(flat.narrow(1, offset, d));
-      offset += d;
-    }
-  }
-  return factors;
+  return split_factors(flat, shape, dense);
 }
 
 void init_factors_(const at::Tensor& flat, at::IntArrayRef shape, const std::vector<bool>& dense, double scale) {

@@ -233,6 +233,32 @@ def check_stacked(group: dict[str, Any]) -> None:
                 )
 
 
+def sharded_stacked(p: torch.Tensor) -> bool:
+    """A DTensor sharded along its first (layer) axis on a 1-D mesh."""
+    if not is_dtensor(p):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+
+
+def sharded_stacked_group(name: str, group: dict[str, Any]) -> bool:
+    """Whether a stacked PSGD group holds DTensor params; then every param
+    must be Shard(0) on a 1-D mesh (sharded along L: whole slices per rank),
+    else a NotImplementedError naming the param and its placement."""
+    params = group.get("params", [])
+    if not group["stacked"] or not any(is_dtensor(p) for p in params):
+        return False
+    for i, p in enumerate(params):
+        if not sharded_stacked(p):
+            found = f"placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if is_dtensor(p) else "plain"
+            raise NotImplementedError(
+                f"{name}: stacked=True supports DTensor params only as Shard(0) on a 1-D mesh (sharded along "
+                f"the layer axis), for every param of the group; params[{i}] is {found}"
+            )
+    return True
+
+
 def lr_tensor(group: dict[str, Any]) -> torch.Tensor:
     """A group's lr as the ops take it: a tensor lr as is (a scheduler can
     change it without recompiling), a float as float64 so it stays exact, as

@@ -20,6 +20,8 @@ from ._base import (
     local,
     lr_tensor,
     math_dtype,
+    sharded_stacked,
+    sharded_stacked_group,
 )
 from ._ownership import OwnedStateMixin
 from .prism import _clip_amps
@@ -42,15 +44,6 @@ def precond_update_prob_schedule(
         return torch.clamp(torch.exp(-decay * (n - flat_start)), min_prob, max_prob)
 
     return schedule
-
-
-def _sharded_stacked(p: torch.Tensor) -> bool:
-    """A DTensor sharded along its first (layer) axis on a 1-D mesh."""
-    if not is_dtensor(p):
-        return False
-    from torch.distributed.tensor import Shard
-
-    return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
 
 
 class Kron(OwnedStateMixin, FusedOptimizer):
@@ -336,7 +329,7 @@ class Kron(OwnedStateMixin, FusedOptimizer):
         if key == "magma_score":
             # A host scalar per param (per slice when stacked), as the op takes it.
             score = torch.full(shape, 0.5, dtype=torch.float32)
-            if group["stacked"] and _sharded_stacked(p):
+            if group["stacked"] and sharded_stacked(p):
                 # One score per slice, sharded along L like the param.
                 from torch.distributed.tensor import distribute_tensor
 
@@ -382,15 +375,8 @@ class Kron(OwnedStateMixin, FusedOptimizer):
     def _sharded_stacked_group(group: dict[str, Any]) -> bool:
         """Whether a stacked group holds FSDP2 DTensor params (then all must be
         Shard(0) on one 1-D mesh: sharded along L, whole slices per rank)."""
-        if not group["stacked"] or not any(is_dtensor(p) for p in group["params"]):
+        if not sharded_stacked_group("Kron", group):
             return False
-        for i, p in enumerate(group["params"]):
-            if not _sharded_stacked(p):
-                found = f"placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if is_dtensor(p) else "plain"
-                raise NotImplementedError(
-                    "Kron: stacked=True supports DTensor params only as Shard(0) on a 1-D mesh (sharded along "
-                    f"the layer axis), for every param of the group; params[{i}] is {found}"
-                )
         if group["raw_global_grad_clip"] is not None or (
             group["grad_clip_max_amps"] is not None and group["grad_clip_mode"] == "global_rms"
         ):

@@ -15,9 +15,9 @@ from ._base import (
     draw_seed,
     is_dtensor,
     local,
+    sharded_stacked_group,
 )
 from ._ownership import OwnedStateMixin
-from .kron import _sharded_stacked
 
 _STYLES = ("skew", "quad")
 _LR_STYLES = ("adam", None)
@@ -236,17 +236,7 @@ class WhiteKron(OwnedStateMixin, FusedOptimizer):
     def _sharded_stacked_group(group: dict[str, Any]) -> bool:
         """Whether a stacked group holds DTensor params; then every param must
         be Shard(0) on a 1-D mesh (sharded along L: whole slices per rank)."""
-        params = group.get("params", [])
-        if not group["stacked"] or not any(is_dtensor(p) for p in params):
-            return False
-        for i, p in enumerate(params):
-            if not _sharded_stacked(p):
-                found = f"placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if is_dtensor(p) else "plain"
-                raise NotImplementedError(
-                    "WhiteKron: stacked=True supports DTensor params only as Shard(0) on a 1-D mesh (sharded "
-                    f"along the layer axis), for every param of the group; params[{i}] is {found}"
-                )
-        return True
+        return sharded_stacked_group("WhiteKron", group)
 
     def _unwrappers(self):
         if self._local_shards:
