@@ -203,3 +203,51 @@ def test_mars_shampoo_tracks_pytorch_optimizer():
     for p, q, s in zip(ours, theirs, start):
         assert (p - s).abs().max() > 1e-2  # it moved
         torch.testing.assert_close(p, q, rtol=0, atol=1e-3)
+
+
+def test_mars_shampoo_compiled_step_matches_eager():
+    def run(compiled):
+        torch.manual_seed(2)
+        params = [torch.randn(12, 8), torch.randn(6, 20), torch.randn(5)]
+        grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+        opt = tox.MARS(params, lr=1e-2, mars_type="mars-shampoo", weight_decay=0.1, optimize_1d=True)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("is_approx", [True, False])
+def test_mars_shampoo_op_passes_opcheck(is_approx):
+    from test_ops import OPCHECK_UTILS
+
+    params = [torch.randn(12, 8), torch.randn(6, 20)]
+    args = (
+        params,
+        [torch.randn_like(p) for p in params],
+        [torch.randn_like(p) for p in params],
+        [],
+        [],
+        [torch.randn_like(p) for p in params],
+        [torch.tensor(3.0) for _ in params],
+        torch.tensor(0.01, dtype=torch.float64),
+    )
+    kwargs = dict(
+        beta1=0.95,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        gamma=0.025,
+        mars_type="mars-shampoo",
+        amsgrad=False,
+        maximize=False,
+        is_approx=is_approx,
+        ns_dtype=torch.float32,
+    )
+    torch.library.opcheck(torch.ops.torchopt_ext.mars_step_.default, args, kwargs, test_utils=OPCHECK_UTILS)
