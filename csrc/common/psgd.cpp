@@ -1,6 +1,8 @@
 #include "torchopt_ext/common/psgd.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -37,27 +39,29 @@ at::Tensor per_problem(const at::Tensor& s, const at::Tensor& x, bool batched) {
   return s.reshape(shape);
 }
 
-// Shared body of the SPD / skew lower bounds once A (..., n, n) is normalized
-// by `scale` (...). One code path for a matrix and a batch of them.
+// Shared body of the SPD / skew lower bounds, A (..., n, n) normalized by
+// `scale` (...). One code path for a matrix and a batch of them. LX divides
+// A by the scale first; here each (32, n) product v A is divided instead,
+// the same values (up to rounding) without an n x n pass and copy.
 at::Tensor norm_lower_bound_scaled(const at::Tensor& A, const at::Tensor& scale, const at::Tensor& probes) {
   const double tiny = smallest_normal(A.scalar_type());
   const bool batched = A.dim() == 3;
-  const at::Tensor a = A / per_problem(scale, A, batched);
-  const int64_t n = a.size(-1);
-  at::Tensor heavy;  // the heaviest row: (1, n) or (B, 1, n)
+  const int64_t n = A.size(-1);
+  const at::Tensor s = batched ? scale.view({-1, 1, 1}) : scale;
+  at::Tensor heavy;  // the heaviest row of A / scale: (1, n) or (B, 1, n)
   if (batched) {
-    const at::Tensor j = at::argmax(at::linalg_vector_norm(a, 2, {-1}, false, std::nullopt), -1);
-    heavy = a.gather(1, j.view({-1, 1, 1}).expand({a.size(0), 1, n}));
+    const at::Tensor j = at::argmax(at::linalg_vector_norm(A, 2, {-1}, false, std::nullopt), -1);
+    heavy = A.gather(1, j.view({-1, 1, 1}).expand({A.size(0), 1, n})) / s;
   } else {
-    const at::Tensor j = at::argmax(at::linalg_vector_norm(a, 2, {1}, false, std::nullopt)).reshape({1});
-    heavy = a.index_select(0, j);
+    const at::Tensor j = at::argmax(at::linalg_vector_norm(A, 2, {1}, false, std::nullopt)).reshape({1});
+    heavy = A.index_select(0, j) / s;
   }
   at::Tensor v = probes;
   v = heavy + at::sign((heavy * v).sum(-1, true)) * v;
   for (int64_t i = 0; i < kNormHalfIters; ++i) {
-    v = v.matmul(a);
+    v = v.matmul(A).div_(s);
     v = v / (at::linalg_vector_norm(v, 2, {-1}, true, std::nullopt) + tiny);
-    v = v.matmul(a);
+    v = v.matmul(A).div_(s);
   }
   const at::Tensor norms = at::linalg_vector_norm(v, 2, {-1}, false, std::nullopt);
   return scale * (batched ? norms.amax(-1) : norms.amax());
@@ -67,11 +71,12 @@ at::Tensor draw_probes(const at::Tensor& A, at::Generator& gen) {
   return at::randn({kNormProbes, A.size(-1)}, gen, A.options());
 }
 
-// Blocks per side of a d x d product: about 128 rows each, at most 8, so
-// each block product is still an efficient GEMM (one thread, fp32: a 256
-// Gram in 2 blocks takes 0.88x the full GEMM, 384 in 3 0.75x, 1024 in 8
-// 0.58x; below 256 the full GEMM wins).
-int64_t symmetric_blocks(int64_t d) { return std::clamp<int64_t>(d / 128, 1, 8); }
+// Blocks per side of a d x d product: about 64 rows each, at most 8, so
+// each block product is still an efficient GEMM. One thread, fp32, Kron EQ
+// steps of 4-8 square params (bench in docs/benchmarks.md): 64-row blocks
+// beat 128-row ones by 3-9% at d = 192-512 and tie at 128; at d = 1024 the
+// cap (8 blocks of 128) beats 16 of 64.
+int64_t symmetric_blocks(int64_t d) { return std::clamp<int64_t>(d / 64, 1, 8); }
 
 // rows rows^T (d x d) for a (d, K) matrix in any BLAS-compatible layout (a
 // transposed or column-sliced view: no copy). Symmetric, so only the blocks
@@ -724,6 +729,60 @@ namespace torchopt_ext::common::psgd {
 
 bool prefer_batched(const at::Device& device, int64_t slice_numel) {
   return !device.is_cpu() || slice_numel <= kCpuBatchedMaxNumel;
+}
+
+void run_side_by_side(const std::vector<double>& costs, bool cpu, const std::function<void(size_t)>& fn) {
+  const size_t n = costs.size();
+  const auto threads = static_cast<size_t>(at::get_num_threads());
+  if (!cpu || threads < 2 || n < 2 || at::in_parallel_region()) {
+    for (size_t u = 0; u < n; ++u) {
+      fn(u);
+    }
+    return;
+  }
+  std::vector<size_t> order(n);
+  for (size_t u = 0; u < n; ++u) {
+    order[u] = u;
+  }
+  // Largest first (ties in index order, so the schedule is deterministic).
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return costs[a] > costs[b]; });
+  double left = 0.0;
+  for (const double c : costs) {
+    left += c;
+  }
+  // A unit above an even share cannot be balanced against the rest: it runs
+  // alone with every thread (its GEMMs split) before the side-by-side part.
+  size_t first = 0;
+  for (; first < n && n - first >= 2 && costs[order[first]] * static_cast<double>(threads) > left; ++first) {
+    fn(order[first]);
+    left -= costs[order[first]];
+  }
+  if (n - first < 2) {
+    for (; first < n; ++first) {
+      fn(order[first]);
+    }
+    return;
+  }
+  // Longest-processing-time assignment of the rest to the threads.
+  const size_t lanes = std::min(threads, n - first);
+  std::vector<std::vector<size_t>> lane(lanes);
+  std::vector<double> load(lanes, 0.0);
+  for (size_t k = first; k < n; ++k) {
+    const auto least = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    lane[least].push_back(order[k]);
+    load[least] += costs[order[k]];
+  }
+  // Worker threads get the caller's thread-local state (grad / inference
+  // mode, dispatch keys), as at::launch does.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, static_cast<int64_t>(lanes), 1, [&](int64_t lo, int64_t hi) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t l = lo; l < hi; ++l) {
+      for (const size_t u : lane[l]) {
+        fn(u);
+      }
+    }
+  });
 }
 
 }  // namespace torchopt_ext::common::psgd

@@ -477,6 +477,19 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   // host randn time and one copy per noise / probe batch.
   const bool do_update = at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < probability;
   const size_t units_n = units.size();
+  // A unit's relative cost, for running units side by side: its GEMM work,
+  // numel times the summed sizes of its dense factors (plus its element-wise passes).
+  std::vector<double> unit_costs(units_n);
+  for (size_t u = 0; u < units_n; ++u) {
+    const size_t i = units[u].members[0].i;
+    double width = 1.0;
+    for (size_t f = 0; f < layouts[i].size(); ++f) {
+      width += layouts[i][f] ? static_cast<double>(shapes[i][f]) : 0.0;
+    }
+    unit_costs[u] =
+        static_cast<double>(units[u].members.size()) * static_cast<double>(c10::multiply_integers(shapes[i])) * width;
+  }
+  const bool on_cpu = n > 0 && params[0].is_cpu();
   std::vector<std::vector<at::Tensor>> old_factors(units_n), new_factors(units_n);
   for (size_t u = 0; u < units_n; ++u) {
     const size_t i = units[u].members[0].i;
@@ -548,8 +561,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     }
     skip_group_until(group_sizes.size());
 
-    // 2. The factor updates, unit by unit.
-    for (size_t u = 0; u < units_n; ++u) {
+    // 2. The factor updates, unit by unit (side by side on a multi-threaded CPU).
+    psgd::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
       const Unit& unit = units[u];
       const size_t i = unit.members[0].i;
       const auto& dense = layouts[i];
@@ -610,7 +623,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
         }
       }
       new_factors[u] = std::move(updated);
-    }
+    });
     // LX / rollfast: balance the factor norms with probability 0.01.
     if (at::rand({}, gen, at::TensorOptions().dtype(at::kDouble)).item<double>() < 0.01) {
       for (size_t u = 0; u < units_n; ++u) {
@@ -622,7 +635,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
   // d = P m per unit, then per-problem views (group order) for the clip and the apply.
   std::vector<at::Tensor> updates(slices.size());
-  for (size_t u = 0; u < units_n; ++u) {
+  psgd::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
     const Unit& unit = units[u];
     const auto& factors = do_update && update_preconditioner_first ? new_factors[u] : old_factors[u];
     const at::Tensor d = psgd::apply_p(of_unit(
@@ -632,7 +645,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       // Views: the clip scales them in place.
       updates[position(unit.members[s])] = unit.batched ? d.select(0, static_cast<int64_t>(s)) : d;
     }
-  }
+  });
   if (post_clip) {
     common::clip_updates_(updates, *post_clip);
   }
@@ -642,8 +655,17 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       const Unit& unit = units[u];
       if (!unit.batched) {
         const Slice& slice = unit.members[0];
-        store(part(preconditioners[slice.i], slice), flatten_factors(new_factors[u]), seed, kPreconditionerSalt,
-              index_of(slice), group->steps[slice.i]);
+        const at::Tensor storage = part(preconditioners[slice.i], slice);
+        if (storage.scalar_type() != at::kBFloat16) {
+          // A plain cast per factor into its view: no concatenated copy.
+          auto views = psgd::unflatten_factors(storage, shapes[slice.i], layouts[slice.i]);
+          for (size_t f = 0; f < views.size(); ++f) {
+            views[f].copy_(new_factors[u][f]);
+          }
+          continue;
+        }
+        store(storage, flatten_factors(new_factors[u]), seed, kPreconditionerSalt, index_of(slice),
+              group->steps[slice.i]);
         continue;
       }
       const auto count = static_cast<int64_t>(unit.members.size());
