@@ -562,7 +562,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     skip_group_until(group_sizes.size());
 
     // 2. The factor updates, unit by unit (side by side on a multi-threaded CPU).
-    psgd::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
+    common::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
       const Unit& unit = units[u];
       const size_t i = unit.members[0].i;
       const auto& dense = layouts[i];
@@ -635,7 +635,7 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
 
   // d = P m per unit, then per-problem views (group order) for the clip and the apply.
   std::vector<at::Tensor> updates(slices.size());
-  psgd::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
+  common::run_side_by_side(unit_costs, on_cpu, [&](size_t u) {
     const Unit& unit = units[u];
     const auto& factors = do_update && update_preconditioner_first ? new_factors[u] : old_factors[u];
     const at::Tensor d = psgd::apply_p(of_unit(

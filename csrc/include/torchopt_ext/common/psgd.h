@@ -189,16 +189,6 @@ constexpr int64_t kCpuBatchedMaxNumel = 8192;
 // GEMM launches), on the CPU only up to kCpuBatchedMaxNumel.
 bool prefer_batched(const at::Device& device, int64_t slice_numel);
 
-// Runs fn(u) once for every u < costs.size(): independent work units (one
-// param's factor update, say) with a relative cost each. On the CPU with
-// more than one intra-op thread, units run side by side, one thread each
-// (their ATen ops and GEMMs then run single-threaded): small problems keep
-// a core busy with one whole GEMM chain instead of splitting every GEMM.
-// A unit costing more than an even share of what is left runs first on
-// its own with every thread. Elsewhere (one thread, CUDA, inside a parallel
-// region) the units run in order. fn must touch only its unit's outputs.
-void run_side_by_side(const std::vector<double>& costs, bool cpu, const std::function<void(size_t)>& fn);
-
 // LX balance_kron_precond: n_i = max |Q_i|, g = (prod n_i)^(1/k),
 // Q_i <- Q_i g / n_i (no-op for fewer than two factors). In place.
 void balance_factors_(std::vector<at::Tensor>& factors, bool batched = false);
