@@ -18,6 +18,7 @@
 #include "torchopt_ext/common/clipping.h"
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/psgd.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 
