@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "kernels/cuda/elementwise.h"
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 namespace {
@@ -66,9 +68,9 @@ MarsArgs prepare_mars(const char* op, at::TensorList params, at::TensorList grad
 
 // mars-shampoo's matrix step after the fused momentum pass: O = NS5(m / (1 - b1))
 // (Keller Jordan's coefficients, X / (||X|| + eps) as the official code), then
-// p <- p - lr (sqrt(max(1, rows / cols)) O + wd p). One matrix at a time, as
-// Muon: on CPU a batched bf16 bmm is no faster than separate GEMMs, and each
-// temporary is freed before the next matrix. CUDA params take Muon's apply
+// p <- p - lr (sqrt(max(1, rows / cols)) O + wd p). One matrix at a time (per
+// thread), as Muon: on CPU a batched bf16 bmm is no faster than separate
+// GEMMs, and each temporary is freed before the next matrix. CUDA params take Muon's apply
 // kernel, which reads lr and the (already advanced) step on the device.
 void mars_shampoo_apply(common::DenseGroup<4>& group, double beta1, double eps, double weight_decay,
                         std::optional<at::ScalarType> ns_dtype, bool stochastic_rounding, int64_t seed) {
@@ -76,7 +78,12 @@ void mars_shampoo_apply(common::DenseGroup<4>& group, double beta1, double eps, 
   ns.eps = eps;
   ns.eps_clamp = false;
   ns.dtype = ns_dtype;
-  for (size_t i = 0; i < group.params.size(); ++i) {
+  // Side by side on a multi-threaded CPU (as Muon), costed by the GEMM work.
+  std::vector<double> costs;
+  for (const auto& param : group.params) {
+    costs.push_back(static_cast<double>(param.numel()) * static_cast<double>(std::min(param.size(0), param.size(1))));
+  }
+  common::run_side_by_side(costs, !group.on_cuda, [&](size_t i) {
     at::Tensor& param = group.params[i];
     const at::Tensor& m = group.state[0][i];
     const at::Tensor moment = m.to(at::promote_types(m.scalar_type(), at::kFloat)) * (1.0 / (1.0 - beta1));
@@ -88,11 +95,11 @@ void mars_shampoo_apply(common::DenseGroup<4>& group, double beta1, double eps, 
       detail::apply_matrix_update_cuda(param, update, detail::matrix_scalars(group, i), at::Tensor(),
                                        common::MagmaOptions{}, weight_decay, scale, stochastic_rounding, seed,
                                        static_cast<int64_t>(i));
-      continue;
+      return;
     }
     detail::apply_matrix_update(param, update, group.lr, 1.0, weight_decay, scale, stochastic_rounding, seed,
                                 static_cast<int64_t>(i), group.steps[i]);
-  }
+  });
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 
@@ -71,8 +73,15 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
   const size_t n = group->params.size();
   // One matrix at a time, start to finish (as torch.optim.Muon): each
   // temporary is freed before the next is made, so the allocator reuses warm
-  // memory and the peak stays one matrix's worth.
+  // memory and the peak stays one matrix's worth (per thread: on a
+  // multi-threaded CPU the matrices run side by side, one thread each,
+  // costed by their Newton-Schulz GEMM work rows * cols * min(rows, cols)).
+  std::vector<double> costs(n);
   for (size_t i = 0; i < n; ++i) {
+    const auto& layout = layouts[i];
+    costs[i] = static_cast<double>(group->params[i].numel()) * static_cast<double>(std::min(layout.rows, layout.cols));
+  }
+  common::run_side_by_side(costs, !group->on_cuda, [&](size_t i) {
     at::Tensor& param = group->params[i];
     at::Tensor& grad = group->grads[i];
     detail::unscale_grad(grad, group->amp.grad_scale, group->device.grad_scale);
@@ -90,7 +99,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
           use_magma ? detail::magma_score_cuda(parts.grad, buffer, magma_scores[i], magma_tau) : at::Tensor();
       detail::apply_matrix_update_cuda(param, update, detail::matrix_scalars(*group, i), score, magma, weight_decay,
                                        scale, stochastic_rounding, seed, static_cast<int64_t>(i));
-      continue;
+      return;
     }
     double multiplier = 1.0;
     if (use_magma) {
@@ -101,7 +110,7 @@ void muon_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     }
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, scale, stochastic_rounding, seed,
                                 static_cast<int64_t>(i), group->steps[i]);
-  }
+  });
   group->finish();
 }
 

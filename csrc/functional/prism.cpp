@@ -17,6 +17,7 @@
 #include "torchopt_ext/common/magma.h"
 #include "torchopt_ext/common/matrix_dims.h"
 #include "torchopt_ext/common/newton_schulz.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 
@@ -202,7 +203,13 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     }
     raw_scale = clip.scale;
   }
+  // Side by side on a multi-threaded CPU (as Muon), costed by the shaping's GEMM work.
+  std::vector<double> costs(n);
   for (size_t i = 0; i < n; ++i) {
+    costs[i] =
+        static_cast<double>(group->params[i].numel()) * static_cast<double>(std::min(layouts[i].rows, layouts[i].cols));
+  }
+  common::run_side_by_side(costs, !group->on_cuda, [&](size_t i) {
     at::Tensor& param = group->params[i];
     at::Tensor& buffer = group->state[0][i];
     const auto index = static_cast<int64_t>(i);
@@ -220,7 +227,7 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
           use_magma ? detail::magma_score_cuda(parts.raw_grad, parts.moment, magma_scores[i], magma_tau) : at::Tensor();
       detail::apply_matrix_update_cuda(param, update, scalars, score, magma, weight_decay, 1.0, stochastic_rounding,
                                        seed, index);
-      continue;
+      return;
     }
     double multiplier = 1.0;
     if (use_magma) {
@@ -231,7 +238,7 @@ void prism_step_(at::TensorList params, at::TensorList grads, at::TensorList mom
     }
     detail::apply_matrix_update(param, update, group->lr, multiplier, weight_decay, 1.0, stochastic_rounding, seed,
                                 index, group->steps[i]);
-  }
+  });
   group->finish();
 }
 

@@ -766,38 +766,3 @@ def test_blocked_products_match_reference(mode):
     err, *_ = _run(shapes, torch.float64, steps=4, lr=0.01, preconditioner_mode=mode, max_skew_triangular=math.inf)
     assert [int(x) for x in torch.ops.torchopt_ext.kron_factor_layout([3, 770], max_skew_triangular=math.inf)] == [1, 1]
     assert err <= 1e-12, f"{mode}: max error {err}"
-
-
-def _threaded_run(threads, dtype, inference=False):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        shapes = [(96, 64), (96, 64), (200, 40), (130,), (130,), (8, 6, 5)]
-        with torch.inference_mode(inference):
-            params = [torch.randn(s, dtype=dtype) for s in shapes]
-            start = torch.cat([p.flatten() for p in params])
-            grads = [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(20)]
-            opt = tox.Kron(params, lr=0.01, preconditioner_update_probability=1.0, seed=3, batch_equal_shapes=False)
-            for step_grads in grads:
-                for p, g in zip(params, step_grads):
-                    p.grad = g
-                opt.step()
-        return torch.cat([p.detach().flatten() for p in params]), start
-    finally:
-        torch.set_num_threads(saved)
-
-
-# With two intra-op threads the per-param updates run side by side, one
-# thread each (common::run_side_by_side): the same math, single-threaded
-# reductions and GEMMs, so the results agree with one thread to rounding
-# (fp64: GEMM blocking may differ by thread count), and a step made under
-# inference mode runs on the workers too.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_side_by_side_units_match_one_thread(dtype):
-    one, start = _threaded_run(1, dtype)
-    two, _ = _threaded_run(2, dtype)
-    assert (one - start).abs().max() > 1e-2  # the params moved: a real trajectory
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(two, one, rtol=tol, atol=tol)
-    torch.testing.assert_close(_threaded_run(2, dtype, inference=True)[0], two, rtol=0, atol=0)
