@@ -4,10 +4,12 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <vector>
 
 #include "common/tensor_lists.h"
 #include "functional/psgd_device.h"
 #include "kernels/cpu/stochastic_rounding.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 
@@ -124,8 +126,20 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
     return;
   }
   psgd_device::unscale_grads_(*group);
-  size_t k = 0;
-  for (size_t i = 0; i < group->params.size(); ++i) {
+  // Per param: its factors' index in ql / qr (-1: not a matrix) and its cost
+  // (GEMM work numel (m + n)); on a multi-threaded CPU the params run side by side.
+  const size_t n = group->params.size();
+  std::vector<int64_t> factor_index(n, -1);
+  std::vector<double> costs(n);
+  for (size_t i = 0, next = 0; i < n; ++i) {
+    const at::Tensor& param = group->params[i];
+    const auto numel = static_cast<double>(param.numel());
+    costs[i] = param.dim() == 2 ? numel * static_cast<double>(param.size(0) + param.size(1)) : numel;
+    if (param.dim() == 2) {
+      factor_index[i] = static_cast<int64_t>(next++);
+    }
+  }
+  common::run_side_by_side(costs, !group->on_cuda, [&](size_t i) {
     at::Tensor& param = group->params[i];
     at::Tensor& buffer = group->state[0][i];
     const auto math = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -137,10 +151,9 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
     }
     const at::Tensor p = param.to(math);
     at::Tensor direction;
-    if (param.dim() == 2) {
-      at::Tensor left = ql[k];
-      at::Tensor right = qr[k];
-      ++k;
+    if (factor_index[i] >= 0) {
+      at::Tensor left = ql[factor_index[i]];
+      at::Tensor right = qr[factor_index[i]];
       direction = kron_psgd_precondition_(g, left, right, precond_lr, eps, clip);
     } else {
       direction = g;  // the crate's SGD-with-momentum fallback
@@ -156,7 +169,7 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
     } else {
       param.add_(buffer, -group->lr);
     }
-  }
+  });
   group->finish();
 }
 

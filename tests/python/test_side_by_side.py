@@ -1,6 +1,6 @@
 """Per-param work side by side on a multi-threaded CPU (common::run_side_by_side).
 
-With two intra-op threads, Kron's factor updates and the Newton-Schulz steps of
+With two intra-op threads, Kron's and KronPSGD's factor updates and the Newton-Schulz steps of
 Muon, PRISM and MARS-Shampoo run one param per thread with single-threaded ATen
 ops. The math is the same, so 20 steps agree with one thread to rounding (fp64:
 GEMM blocking may differ by thread count), and a step made under inference mode
@@ -21,6 +21,7 @@ CASES = {
         lambda ps: tox.Kron(ps, lr=0.01, preconditioner_update_probability=1.0, seed=3, batch_equal_shapes=False),
         [(96, 64), (96, 64), (200, 40), (130,), (130,), (8, 6, 5)],
     ),
+    "KronPSGD": (lambda ps: tox.KronPSGD(ps, lr=0.01), [(64, 48), (64, 48), (128, 96), (40,), (40, 200)]),
     "Muon": (lambda ps: tox.Muon(ps, lr=0.02), [(64, 48), (64, 48), (128, 96), (40, 200)]),
     "PRISM": (lambda ps: tox.PRISM(ps, lr=0.02), [(64, 48), (64, 48), (128, 96), (40, 200)]),
     "MARS-Shampoo": (
