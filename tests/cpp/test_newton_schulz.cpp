@@ -122,29 +122,42 @@ TEST(MatrixDims, ValidationNamesTheArgument) {
 }
 
 // Runs `make(stacked)` on an (L, in, out) weight with spec (red 1, out 2,
-// batch 0) and `make(singles)` on its L (out, in) layers; compares bitwise.
+// batch 0) and `make(singles)` on its L (out, in) layers. One intra-op
+// thread: bitwise. Two: the singles run side by side with single-threaded
+// ops (common::run_side_by_side) while the stacked batch splits its ops, so
+// they agree to rounding.
 template <typename Optimizer, typename Options>
 void expect_stacked_equals_independent(Options options) {
-  torch::manual_seed(1);
-  const int64_t layers = 3;
-  auto stacked = torch::randn({layers, 10, 6});
-  std::vector<torch::Tensor> singles;
-  for (int64_t i = 0; i < layers; ++i) {
-    singles.push_back(stacked[i].t().contiguous());
-  }
-  Optimizer opt_stacked({stacked}, Options(options).matrix_dims(common::MatrixDims{{1}, {2}, {0}}));
-  Optimizer opt_singles(singles, options);
-  for (int step = 0; step < 5; ++step) {
-    const auto g = torch::randn_like(stacked);
-    stacked.mutable_grad() = g;
+  for (const int threads : {1, 2}) {
+    const int saved = at::get_num_threads();
+    at::set_num_threads(threads);
+    torch::manual_seed(1);
+    const int64_t layers = 3;
+    auto stacked = torch::randn({layers, 10, 6});
+    std::vector<torch::Tensor> singles;
     for (int64_t i = 0; i < layers; ++i) {
-      singles[static_cast<size_t>(i)].mutable_grad() = g[i].t().contiguous();
+      singles.push_back(stacked[i].t().contiguous());
     }
-    opt_stacked.step();
-    opt_singles.step();
-  }
-  for (int64_t i = 0; i < layers; ++i) {
-    EXPECT_TRUE(torch::equal(stacked[i].t(), singles[static_cast<size_t>(i)])) << "layer " << i;
+    Optimizer opt_stacked({stacked}, Options(options).matrix_dims(common::MatrixDims{{1}, {2}, {0}}));
+    Optimizer opt_singles(singles, options);
+    for (int step = 0; step < 5; ++step) {
+      const auto g = torch::randn_like(stacked);
+      stacked.mutable_grad() = g;
+      for (int64_t i = 0; i < layers; ++i) {
+        singles[static_cast<size_t>(i)].mutable_grad() = g[i].t().contiguous();
+      }
+      opt_stacked.step();
+      opt_singles.step();
+    }
+    at::set_num_threads(saved);
+    for (int64_t i = 0; i < layers; ++i) {
+      if (threads == 1) {
+        EXPECT_TRUE(torch::equal(stacked[i].t(), singles[static_cast<size_t>(i)])) << "layer " << i;
+      } else {
+        EXPECT_TRUE(torch::allclose(stacked[i].t(), singles[static_cast<size_t>(i)], 1e-5, 1e-6))
+            << "layer " << i << " at 2 threads";
+      }
+    }
   }
 }
 
