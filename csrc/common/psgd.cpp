@@ -358,6 +358,22 @@ at::Tensor rotate_apply(const at::Tensor& x, Front&& front) {
   return y.view(x.sizes());
 }
 
+// rows q^{-1} (solve y q = rows) for an upper-triangular q and a 2-D rows.
+// LAPACK wants the right-hand side column-major: given a row-major one,
+// linalg_solve_triangular copies it by a strided walk and then solves into a
+// fresh result. On the CPU a transposed contiguous copy (a blocked
+// transpose, ~4x faster than the strided walk at 4096 x 1024) solved in
+// place skips both. Same LAPACK call, same result.
+at::Tensor solve_upper_right(const at::Tensor& q, const at::Tensor& rows) {
+  if (!rows.is_cpu() || rows.dim() != 2) {
+    return at::linalg_solve_triangular(q, rows, /*upper=*/true, /*left=*/false);
+  }
+  // Already column-major: a copy keeping that layout (rows itself stays intact).
+  at::Tensor b = rows.t().is_contiguous() ? rows.clone(at::MemoryFormat::Preserve) : rows.t().contiguous().t();
+  at::linalg_solve_triangular_out(b, q, b, /*upper=*/true, /*left=*/false);
+  return b;
+}
+
 }  // namespace
 
 at::Tensor apply_q(const at::Tensor& x, const std::vector<at::Tensor>& factors, bool batched, bool upper_triangular) {
@@ -449,10 +465,8 @@ at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& fac
   if (rotates(x, factors)) {
     // Fibers times q^{-1} is q^{-T} on the (d, rest) matrix: the solve of
     // rows(rest, d) q^{-1} writes its column-major result, i.e. the rotated
-    // (d, rest) storage; the row-major rows are copied once for LAPACK.
-    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) {
-      return at::linalg_solve_triangular(factors[i], b.t(), /*upper=*/true, /*left=*/false).t();
-    });
+    // (d, rest) storage; the row-major rows are transposed once (solve_upper_right).
+    return rotate_apply(x, [&](int64_t i, const at::Tensor& b) { return solve_upper_right(factors[i], b.t()).t(); });
   }
   at::Tensor out = x;
   for (size_t i = 0; i < factors.size(); ++i) {
@@ -468,7 +482,7 @@ at::Tensor solve_q_right(const at::Tensor& x, const std::vector<at::Tensor>& fac
     const auto sizes = moved.sizes().vec();
     const at::Tensor rows = moved.reshape({-1, q.size(0)});
     // rows q^{-1}: solve y q = rows with q upper-triangular.
-    const at::Tensor solved = at::linalg_solve_triangular(q, rows, /*upper=*/true, /*left=*/false);
+    const at::Tensor solved = solve_upper_right(q, rows);
     out = solved.reshape(sizes).movedim(-1, axis);
   }
   return out;
