@@ -338,13 +338,18 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       // Warm-up beta_t = min(t / (1 + t), b1), t = steps before this one (LX).
       const double t = group->steps[i] - 1.0;
       const double beta = std::min(t / (1.0 + t), b1);
-      m[i] = at::lerp(group->state[0][i].to(math[i]), g[i], 1.0 - beta);
+      const at::Tensor& stored = group->state[0][i];
+      // Stored in the math dtype: updated in place (the same lerp, no copy back).
+      m[i] = stored.scalar_type() == math[i] ? stored.lerp_(g[i], 1.0 - beta)
+                                             : at::lerp(stored.to(math[i]), g[i], 1.0 - beta);
     }
   }
   if (b1 > 0.0) {
     for (const auto& slice : slices) {
-      store(part(group->state[0][slice.i], slice), part(m[slice.i], slice), seed, kMomentumSalt, index_of(slice),
-            group->steps[slice.i]);
+      if (group->state[0][slice.i].scalar_type() != math[slice.i]) {
+        store(part(group->state[0][slice.i], slice), part(m[slice.i], slice), seed, kMomentumSalt, index_of(slice),
+              group->steps[slice.i]);
+      }
     }
   }
 
@@ -702,7 +707,9 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       const uint64_t stream = kernels::cpu::rounding_stream(seed, index, slice_step);
       psgd_device::apply_update_reduced(param, updates[k], decay, alpha, stochastic_rounding, stream);
     } else {
-      param.mul_(decay);
+      if (decay != 1.0) {  // x * 1 is x: no pass without weight decay
+        param.mul_(decay);
+      }
       param.add_(updates[k].to(param.scalar_type()), alpha);
     }
   }
