@@ -129,6 +129,14 @@ at::Tensor qr_q(const at::Tensor& m) {
   }
 }
 
+// m / (sqrt(v) + eps) in one buffer (the same three roundings as the
+// expression, without its two temporaries).
+at::Tensor adam_direction(const at::Tensor& m, const at::Tensor& v, double eps) {
+  at::Tensor out = v.sqrt();
+  out.add_(eps);
+  return at::div_out(out, m, out);
+}
+
 double shampoo_beta_of(double shampoo_beta, double beta2) { return shampoo_beta >= 0.0 ? shampoo_beta : beta2; }
 
 void check_common(const char* op, double beta2, double shampoo_beta, int64_t max_precond_dim,
@@ -373,7 +381,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const double t = group->steps[i];
     m.mul_(beta1).add_(g_rot, 1.0 - beta1);
     v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
-    apply_update(i, project_back(m / (v.sqrt() + eps), qs), t);
+    apply_update(i, project_back(adam_direction(m, v, eps), qs), t);
 
     // Preconditioner: EMA of the Grams of the raw gradient; on refresh steps
     // one QR power iteration per factor, v permuted to the new eigenvalue
@@ -481,7 +489,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const at::Tensor g_rot = project_batched(g, qs);
     m.mul_(beta1).add_(g_rot, 1.0 - beta1);
     v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
-    const at::Tensor update = project_back_batched(m / (v.sqrt() + eps), qs);
+    const at::Tensor update = project_back_batched(adam_direction(m, v, eps), qs);
     for (int64_t b = 0; b < count; ++b) {
       apply_update(members[b], update[b], t);
     }
