@@ -92,9 +92,11 @@ at::Tensor project_back(at::Tensor x, const std::vector<at::Tensor>& qs) {
 }
 
 // G_(k) G_(k)^T: the Gram matrix of dim k contracted over all other dims.
-at::Tensor gram(const at::Tensor& g, int64_t k, int64_t d) {
-  const at::Tensor rows = g.movedim(k, 0).reshape({d, -1});
-  return at::mm(rows, rows.t());
+// PSGD's mode Gram: for d >= 128 only the blocks on and above the diagonal
+// are multiplied (a syrk by hand, ~0.56-0.63 of the GEMM), the rest mirrored;
+// below that one mm, as before.
+at::Tensor gram(const at::Tensor& g, int64_t k, int64_t /*d*/) {
+  return common::psgd::factor_gram(g, k, /*dense=*/true);
 }
 
 // eigh / QR in float32 as the reference; float64 when float32 fails.
@@ -111,12 +113,28 @@ at::Tensor descending_eigenvectors(const at::Tensor& gg) {
   }
 }
 
+// Q of m = QR (reduced, square m): geqrf + orgqr. linalg_qr computes the same
+// Q from the same two LAPACK calls but also forms R (a copy and a triu that
+// SOAP discards): 0.73x its time at d = 1024, one thread, bitwise equal.
+at::Tensor householder_q(const at::Tensor& m) {
+  const auto [reflectors, tau] = at::geqrf(m);
+  return at::linalg_householder_product(reflectors, tau);
+}
+
 at::Tensor qr_q(const at::Tensor& m) {
   try {
-    return std::get<0>(at::linalg_qr(m.to(at::kFloat)));
+    return householder_q(m.to(at::kFloat));
   } catch (const c10::Error&) {
-    return std::get<0>(at::linalg_qr(m.to(at::kDouble)));
+    return householder_q(m.to(at::kDouble));
   }
+}
+
+// m / (sqrt(v) + eps) in one buffer (the same three roundings as the
+// expression, without its two temporaries).
+at::Tensor adam_direction(const at::Tensor& m, const at::Tensor& v, double eps) {
+  at::Tensor out = v.sqrt();
+  out.add_(eps);
+  return at::div_out(out, m, out);
 }
 
 double shampoo_beta_of(double shampoo_beta, double beta2) { return shampoo_beta >= 0.0 ? shampoo_beta : beta2; }
@@ -211,6 +229,34 @@ at::Tensor descending_eigenvectors_batched(const at::Tensor& gg) {
   } catch (const c10::Error&) {
     return solve(at::kDouble);
   }
+}
+
+// One param's relative work in a step, in multiply-adds at GEMM speed, to
+// balance units across threads: per factor of size d the rotation, the
+// rotation back and the Gram (numel * d each) plus ~10 element-wise passes;
+// a refresh adds the rotations of m (2 numel * d), L Q (d^3) and a QR; the
+// first call a Gram and an eigh. QR / eigh run below GEMM speed: their
+// weights (4 d^3, 7 d^3) are single-thread timings on this CPU at d = 256 to
+// 1024 (3.3-4.5x and 5.3-9x one d x d x d GEMM).
+double soap_unit_cost(const SoapLayout& layout, double step, int64_t precondition_frequency) {
+  double numel = 1.0;
+  for (const int64_t d : layout.shape) {
+    numel *= static_cast<double>(d);
+  }
+  double cost = 10.0 * numel;
+  const bool refresh = step > 0.0 && std::fmod(step, static_cast<double>(precondition_frequency)) == 0.0;
+  for (const int64_t size : layout.factor_sizes) {
+    const auto d = static_cast<double>(size);
+    if (step == 0.0) {
+      cost += numel * d + 7.0 * d * d * d;
+    } else {
+      cost += 3.0 * numel * d;
+      if (refresh) {
+        cost += 2.0 * numel * d + 5.0 * d * d * d;  // L Q and the QR
+      }
+    }
+  }
+  return cost;
 }
 
 // Equal layouts, math dtypes and step values: one batch (the refresh and
@@ -335,7 +381,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const double t = group->steps[i];
     m.mul_(beta1).add_(g_rot, 1.0 - beta1);
     v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
-    apply_update(i, project_back(m / (v.sqrt() + eps), qs), t);
+    apply_update(i, project_back(adam_direction(m, v, eps), qs), t);
 
     // Preconditioner: EMA of the Grams of the raw gradient; on refresh steps
     // one QR power iteration per factor, v permuted to the new eigenvalue
@@ -356,12 +402,16 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
         const at::Tensor l32 = ggs[k].to(at::kFloat);
         const at::Tensor q32 = qs[k].to(at::kFloat);
         // One matmul serves both: diag(Q^T L Q) = column sums of Q * (L Q), and
-        // L (Q P) = (L Q) P for the permutation P.
-        const at::Tensor lq = at::mm(l32, q32);
-        const at::Tensor estimate = (q32 * lq).sum(0);
+        // L (Q P) = (L Q) P for the permutation P. Formed as its transpose
+        // Q^T L (L is symmetric): the rows of Q^T L picked by the order are
+        // L Q P in LAPACK's column-major layout, so the QR reads them without
+        // a transposing copy.
+        const at::Tensor q_t = q32.t().contiguous();  // blocked transpose: the product below reads rows
+        const at::Tensor lq_t = at::mm(q_t, l32);
+        const at::Tensor estimate = (q_t * lq_t).sum(1);
         const at::Tensor order = at::argsort(estimate, /*dim=*/0, /*descending=*/true);
         v = v.index_select(static_cast<int64_t>(k), order);
-        qs[k].copy_(qr_q(lq.index_select(1, order)));
+        qs[k].copy_(qr_q(lq_t.index_select(0, order).t()));
       }
       m = project(m_unrotated, qs);
     }
@@ -439,7 +489,7 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const at::Tensor g_rot = project_batched(g, qs);
     m.mul_(beta1).add_(g_rot, 1.0 - beta1);
     v.mul_(beta2).add_(g_rot.square(), 1.0 - beta2);
-    const at::Tensor update = project_back_batched(m / (v.sqrt() + eps), qs);
+    const at::Tensor update = project_back_batched(adam_direction(m, v, eps), qs);
     for (int64_t b = 0; b < count; ++b) {
       apply_update(members[b], update[b], t);
     }
@@ -457,22 +507,18 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
         }
         const at::Tensor l32 = ggs[k].to(at::kFloat);
         const at::Tensor q32 = qs[k].to(at::kFloat);
-        const at::Tensor lq = at::bmm(l32, q32);
-        const at::Tensor estimate = (q32 * lq).sum(1);                                   // (B, d)
+        // As the per-tensor path: (L Q)^T = Q^T L, whose picked rows are L Q P column-major.
+        const at::Tensor q_t = q32.transpose(1, 2).contiguous();
+        const at::Tensor lq_t = at::bmm(q_t, l32);
+        const at::Tensor estimate = (q_t * lq_t).sum(2);                                 // (B, d)
         const at::Tensor order = at::argsort(estimate, /*dim=*/1, /*descending=*/true);  // per entry
         // v's dim k (axis k + 1 here) permuted per entry: the order broadcast over the other axes.
         std::vector<int64_t> index_shape(static_cast<size_t>(v.dim()), 1);
         index_shape[0] = count;
         index_shape[k + 1] = layout.factor_sizes[k];
         v = at::take_along_dim(v, order.view(index_shape), static_cast<int64_t>(k) + 1);
-        const at::Tensor columns = at::take_along_dim(lq, order.unsqueeze(1), 2);
-        at::Tensor q_new;
-        try {
-          q_new = std::get<0>(at::linalg_qr(columns));
-        } catch (const c10::Error&) {
-          q_new = std::get<0>(at::linalg_qr(columns.to(at::kDouble)));
-        }
-        qs[k] = q_new.to(qs[k].scalar_type());
+        const at::Tensor columns = at::take_along_dim(lq_t, order.unsqueeze(2), 1).transpose(1, 2);
+        qs[k] = qr_q(columns).to(qs[k].scalar_type());
       }
       m = project_batched(m_unrotated, qs);
     }
@@ -497,26 +543,49 @@ void soap_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
       batches[static_cast<size_t>(it - keys.begin())].push_back(i);
     }
   }
-  for (size_t b = 0; b < batches.size(); ++b) {
+  // Work units: a batch, or one param on the per-tensor path. A unit writes
+  // only its members' param and state, and its draws (stochastic rounding)
+  // are keyed by param index and step, so units may run in any order.
+  struct Unit {
+    std::vector<size_t> members;
+    bool batched;
+  };
+  std::vector<Unit> units;
+  for (const auto& batch : batches) {
     // A batch pays off only with matrix factors and two or more members; the
     // rest keep the per-tensor path (bitwise as before batching). Vectors
     // (precondition_1d) stay per tensor: their rank-deficient Grams leave the
     // eigenbasis of the null space to rounding noise, which the batched
     // products would reorder (equally valid, but not the per-tensor result).
-    const auto& layout = layouts[batches[b][0]];
+    const auto& layout = layouts[batch[0]];
     // Unset: Kron's rule (common::psgd::prefer_batched): always on CUDA; on the
     // CPU, where a batched eigh / bmm of large matrices is slower than a loop
     // (12 x 512^2: 0.87x), only for small params.
-    const bool batched = batch_equal_shapes.value_or(
-        common::psgd::prefer_batched(params[batches[b][0]].device(), params[batches[b][0]].numel()));
-    if (batched && batches[b].size() > 1 && layout.factor_numel() > 0 && layout.shape.size() >= 2) {
-      step_batch(batches[b]);
+    const bool batched =
+        batch_equal_shapes.value_or(common::psgd::prefer_batched(params[batch[0]].device(), params[batch[0]].numel()));
+    if (batched && batch.size() > 1 && layout.factor_numel() > 0 && layout.shape.size() >= 2) {
+      units.push_back({batch, true});
     } else {
-      for (const size_t i : batches[b]) {
-        step_one(i);
+      for (const size_t i : batch) {
+        units.push_back({{i}, false});
       }
     }
   }
+  std::vector<double> costs;
+  for (const auto& unit : units) {
+    const size_t i = unit.members[0];
+    costs.push_back(static_cast<double>(unit.members.size()) *
+                    soap_unit_cost(layouts[i], group->steps[i], precondition_frequency));
+  }
+  // On a multi-threaded CPU the units run side by side, one thread each
+  // (CUDA and one thread: in order, as before).
+  common::run_side_by_side(costs, !group->params[0].is_cuda(), [&](size_t u) {
+    if (units[u].batched) {
+      step_batch(units[u].members);
+    } else {
+      step_one(units[u].members[0]);
+    }
+  });
   group->finish();
 }
 

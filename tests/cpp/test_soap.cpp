@@ -243,3 +243,66 @@ TEST(SOAP, BatchedEqualShapesMatchThePerTensorPath) {
   // A wrong batch (e.g. one entry's Q used for another) would be O(lr), not 1e-14.
   EXPECT_GT((batched.params[0] - batched.params[1]).abs().max().item<double>(), 1e-3);
 }
+
+namespace {
+
+SoapLists clone_lists(const SoapLists& s) {
+  SoapLists c;
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    c.params.push_back(s.params[i].clone());
+    c.m.push_back(s.m[i].clone());
+    c.v.push_back(s.v[i].clone());
+    c.gg.push_back(s.gg[i].clone());
+    c.q.push_back(s.q[i].clone());
+    c.steps.push_back(s.steps[i].clone());
+  }
+  return c;
+}
+
+}  // namespace
+
+// The per-param units side by side (2 threads) vs one after another (1
+// thread): every step starts both from the same lists (the 1-thread result),
+// over the init call and 12 updates with 4 refreshes. Units in a lane run
+// single-threaded; the largest runs alone with both threads. Params and the
+// Grams must agree to fp64 rounding (eigh / QR run in fp32 and may round
+// differently with the thread count, but a step's update uses the Q it was
+// given). Measured: both 0 (bitwise) on this CPU. A unit writing another's
+// state would move params by O(lr).
+TEST(SOAP, TwoThreadsMatchOneThreadPerStep) {
+  const std::vector<std::vector<int64_t>> shapes{{160, 160}, {96, 96}, {96, 96},  {100, 100},
+                                                 {30, 30},   {30, 30}, {4, 5, 3}, {7}};
+  SoapLists one = soap_lists(shapes);
+  const auto lr = torch::tensor(0.01, torch::kFloat64);
+  const int previous = at::get_num_threads();
+  double worst_param = 0.0;
+  double worst_gg = 0.0;
+  for (int step = 0; step < 13; ++step) {
+    SoapLists two = clone_lists(one);
+    std::vector<torch::Tensor> grads;
+    for (const auto& shape : shapes) {
+      grads.push_back(torch::randn(shape, torch::kFloat64));
+    }
+    for (auto [lists, threads] : {std::pair<SoapLists*, int>{&one, 1}, {&two, 2}}) {
+      at::set_num_threads(threads);
+      std::vector<torch::Tensor> g;
+      for (const auto& x : grads) {
+        g.push_back(x.clone());
+      }
+      functional::soap_step_(lists->params, g, lists->m, lists->v, lists->gg, lists->q, lists->steps, lr, 0.9, 0.95,
+                             -1.0, 1e-8, 0.1, 4, 10000, false, false, false, "channels_first", true, false, 0,
+                             std::nullopt, std::nullopt);
+    }
+    at::set_num_threads(previous);
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      worst_param = std::max(worst_param, (one.params[i] - two.params[i]).abs().max().item<double>());
+      if (one.gg[i].numel() > 0) {
+        worst_gg = std::max(worst_gg, (one.gg[i] - two.gg[i]).abs().max().item<double>());
+      }
+      EXPECT_EQ(one.steps[i].item<float>(), two.steps[i].item<float>());
+    }
+  }
+  EXPECT_LE(worst_param, 1e-12);
+  EXPECT_LE(worst_gg, 1e-12);
+  EXPECT_EQ(one.steps[0].item<float>(), 12.0f);
+}

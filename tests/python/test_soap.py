@@ -1,6 +1,7 @@
 """SOAP against a float64 reference written from classic.md §10, the init-only
 first step, the factor layout, reduced precision, errors."""
 
+import copy
 import io
 
 import pytest
@@ -294,3 +295,110 @@ def test_batched_factor_updates_take_one_call_per_shape(monkeypatch):
         calls[batch] = sum(e.count for e in prof.key_averages() if e.key == "aten::linalg_eigh")
     assert calls[False] == 2 * 3 + 2 + 4 * 2  # every factor of every param on its own
     assert calls[True] == 2 + 2 + 4  # one call per factor of each batch
+
+
+# Side by side (issue: SOAP step speed on the CPU): with 2+ intra-op threads
+# the per-param units (and batches) run one per thread. A large param (its
+# unit above an even share: alone, with every thread), per-tensor params
+# above the batching size, a batch of small equal matrices, a conv weight,
+# a vector and a scalar; refreshes every 4 steps. The matrices' grads are a
+# fixed U diag(s) V^T with spread singular values plus a little noise, so
+# eigenvalue gaps keep eigh / QR well conditioned.
+SIDE_BY_SIDE_SHAPES = [(200, 200), (100, 100), (100, 100), (120, 120)] + [(40, 40)] * 3 + [(8, 6, 3, 3), (33,), ()]
+
+
+def _side_by_side_grads(steps, gen):
+    bases = []
+    for s in SIDE_BY_SIDE_SHAPES:
+        if len(s) != 2:
+            bases.append(torch.zeros(s, dtype=torch.float64))
+            continue
+        u = torch.linalg.qr(torch.randn(s[0], s[0], generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(s[1], s[1], generator=gen, dtype=torch.float64))[0]
+        bases.append((u * torch.linspace(1.0, 4.0, s[0], dtype=torch.float64)) @ v.T)
+    return [[b + 0.005 * torch.randn(b.shape, generator=gen, dtype=torch.float64) for b in bases] for _ in range(steps)]
+
+
+def _with_threads(threads, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_threads_equal_one_thread(dtype):
+    # Each of 22 steps (the init call, 21 updates, 5 refreshes) runs from the
+    # same params and state at 1 thread and at 2, then the 2-thread copy is
+    # reset to the 1-thread result: the difference is what one step's thread
+    # count makes, not the drift of two trajectories (eigenvectors amplify a
+    # last-bit difference). Within a lane ATen / MKL run single-threaded, but
+    # MKL's LAPACK (eigh, QR) may still round differently than in a 1-thread
+    # process, and the large param's unit runs alone with both threads.
+    # Measured max |diff|: params 0 (fp32 and bf16), exp_avg / exp_avg_sq
+    # 5.6e-7 (fp32) / 2.3e-5 (bf16) of their scale (after a refresh's QR),
+    # GG 0, |Q| 3.3e-5 (the init eigh). A unit touching another's state or a misplaced draw moves
+    # params by >= lr = 3e-3 (sharing state between the two optimizers, a
+    # bug of an earlier draft of this test, moved them by 2e-3).
+    gen = torch.Generator().manual_seed(5)
+    grads = _side_by_side_grads(22, gen)
+    one = [torch.randn(s, generator=gen).to(dtype) for s in SIDE_BY_SIDE_SHAPES]
+    two = [p.clone() for p in one]
+    kwargs = dict(lr=3e-3, precondition_frequency=4, weight_decay=0.01)
+    opt_one, opt_two = tox.SOAP(one, **kwargs), tox.SOAP(two, **kwargs)
+    worst = dict(param=0.0, moment=0.0, Q=0.0, GG=0.0)
+    for gs in grads:
+        for a, b, g in zip(one, two, gs):
+            a.grad, b.grad = g.to(dtype), g.to(dtype)
+        _with_threads(1, opt_one.step)
+        _with_threads(2, opt_two.step)
+        for a, b in zip(one, two):
+            worst["param"] = max(worst["param"], (a.double() - b.double()).abs().max().item())
+            sa, sb = opt_one.state[a], opt_two.state[b]
+            assert sa["step"].item() == sb["step"].item()
+            for key, name in (("exp_avg", "moment"), ("exp_avg_sq", "moment"), ("GG", "GG"), ("Q", "Q")):
+                if sa[key].numel():
+                    x, y = sa[key].double(), sb[key].double()
+                    if key == "Q":  # eigenvector signs are arbitrary (SOAP rotates back with the same Q)
+                        x, y = x.abs(), y.abs()
+                    diff = (x - y).abs().max().item()
+                    if name == "moment":  # relative to the tensor's scale
+                        diff /= max(x.abs().max().item(), 1e-30)
+                    worst[name] = max(worst[name], diff)
+        # Both continue from the 1-thread result (copies: load_state_dict
+        # would share the tensors).
+        opt_two.load_state_dict(copy.deepcopy(opt_one.state_dict()))
+        with torch.no_grad():
+            for a, b in zip(one, two):
+                b.copy_(a)
+    assert worst["param"] <= 1e-6, worst
+    assert worst["moment"] <= 1e-4, worst
+    assert worst["GG"] == 0.0, worst
+    assert worst["Q"] <= 1e-4, worst
+
+
+def test_step_under_inference_mode_with_several_params():
+    # The state is created inside inference_mode (inference tensors) and the
+    # units' worker threads must see the caller's mode to update it in place.
+    def run(inference):
+        gen = torch.Generator().manual_seed(5)
+        grads = _side_by_side_grads(9, gen)
+        params = [torch.randn(s, generator=gen) for s in SIDE_BY_SIDE_SHAPES]
+        opt = tox.SOAP(params, lr=3e-3, precondition_frequency=4)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.float()
+            if inference:
+                with torch.inference_mode():
+                    _with_threads(2, opt.step)
+            else:
+                _with_threads(2, opt.step)
+        return params, opt
+
+    plain, _ = run(False)
+    inference, opt = run(True)
+    for a, b in zip(plain, inference):
+        assert torch.equal(a, b)
+    assert opt.state[inference[0]]["Q"].is_inference()
