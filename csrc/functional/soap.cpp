@@ -13,6 +13,7 @@
 #include "kernels/cpu/muon.h"
 #include "kernels/cpu/stochastic_rounding.h"
 #include "torchopt_ext/common/psgd.h"
+#include "torchopt_ext/common/side_by_side.h"
 
 namespace torchopt_ext::functional {
 
