@@ -522,7 +522,10 @@ at::Tensor norm_lower_bound_spd(const at::Tensor& A, const at::Tensor& probes) {
 }
 
 at::Tensor norm_lower_bound_skh(const at::Tensor& A, const at::Tensor& probes) {
-  const at::Tensor scale = (A.dim() == 3 ? A.abs().amax({-2, -1}) : A.abs().amax()) + smallest_normal(A.scalar_type());
+  // max |A| as max(max A, -min A): two read-only passes, no |A| temporary.
+  const at::Tensor scale =
+      (A.dim() == 3 ? at::maximum(A.amax({-2, -1}), A.amin({-2, -1}).neg()) : at::maximum(A.amax(), A.amin().neg())) +
+      smallest_normal(A.scalar_type());
   return norm_lower_bound_scaled(A, scale, probes);
 }
 
@@ -537,7 +540,7 @@ at::Tensor norm_lower_bound_skh(const at::Tensor& A, at::Generator& gen) {
 void procrustes_step_(at::Tensor& q, const ProbeSource& probes, double max_step) {
   const bool batched = q.dim() == 3;
   at::Tensor r = q.mT() - q;
-  r = r / per_problem(norm_lower_bound_skh(r, probes(q.size(-1))) + smallest_normal(q.scalar_type()), r, batched);
+  r.div_(per_problem(norm_lower_bound_skh(r, probes(q.size(-1))) + smallest_normal(q.scalar_type()), r, batched));
   if (!batched) {
     // R is skew, so R R = -R^T R is symmetric: one blocked Gram instead of
     // the GEMM R (R Q), and the step becomes (I + a R + a^2/2 R R) Q, one
@@ -653,7 +656,9 @@ void update_factor_(at::Tensor& q, const at::Tensor& t1, const at::Tensor& t2, a
       } else {
         // ((1 + eta T2) I - eta T1r) Q: the four passes over Q's size after
         // the GEMM become one over T1r's before it.
-        at::Tensor m = t1r * -eta_q;
+        // T1r (T1 + damping) is this call's own tensor: scaled in place.
+        at::Tensor m = t1r;
+        m.mul_(-eta_q);
         m.diagonal().add_(1.0 + eta_q * t2);
         q = m.mm(q);
       }
