@@ -48,6 +48,34 @@ def run_side_by_side(
     return ours, ref
 
 
+def eager_then_compiled(
+    make_opt: Callable[[list], torch.optim.Optimizer],
+    make_params: Callable[[], list[torch.Tensor]],
+    steps: int = 4,
+    seed: int = 1,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.optim.Optimizer]:
+    """The same run eagerly and with torch.compile(opt.step, fullgraph=True):
+    params made by make_params() and `steps` random grads after torch.manual_seed(seed).
+    Returns (eager params, compiled params, the compiled run's optimizer)."""
+
+    def run(compiled):
+        torch.manual_seed(seed)
+        params = make_params()
+        grads = [[torch.randn_like(p) for p in params] for _ in range(steps)]
+        opt = make_opt(params)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            step()
+        return params, opt
+
+    torch._dynamo.reset()
+    eager, _ = run(False)
+    compiled, opt = run(True)
+    return eager, compiled, opt
+
+
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
     # Tight enough that a wrong formula, order of weight decay or bias
     # correction fails by orders of magnitude; loose enough for the last-ulp

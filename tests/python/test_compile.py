@@ -3,22 +3,9 @@ and matches eager."""
 
 import pytest
 import torch
-from helpers import ALL_OPTIMIZERS, INIT_ONLY_FIRST_STEP
+from helpers import ALL_OPTIMIZERS, INIT_ONLY_FIRST_STEP, eager_then_compiled
 
 import torchopt_ext.optim as tox
-
-
-def _run(make_opt, compiled, steps=4):
-    torch.manual_seed(1)
-    params = [torch.randn(8, 5), torch.randn(5), torch.randn(())]
-    grads = [[torch.randn_like(p) for p in params] for _ in range(steps)]
-    opt = make_opt(params)
-    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        step()
-    return params, opt
 
 
 @pytest.mark.parametrize("name", sorted(ALL_OPTIMIZERS))
@@ -26,9 +13,7 @@ def test_compiled_step_matches_eager(name):
     def make_opt(ps):
         return getattr(tox, name)(ps, **ALL_OPTIMIZERS[name])
 
-    torch._dynamo.reset()
-    eager, _ = _run(make_opt, compiled=False)
-    compiled, opt = _run(make_opt, compiled=True)
+    eager, compiled, opt = eager_then_compiled(make_opt, lambda: [torch.randn(8, 5), torch.randn(5), torch.randn(())])
     for a, b in zip(eager, compiled):
         if name == "LAMB":
             # LAMB's global grad norm is traced ATen math, which Inductor

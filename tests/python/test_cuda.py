@@ -12,6 +12,7 @@ needs a GPU and skips with "no CUDA device" without one.
 
 import pytest
 import torch
+from helpers import eager_then_compiled
 
 import torchopt_ext.optim as tox
 
@@ -271,20 +272,12 @@ def test_cuda_graph_capture_of_a_step_with_tensor_lr():
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "LAMB", "MARS"])
 def test_cuda_compiled_step_matches_eager(name):
-    def run(compiled):
-        torch.manual_seed(1)
-        params = [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")]
-        grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
-        opt = _make(name, params)
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            step()
-        return params
-
-    torch._dynamo.reset()
-    for a, b in zip(run(False), run(True)):
+    eager, compiled, _ = eager_then_compiled(
+        lambda ps: _make(name, ps),
+        lambda: [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")],
+        steps=3,
+    )
+    for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
 
@@ -1514,20 +1507,12 @@ def test_cuda_issue7_nadam_device_counters_with_host_mu_products_are_rejected():
 
 @pytest.mark.parametrize("name", ["NAdamW", "Adafactor"])
 def test_cuda_issue7_compiled_step_matches_eager(name):
-    def run(compiled):
-        torch.manual_seed(1)
-        params = [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")]
-        grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
-        opt = ISSUE7_OPTIMIZERS[name](params)
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            step()
-        return params
-
-    torch._dynamo.reset()
-    for a, b in zip(run(False), run(True)):
+    eager, compiled, _ = eager_then_compiled(
+        lambda ps: ISSUE7_OPTIMIZERS[name](ps),
+        lambda: [torch.randn(8, 5, device="cuda"), torch.randn(5, device="cuda")],
+        steps=3,
+    )
+    for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import run_side_by_side
+from helpers import eager_then_compiled, run_side_by_side
 from reference.mars import MarsReference
 
 import torchopt_ext.optim as tox
@@ -206,20 +206,12 @@ def test_mars_shampoo_tracks_pytorch_optimizer():
 
 
 def test_mars_shampoo_compiled_step_matches_eager():
-    def run(compiled):
-        torch.manual_seed(2)
-        params = [torch.randn(12, 8), torch.randn(6, 20), torch.randn(5)]
-        grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
-        opt = tox.MARS(params, lr=1e-2, mars_type="mars-shampoo", weight_decay=0.1, optimize_1d=True)
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            step()
-        return params
-
-    torch._dynamo.reset()
-    for a, b in zip(run(False), run(True)):
+    eager, compiled, _ = eager_then_compiled(
+        lambda ps: tox.MARS(ps, lr=1e-2, mars_type="mars-shampoo", weight_decay=0.1, optimize_1d=True),
+        lambda: [torch.randn(12, 8), torch.randn(6, 20), torch.randn(5)],
+        seed=2,
+    )
+    for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
 
