@@ -1,4 +1,5 @@
 #include "torchopt_ext/functional/white_kron.h"
+#include "torchopt_ext/common/psgd.h"
 #include "torchopt_ext/functional/white_kron_fused.h"
 #include "torchopt_ext/functional/white_kron_randn.h"
 
@@ -125,7 +126,7 @@ at::Tensor batched_trace(const at::Tensor& a) { return a.diagonal(0, 1, 2).sum(1
 // q: a scratch buffer, taken back; the result is another.
 at::Tensor procrustes(Scratch& s, const at::Tensor& q, const at::Tensor& probe, int64_t padded_n) {
   at::Tensor r = s.get(q.sizes());
-  const at::Tensor largest = fused::skew_part(r, q);  // r = q^T - q
+  const at::Tensor largest = common::psgd::skew_part(r, q);  // r = q^T - q
   const double tiny =
       q.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
   const at::Tensor rotate = largest > tiny;

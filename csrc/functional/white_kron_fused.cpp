@@ -104,47 +104,6 @@ void descend_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& t2, 
   });
 }
 
-at::Tensor skew_part(const at::Tensor& out, const at::Tensor& q) {
-  if (!loop_ok(out, {q}, {}) || out.size(1) != out.size(2)) {
-    at::Tensor r = out;
-    at::sub_out(r, q.transpose(1, 2), q);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "white_kron_skew_part", [&] {
-      const int64_t n = out.size(1);
-      scalar_t* o = out.data_ptr<scalar_t>();
-      const scalar_t* x = q.data_ptr<scalar_t>();
-      for_tiles(out, [&](int64_t, int64_t base) {
-        // Block (jb, ib) of q is read by rows into a local transposed copy,
-        // then block (ib, jb) of out is written row by row: no strided
-        // column reads (a 1 KB stride keeps hitting the same cache sets).
-        scalar_t block[kBlock * kBlock];
-        for (int64_t ib = 0; ib < n; ib += kBlock) {
-          const int64_t ie = std::min(ib + kBlock, n);
-          for (int64_t jb = 0; jb < n; jb += kBlock) {
-            const int64_t je = std::min(jb + kBlock, n);
-            for (int64_t j = jb; j < je; ++j) {
-              const scalar_t* row = x + base + j * n;
-              for (int64_t i = ib; i < ie; ++i) {
-                block[(i - ib) * kBlock + (j - jb)] = row[i];
-              }
-            }
-            for (int64_t i = ib; i < ie; ++i) {
-              const scalar_t* __restrict t = block + (i - ib) * kBlock - jb;
-              const scalar_t* __restrict row = x + base + i * n;
-              scalar_t* __restrict dst = o + base + i * n;
-              for (int64_t j = jb; j < je; ++j) {
-                dst[j] = t[j] - row[j];
-              }
-            }
-          }
-        }
-      });
-    });
-  }
-  // Two vectorized reductions (exact, NaN-propagating) beat a max in the loop.
-  return at::maximum(out.amax({1, 2}), out.amin({1, 2}).neg());
-}
-
 void rotate_(const at::Tensor& x, const at::Tensor& rq, const at::Tensor& q, const at::Tensor& half_a,
              const at::Tensor& a, const at::Tensor& take) {
   if (!loop_ok(x, {rq, q}, {half_a, a}, take)) {

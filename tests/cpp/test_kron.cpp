@@ -385,13 +385,15 @@ TEST(Kron, BatchedPrimitivesEqualPerSlice) {
     auto q = batch[0].clone();
     auto lip = torch::full({B}, 0.5, torch::kFloat64);
     int64_t next = 0;
-    psgd::update_factor_(q, t1, t2, lip, options, [&](int64_t) { return probes[next++]; }, true);
+    // update_factor_ uses its t1 as scratch: each call gets a copy.
+    psgd::update_factor_(q, t1.clone(), t2, lip, options, [&](int64_t) { return probes[next++]; }, true);
     EXPECT_EQ(next, draws) << mode;
     for (int64_t b = 0; b < B; ++b) {
       auto qb = left[b].clone();
       auto lb = torch::scalar_tensor(0.5, torch::kFloat64);
       int64_t k = 0;
-      psgd::update_factor_(qb, t1[b], eq ? t2[b] : t2, lb, options, [&](int64_t) { return probes[k++][b]; }, false);
+      psgd::update_factor_(
+          qb, t1[b].clone(), eq ? t2[b] : t2, lb, options, [&](int64_t) { return probes[k++][b]; }, false);
       track(q[b], qb);
       track(lip[b], lb);
     }

@@ -51,6 +51,9 @@ TEST(PsgdBlocked, ContractionsMatchPlainGemms) {
     const auto rows1 = x.t();
     EXPECT_LE(max_diff(psgd::factor_gram(x, 0, true), x.mm(x.t())), 1e-11);
     EXPECT_LE(max_diff(psgd::factor_gram(x, 1, true), rows1.mm(rows1.t())), 1e-11);
+    // float32 too (the CPU mirrors the blocks by hand, per dtype).
+    const auto x32 = x.to(torch::kFloat32);
+    EXPECT_LE(max_diff(psgd::factor_gram(x32, 1, true).to(torch::kFloat64), rows1.mm(rows1.t())), 2e-3);
   }
   const torch::Tensor y = torch::randn({2, 770, 3}, torch::kFloat64);
   std::vector<torch::Tensor> qs{torch::rand({2}, torch::kFloat64) + 0.5, upper_factor(770),
@@ -135,7 +138,8 @@ TEST(PsgdBlocked, FactorUpdatesMatchPlainFormulas) {
     torch::Tensor q = q0.clone();
     torch::Tensor lip = torch::zeros({}, torch::kFloat64);
     const auto t2s = torch::scalar_tensor(60.0 / d * 400.0, torch::kFloat64);
-    psgd::update_factor_(q, t1, t2s, lip, options, gen);
+    const torch::Tensor scratch = t1.clone();
+    psgd::update_factor_(q, scratch, t2s, lip, options, gen);  // overwrites its t1
     const auto t1r = t1 + options.damping;
     const auto eta = options.lr / (psgd::norm_lower_bound_spd(t1r, gen_ref) + t2s + tiny);
     torch::Tensor ref = q0 - eta * (t1r.mm(q0) - t2s * q0);
@@ -162,5 +166,27 @@ TEST(PsgdBlocked, FactorUpdatesMatchPlainFormulas) {
     const auto ref = q0 + a * (rq + 0.5 * a * rrq);
     EXPECT_LE(max_diff(q, ref), 1e-12);
     EXPECT_GT(max_diff(q, q0), 1e-3);
+  }
+}
+
+// R = Q^T - Q of one matrix (the Kron Procrustes step; WhiteKron's tile
+// stacks are tested in test_white_kron_fused.cpp): bitwise ATen's, row-major,
+// with max |R| as the returned scale; a strided q takes ATen's path.
+TEST(PsgdBlocked, SkewPartOfOneMatrixMatchesAten) {
+  torch::manual_seed(7);
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const int64_t n : {1, 17, 300}) {
+      const torch::Tensor q = torch::randn({n, n}, dtype);
+      const torch::Tensor want = q.t() - q;
+      torch::Tensor out = torch::empty_like(q);
+      const torch::Tensor largest = psgd::skew_part(out, q);
+      EXPECT_TRUE(torch::equal(out, want)) << n;
+      EXPECT_TRUE(out.is_contiguous());
+      EXPECT_EQ(largest.dim(), 0);
+      EXPECT_EQ(largest.item<double>(), want.abs().max().item<double>()) << n;
+      torch::Tensor out2 = torch::empty_like(q);
+      psgd::skew_part(out2, q.t());  // strided: ATen
+      EXPECT_TRUE(torch::equal(out2, q - q.t())) << n;
+    }
   }
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "torchopt_ext/common/psgd.h"
 #include "torchopt_ext/functional/white_kron_fused.h"
 
 namespace {
@@ -127,10 +128,10 @@ TEST(WhiteKronFused, SkewPartMatchesAten) {
         const std::string what = "skew_part " + std::string(c10::toString(c.type)) + " threads " +
                                  std::to_string(threads) + (specials ? " specials" : "");
         at::Tensor out = at::empty_like(q);
-        expect_bitwise(fused::skew_part(out, q), want_max, what + " max");
+        expect_bitwise(torchopt_ext::common::psgd::skew_part(out, q), want_max, what + " max");
         expect_bitwise(out, want, what);
         at::Tensor out2 = strided(at::empty_like(q));
-        expect_bitwise(fused::skew_part(out2, strided(q)), want_max, what + " max (fallback)");
+        expect_bitwise(torchopt_ext::common::psgd::skew_part(out2, strided(q)), want_max, what + " max (fallback)");
         expect_bitwise(out2, want, what + " (fallback)");
         if (specials) {
           EXPECT_TRUE(want_max[0].isnan().item<bool>()) << what;  // the NaN tile reports NaN

@@ -117,6 +117,12 @@ at::Tensor norm_lower_bound_skh(const at::Tensor& A, at::Generator& gen);
 at::Tensor norm_lower_bound_spd(const at::Tensor& A, const at::Tensor& probes);
 at::Tensor norm_lower_bound_skh(const at::Tensor& A, const at::Tensor& probes);
 
+// out = q^T - q for a square q (n, n) or a stack (B, n, n); returns max |out|
+// per problem (0-d or (B,); NaN where one holds a NaN), the skew bound's
+// scale. CPU float / double contiguous tensors are read in cache blocks (no
+// strided column walk) and out is row-major; anything else is ATen's sub.
+at::Tensor skew_part(const at::Tensor& out, const at::Tensor& q);
+
 // Rows of one norm-bound probe (LX k = 32).
 constexpr int64_t kNormProbeRows = 32;
 
@@ -152,7 +158,8 @@ struct FactorUpdateOptions {
 };
 
 // One factor's step. q: the factor (math dtype, dense d x d or diagonal (d,)),
-// replaced by its update. t1: its Gram of the probe. t2: for EQ the Gram of
+// replaced by its update. t1: its Gram of the probe, used as scratch (the
+// non-EQ modes overwrite it: pass a copy to keep it). t2: for EQ the Gram of
 // conjB (same shape as t1), otherwise a 0-d tensor holding numel / d.
 // lipschitz: the factor's 0-d Lipschitz EMA (updated when tracking). Draws
 // from `gen` only for dense factors: one norm lower bound (two for

@@ -20,10 +20,6 @@ void noisy_(const at::Tensor& out, const at::Tensor& noise, double noise_scale, 
 // holding T1 Q (ATen: out.sub_(t2 * q).mul_(-z).add_(q)).
 void descend_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& t2, const at::Tensor& z);
 
-// out = q^T - q per tile (read in cache blocks, not as a strided view);
-// returns max |out| per tile (maximum(amax, -amin): NaN where a tile holds one).
-at::Tensor skew_part(const at::Tensor& out, const at::Tensor& q);
-
 // x = take ? ((x * half_a + rq) * a + q) : q per tile (ATen:
 // where(take, x.mul_(half_a).add_(rq).mul_(a).add_(q), q)).
 void rotate_(const at::Tensor& x, const at::Tensor& rq, const at::Tensor& q, const at::Tensor& half_a,
