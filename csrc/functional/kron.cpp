@@ -235,13 +235,24 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
       TORCH_CHECK_VALUE(magma_scores.size() == n, op, ": magma_scores must have one tensor per param (", n, "), got ",
                         magma_scores.size());
       for (size_t i = 0; i < n; ++i) {
-        TORCH_CHECK_VALUE(magma_scores[i].dim() == 1 && magma_scores[i].size(0) == layers[i] &&
-                              magma_scores[i].scalar_type() == at::kFloat && magma_scores[i].device().is_cpu(),
-                          op, ": magma_scores[", i, "] must be a CPU float32 tensor of one score per slice (",
-                          layers[i], "), got shape ", magma_scores[i].sizes());
+        TORCH_CHECK_VALUE(
+            magma_scores[i].dim() == 1 && magma_scores[i].size(0) == layers[i] &&
+                magma_scores[i].scalar_type() == at::kFloat && magma_scores[i].device() == params[i].device(),
+            op, ": magma_scores[", i, "] must be a float32 tensor of one score per slice on the param's device (",
+            layers[i], " on ", params[i].device(), "), got shape ", magma_scores[i].sizes(), " on ",
+            magma_scores[i].device());
       }
     } else {
-      common::check_scalar_list(op, "magma_scores", params, magma_scores);
+      TORCH_CHECK_VALUE(magma_scores.size() == n, op, ": magma_scores must have one tensor per param (", n, "), got ",
+                        magma_scores.size());
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& s = magma_scores[i];
+        // On the param's device: a CUDA score is updated and read there (no sync).
+        TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.device() == params[i].device() &&
+                              (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                          op, ": magma_scores[", i, "] must be a one-element float32 or float64 tensor on the param's ",
+                          "device (", params[i].device(), ")");
+      }
     }
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");
@@ -256,10 +267,6 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
                       ": preconditioner_update_probability must be a float or a CPU tensor, got a tensor on ",
                       update_probability->device());
   }
-  const bool on_cuda = n > 0 && params[0].is_cuda();
-  // Magma's scores are host scalars updated from per-param cosines: on CUDA
-  // that is a sync per param, not ported yet.
-  TORCH_CHECK_VALUE(!(use_magma && on_cuda), op, ": use_magma is not supported for CUDA params yet");
   psgd_device::check_host_scalars(op, params, lr, state_steps);
 
   auto group = common::prepare_elementwise_group<1>(
@@ -693,24 +700,19 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
     const int64_t index = index_of(slice);
     const double slice_step = group->steps[slice.i];
     // -lr (d + lambda p); Magma scales both (decay folded in before masking).
-    double multiplier = 1.0;
+    const uint64_t stream = kernels::cpu::rounding_stream(seed, index, slice_step);
     if (use_magma) {
       at::Tensor score = part(magma_scores[slice.i], slice);
       const bool keep = common::magma_keep(magma, index, slice_step);
-      multiplier =
-          common::magma_multiplier(part(raw_g[slice.i], slice), part(m[slice.i], slice), score, keep, magma_tau)
-              .item<double>();
-    }
-    const double decay = 1.0 - group->lr * multiplier * weight_decay;
-    const double alpha = -group->lr * multiplier;
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, index, slice_step);
-      psgd_device::apply_update_reduced(param, updates[k], decay, alpha, stochastic_rounding, stream);
+      const at::Tensor z_s =
+          common::magma_multiplier(part(raw_g[slice.i], slice), part(m[slice.i], slice), score, keep, magma_tau);
+      // z * s stays a tensor: on CUDA the coefficients are applied on the device (no sync).
+      psgd_device::apply_update_device_coefficients(
+          param, updates[k], psgd_device::scaled_update_coefficients(z_s, group->lr, weight_decay), stochastic_rounding,
+          stream);
     } else {
-      if (decay != 1.0) {  // x * 1 is x: no pass without weight decay
-        param.mul_(decay);
-      }
-      param.add_(updates[k].to(param.scalar_type()), alpha);
+      psgd_device::apply_update(param, updates[k], 1.0 - group->lr * weight_decay, -group->lr, stochastic_rounding,
+                                stream);
     }
   }
   group->finish();

@@ -163,12 +163,8 @@ void kron_psgd_step_(at::TensorList params, at::TensorList grads, at::TensorList
       direction = direction + p * weight_decay;
     }
     buffer.mul_(momentum).add_(direction);
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
-      psgd_device::apply_update_reduced(param, buffer.contiguous(), 1.0, -group->lr, stochastic_rounding, stream);
-    } else {
-      param.add_(buffer, -group->lr);
-    }
+    const uint64_t stream = kernels::cpu::rounding_stream(seed, static_cast<int64_t>(i), group->steps[i]);
+    psgd_device::apply_update(param, buffer, 1.0, -group->lr, stochastic_rounding, stream);
   });
   group->finish();
 }

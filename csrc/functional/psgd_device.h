@@ -64,6 +64,57 @@ inline void apply_update_reduced(const at::Tensor& param, const at::Tensor& upda
                                           rounding_stream);
 }
 
+// param <- param * decay + alpha * update in the param's dtype (fp32 math and
+// the store kernel of the param's device for bf16 / fp16); the decay pass is
+// skipped when decay is 1 (x * 1 is x).
+inline void apply_update(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
+                         bool stochastic_rounding, uint64_t rounding_stream) {
+  if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+    apply_update_reduced(param, update, decay, alpha, stochastic_rounding, rounding_stream);
+    return;
+  }
+  if (decay != 1.0) {
+    param.mul_(decay);
+  }
+  param.add_(update.to(param.scalar_type()), alpha);
+}
+
+// Kron's Magma: the multiplier m (0-d, from common::magma_multiplier) is a
+// tensor on the param's device, so the step's coefficients are computed
+// there as two float64 values, decay = 1 - lr m wd and alpha = -lr m, in the
+// host formula's order of operations (bitwise the doubles it gives for
+// m.item()).
+inline at::Tensor scaled_update_coefficients(const at::Tensor& multiplier, double lr, double weight_decay) {
+  const at::Tensor lr_m = multiplier.to(at::kDouble).reshape({}).mul(lr);
+  return at::stack({at::rsub(lr_m.mul(weight_decay), 1.0), lr_m.neg()});
+}
+
+// apply_update with (decay, alpha) = `coefficients` on the param's device.
+// CPU: read and applied as host values (no sync; bitwise apply_update). CUDA:
+// kept on the device (no sync): bf16 / fp16 params through the store kernel
+// reading them there, fp32 / fp64 as 0-d tensor operands (the products may
+// round differently from add_'s alpha, by an ulp).
+inline void apply_update_device_coefficients(const at::Tensor& param, const at::Tensor& update,
+                                             const at::Tensor& coefficients, bool stochastic_rounding,
+                                             uint64_t rounding_stream) {
+  if (!param.is_cuda()) {
+    const at::Tensor host = coefficients.contiguous();
+    const auto* c = host.const_data_ptr<double>();
+    apply_update(param, update, c[0], c[1], stochastic_rounding, rounding_stream);
+    return;
+  }
+#if defined(TORCHOPT_EXT_WITH_CUDA)
+  if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
+    kernels::cuda::psgd_apply_update_reduced_device_coefficients(param, update, coefficients, stochastic_rounding,
+                                                                 rounding_stream);
+    return;
+  }
+#endif
+  const at::Tensor typed = coefficients.to(param.scalar_type());
+  param.mul_(typed[0]);
+  param.addcmul_(update.to(param.scalar_type()), typed[1]);
+}
+
 // Host-drawn random numbers (the CPU generators the optimizers keep) moved
 // to the device of `like`: the draws, and so the trajectories, are the same
 // on both devices; on the CPU this is the tensor itself.

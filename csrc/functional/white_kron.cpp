@@ -875,13 +875,8 @@ void white_kron_step_(at::TensorList params, at::TensorList grads, at::TensorLis
       upd.div_(5.0);
     }
     at::Tensor& param = group->params[i];
-    const double decay = 1.0 - group->lr * weight_decay;
-    if (param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf) {
-      const uint64_t stream = kernels::cpu::rounding_stream(seed, key_of(i), group->steps[i]);
-      psgd_device::apply_update_reduced(param, upd, decay, -group->lr, stochastic_rounding, stream);
-    } else {
-      param.mul_(decay).add_(upd.to(param.scalar_type()), -group->lr);
-    }
+    const uint64_t stream = kernels::cpu::rounding_stream(seed, key_of(i), group->steps[i]);
+    psgd_device::apply_update(param, upd, 1.0 - group->lr * weight_decay, -group->lr, stochastic_rounding, stream);
   }
   group->finish();
 }

@@ -273,7 +273,7 @@ at::Tensor Kron::step(LossClosure closure) {
         state.mu(at::zeros(param.sizes(), param.options().dtype(options.mu_dtype().value_or(math_dtype(param)))));
       }
       if (options.use_magma() && !state.magma_score().defined()) {  // also when Magma is turned on later
-        state.magma_score(at::full(lead({}), 0.5, at::kFloat));
+        state.magma_score(at::full(lead({}), 0.5, param.options().dtype(at::kFloat)));  // on the param's device
       }
       // Whole tensors: a stacked param's slices are batched by the functional.
       params.push_back(param);

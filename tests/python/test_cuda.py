@@ -1626,22 +1626,53 @@ def test_cuda_kron_bf16_state_and_params_track_cpu(no_tf32):
         assert (a == b).float().mean() > 0.9
 
 
-def test_cuda_kron_rejects_device_lr_probability_and_magma_before_touching_state():
+def test_cuda_kron_rejects_device_lr_probability_and_cpu_magma_scores_before_touching_state():
     p = torch.randn(4, 3, device="cuda", requires_grad=True)
     p.grad = torch.randn_like(p)
-    for kwargs, message in [
-        (dict(lr=torch.tensor(0.01, device="cuda")), "lr must be a float or a CPU tensor"),
-        (dict(use_magma=True), "use_magma"),
-    ]:
-        opt = tox.Kron([p], **kwargs)
-        before = p.detach().clone()
-        with pytest.raises(ValueError, match=message):
-            opt.step()
-        assert torch.equal(p.detach(), before)
-        assert float(opt.state[p]["step"]) == 0.0
+    opt = tox.Kron([p], lr=torch.tensor(0.01, device="cuda"))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lr must be a float or a CPU tensor"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert float(opt.state[p]["step"]) == 0.0
+    # Magma's scores are read and updated on the param's device.
+    opt = tox.Kron([p], lr=0.01, use_magma=True)
+    opt.step()
+    opt.state[p]["magma_score"] = opt.state[p]["magma_score"].cpu()
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"magma_scores\[0\] must be .* on the param's device"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert float(opt.state[p]["step"]) == 1.0
     opt = tox.Kron([p], preconditioner_update_probability=lambda n: torch.ones((), device="cuda"))
     with pytest.raises((ValueError, RuntimeError), match="preconditioner_update_probability"):
         opt.step()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_kron_magma_matches_cpu_with_scores_on_the_device(no_tf32, dtype, stacked):
+    # The keep / drop draws are a hash of (seed, index, step), equal on both
+    # devices; the multiplier is applied on the device (no host read), so
+    # params and scores differ from the CPU's by rounding only.
+    shapes = [(4, 8, 6), (3, 5, 2, 3)] if stacked else KRON_SHAPES
+    kwargs = dict(lr=0.02, seed=3, use_magma=True, magma_p=0.5, weight_decay=0.1, stacked=stacked)
+    cpu_opt, gpu_opt = _psgd_compare(tox.Kron, shapes, dtype, **kwargs)
+    cpu_params = cpu_opt.param_groups[0]["params"]
+    for p, q in zip(cpu_params, gpu_opt.param_groups[0]["params"]):
+        score = gpu_opt.state[q]["magma_score"]
+        assert score.device == q.device
+        torch.testing.assert_close(score.cpu(), cpu_opt.state[p]["magma_score"], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_kron_magma_bf16_params_track_cpu(no_tf32):
+    # bf16 params: the store kernel reads (decay, alpha) from the device.
+    kwargs = dict(lr=0.02, seed=3, use_magma=True, weight_decay=0.1, stochastic_rounding=True)
+    cpu, _ = _psgd_run(tox.Kron, [(12, 9), (7,)], "cpu", torch.bfloat16, **kwargs)
+    gpu, _ = _psgd_run(tox.Kron, [(12, 9), (7,)], "cuda", torch.bfloat16, **kwargs)
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        assert (a == b).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("name", ["Kron", "KronPSGD", "WhiteKron"])

@@ -128,7 +128,8 @@ class Kron(OwnedStateMixin, FusedOptimizer):
     stay on the host (copied to the device), so a step makes no device sync
     except the lazy init scale on a param's first step, a CUDA ``found_inf``
     and ``raw_global_grad_clip``'s skip decision. lr must be a float or CPU
-    tensor; ``use_magma`` is CPU-only for now.
+    tensor. With ``use_magma`` the scores live on the param's device and a
+    CUDA step applies the multiplier there (no sync).
     """
 
     _op = "kron_step_"
@@ -327,8 +328,8 @@ class Kron(OwnedStateMixin, FusedOptimizer):
             return torch.zeros_like(p, dtype=self._state_dtype(p, group, key), memory_format=torch.preserve_format)
         shape = self._state_shape(p, key)
         if key == "magma_score":
-            # A host scalar per param (per slice when stacked), as the op takes it.
-            score = torch.full(shape, 0.5, dtype=torch.float32)
+            # One value per param (per slice when stacked), on the param's device.
+            score = torch.full(shape, 0.5, dtype=torch.float32, device=p.device)
             if group["stacked"] and sharded_stacked(p):
                 # One score per slice, sharded along L like the param.
                 from torch.distributed.tensor import distribute_tensor

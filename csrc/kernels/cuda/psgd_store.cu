@@ -15,9 +15,15 @@
 namespace torchopt_ext::kernels::cuda {
 namespace {
 
+// `coefficients`, when not null, holds (decay, alpha) in float64 on the
+// device and replaces the host values.
 template <typename T>
 __global__ void apply_reduced_kernel(T* param, const float* update, int64_t n, float decay, float alpha,
-                                     bool stochastic_rounding, uint64_t stream) {
+                                     const double* coefficients, bool stochastic_rounding, uint64_t stream) {
+  if (coefficients != nullptr) {
+    decay = static_cast<float>(coefficients[0]);
+    alpha = static_cast<float>(coefficients[1]);
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     // The CPU kernel's expression and order (built with --fmad=false).
@@ -35,10 +41,10 @@ __global__ void apply_reduced_kernel(T* param, const float* update, int64_t n, f
 
 }  // namespace
 
-void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
-                               bool stochastic_rounding, uint64_t rounding_stream) {
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
-              "psgd_apply_update_reduced: param must be a contiguous CUDA tensor matching the update's numel");
+namespace {
+
+void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
+                          const double* coefficients, bool stochastic_rounding, uint64_t rounding_stream) {
   const int64_t n = param.numel();
   if (n == 0) {
     return;
@@ -51,9 +57,32 @@ void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update
   AT_DISPATCH_REDUCED_FLOATING_TYPES(param.scalar_type(), "psgd_apply_update_reduced", [&] {
     apply_reduced_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         param.mutable_data_ptr<scalar_t>(), update32.const_data_ptr<float>(), n, static_cast<float>(decay),
-        static_cast<float>(alpha), stochastic_rounding, rounding_stream);
+        static_cast<float>(alpha), coefficients, stochastic_rounding, rounding_stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
+                               bool stochastic_rounding, uint64_t rounding_stream) {
+  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
+              "psgd_apply_update_reduced: param must be a contiguous CUDA tensor matching the update's numel");
+  launch_apply_reduced(param, update, decay, alpha, nullptr, stochastic_rounding, rounding_stream);
+}
+
+void psgd_apply_update_reduced_device_coefficients(const at::Tensor& param, const at::Tensor& update,
+                                                   const at::Tensor& coefficients, bool stochastic_rounding,
+                                                   uint64_t rounding_stream) {
+  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
+              "psgd_apply_update_reduced_device_coefficients: param must be a contiguous CUDA tensor matching the "
+              "update's numel");
+  TORCH_CHECK(coefficients.device() == param.device() && coefficients.scalar_type() == at::kDouble &&
+                  coefficients.is_contiguous() && coefficients.numel() == 2,
+              "psgd_apply_update_reduced_device_coefficients: coefficients must be two contiguous float64 values on "
+              "the param's device");
+  launch_apply_reduced(param, update, 0.0, 0.0, coefficients.const_data_ptr<double>(), stochastic_rounding,
+                       rounding_stream);
 }
 
 }  // namespace torchopt_ext::kernels::cuda

@@ -19,5 +19,12 @@ namespace torchopt_ext::kernels::cuda {
 void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
                                bool stochastic_rounding, uint64_t rounding_stream);
 
+// The same store with (decay, alpha) read on the device from `coefficients`,
+// a float64 CUDA tensor of two elements (Kron's Magma multiplier stays on the
+// device: no sync). Each is rounded to fp32 as the host values are.
+void psgd_apply_update_reduced_device_coefficients(const at::Tensor& param, const at::Tensor& update,
+                                                   const at::Tensor& coefficients, bool stochastic_rounding,
+                                                   uint64_t rounding_stream);
+
 }  // namespace torchopt_ext::kernels::cuda
 #endif

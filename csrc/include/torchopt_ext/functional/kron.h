@@ -50,7 +50,9 @@
 // Devices: CPU and CUDA params (ATen ops; the reduced-precision store has a
 // CUDA kernel). rng_state, update_probability, lr and the step counters are
 // host tensors (the gate and all draws come from the host generator; the
-// draws are copied to the params' device); use_magma is CPU-only.
+// draws are copied to the params' device). With use_magma the scores live on
+// the params' device and a CUDA step's Magma multiplier is applied there (no
+// sync).
 //
 // Ownership path (distributed, Python's Kron with distributed_mode): a call
 // holds the params one rank owns. `param_indices` (ascending; one per param:
