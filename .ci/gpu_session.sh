@@ -12,19 +12,27 @@
 #   bench.json       bench_cuda.py, every row (bandwidth, baselines, Newton-Schulz)
 #   bench.md         the same as a markdown table
 #   bench_ns.json    Newton-Schulz alone, when the full benchmark did not reach it
+#   bench_psgd.md    bench_kron.py --device cuda (psgd phase, not in the default run)
 # A failing phase does not stop the later ones (a failed build does: nothing
 # can run without the library); the exit status is 0 only if all passed.
 #
 #   bash .ci/gpu_session.sh                  # build, tests, bench
 #   bash .ci/gpu_session.sh build tests      # a subset, in this order
+#   bash .ci/gpu_session.sh build psgd       # PSGD family vs heavyball / kron-torch on the GPU
 #   bash .ci/gpu_session.sh --dry-run        # print the plan, run nothing
 #
 # Environment: OUT (default ./gpu_out), PYTHON (default python3),
 # GPU_SESSION_SECONDS (whole-run budget, default 570), BUILD_LIMIT (330),
 # TEST_LIMIT (150), TEST_TIMEOUT (per test, 120), MAX_JOBS (16),
-# TORCHOPT_EXT_CUDA_ARCHS (90), BENCH_ARGS (extra bench_cuda.py arguments).
+# TORCHOPT_EXT_CUDA_ARCHS (90), BENCH_ARGS (extra bench_cuda.py arguments),
+# PSGD_ARGS (extra bench_kron.py arguments). The psgd phase installs the
+# baselines' wheels from .whl/ when carried there (heavyball 3.2.1,
+# kron-torch 0.3.3; the device image has their numpy, opt-einsum, triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The library is built in place, not installed: scripts run as
+# `python benchmarks/x.py` see only their own folder on sys.path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 OUT="${OUT:-$PWD/gpu_out}"
 PYTHON="${PYTHON:-python3}"
@@ -35,15 +43,16 @@ TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCHOPT_EXT_CUDA_ARCHS="${TORCHOPT_EXT_CUDA_ARCHS:-90}"
 BENCH_ARGS="${BENCH_ARGS:-}"
+PSGD_ARGS="${PSGD_ARGS:-}"
 
 dry_run=0
 phases=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
-    build | tests | bench) phases+=("$arg") ;;
+    build | tests | bench | psgd) phases+=("$arg") ;;
     *)
-      echo "gpu_session: unknown argument '$arg' (phases: build tests bench; --dry-run)" >&2
+      echo "gpu_session: unknown argument '$arg' (phases: build tests bench psgd; --dry-run)" >&2
       exit 64
       ;;
   esac
@@ -58,6 +67,8 @@ if [ "$dry_run" = 1 ]; then
     "(limit ${TEST_LIMIT} s); ctest -R Cuda when the C++ tests were built"
   echo "  bench: $PYTHON benchmarks/bench_cuda.py --json --markdown --budget <time left> $BENCH_ARGS" \
     "(the rest of the budget); --newton-schulz-only if the full run did not reach it"
+  echo "  psgd: $PYTHON benchmarks/bench_kron.py --device cuda --rounds 10 --no-memory $PSGD_ARGS" \
+    "> \$OUT/bench_psgd.md (the rest of the budget; baselines from .whl/*.whl when carried)"
   exit 0
 fi
 
@@ -169,6 +180,35 @@ run_bench() {
   return $rc
 }
 
+run_psgd() {
+  local limit t0 rc
+  if ! has_cuda_kernels; then
+    note "psgd: torchopt_ext has no CUDA kernels here (build phase missing or failed): building first"
+    run_build || return 1
+  fi
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >>"$OUT/build.log" 2>&1; then
+      export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      note "psgd: baselines installed from .whl: $(cd .whl && echo *.whl)"
+    else
+      note "psgd: installing .whl/*.whl failed (see build.log): baselines missing"
+    fi
+  else
+    note "psgd: no .whl/ carried: heavyball / kron-torch columns will read n/a unless installed"
+  fi
+  limit=$(limit_for "$(left)" 5)
+  t0=$(date +%s)
+  note "psgd: start (limit ${limit} s)"
+  # shellcheck disable=SC2086 # PSGD_ARGS is a list of words
+  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$PYTHON" benchmarks/bench_kron.py --device cuda --rounds 10 --no-memory \
+    $PSGD_ARGS >"$OUT/bench_psgd.md" 2>&1
+  rc=$?
+  note "psgd: rc $rc in $(($(date +%s) - t0)) s"
+  tail -20 "$OUT/bench_psgd.md" | tee -a "$summary"
+  return $rc
+}
+
 for phase in "${phases[@]}"; do
   case "$phase" in
     build) run_build || {
@@ -178,6 +218,7 @@ for phase in "${phases[@]}"; do
     } ;;
     tests) run_tests || status=1 ;;
     bench) run_bench || status=1 ;;
+    psgd) run_psgd || status=1 ;;
   esac
 done
 note "done in $(elapsed) s, status $status"

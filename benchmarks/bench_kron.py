@@ -4,6 +4,7 @@ settings, and the preconditioner memory per parameter.
     python benchmarks/bench_kron.py                  # 1 and 2 threads
     python benchmarks/bench_kron.py --threads 1 --rounds 5
     python benchmarks/bench_kron.py --quick          # small models, smoke run
+    python benchmarks/bench_kron.py --device cuda    # on a GPU (adds two larger models)
 
 Baselines (benchmarks/README.md has the pip line): kron-torch 0.3.3's `Kron`
 and heavyball 3.2.1's `PSGDKron` (both the triangular EQ update, against our
@@ -32,6 +33,15 @@ is printed; the script refuses to time above 1.5 unless --force.
 `--clock thread` times with `time.thread_time()` (CPU time of the calling
 thread, 1 thread only): a busy machine then inflates the figures much less
 (time spent descheduled is not counted), but cache sharing still costs.
+
+`--device cuda`: params, grads and every optimizer's state on the GPU, each
+timed call bracketed by `torch.cuda.synchronize()` (wall clock; threads and
+the load check do not apply), TF32 off for everyone (fp32 GEMMs in full
+fp32). Our PSGD ops draw on the host and copy the draws (docs/design.md), the
+baselines draw on the device: that cost is part of what is compared. Two
+larger models are added, where GEMMs rather than launches dominate. On a
+device machine without the baselines, carry their wheels (`.ci/gpu_session.sh
+psgd` installs `.whl/*.whl` when present).
 """
 
 import argparse
@@ -115,11 +125,13 @@ def _q_bytes(state):
 class Case:
     """One optimizer on its own copy of a model, stepped with fixed grads."""
 
+    device = torch.device("cpu")  # --device
+
     def __init__(self, name, factory, shapes):
         torch.manual_seed(0)
         self.name = name
-        self.params = [torch.randn(s) for s in shapes]
-        self.grads = [torch.randn(s) for s in shapes]
+        self.params = [torch.randn(s).to(Case.device) for s in shapes]
+        self.grads = [torch.randn(s).to(Case.device) for s in shapes]
         self.opt = factory(self.params)
         self.times = []
 
@@ -132,8 +144,13 @@ class Case:
     clock = time.perf_counter  # or time.thread_time (--clock thread)
 
     def timed_step(self):
+        cuda = Case.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
         start = Case.clock()
         self.step()
+        if cuda:
+            torch.cuda.synchronize()
         self.times.append((Case.clock() - start) * 1e3)
 
     def q_bytes_per_param(self):
@@ -193,7 +210,8 @@ WHITE = white(torch.float32)
 
 
 def compare(models, threads, rounds, with_white):
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     names = list(factories(torch.float32)) + (list(WHITE) if with_white else [])
     rows = []
     for model, shapes in models.items():
@@ -206,7 +224,8 @@ def compare(models, threads, rounds, with_white):
             for case in cases:
                 case.timed_step()
         rows.append((model, {c.name: (min(c.times), statistics.median(c.times)) for c in cases}))
-    print(f"\nthreads {threads}, {rounds} alternating calls each, ms per step: best (median)\n")
+    where = f"threads {threads}" if threads is not None else str(Case.device)
+    print(f"\n{where}, {rounds} alternating calls each, ms per step: best (median)\n")
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "--:|" * len(names))
     for model, times in rows:
@@ -255,6 +274,7 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=("wall", "thread"), default="wall", help="thread: CPU time of the main thread (1 thread)"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch._dynamo.config.disable = True
     if heavyball is not None:
@@ -272,6 +292,15 @@ def main() -> None:
             "conv 128x64x3x3 (+bias)": [(128, 64, 3, 3), (128,)],
             "mix 256x256 x4 + 8 biases": [(256, 256)] * 4 + [(256,)] * 8,
         }
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        Case.device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if not args.quick:
+            sets["2048x2048"] = [(2048, 2048)]
+            sets["block 1024: qkv, out, mlp up / down"] = [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)]
     if args.models:
         keys = args.models.split(",")
         sets = {name: shapes for name, shapes in sets.items() if any(k in name for k in keys)}
@@ -286,7 +315,10 @@ def main() -> None:
     if heavyball is not None:
         versions += f", heavyball {md.version('heavyball')}"
     print(f"{versions}, opt_einsum {torch.backends.opt_einsum.is_available()}, load {load:.2f}, clock {args.clock}")
-    if load < 1.5 or args.force:
+    if args.device == "cuda":
+        print(f"device {torch.cuda.get_device_name()}")
+        compare(sets, None, args.rounds, not args.no_white)
+    elif load < 1.5 or args.force:
         for threads in (int(t) for t in args.threads.split(",")):
             compare(sets, threads, args.rounds, not args.no_white)
     else:
