@@ -272,8 +272,12 @@ at::Tensor Kron::step(LossClosure closure) {
       if (options.b1() > 0.0 && !state.mu().defined()) {
         state.mu(at::zeros(param.sizes(), param.options().dtype(options.mu_dtype().value_or(math_dtype(param)))));
       }
-      if (options.use_magma() && !state.magma_score().defined()) {  // also when Magma is turned on later
-        state.magma_score(at::full(lead({}), 0.5, param.options().dtype(at::kFloat)));  // on the param's device
+      if (options.use_magma()) {
+        // On the param's device, where the op reads them; a checkpoint's follow the param.
+        state.magma_score(
+            state.magma_score().defined()
+                ? state.magma_score().to(param.device())
+                : at::full(lead({}), 0.5, param.options().dtype(at::kFloat)));  // also when turned on later
       }
       // Whole tensors: a stacked param's slices are batched by the functional.
       params.push_back(param);

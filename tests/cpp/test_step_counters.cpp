@@ -63,7 +63,8 @@ Case make_case(const std::string& name, Options options,
 
 // Every class whose op has a CUDA kernel that reads device counters, with
 // options that reach its scalar state (Magma's score, NAdamW's mu-product,
-// Schedule-Free's weights, MARS's AdamW branch for the 1-D params).
+// Schedule-Free's weights, MARS's and the matrix classes' AdamW branch for
+// the 1-D params).
 std::vector<Case> cases() {
   using V = std::vector<torch::Tensor>;
   return {
@@ -96,6 +97,16 @@ std::vector<Case> cases() {
                 s.weight_sum(v[1]);
                 s.lr_max(v[2]);
               })),
+      // The matrix classes (Muon, PRISM: matrix branch and AdamW / NAdamW
+      // fallback for the 1-D and 0-d params), Newton-Schulz in the param's
+      // dtype so CUDA and CPU agree to fp64 rounding.
+      make_case<optim::Muon, optim::MuonParamState>("Muon", optim::MuonOptions(1e-2).ns_dtype(std::nullopt)),
+      make_case<optim::Muon, optim::MuonParamState>(
+          "Muon-magma", optim::MuonOptions(1e-2).ns_dtype(std::nullopt).use_magma(true).seed(3),
+          std::function<V(optim::MuonParamState&)>([](optim::MuonParamState& s) { return V{s.magma_score()}; }),
+          std::function<void(optim::MuonParamState&, const V&)>(
+              [](optim::MuonParamState& s, const V& v) { s.magma_score(v[1]); })),
+      make_case<optim::PRISM, optim::PRISMParamState>("PRISM", optim::PRISMOptions(1e-2).ns_dtype(std::nullopt)),
       make_case<optim::ScheduleFreeSGD, optim::ScheduleFreeParamState>(
           "ScheduleFreeSGD", optim::ScheduleFreeSGDOptions(1e-2),
           std::function<V(optim::ScheduleFreeParamState&)>(

@@ -133,7 +133,7 @@ class MatrixOptimizer : public OptimizerBase<Options> {
       const bool matrix = routes_to_matrix(options, param);
       auto& state = this->template state_of<ParamState>(param, [&] {
         auto fresh = std::make_unique<ParamState>();
-        fresh->step(detail::new_step_counter());
+        fresh->step(detail::new_step_counter(param));
         if (matrix) {
           Derived::momentum(*fresh) = detail::zeros_state(param, dtype);
         } else {
@@ -142,15 +142,23 @@ class MatrixOptimizer : public OptimizerBase<Options> {
         }
         return fresh;
       });
+      // Counters and Magma's score on a CUDA param's device, as the Python
+      // classes keep them (no host sync; the AdamW branch's Magma kernel
+      // needs its scores there); a checkpoint's host ones move there.
+      state.step(detail::placed_step(state.step(), param));
+      if (options.use_magma()) {
+        if (!state.magma_score().defined()) {  // also when Magma is turned on later
+          state.magma_score(
+              at::full({}, 0.5, at::TensorOptions().dtype(at::kFloat).device(detail::scalar_device(param))));
+        }
+        state.magma_score(detail::placed_scalar(state.magma_score(), param));
+      }
       if (matrix) {
         lists.params.push_back(param);
         common::encode_matrix_dims(has_spec(options, param) ? options.matrix_dims() : std::nullopt, lists.matrix_dims);
         lists.grads.push_back(param.grad());
         lists.moments.push_back(Derived::momentum(state));
         if (options.use_magma()) {
-          if (!state.magma_score().defined()) {  // also when Magma is turned on later
-            state.magma_score(at::full({}, 0.5, at::kFloat));
-          }
           lists.scores.push_back(state.magma_score());
         }
         lists.steps.push_back(state.step());
@@ -161,9 +169,6 @@ class MatrixOptimizer : public OptimizerBase<Options> {
         lists.exp_avg_sqs.push_back(state.exp_avg_sq());
         lists.steps_adam.push_back(state.step());
         if (options.use_magma()) {
-          if (!state.magma_score().defined()) {
-            state.magma_score(at::full({}, 0.5, at::kFloat));
-          }
           lists.scores_adam.push_back(state.magma_score());
         }
       }

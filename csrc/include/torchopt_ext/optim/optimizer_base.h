@@ -84,8 +84,8 @@ inline std::optional<at::ScalarType> decode_dtype(int64_t code) {
 at::Tensor zeros_state(const at::Tensor& param, const std::optional<at::ScalarType>& dtype);
 
 // The per-param step counter: a float32 scalar, as torch.optim keeps it.
-// This overload makes a host counter (the optimizers whose ops have no CUDA
-// kernels, e.g. the matrix ones).
+// This overload makes a host counter (the PSGD family, whose steps make host
+// decisions from the step: the update gate, the Magma and rounding hashes).
 at::Tensor new_step_counter();
 
 // Where a param's step counter and its other one-element state (NAdamW's
