@@ -105,6 +105,20 @@ void check_scalar_list(const char* op, const char* name, at::TensorList params, 
   }
 }
 
+void check_scalar_list_on_param_devices(const char* op, const char* name, at::TensorList params, at::TensorList scalars,
+                                        const char* why) {
+  TORCH_CHECK_VALUE(scalars.size() == params.size(), op, ": ", name, " must have one tensor per param (", params.size(),
+                    "), got ", scalars.size());
+  for (size_t i = 0; i < scalars.size(); ++i) {
+    const auto& s = scalars[i];
+    TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.device() == params[i].device() && s.is_contiguous() &&
+                          (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                      op, ": ", name, "[", i,
+                      "] must be a one-element float32 or float64 tensor on the param's device (", params[i].device(),
+                      ")", why);
+  }
+}
+
 std::vector<double> increment_steps(at::TensorList steps) {
   std::vector<double> values(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {

@@ -26,6 +26,12 @@ void check_state_list(const char* op, const char* name, at::TensorList params, a
 // float64 one-element CPU tensor per param.
 void check_scalar_list(const char* op, const char* name, at::TensorList params, at::TensorList scalars);
 
+// Per-param scalars kept on their param's device (Magma's scores, NAdam's
+// mu-products with device counters): one contiguous float32 or float64
+// one-element tensor per param, on that param's device. `why` ends the error.
+void check_scalar_list_on_param_devices(const char* op, const char* name, at::TensorList params, at::TensorList scalars,
+                                        const char* why);
+
 // Adds one to every step counter and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);
 

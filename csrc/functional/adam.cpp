@@ -50,14 +50,8 @@ void adam_magma_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   // params, on the params' device for CUDA ones.
   const bool on_cuda = !params.empty() && params[0].is_cuda();
   if (on_cuda) {
-    TORCH_CHECK_VALUE(magma_scores.size() == params.size(), op, ": magma_scores must have one tensor per param (",
-                      params.size(), "), got ", magma_scores.size());
-    for (size_t i = 0; i < magma_scores.size(); ++i) {
-      const auto& t = magma_scores[i];
-      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.device() == params[i].device() && t.is_contiguous(), op,
-                        ": magma_scores[", i, "] must be a one-element float32 tensor on ", params[i].device(),
-                        " (CUDA params keep their Magma scores on their device)");
-    }
+    common::check_scalar_list_on_param_devices(op, "magma_scores", params, magma_scores,
+                                               " (CUDA params keep their Magma scores on their device)");
   } else {
     common::check_scalar_list(op, "magma_scores", params, magma_scores);
   }

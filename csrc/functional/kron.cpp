@@ -243,16 +243,8 @@ void kron_step_(at::TensorList params, at::TensorList grads, at::TensorList mome
             magma_scores[i].device());
       }
     } else {
-      TORCH_CHECK_VALUE(magma_scores.size() == n, op, ": magma_scores must have one tensor per param (", n, "), got ",
-                        magma_scores.size());
-      for (size_t i = 0; i < n; ++i) {
-        const at::Tensor& s = magma_scores[i];
-        // On the param's device: a CUDA score is updated and read there (no sync).
-        TORCH_CHECK_VALUE(s.defined() && s.numel() == 1 && s.device() == params[i].device() &&
-                              (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                          op, ": magma_scores[", i, "] must be a one-element float32 or float64 tensor on the param's ",
-                          "device (", params[i].device(), ")");
-      }
+      // A CUDA score is updated and read on the device (no sync).
+      common::check_scalar_list_on_param_devices(op, "magma_scores", params, magma_scores, "");
     }
   } else {
     TORCH_CHECK_VALUE(magma_scores.empty(), op, ": magma_scores must be empty without use_magma");

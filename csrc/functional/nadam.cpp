@@ -32,16 +32,8 @@ void nadam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp
                       ": with CPU state_steps the per-tensor scalars are computed on the host, so lr must be a CPU "
                       "tensor (or a float); keep state_steps and mu_products on the params' device to use a CUDA lr");
   } else {
-    TORCH_CHECK_VALUE(mu_products.size() == params.size(), op, ": mu_products must have one tensor per param (",
-                      params.size(), "), got ", mu_products.size());
-    for (size_t i = 0; i < mu_products.size(); ++i) {
-      const auto& t = mu_products[i];
-      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 &&
-                            (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
-                            t.device() == params[i].device() && t.is_contiguous(),
-                        op, ": mu_products[", i, "] must be a one-element float32 or float64 tensor on ",
-                        params[i].device(), " (with CUDA state_steps the mu-products live on the params' device)");
-    }
+    common::check_scalar_list_on_param_devices(op, "mu_products", params, mu_products,
+                                               " (with CUDA state_steps the mu-products live on the params' device)");
   }
   auto group =
       common::prepare_elementwise_group<2>(op, params, grads, {{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}},

@@ -276,7 +276,7 @@ at::Tensor Kron::step(LossClosure closure) {
         // On the param's device, where the op reads them; a checkpoint's follow the param.
         state.magma_score(
             state.magma_score().defined()
-                ? state.magma_score().to(param.device())
+                ? detail::placed_scalar(state.magma_score(), param)
                 : at::full(lead({}), 0.5, param.options().dtype(at::kFloat)));  // also when turned on later
       }
       // Whole tensors: a stacked param's slices are batched by the functional.

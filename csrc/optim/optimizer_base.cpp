@@ -46,4 +46,11 @@ at::Tensor placed_scalar(const at::Tensor& value, const at::Tensor& param) {
   return value.to(device);
 }
 
+at::Tensor placed_magma_score(const at::Tensor& score, const at::Tensor& param) {
+  if (!score.defined()) {
+    return at::full({}, 0.5, at::TensorOptions().dtype(at::kFloat).device(scalar_device(param)));
+  }
+  return placed_scalar(score, param);
+}
+
 }  // namespace torchopt_ext::optim::detail

@@ -39,10 +39,6 @@ __global__ void apply_reduced_kernel(T* param, const float* update, int64_t n, f
   }
 }
 
-}  // namespace
-
-namespace {
-
 void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
                           const double* coefficients, bool stochastic_rounding, uint64_t rounding_stream) {
   const int64_t n = param.numel();

@@ -105,11 +105,7 @@ class AdamFamilyOptimizer : public OptimizerBase<Options> {
       }
       lists.steps.push_back(state.step());
       if (magma) {
-        if (!state.magma_score().defined()) {  // also when Magma is turned on later
-          state.magma_score(
-              at::full({}, 0.5, at::TensorOptions().dtype(at::kFloat).device(detail::scalar_device(param))));
-        }
-        state.magma_score(detail::placed_scalar(state.magma_score(), param));
+        state.magma_score(detail::placed_magma_score(state.magma_score(), param));
         lists.magma_scores.push_back(state.magma_score());
       }
     }

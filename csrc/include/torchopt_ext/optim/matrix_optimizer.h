@@ -147,11 +147,7 @@ class MatrixOptimizer : public OptimizerBase<Options> {
       // needs its scores there); a checkpoint's host ones move there.
       state.step(detail::placed_step(state.step(), param));
       if (options.use_magma()) {
-        if (!state.magma_score().defined()) {  // also when Magma is turned on later
-          state.magma_score(
-              at::full({}, 0.5, at::TensorOptions().dtype(at::kFloat).device(detail::scalar_device(param))));
-        }
-        state.magma_score(detail::placed_scalar(state.magma_score(), param));
+        state.magma_score(detail::placed_magma_score(state.magma_score(), param));
       }
       if (matrix) {
         lists.params.push_back(param);

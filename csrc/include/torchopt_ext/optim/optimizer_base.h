@@ -108,6 +108,11 @@ at::Tensor placed_step(const at::Tensor& step, const at::Tensor& param);
 // undefined).
 at::Tensor placed_scalar(const at::Tensor& value, const at::Tensor& param);
 
+// A param's Magma score: `score` placed as placed_scalar does, or a fresh
+// 0-d float32 0.5 on scalar_device(param) when undefined (the first step, or
+// Magma turned on later).
+at::Tensor placed_magma_score(const at::Tensor& score, const at::Tensor& param);
+
 void check_state_dtype(const char* name, const std::optional<at::ScalarType>& dtype);
 
 // The options every torchopt_ext optimizer has besides its math:
