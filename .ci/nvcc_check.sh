@@ -57,6 +57,18 @@ for src in "${sources[@]}"; do
     status=1
   fi
 done
+# The objects linked together (relocatable link, no CUDA libraries needed): a
+# kernel or function defined in a header with external linkage appears in
+# every .cu that includes it, which compiles file by file and fails only at
+# the CUDA build's link.
+if [ $status -eq 0 ]; then
+  if ld -r -o "$stub/all.o" "$stub"/*.cu.o; then
+    echo "nvcc_check: ok   relocatable link of all objects (no symbol defined twice)"
+  else
+    echo "nvcc_check: FAIL relocatable link of all objects" >&2
+    status=1
+  fi
+fi
 # The host C++ that only a CUDA build compiles (the functional layer's switch
 # to the CUDA kernels, the CUDA group preparation): a syntax/type check with
 # the host compiler and TORCHOPT_EXT_WITH_CUDA defined.

@@ -15,9 +15,12 @@
 
 // The algorithm structs and these helpers are compiled by the host compiler
 // (with the CPU kernels' ISA flags) and by nvcc: separate inline namespaces keep
-// the two builds of the same inline function from being merged by the linker.
+// the two builds of the same inline function from being merged by the linker
+// (nor with the CPU tests' build of the CUDA sources, tests/cpp/cuda_emulation).
 #if defined(__CUDACC__)
 #define TORCHOPT_EXT_ALGO_ABI cuda_abi
+#elif defined(TORCHOPT_EXT_CUDA_EMULATION)
+#define TORCHOPT_EXT_ALGO_ABI emulation_abi
 #else
 #define TORCHOPT_EXT_ALGO_ABI host_abi
 #endif

@@ -452,8 +452,7 @@ void launch_stage(int stage, const CallArgs& a, const TensorArgs& t, cudaStream_
   const bool has_units = t.units > 0;
   if (stage == 1) {
     if (has_units) {
-      sums_kernel<P><<<static_cast<unsigned>(t.units), kThreads, 0, stream>>>(a, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(sums_kernel<P>, static_cast<unsigned>(t.units), kThreads, stream, a, t);
       if (t.factored && t.slabs > 0 && t.cols_n > 0) {
         // gridDim.y / z stop at 65535: very tall matrices or deep stacks take several launches.
         constexpr int64_t kMaxGridYZ = 65535;
@@ -462,29 +461,22 @@ void launch_stage(int stage, const CallArgs& a, const TensorArgs& t, cudaStream_
             const dim3 grid(static_cast<unsigned>((t.cols_n + kThreads - 1) / kThreads),
                             static_cast<unsigned>(std::min(kMaxGridYZ, t.slabs - slab)),
                             static_cast<unsigned>(std::min(kMaxGridYZ, t.batches - batch)));
-            col_kernel<P><<<grid, kThreads, 0, stream>>>(a, t, slab, batch);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_kernel(col_kernel<P>, grid, kThreads, stream, a, t, slab, batch);
           }
         }
       }
     }
-    collect_kernel<P, St><<<1, kThreads, 0, stream>>>(a, t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(collect_kernel<P, St>, 1, kThreads, stream, a, t);
   } else if (stage == 2) {
-    factors_kernel<P, St><<<1, kThreads, 0, stream>>>(a, t, true, false);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(factors_kernel<P, St>, 1, kThreads, stream, a, t, true, false);
     if (has_units) {
-      update_sq_kernel<P, St><<<static_cast<unsigned>(t.units), kThreads, 0, stream>>>(a, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(update_sq_kernel<P, St>, static_cast<unsigned>(t.units), kThreads, stream, a, t);
     }
-    collect_update_kernel<<<1, kThreads, 0, stream>>>(a, t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(collect_update_kernel, 1, kThreads, stream, a, t);
   } else {
-    factors_kernel<P, St><<<1, kThreads, 0, stream>>>(a, t, false, true);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(factors_kernel<P, St>, 1, kThreads, stream, a, t, false, true);
     if (t.numel > 0) {
-      apply_kernel<P, St><<<blocks_for(t.numel), kThreads, 0, stream>>>(a, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(apply_kernel<P, St>, blocks_for(t.numel), kThreads, stream, a, t);
     }
   }
 }

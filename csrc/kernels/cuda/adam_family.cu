@@ -91,10 +91,9 @@ void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       batch.mu_products[i] = mu_products[start + i].data_ptr();
       batch.mu_is_double[i] = mu_products[start + i].scalar_type() == at::kDouble;
     }
-    nadam_scalars_kernel<<<1, MuProductBatch::kMax, 0, stream>>>(
-        batch, hp, device.lr.defined() ? device.lr.const_data_ptr() : nullptr,
-        device.lr.defined() && device.lr.scalar_type() == at::kDouble, found_inf, out_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(nadam_scalars_kernel, 1, MuProductBatch::kMax, stream, batch, hp,
+                  device.lr.defined() ? device.lr.const_data_ptr() : nullptr,
+                  device.lr.defined() && device.lr.scalar_type() == at::kDouble, found_inf, out_ptr);
   }
   const std::vector<cpu::NAdamScalars> unused(params.size());  // the update reads out_ptr instead
   elementwise_step<NAdamAlgo>("nadam_step_", params, grads, {exp_avgs, exp_avg_sqs}, unused, steps, hp, options, device,

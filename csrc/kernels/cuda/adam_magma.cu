@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < meta.numel ? begin + kChunk : meta.numel;
 
-  __shared__ alignas(C) unsigned char coeff_storage[sizeof(C)];
+  alignas(C) __shared__ unsigned char coeff_storage[sizeof(C)];
   if (threadIdx.x == 0) {
     const double step = meta.step != nullptr ? static_cast<double>(*meta.step + 1.0f) : meta.host_step;
     // The multiplier only scales the param update, which this pass discards.
@@ -154,8 +154,7 @@ void launch_norms(const std::vector<size_t>& indices, at::TensorList params, at:
       },
       [&](int slot) { args.tensors[0] = args.tensors[slot]; },
       [&](int num_blocks) {
-        magma_norms_kernel<P, St><<<num_blocks, kBlockSize, 0, stream>>>(args, partials);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(magma_norms_kernel<P, St>, num_blocks, kBlockSize, stream, args, partials);
       });
 }
 
@@ -212,9 +211,8 @@ void adam_magma_step(at::TensorList params, at::TensorList grads, at::TensorList
       batch.first_partial[j] = first_partial[i];
       batch.chunks[j] = chunks[i];
     }
-    magma_scores_kernel<<<1, ScoreBatch::kMax, 0, stream>>>(batch, partials.const_data_ptr<double>(), found_inf, hp.tau,
-                                                            magma_p, options.seed, out_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(magma_scores_kernel, 1, ScoreBatch::kMax, stream, batch, partials.const_data_ptr<double>(), found_inf,
+                  hp.tau, magma_p, options.seed, out_ptr);
   }
 
   // 3. The masked update (the launcher increments device counters first).

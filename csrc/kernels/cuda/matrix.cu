@@ -17,6 +17,7 @@
 #include "kernels/algos/adam_magma.h"
 #include "kernels/algos/matrix_apply.h"
 #include "kernels/cpu/stochastic_rounding.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/matrix.h"
 #include "torchopt_ext/functional/matrix_owner.h"
 #include "torchopt_ext/functional/muon.h"
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(kApplyThreads)
 }  // namespace
 
 void matrix_apply_update(const at::Tensor& param, const at::Tensor& update, const MatrixApplyScalars& s) {
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
+  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(),
               "matrix_apply_update: param must be a contiguous CUDA tensor with the update's numel");
   const auto device = param.device();
   for (const auto* t : {&s.lr_device, &s.step_device, &s.magma_score}) {
@@ -148,9 +149,8 @@ void matrix_apply_update(const at::Tensor& param, const at::Tensor& update, cons
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((numel + kApplyThreads - 1) / kApplyThreads, 4096));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "matrix_apply_update", [&] {
     using S = at::opmath_type<scalar_t>;
-    matrix_apply_kernel<scalar_t>
-        <<<blocks, kApplyThreads, 0, stream>>>(param.data_ptr<scalar_t>(), u.const_data_ptr<S>(), numel, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(matrix_apply_kernel<scalar_t>, blocks, kApplyThreads, stream, param.data_ptr<scalar_t>(),
+                  u.const_data_ptr<S>(), numel, args);
   });
 }
 

@@ -34,6 +34,7 @@
 #include "kernels/algos/elementwise_math.h"
 #include "kernels/cpu/elementwise_options.h"
 #include "kernels/cpu/stochastic_rounding.h"
+#include "kernels/cuda/launch.cuh"
 
 namespace torchopt_ext::kernels::cuda {
 
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kBlockSize) elementwise_kernel(const __grid_co
   const int64_t end = begin + kChunk < meta.numel ? begin + kChunk : meta.numel;
 
   // Coefficients once per block, in double as on the host, then shared.
-  __shared__ alignas(C) unsigned char coeff_storage[sizeof(C)];
+  alignas(C) __shared__ unsigned char coeff_storage[sizeof(C)];
   __shared__ uint64_t stream_shared;
   if (threadIdx.x == 0) {
     typename Algo::Hyper hp = args.hyper;
@@ -264,7 +265,7 @@ struct StepBatch {
   int count;
 };
 
-__global__ void increment_steps_kernel(const __grid_constant__ StepBatch batch, const float* found_inf) {
+static __global__ void increment_steps_kernel(const __grid_constant__ StepBatch batch, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) {
     return;
   }
@@ -281,8 +282,7 @@ inline void increment_device_steps(at::TensorList steps, const float* found_inf,
     for (int i = 0; i < batch.count; ++i) {
       batch.steps[i] = steps[start + i].data_ptr<float>();
     }
-    increment_steps_kernel<<<1, StepBatch::kMax, 0, stream>>>(batch, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(increment_steps_kernel, 1, StepBatch::kMax, stream, batch, found_inf);
   }
 }
 
@@ -443,8 +443,7 @@ void launch_typed(const std::vector<size_t>& indices, at::TensorList params, at:
       [&](int slot) { args.tensors[0] = args.tensors[slot]; },
       [&](int num_blocks) {
         args.num_blocks = num_blocks;
-        elementwise_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(elementwise_kernel<Algo, P, St>, num_blocks, kBlockSize, stream, args);
       });
 }
 

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kBlockSize) norm_sq_kernel(const __grid_consta
   // A skipped (found_inf) step: zero sums, nothing read.
   const bool skip = args.found_inf != nullptr && *args.found_inf != 0.0f;
 
-  __shared__ alignas(C) unsigned char coeff_storage[sizeof(C)];
+  alignas(C) __shared__ unsigned char coeff_storage[sizeof(C)];
   __shared__ double partial[K][kBlockSize];
   if (threadIdx.x == 0) {
     typename Algo::Hyper hp = args.hyper;
@@ -149,8 +149,8 @@ struct NormFinalizeBatch {
   int32_t num_norms;
 };
 
-__global__ void norm_finalize_kernel(const __grid_constant__ NormFinalizeBatch batch, const double* partials,
-                                     double* out) {
+static __global__ void norm_finalize_kernel(const __grid_constant__ NormFinalizeBatch batch, const double* partials,
+                                            double* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= batch.count) {
     return;
@@ -183,8 +183,7 @@ void launch_norm_typed(const std::vector<size_t>& indices, at::TensorList params
       },
       [&](int num_blocks) {
         args.num_blocks = num_blocks;
-        norm_sq_kernel<Algo, P, St><<<num_blocks, kBlockSize, 0, stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(norm_sq_kernel<Algo, P, St>, num_blocks, kBlockSize, stream, args);
       });
 }
 
@@ -240,9 +239,8 @@ void norm_sqs_into(const char* op, at::TensorList params, at::TensorList grads,
       batch.num_chunks[j] = num_chunks[start + j];
       batch.row[j] = static_cast<int32_t>(start + j);
     }
-    norm_finalize_kernel<<<1, NormFinalizeBatch::kMax, 0, stream>>>(batch, partials.data_ptr<double>(),
-                                                                    out.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(norm_finalize_kernel, 1, NormFinalizeBatch::kMax, stream, batch, partials.data_ptr<double>(),
+                  out.data_ptr<double>());
   }
 }
 

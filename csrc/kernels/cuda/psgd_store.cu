@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "kernels/cpu/stochastic_rounding.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/psgd_store.h"
 
 namespace torchopt_ext::kernels::cuda {
@@ -51,10 +52,9 @@ void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, dou
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(param.scalar_type(), "psgd_apply_update_reduced", [&] {
-    apply_reduced_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        param.mutable_data_ptr<scalar_t>(), update32.const_data_ptr<float>(), n, static_cast<float>(decay),
-        static_cast<float>(alpha), coefficients, stochastic_rounding, rounding_stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(apply_reduced_kernel<scalar_t>, blocks, kThreads, stream, param.mutable_data_ptr<scalar_t>(),
+                  update32.const_data_ptr<float>(), n, static_cast<float>(decay), static_cast<float>(alpha),
+                  coefficients, stochastic_rounding, rounding_stream);
   });
 }
 
@@ -62,7 +62,7 @@ void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, dou
 
 void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
                                bool stochastic_rounding, uint64_t rounding_stream) {
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
+  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(),
               "psgd_apply_update_reduced: param must be a contiguous CUDA tensor matching the update's numel");
   launch_apply_reduced(param, update, decay, alpha, nullptr, stochastic_rounding, rounding_stream);
 }
@@ -70,7 +70,7 @@ void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update
 void psgd_apply_update_reduced_device_coefficients(const at::Tensor& param, const at::Tensor& update,
                                                    const at::Tensor& coefficients, bool stochastic_rounding,
                                                    uint64_t rounding_stream) {
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && param.numel() == update.numel(),
+  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(),
               "psgd_apply_update_reduced_device_coefficients: param must be a contiguous CUDA tensor matching the "
               "update's numel");
   TORCH_CHECK(coefficients.device() == param.device() && coefficients.scalar_type() == at::kDouble &&

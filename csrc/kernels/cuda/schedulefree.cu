@@ -84,10 +84,9 @@ void schedulefree_step(const char* op, at::TensorList params, at::TensorList gra
       batch.weight_sums[i] = weight_sums[start + i].data_ptr<double>();
       batch.lr_maxes[i] = lr_maxes[start + i].data_ptr<double>();
     }
-    schedulefree_weights_kernel<<<1, WeightBatch::kMax, 0, stream>>>(
-        batch, weighting, device.lr.defined() ? device.lr.const_data_ptr() : nullptr,
-        device.lr.defined() && device.lr.scalar_type() == at::kDouble, lr, found_inf, out_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(schedulefree_weights_kernel, 1, WeightBatch::kMax, stream, batch, weighting,
+                  device.lr.defined() ? device.lr.const_data_ptr() : nullptr,
+                  device.lr.defined() && device.lr.scalar_type() == at::kDouble, lr, found_inf, out_ptr);
   }
   elementwise_step<Algo>(op, params, grads, state, scalars, steps, hp, options, device, out_ptr);
 }
