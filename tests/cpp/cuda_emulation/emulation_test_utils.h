@@ -27,6 +27,22 @@ struct TensorSpec {
 };
 
 // One param group: params, grads and num_state state lists.
+// Every test tensor sits in a larger storage whose other elements hold
+// kGuardValue: a kernel writing past either end of a tensor changes them.
+constexpr double kGuardValue = 7.0;  // exact in every dtype; randn never gives it
+constexpr int64_t kGuardBytes = 64;  // keeps an aligned tensor 16-byte aligned
+
+inline at::Tensor whole_storage(const at::Tensor& t) {
+  const auto elements = static_cast<int64_t>(t.storage().nbytes()) / static_cast<int64_t>(t.element_size());
+  return t.as_strided({elements}, {1}, 0);
+}
+
+// A copy with the same storage layout (offset, alignment, guards).
+inline at::Tensor clone_with_storage(const at::Tensor& t) {
+  return whole_storage(t).clone().as_strided(t.sizes(), t.strides(), t.storage_offset());
+}
+
+// One param group: params, grads and num_state state lists.
 struct Group {
   std::vector<at::Tensor> params;
   std::vector<at::Tensor> grads;
@@ -37,11 +53,7 @@ struct Group {
     auto copy = [](const std::vector<at::Tensor>& ts) {
       std::vector<at::Tensor> o;
       for (const auto& t : ts) {
-        // Keep the storage offset (and with it the alignment) of the original.
-        at::Tensor base = at::empty({t.storage_offset() + t.numel()}, t.options());
-        at::Tensor view = base.narrow(0, t.storage_offset(), t.numel()).view(t.sizes());
-        view.copy_(t);
-        o.push_back(view);
+        o.push_back(clone_with_storage(t));
       }
       return o;
     };
@@ -55,12 +67,23 @@ struct Group {
 };
 
 inline at::Tensor make_tensor(int64_t numel, at::ScalarType dtype, bool unaligned, bool positive) {
-  const int64_t offset = unaligned ? 1 : 0;
-  at::Tensor base = at::empty({numel + offset}, at::TensorOptions().dtype(dtype));
+  const int64_t guard = kGuardBytes / static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t offset = guard + (unaligned ? 1 : 0);
+  at::Tensor base = at::full({offset + numel + guard}, kGuardValue, at::TensorOptions().dtype(dtype));
   at::Tensor t = base.narrow(0, offset, numel);
   at::Tensor values = at::randn({numel}, at::kDouble);
   t.copy_(positive ? values.abs() + 0.1 : values);
   return t;
+}
+
+inline void expect_guards_intact(const std::vector<at::Tensor>& ts, const std::string& what) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor full = whole_storage(ts[i]);
+    const int64_t begin = ts[i].storage_offset();
+    const int64_t end = begin + ts[i].numel();
+    const at::Tensor outside = at::cat({full.narrow(0, 0, begin), full.narrow(0, end, full.numel() - end)});
+    EXPECT_TRUE(outside.eq(kGuardValue).all().item<bool>()) << what << "[" << i << "]: written outside the tensor";
+  }
 }
 
 // `positive_state[k]`: state list k holds non-negative values (second moments).
@@ -156,6 +179,13 @@ inline void expect_groups_equal(const Group& a, const Group& b, const std::strin
   expect_lists_equal(a.grads, b.grads, what + ": grads", tol);
   for (size_t k = 0; k < a.state.size(); ++k) {
     expect_lists_equal(a.state[k], b.state[k], what + ": state " + std::to_string(k), tol);
+  }
+  for (const Group* g : {&a, &b}) {
+    expect_guards_intact(g->params, what + ": params");
+    expect_guards_intact(g->grads, what + ": grads");
+    for (const auto& list : g->state) {
+      expect_guards_intact(list, what + ": state");
+    }
   }
 }
 

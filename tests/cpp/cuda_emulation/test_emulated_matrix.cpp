@@ -63,7 +63,7 @@ TEST(EmulatedCudaMatrix, ApplyWithHostAndDeviceScalarsAndMagmaMatchesCpu) {
       const bool device_scalars = variant & 1;
       const bool magma = variant & 2;
       at::manual_seed(c.numel);
-      const at::Tensor param = at::randn({c.numel}, at::kDouble).to(c.dtype);
+      const at::Tensor param = make_tensor(c.numel, c.dtype, /*unaligned=*/false, /*positive=*/false);
       const auto math = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
       const at::Tensor update = at::randn({c.numel}, math);
       // The long cases (grid-stride loops wrapping around) take one step.
@@ -96,8 +96,9 @@ TEST(EmulatedCudaMatrix, ApplyWithHostAndDeviceScalarsAndMagmaMatchesCpu) {
                                                    kernels::cpu::rounding_stream(seed, index, step));
         for (auto order : {emu::Order::kForward, emu::Order::kReverse}) {
           emu::set_order(order);
-          at::Tensor actual = param.clone();
+          at::Tensor actual = clone_with_storage(param);
           gpu::matrix_apply_update(actual, update, s);
+          expect_guards_intact({actual}, "matrix apply");
           expect_lists_equal({expected}, {actual},
                              std::string(c10::toString(c.dtype)) + " numel " + std::to_string(c.numel) +
                                  (c.stochastic_rounding ? " SR" : "") +
@@ -141,18 +142,20 @@ TEST(EmulatedCudaPsgdStore, HostAndDeviceCoefficientsMatchTheCpuStore) {
       continue;  // the store is for reduced-precision params
     }
     at::manual_seed(c.numel + 1);
-    const at::Tensor param = at::randn({c.numel}, at::kDouble).to(c.dtype);
+    const at::Tensor param = make_tensor(c.numel, c.dtype, /*unaligned=*/false, /*positive=*/false);
     const at::Tensor update = at::randn({c.numel}, at::kFloat);
     const double decay = 1.0 - 1e-3, alpha = -2e-2;
     const uint64_t stream = kernels::cpu::rounding_stream(5, 3, 9.0);
     const at::Tensor expected = expected_apply(param, update, decay, alpha, c.stochastic_rounding, stream);
-    at::Tensor host = param.clone();
+    at::Tensor host = clone_with_storage(param);
     gpu::psgd_apply_update_reduced(host, update, decay, alpha, c.stochastic_rounding, stream);
+    expect_guards_intact({host}, "psgd store");
     const std::string label = std::string(c10::toString(c.dtype)) + " numel " + std::to_string(c.numel);
     expect_lists_equal({expected}, {host}, label, kRounding);
-    at::Tensor device = param.clone();
+    at::Tensor device = clone_with_storage(param);
     const at::Tensor coefficients = at::tensor({decay, alpha}, at::kDouble);
     gpu::psgd_apply_update_reduced_device_coefficients(device, update, coefficients, c.stochastic_rounding, stream);
+    expect_guards_intact({device}, "psgd store, device coefficients");
     expect_lists_equal({expected}, {device}, label + " (coefficients read on the device)", kRounding);
     EXPECT_TRUE(at::equal(host, device)) << label << ": host and device coefficients must give the same bits";
   }
