@@ -5,7 +5,6 @@
 // with _setjmp / _longjmp (no signal-mask system call per switch); it loops
 // over the kernel, so one fiber serves its thread index in every block and
 // launch. Single-threaded by design (GoogleTest runs tests one by one).
-#undef _FORTIFY_SOURCE  // its longjmp check refuses jumps between stacks, which is the point here
 #include "cuda_emulation.h"
 
 #include <setjmp.h>
