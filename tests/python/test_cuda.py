@@ -49,10 +49,15 @@ TWO_STAGE = ["LAMB", "LAMB-decoupled", "MARS", "MARS-lion"]
 # 0-d tensor.
 SHAPES = [(33, 5), (7,), (), (65536 * 2 + 3,)]
 
-# One ulp of the storage type (the CUDA and CPU paths may differ by the last
-# bit where a double coefficient rounds differently).
+# A few ulps of the storage type. The CPU kernels are built with GCC's FMA
+# contraction (as ATen's, which the torch parity tests pin), the CUDA kernels
+# with --fmad=false, so `a * b + c` rounds once on one side and twice on the
+# other. Run under the host emulation (tests/cpp/cuda_emulation, which builds
+# the .cu files without contraction), the fp32 results differ from the CPU's
+# by up to ~5e-7 at values of order 1 after a few steps, and an atol of 1e-7
+# failed there (the Schedule-Free lerp pass): hence 1e-6.
 TOLERANCES = {
-    torch.float32: dict(rtol=2e-6, atol=1e-7),
+    torch.float32: dict(rtol=2e-6, atol=1e-6),
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
     torch.float16: dict(rtol=1e-3, atol=1e-6),
