@@ -40,8 +40,10 @@ __global__ void apply_reduced_kernel(T* param, const float* update, int64_t n, f
   }
 }
 
-void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
+void launch_apply_reduced(const char* op, const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
                           const double* coefficients, bool stochastic_rounding, uint64_t rounding_stream) {
+  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(), op,
+              ": param must be a contiguous CUDA tensor matching the update's numel");
   const int64_t n = param.numel();
   if (n == 0) {
     return;
@@ -62,23 +64,19 @@ void launch_apply_reduced(const at::Tensor& param, const at::Tensor& update, dou
 
 void psgd_apply_update_reduced(const at::Tensor& param, const at::Tensor& update, double decay, double alpha,
                                bool stochastic_rounding, uint64_t rounding_stream) {
-  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(),
-              "psgd_apply_update_reduced: param must be a contiguous CUDA tensor matching the update's numel");
-  launch_apply_reduced(param, update, decay, alpha, nullptr, stochastic_rounding, rounding_stream);
+  launch_apply_reduced("psgd_apply_update_reduced", param, update, decay, alpha, nullptr, stochastic_rounding,
+                       rounding_stream);
 }
 
 void psgd_apply_update_reduced_device_coefficients(const at::Tensor& param, const at::Tensor& update,
                                                    const at::Tensor& coefficients, bool stochastic_rounding,
                                                    uint64_t rounding_stream) {
-  TORCH_CHECK(on_kernel_device(param) && param.is_contiguous() && param.numel() == update.numel(),
-              "psgd_apply_update_reduced_device_coefficients: param must be a contiguous CUDA tensor matching the "
-              "update's numel");
   TORCH_CHECK(coefficients.device() == param.device() && coefficients.scalar_type() == at::kDouble &&
                   coefficients.is_contiguous() && coefficients.numel() == 2,
               "psgd_apply_update_reduced_device_coefficients: coefficients must be two contiguous float64 values on "
               "the param's device");
-  launch_apply_reduced(param, update, 0.0, 0.0, coefficients.const_data_ptr<double>(), stochastic_rounding,
-                       rounding_stream);
+  launch_apply_reduced("psgd_apply_update_reduced_device_coefficients", param, update, 0.0, 0.0,
+                       coefficients.const_data_ptr<double>(), stochastic_rounding, rounding_stream);
 }
 
 }  // namespace torchopt_ext::kernels::cuda

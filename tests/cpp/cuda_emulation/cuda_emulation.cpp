@@ -208,7 +208,6 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
 }
 
 void set_order(Order order) { emulator().order = order; }
-Order order() { return emulator().order; }
 Counters counters() { return emulator().counters; }
 void reset_counters() { emulator().counters = Counters{}; }
 

@@ -68,6 +68,7 @@ TEST(CudaEmulator, ThreadAndBlockCoordinatesCoverTheGrid) {
 
 TEST(CudaEmulator, AMissingBarrierShowsUpAsAnOrderDependence) {
   int forward = 0, reverse = 0;
+  emu::reset_counters();
   for (bool barrier : {true, false}) {
     // Shared memory keeps its contents between launches here, so the racy run
     // gets new values: stale slots then differ from fresh ones.
@@ -79,6 +80,7 @@ TEST(CudaEmulator, AMissingBarrierShowsUpAsAnOrderDependence) {
     launch_kernel(barrier ? neighbour_sum<true> : neighbour_sum<false>, 1, 8, nullptr, in.data(), &reverse);
     emu::set_order(emu::Order::kForward);
     if (barrier) {
+      EXPECT_EQ(emu::counters().barriers, 2) << "one barrier release per launch";
       EXPECT_EQ(forward, 36);
       EXPECT_EQ(reverse, 36);
     } else {

@@ -48,7 +48,6 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& kernel);
 // The order threads run between barriers and blocks run in a grid.
 enum class Order { kForward, kReverse };
 void set_order(Order order);
-Order order();
 
 struct Counters {
   int64_t launches = 0;
